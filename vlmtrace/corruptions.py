@@ -1,0 +1,191 @@
+"""How the corrupted run differs from the clean one.
+
+Causal tracing compares a clean run with a corrupted one, then patches activations between
+them. The papers disagree on the corruption, and the choice changes the answer (Zhang &
+Nanda), so vlmtrace makes it an explicit, recorded object:
+
+    ReplaceSpan("visual")                  # Basu et al.: "this place" -> another phrase's ids
+    SymmetricTokenReplacement("visual")    # STR: same token count, in-distribution
+    GaussianNoise("image", scale=3.0, samples=10, seed=0)   # ROME / Palit et al.
+    ImagePair()                            # NOTICE's semantic image pairs (SIP)
+
+Text replacements default to the sample's own counterfactual (`Sample.replacements[span]`)
+and image pairs to `Sample.image_pair`, because good counterfactuals belong to the data.
+Gaussian noise is drawn from a seeded CPU generator, one draw per noise sample, and added
+inside the trace; its scale is a multiple of the standard deviation of the clean embeddings
+being noised, measured in the same forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .data.sample import Sample
+from .inputs import Encoded, encode
+from .models.load import VLM
+
+
+class CorruptionError(ValueError):
+    """A corruption that cannot be applied to a sample as given."""
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Gaussian noise added inside the trace to the corrupted rows' embeddings."""
+
+    embedding: str
+    """Which embedding hook of the adapter: "image" or "tokens"."""
+    positions: tuple[int, ...] | None
+    """Token positions to noise (for "tokens"); None noises the whole image embedding."""
+    scale: float
+    """Noise std as a multiple of the std of the clean embeddings being noised."""
+    seed: int
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A sample's clean and corrupted sides, ready for the engine."""
+
+    clean: Encoded
+    corrupt: Encoded
+    noise: Noise | None = None
+    samples: int = 1
+    """Noise draws: each patched cell is run this many times and averaged."""
+
+
+class Corruption:
+    """Base class: turn a sample into a clean/corrupted `Pair`."""
+
+    name = "corruption"
+
+    def pair(self, vlm: VLM, sample: Sample, answer_ids: tuple[int, ...]) -> Pair:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What to record in a result's attrs (provenance)."""
+        fields = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return {"kind": self.name, **fields}
+
+
+def clean_side(vlm: VLM, sample: Sample, answer_ids: tuple[int, ...]) -> Encoded:
+    return encode(
+        vlm, prompt=sample.prompt, image=sample.image, spans=dict(sample.spans), answer_ids=answer_ids
+    )
+
+
+@dataclass(frozen=True)
+class ReplaceSpan(Corruption):
+    """Replace a named span's tokens with another phrase's (Basu et al.'s corruption).
+
+    The phrase may have a different token count; positions are then aligned segment by
+    segment, and span positions without a partner stay unpatched (NaN in results).
+    """
+
+    span: str
+    text: str | None = None
+    """The replacement phrase; None takes `sample.replacements[span]`."""
+    name = "replace_span"
+
+    def replacement(self, sample: Sample) -> str:
+        if self.span not in sample.spans:
+            raise CorruptionError(
+                f"sample {sample.id!r} has no span {self.span!r} (it has {list(sample.spans)}); "
+                "name the span in Sample.spans."
+            )
+        text = self.text if self.text is not None else sample.replacements.get(self.span)
+        if text is None:
+            raise CorruptionError(
+                f"no replacement phrase for span {self.span!r} of sample {sample.id!r}: pass "
+                f"{type(self).__name__}({self.span!r}, text=...) or set Sample.replacements."
+            )
+        return text
+
+    def pair(self, vlm: VLM, sample: Sample, answer_ids: tuple[int, ...]) -> Pair:
+        clean = clean_side(vlm, sample, answer_ids)
+        text = self.replacement(sample)
+        original = sample.spans[self.span]
+        prompt = sample.prompt.replace(original, text, 1)
+        spans = {**sample.spans, self.span: text}
+        corrupt = encode(vlm, prompt=prompt, image=sample.image, spans=spans, answer_ids=answer_ids)
+        self.check(clean, corrupt, original, text)
+        return Pair(clean=clean, corrupt=corrupt)
+
+    def check(self, clean: Encoded, corrupt: Encoded, original: str, text: str) -> None:
+        """Phrase replacement accepts any length; STR overrides this."""
+
+
+@dataclass(frozen=True)
+class SymmetricTokenReplacement(ReplaceSpan):
+    """Replace a span with a phrase of the same token count (STR, Zhang & Nanda; NOTICE).
+
+    Same length keeps every position aligned and the corrupted prompt in distribution.
+    """
+
+    name = "symmetric_token_replacement"
+
+    def check(self, clean: Encoded, corrupt: Encoded, original: str, text: str) -> None:
+        n_clean = len(clean.prompt.positions(self.span))
+        n_corrupt = len(corrupt.prompt.positions(self.span))
+        if n_clean != n_corrupt:
+            raise CorruptionError(
+                f"symmetric token replacement needs equal token counts: {original!r} is "
+                f"{n_clean} tokens but {text!r} is {n_corrupt}. Choose a replacement of "
+                f"{n_clean} tokens, or use ReplaceSpan, which aligns unequal spans."
+            )
+
+
+@dataclass(frozen=True)
+class GaussianNoise(Corruption):
+    """Add seeded Gaussian noise to the image embeddings or to a span's token embeddings.
+
+    `target="image"` noises the image embeddings (LLaVA: projector output; BLIP: the vision
+    encoder's output, as in Palit et al.); any other value names a span whose token
+    embeddings are noised (ROME). `samples` draws are averaged for every cell.
+    """
+
+    target: str = "image"
+    scale: float = 3.0
+    samples: int = 10
+    seed: int = 0
+    name = "gaussian_noise"
+
+    def pair(self, vlm: VLM, sample: Sample, answer_ids: tuple[int, ...]) -> Pair:
+        if self.samples < 1:
+            raise CorruptionError(f"GaussianNoise needs samples >= 1, got {self.samples}.")
+        clean = clean_side(vlm, sample, answer_ids)
+        if self.target == "image":
+            if "image" not in vlm.adapter.embeddings:
+                raise CorruptionError(f"{vlm.name} has no image embeddings to noise.")
+            noise = Noise("image", None, self.scale, self.seed)
+        else:
+            if self.target not in sample.spans:
+                raise CorruptionError(
+                    f"GaussianNoise target {self.target!r} is neither 'image' nor a span of "
+                    f"sample {sample.id!r} (spans: {list(sample.spans)})."
+                )
+            positions = tuple(clean.prompt.positions(self.target))
+            noise = Noise("tokens", positions, self.scale, self.seed)
+        return Pair(clean=clean, corrupt=clean, noise=noise, samples=self.samples)
+
+
+@dataclass(frozen=True)
+class ImagePair(Corruption):
+    """Show the corrupted run another image (NOTICE's semantic image pairs, SIP)."""
+
+    name = "image_pair"
+
+    def pair(self, vlm: VLM, sample: Sample, answer_ids: tuple[int, ...]) -> Pair:
+        if sample.image_pair is None:
+            raise CorruptionError(
+                f"sample {sample.id!r} has no image_pair; set Sample.image_pair to the same scene "
+                "with one concept changed."
+            )
+        clean = clean_side(vlm, sample, answer_ids)
+        corrupt = encode(
+            vlm,
+            prompt=sample.prompt,
+            image=sample.image_pair,
+            spans=dict(sample.spans),
+            answer_ids=answer_ids,
+        )
+        return Pair(clean=clean, corrupt=corrupt)

@@ -1,0 +1,114 @@
+"""One sample encoded for one model: a row of inputs, its segments, its answer token ids.
+
+Encoding is where words become positions, so everything that needs the tokenizer is done
+here once per (sample, side): the clean prompt and the corrupted prompt are each encoded to
+an `Encoded`, and the engine only ever sees tensors and segment labels.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .models.load import VLM
+from .positions import Segments, decoder_segments, find_segments
+
+
+class AnswerTokenWarning(UserWarning):
+    """The answer is several tokens and only the first is scored."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One row of model inputs and the labels of its positions."""
+
+    inputs: dict[str, torch.Tensor]
+    """1D sequence tensors (`input_ids`, `attention_mask`, maybe `decoder_input_ids`) and
+    per-row tensors (`pixel_values`)."""
+    prompt: Segments
+    """Labels of the prompt sequence (image tokens included for early-fusion models)."""
+    decoder: Segments | None
+    """Labels of the answer decoder's input sequence (BLIP), else None."""
+    answer_ids: tuple[int, ...]
+    """The answer tokens scored by the metric (first token only, unless whole answer)."""
+
+    def segments(self, sequence: str) -> Segments:
+        return self.decoder if sequence == "decoder" else self.prompt
+
+
+def answer_token_ids(vlm: VLM, prompt: str, answer: str) -> list[int]:
+    """Token ids of `answer` as the model would produce it after `prompt`.
+
+    For decoder-only models the answer is tokenized in context (prompt + " " + answer, minus
+    the prompt's ids), because SentencePiece and BPE tokenizers give a word a different id at
+    the start of a text than after a space.
+    """
+    tokenizer = vlm.tokenizer
+    if vlm.adapter.answer_sequence == "decoder":
+        return list(tokenizer(answer, add_special_tokens=False).input_ids)
+    alone = tokenizer(prompt).input_ids
+    joined = tokenizer(prompt + " " + answer).input_ids
+    if joined[: len(alone)] == alone and len(joined) > len(alone):
+        return list(joined[len(alone) :])
+    return list(tokenizer(answer, add_special_tokens=False).input_ids)
+
+
+def scored_answer_ids(vlm: VLM, prompt: str, answer: str, *, whole: bool) -> tuple[int, ...]:
+    """The answer ids a metric scores; warns when a first-token metric cuts an answer."""
+    ids = answer_token_ids(vlm, prompt, answer)
+    if not ids:
+        raise ValueError(f"the answer {answer!r} tokenizes to nothing; give a non-empty answer.")
+    unknown = vlm.tokenizer.unk_token_id
+    if unknown is not None and unknown in ids:
+        raise ValueError(
+            f"the answer {answer!r} contains words outside the model's vocabulary (they map to "
+            f"{vlm.tokenizer.unk_token!r}); use an answer the model can produce."
+        )
+    if len(ids) > 1 and not whole:
+        first = vlm.tokenizer.decode([ids[0]])
+        warnings.warn(
+            f"answer {answer!r} is {len(ids)} tokens; the metric scores only the first, {first!r}. "
+            "Pass whole_answer=True to score the log-probability of the whole answer.",
+            AnswerTokenWarning,
+            stacklevel=3,
+        )
+        ids = ids[:1]
+    return tuple(ids)
+
+
+def encode(
+    vlm: VLM,
+    *,
+    prompt: str,
+    image: Any,
+    spans: dict[str, str],
+    answer_ids: tuple[int, ...],
+) -> Encoded:
+    """Encode one side (clean or corrupted) of a sample.
+
+    Answers of more than one token are teacher-forced: the scored tokens but the last are
+    appended to the prompt (decoder-only) or to the decoder's start token (BLIP).
+    """
+    adapter = vlm.adapter
+    forced = list(answer_ids[:-1])
+    in_decoder = adapter.answer_sequence == "decoder"
+    row = adapter.encode(vlm.processor, prompt, image, forced if in_decoder else None)
+    if forced and not in_decoder:
+        extra = torch.tensor(forced, dtype=row["input_ids"].dtype)
+        row["input_ids"] = torch.cat([row["input_ids"], extra])
+        row["attention_mask"] = torch.cat([row["attention_mask"], torch.ones_like(extra)])
+    prompt_segments = find_segments(
+        vlm.tokenizer,
+        row["input_ids"].tolist(),
+        spans=spans,
+        image_token_id=vlm.shape.image_token_id if adapter.image_in_sequence else None,
+        prompt=prompt,
+        answer_positions=0 if in_decoder else len(forced),
+    )
+    decoder = None
+    if in_decoder:
+        decoder = decoder_segments(vlm.tokenizer, row["decoder_input_ids"].tolist())
+    return Encoded(inputs=row, prompt=prompt_segments, decoder=decoder, answer_ids=answer_ids)

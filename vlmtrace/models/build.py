@@ -1,0 +1,186 @@
+"""Build small VLMs from configs, with a word-level tokenizer and a real HF processor.
+
+No machine here reaches a model hub, so everything vlmtrace tests or ships is built locally:
+random-weight tiny models that exercise the mechanics, and the trained organisms of
+`vlmtrace.models.zoo`. Both are genuine `transformers` classes (`LlavaForConditionalGeneration`,
+`BlipForQuestionAnswering`) with genuine processors, saved and loaded with `save_pretrained` /
+`from_pretrained`, so the code paths a user takes with `llava-hf/llava-1.5-7b-hf` are the ones
+tested here.
+
+    tokenizer = word_tokenizer(["what", "colour", "is", "this", "shape", "?", "red"])
+    model, processor = build_llava(tokenizer, layers=4, seed=0)
+
+The sizes follow `../shared/NOTES.md` (a 2-layer CLIP tower with 8-pixel patches over 32x32
+images gives 16 image tokens; `vision_feature_layer=-1` because -2 of a 2-layer tower is the
+first layer's output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    BlipConfig,
+    BlipForQuestionAnswering,
+    BlipImageProcessorPil,
+    BlipProcessor,
+    BlipTextConfig,
+    BlipVisionConfig,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+IMAGE_TOKEN = "<image>"
+# Special tokens every organism tokenizer carries, in this order (ids 0..5).
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "[SEP]", IMAGE_TOKEN]
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A whitespace/punctuation word-level tokenizer over a fixed vocabulary.
+
+    One token per word keeps organism prompts legible in plots ("this", "shape") and makes
+    token counts of phrases obvious, which symmetric token replacement relies on.
+    """
+    vocab: dict[str, int] = {}
+    for word in [*SPECIAL_TOKENS, *words]:
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(IMAGE_TOKEN, behavior="isolated")]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="[SEP]",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tokenizer
+
+
+def build_llava(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_layers: int = 2,
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    seed: int = 0,
+    attn_implementation: str = "eager",
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A LLaVA (CLIP tower, MLP projector, Llama decoder) with random weights drawn from `seed`."""
+    vision = CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    config.image_token_index = config.image_token_id
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=IMAGE_TOKEN,
+    )
+    return model, processor
+
+
+def build_blip(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_layers: int = 2,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    seed: int = 0,
+    attn_implementation: str = "eager",
+) -> tuple[BlipForQuestionAnswering, BlipProcessor]:
+    """A BLIP VQA model (ViT, question encoder with cross-attention, answer decoder)."""
+    text = BlipTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        encoder_hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+    )
+    vision = BlipVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        initializer_range=0.02,  # BLIP's default of 1e-10 gives a constant vision tower
+    )
+    config = BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
+    config.text_config.bos_token_id = tokenizer.bos_token_id
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    config.decoder_start_token_id = tokenizer.bos_token_id
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = BlipForQuestionAnswering(config).eval()
+    image_processor = BlipImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return model, processor

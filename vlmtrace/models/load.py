@@ -1,0 +1,125 @@
+"""Load a VLM by HF repo id, local directory or organism name, ready for interventions.
+
+    vlm = load("llava-hf/llava-1.5-7b-hf", device="cuda", dtype="float16")
+    vlm = load("shapes-llava")                  # a trained organism shipped with vlmtrace
+    vlm = wrap(model, processor, name="tiny")   # a model already in memory
+
+The architecture is looked up *before* the weights are read, so an unsupported model fails
+in a second with a message naming the adapter fields to write, not after a 14 GB download.
+Attention defaults to the eager implementation: attention knockout edits the additive mask
+and NOTICE-style attention patterns need the probabilities, which fused kernels do not give.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from nnsight import NNsight
+
+from .adapter import Adapter, Shape, UnknownArchitectureError, adapter_for, check_shape
+
+
+@dataclass
+class VLM:
+    """A loaded model with its processor, its adapter and its nnsight wrapper."""
+
+    model: torch.nn.Module
+    """The Hugging Face model (eval mode)."""
+    processor: Any
+    """The HF processor (or tokenizer, for text-only models)."""
+    adapter: Adapter
+    shape: Shape
+    """Layer and head counts per stack, checked against the modules at load time."""
+    envoy: NNsight
+    """The nnsight wrapper every trace runs through."""
+    name: str
+    """What the model was loaded from: repo id, directory or organism name (provenance)."""
+    revision: str | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def __repr__(self) -> str:
+        layers = ", ".join(f"{k}: {v} layers" for k, v in self.shape.layers.items())
+        return f"VLM({self.name!r}, {self.adapter.family}, {layers})"
+
+
+def wrap(model: torch.nn.Module, processor: Any, *, name: str, revision: str | None = None) -> VLM:
+    """Wrap an in-memory HF model and its processor (for models built or edited in Python)."""
+    adapter = adapter_for(model)
+    shape = check_shape(adapter, model)
+    model.eval()
+    with warnings.catch_warnings():  # BLIP's `*.output` submodules: handled by forward.envoy_at
+        warnings.filterwarnings("ignore", message=".*which nnsight already serves")
+        envoy = NNsight(model)
+    return VLM(
+        model=model,
+        processor=processor,
+        adapter=adapter,
+        shape=shape,
+        envoy=envoy,
+        name=name,
+        revision=revision,
+    )
+
+
+def resolve(name: str) -> str:
+    """A shipped organism's short name -> its directory; anything else is returned unchanged."""
+    if Path(name).exists():
+        return name
+    try:
+        from .zoo import ORGANISMS, organism_dir
+    except ImportError:  # the zoo is optional at import time (e.g. while it is being built)
+        return name
+    return str(organism_dir(name)) if name in ORGANISMS else name
+
+
+def load(
+    name: str,
+    *,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+    attn_implementation: str = "eager",
+) -> VLM:
+    """Load a model and its processor; `device` is "cpu", "cuda", "cuda:N" or "auto"."""
+    path = resolve(name)
+    config = transformers.AutoConfig.from_pretrained(path, revision=revision)
+    architecture = (getattr(config, "architectures", None) or ["<none in config>"])[0]
+    adapter = adapter_for(architecture)  # fails here, before any weights are read
+    model_class = getattr(transformers, architecture, None)
+    if model_class is None:
+        raise UnknownArchitectureError(
+            f"{name}: config names {architecture}, which this transformers "
+            f"({transformers.__version__}) does not provide; upgrade transformers."
+        )
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kwargs: dict[str, Any] = {"revision": revision, "attn_implementation": attn_implementation}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    model = model_class.from_pretrained(path, **kwargs)
+    if device != "auto":
+        model = model.to(device)
+    if adapter.family in ("llama", "gpt2"):
+        processor = transformers.AutoTokenizer.from_pretrained(path, revision=revision)
+    else:
+        processor = transformers.AutoProcessor.from_pretrained(path, revision=revision)
+    return wrap(model, processor, name=name, revision=revision or _commit_of(model))
+
+
+def _commit_of(model: torch.nn.Module) -> str | None:
+    """The hub commit the weights came from, when transformers recorded one."""
+    return getattr(model.config, "_commit_hash", None)

@@ -1,0 +1,77 @@
+"""Text-only causal LMs (Llama, GPT-2): the same engine without an image.
+
+They exist so the engine can be checked against TransformerLens, whose patching utilities
+work on text models, and so that textual constraints can be traced in plain LMs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .adapter import Adapter, Hook, Stack, register
+
+
+def encode(processor: Any, prompt: str, image: Any, decoder_ids: list[int] | None = None) -> dict:
+    """One row of token ids; `processor` is the tokenizer."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    inputs = tokenizer([prompt], return_tensors="pt")
+    return {name: value[0] for name, value in inputs.items() if name != "token_type_ids"}
+
+
+def forward(model: torch.nn.Module, **batch: torch.Tensor) -> torch.Tensor:
+    return model(**batch).logits
+
+
+register(
+    Adapter(
+        family="llama",
+        architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
+        stacks={
+            "lm": Stack(
+                layers="model.layers",
+                sequence="prompt",
+                sites={
+                    "attn_head": Hook("self_attn.o_proj", "input"),
+                    "attn": Hook("self_attn", "output", index=0),
+                    "mlp": Hook("mlp"),
+                    "block": Hook(""),
+                },
+                attention="self_attn",
+                heads_config="num_attention_heads",
+                layers_config="num_hidden_layers",
+            )
+        },
+        embeddings={"tokens": Hook("model.embed_tokens")},
+        image_in_sequence=False,
+        encode=encode,
+        forward=forward,
+    )
+)
+
+register(
+    Adapter(
+        family="gpt2",
+        architectures=("GPT2LMHeadModel",),
+        stacks={
+            "lm": Stack(
+                layers="transformer.h",
+                sequence="prompt",
+                sites={
+                    "attn_head": Hook("attn.c_proj", "input"),
+                    "attn": Hook("attn", "output", index=0),
+                    "mlp": Hook("mlp"),
+                    "block": Hook("", index=None),
+                },
+                attention="attn",
+                heads_config="n_head",
+                layers_config="n_layer",
+            )
+        },
+        embeddings={"tokens": Hook("transformer.wte")},
+        image_in_sequence=False,
+        encode=encode,
+        forward=forward,
+    )
+)
