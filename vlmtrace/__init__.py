@@ -1,10 +1,10 @@
 """vlmtrace: causal interventions on vision-language models, batched in nnsight traces.
 
-    import vlmtrace as vt
-    vlm = vt.load("shapes-llava")
-    ds = vt.patch(vlm, samples, corruption=vt.ReplaceSpan("visual"),
-                  grid=vt.Grid(sites=("mlp", "attn"), windows=(1, 3, 6)))
-    vt.save(ds, "trace.zarr")
+import vlmtrace as vt
+vlm = vt.load("shapes-llava")
+ds = vt.patch(vlm, samples, corruption=vt.ReplaceSpan("visual"),
+              grid=vt.Grid(sites=("mlp", "attn"), windows=(1, 3, 6)))
+vt.save(ds, "trace.zarr")
 """
 
 __version__ = "0.1.0"

@@ -161,7 +161,9 @@ def _knocked_mask(mask: torch.Tensor | None, index: KnockIndex, shape, causal: b
     if mask is None:  # no mask means "attend everywhere allowed": build it explicitly
         mask = torch.zeros(batch, 1, width, width, dtype=dtype)
         if causal:
-            mask = mask.masked_fill(torch.ones(width, width, dtype=torch.bool).triu(1), torch.finfo(dtype).min)
+            mask = mask.masked_fill(
+                torch.ones(width, width, dtype=torch.bool).triu(1), torch.finfo(dtype).min
+            )
     mask = mask.expand(batch, mask.shape[1], width, mask.shape[-1]).clone()
     blocked = torch.finfo(mask.dtype).min if mask.dtype.is_floating_point else False
     row, query, key = torch.tensor(index.row), torch.tensor(index.query), torch.tensor(index.key)

@@ -20,7 +20,6 @@ input with its mask edited, all in one batched forward per chunk.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Union
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ from .progress import progress_bar
 from .results import provenance, sample_ids
 from .sites import GridError, window_layers
 
-PositionSet = Union[str, Sequence[str], Callable[[Sample, Segments], Sequence[int]]]
+PositionSet = str | Sequence[str] | Callable[[Sample, Segments], Sequence[int]]
 
 DEFAULT_BLOCKS: dict[str, tuple[PositionSet, PositionSet]] = {
     "image->question": ("image", "question"),

@@ -31,9 +31,7 @@ class Metric:
     needs_foil: ClassVar[bool] = False
     whole_answer_ok: ClassVar[bool] = True
 
-    def __call__(
-        self, logits: torch.Tensor, answer: torch.Tensor, foil: torch.Tensor | None
-    ) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, answer: torch.Tensor, foil: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
 

@@ -62,8 +62,9 @@ class Grid:
     layers: Sequence[int] | None = None
     """Window centres; None means every layer."""
     windows: Sequence[int] = (1,)
-    positions: Literal["tokens", "segments"] = "tokens"
-    """"tokens": one cell per position; "segments": one cell per segment, patched whole."""
+    positions: Literal["tokens", "segments", "all"] = "tokens"
+    """"tokens": one cell per position; "segments": one cell per segment, patched whole;
+    "all": one cell patching every selected position at once (restore-everything checks)."""
     segments: Sequence[str] | None = None
     """Restrict to positions of these segments (e.g. ("visual", "last")); None: all."""
     heads: Sequence[int] | None = None
@@ -74,8 +75,7 @@ class Grid:
         for site in self.sites:
             if site not in available_sites:
                 raise GridError(
-                    f"site {site!r} is not available on this stack; choose from "
-                    f"{list(available_sites)}."
+                    f"site {site!r} is not available on this stack; choose from {list(available_sites)}."
                 )
         for size in self.windows:
             if not 1 <= size <= n_layers:
@@ -91,8 +91,8 @@ class Grid:
                 raise GridError(
                     f"head {head} is out of range: the model has {n_heads} heads (0..{n_heads - 1})."
                 )
-        if self.positions not in ("tokens", "segments"):
-            raise GridError(f"positions must be 'tokens' or 'segments', not {self.positions!r}.")
+        if self.positions not in ("tokens", "segments", "all"):
+            raise GridError(f"positions must be 'tokens', 'segments' or 'all', not {self.positions!r}.")
 
     def selected(self, segments: Segments) -> list[int]:
         """Positions of the clean sequence that the grid covers."""
@@ -110,6 +110,8 @@ class Grid:
         chosen = self.selected(segments)
         if self.positions == "tokens":
             return [(k, (p,)) for k, p in enumerate(chosen)]
+        if self.positions == "all":
+            return [("all", tuple(chosen))]
         names = [n for n in segments.names if any(segments.labels[p] == n for p in chosen)]
         return [(n, tuple(p for p in chosen if segments.labels[p] == n)) for n in names]
 

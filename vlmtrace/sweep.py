@@ -84,9 +84,7 @@ class Prepared:
         return slice(0, n) if vlm.adapter.answer_sequence == "decoder" else slice(-n, None)
 
 
-def prepare(
-    vlm: VLM, sample: Sample, corruption: Corruption, metric: Metric, whole_answer: bool
-) -> Prepared:
+def prepare(vlm: VLM, sample: Sample, corruption: Corruption, metric: Metric, whole_answer: bool) -> Prepared:
     """Encode both sides of a sample and the ids the metric scores."""
     if whole_answer and not metric.whole_answer_ok:
         raise ValueError(f"the {metric.name} metric scores first tokens only; use whole_answer=False.")
@@ -178,9 +176,7 @@ def patch(
         task = bar.add_task("samples", total=len(samples))
         for sample in samples:
             prepared = prepare(vlm, sample, corruption, metric, whole_answer)
-            results.append(
-                patch_sample(vlm, stack, prepared, grid, metric, direction, max_batch, max_memory)
-            )
+            results.append(patch_sample(vlm, stack, prepared, grid, metric, direction, max_batch, max_memory))
             bar.advance(task)
     return patching_dataset(
         vlm,
@@ -218,7 +214,7 @@ def patch_sample(
         (c, draw)
         for c, cell in enumerate(cells)
         if any(p in aligned for p in cell.positions)
-        and (grid.positions == "segments" or all(p in aligned for p in cell.positions))
+        and (grid.positions != "tokens" or all(p in aligned for p in cell.positions))
         for draw in range(k)
     ]
     per_chunk = rows_per_chunk(vlm, prepared, max_batch, max_memory) - prepared.baseline_rows

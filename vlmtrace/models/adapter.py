@@ -178,7 +178,7 @@ def check_shape(adapter: Adapter, model: torch.nn.Module) -> Shape:
             )
         layers[name] = expected
         heads[name] = int(config_value(model.config, stack.heads_config))
-        for site, hook in stack.sites.items():
+        for hook in stack.sites.values():
             module_at(module_list[0], hook.path)
         module_at(module_list[0], stack.attention)
     for hook in adapter.embeddings.values():

@@ -13,11 +13,18 @@ from typing import Any
 
 import torch
 
+from ..positions import MissingImageTokenError
 from .adapter import Adapter, Hook, Stack, register
 
 
 def encode(processor: Any, prompt: str, image: Any, decoder_ids: list[int] | None = None) -> dict:
     """One row of inputs; the processor expands `<image>` into the right number of tokens."""
+    placeholder = getattr(processor, "image_token", "<image>")
+    if placeholder not in prompt:
+        raise MissingImageTokenError(
+            f"the prompt {prompt!r} has no {placeholder!r}; LLaVA reads the image only where the "
+            f"prompt says. Put the processor's image placeholder ({placeholder!r}) in the prompt."
+        )
     inputs = processor(text=[prompt], images=[image], return_tensors="pt")
     return {name: value[0] for name, value in inputs.items()}
 

@@ -1,0 +1,94 @@
+"""Bad input gets an error that names the problem and the fix, raised before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import vlmtrace as vt
+from vlmtrace.corruptions import CorruptionError
+from vlmtrace.inputs import AnswerTokenWarning
+from vlmtrace.models.adapter import UnknownArchitectureError
+from vlmtrace.positions import MissingImageTokenError, SpanNotFoundError
+from vlmtrace.sites import GridError
+
+
+def patch(vlm, sample, **kwargs):
+    kwargs.setdefault("corruption", vt.ImagePair())
+    kwargs.setdefault("grid", vt.Grid(sites=("block",), layers=(0,), segments=("last",)))
+    return vt.patch(vlm, [sample], progress=False, **kwargs)
+
+
+def test_a_constraint_span_missing_from_the_prompt_is_named(tiny_llava, llava_sample):
+    sample = llava_sample.with_(spans={"visual": "this place"})
+    with pytest.raises(SpanNotFoundError, match="'visual' = 'this place' does not occur"):
+        patch(tiny_llava, sample)
+
+
+def test_a_llava_prompt_without_the_image_token_is_refused(tiny_llava, llava_sample):
+    sample = llava_sample.with_(prompt="which city did this shape represent in year 2006 ?")
+    with pytest.raises(MissingImageTokenError, match="Put the processor's image placeholder"):
+        patch(tiny_llava, sample)
+
+
+def test_symmetric_replacement_of_another_length_is_refused(tiny_llava, llava_sample):
+    with pytest.raises(CorruptionError, match="'this shape' is 2 tokens but 'a' is 1"):
+        patch(tiny_llava, llava_sample, corruption=vt.SymmetricTokenReplacement("visual", text="a"))
+
+
+def test_an_unknown_architecture_names_the_adapter_fields(tiny_llava):
+    with pytest.raises(UnknownArchitectureError, match="stacks.*register"):
+        vt.wrap(torch.nn.Linear(2, 2), tiny_llava.processor, name="linear")
+
+
+def test_loading_an_unknown_architecture_fails_before_reading_weights(tmp_path):
+    config = transformers.BertConfig(architectures=["BertForMaskedLM"])
+    config.save_pretrained(tmp_path)  # a config and no weights at all
+    with pytest.raises(UnknownArchitectureError, match="no adapter for BertForMaskedLM"):
+        vt.load(str(tmp_path))
+
+
+def test_a_multi_token_answer_warns_which_token_is_scored(tiny_llava, llava_sample):
+    with pytest.warns(AnswerTokenWarning, match="scores only the first, 'paris'"):
+        patch(tiny_llava, llava_sample.with_(answer="paris rome"))
+
+
+def test_an_answer_outside_the_vocabulary_is_refused(tiny_llava, llava_sample):
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        patch(tiny_llava, llava_sample.with_(answer="zanzibar"))
+
+
+def test_a_window_larger_than_the_model_is_refused(tiny_llava, llava_sample):
+    with pytest.raises(GridError, match="window 7 does not fit a stack of 3 layers"):
+        patch(tiny_llava, llava_sample, grid=vt.Grid(windows=(7,)))
+
+
+def test_a_head_index_out_of_range_is_refused(tiny_llava, llava_sample):
+    with pytest.raises(GridError, match="head 9 is out of range: the model has 4 heads"):
+        patch(tiny_llava, llava_sample, grid=vt.Grid(sites=("attn_head",), heads=(9,)))
+
+
+def test_a_site_the_model_lacks_is_refused(tiny_llava, llava_sample):
+    with pytest.raises(GridError, match="site 'cross_attn' is not available"):
+        patch(tiny_llava, llava_sample, grid=vt.Grid(sites=("cross_attn",)))
+
+
+def test_logit_difference_without_a_foil_is_refused(tiny_llava, llava_sample):
+    with pytest.raises(ValueError, match="needs a foil answer"):
+        patch(tiny_llava, llava_sample.with_(foil=None), metric=vt.LogitDiff())
+
+
+def test_an_image_pair_corruption_needs_a_pair(tiny_llava, llava_sample):
+    with pytest.raises(CorruptionError, match="has no image_pair"):
+        patch(tiny_llava, llava_sample.with_(image_pair=None))
+
+
+def test_an_empty_data_set_is_refused(tiny_llava):
+    with pytest.raises(ValueError, match="data set is empty"):
+        vt.patch(tiny_llava, [], corruption=vt.ImagePair(), progress=False)
+
+
+def test_a_span_replacement_without_a_phrase_says_where_to_put_one(tiny_llava, llava_sample):
+    with pytest.raises(CorruptionError, match="set Sample.replacements"):
+        patch(tiny_llava, llava_sample.with_(replacements={}), corruption=vt.ReplaceSpan("visual"))

@@ -1,0 +1,36 @@
+"""The `vlmtrace` command: a thin typed shell over the Python API.
+
+vlmtrace recipe list
+vlmtrace recipe multi_constraint --n-samples 8 --out trace.zarr
+vlmtrace zoo list
+vlmtrace plot trace.zarr
+"""
+
+from __future__ import annotations
+
+import typer
+
+from .recipe import recipe
+
+app = typer.Typer(
+    help="Causal tracing, activation patching and attention knockout for vision-language models.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.command(help="Run a recipe (one per seed paper); `vlmtrace recipe list` names them.")(recipe)
+
+try:  # the organism zoo's commands (train, list, eval)
+    from .zoo import app as zoo_app
+
+    app.add_typer(zoo_app, name="zoo", help="The shipped model organisms: list, train, eval.")
+except ImportError:  # pragma: no cover - only while the zoo is absent
+    pass
+
+
+@app.command()
+def version() -> None:
+    """Print the versions that determine a result."""
+    from ..results import versions
+
+    for name, value in versions().items():
+        typer.echo(f"{name} {value}")
