@@ -186,3 +186,25 @@ def open_result(path: str | Path) -> xr.Dataset:
     if not path.exists():
         raise StoreError(f"no result store at {path}.")
     return xr.open_zarr(path, consolidated=False).load()
+
+
+def combine(datasets: dict[str, xr.Dataset], *, dim: str) -> xr.Dataset:
+    """Stack results of several conditions (corruptions, constraints, metrics) along `dim`.
+
+    Each condition's own attrs (its corruption, metric) are kept under `conditions`, since
+    xarray would otherwise keep only the first condition's.
+    """
+    names = list(datasets)
+    combined = xr.concat([datasets[n] for n in names], dim=dim, combine_attrs="drop_conflicts")
+    combined = combined.assign_coords({dim: names})
+    combined.attrs["conditions"] = json.dumps(
+        {
+            n: {
+                k: v
+                for k, v in datasets[n].attrs.items()
+                if k in ("corruption", "metric", "direction", "grid")
+            }
+            for n in names
+        }
+    )
+    return combined

@@ -67,6 +67,8 @@ class Grid:
     "all": one cell patching every selected position at once (restore-everything checks)."""
     segments: Sequence[str] | None = None
     """Restrict to positions of these segments (e.g. ("visual", "last")); None: all."""
+    skip: Sequence[str] = ()
+    """Segments to leave out (e.g. ("image",): LLaVA-1.5's 576 image tokens)."""
     heads: Sequence[int] | None = None
     """Heads for head sites; None means every head."""
 
@@ -97,7 +99,7 @@ class Grid:
     def selected(self, segments: Segments) -> list[int]:
         """Positions of the clean sequence that the grid covers."""
         if self.segments is None:
-            return list(range(len(segments)))
+            return [i for i, label in enumerate(segments.labels) if label not in self.skip]
         missing = [name for name in self.segments if name not in segments.names]
         if missing:
             raise GridError(

@@ -62,6 +62,9 @@ class Stack:
     """Config path of the head count, e.g. `text_config.num_attention_heads`."""
     layers_config: str
     """Config path of the layer count, checked against the ModuleList at load time."""
+    patterns: Mapping[str, Hook] = field(default_factory=dict)
+    """Attention probabilities [batch, head, query, key] by kind ("self", "cross"), read
+    with eager attention; NOTICE-style attention plots use them."""
     causal: bool = True
     """Whether self-attention is causal (decoders) or bidirectional (BLIP's question encoder);
     needed to build a knockout mask where the model passes none."""

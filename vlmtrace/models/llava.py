@@ -51,6 +51,7 @@ LLAVA = register(
                 sequence="prompt",
                 sites=LANGUAGE_MODEL_SITES,
                 attention="self_attn",
+                patterns={"self": Hook("self_attn", index=1)},
                 heads_config="text_config.num_attention_heads",
                 layers_config="text_config.num_hidden_layers",
             )

@@ -39,6 +39,7 @@ register(
                     "block": Hook(""),
                 },
                 attention="self_attn",
+                patterns={"self": Hook("self_attn", index=1)},
                 heads_config="num_attention_heads",
                 layers_config="num_hidden_layers",
             )
@@ -65,6 +66,7 @@ register(
                     "block": Hook("", index=None),
                 },
                 attention="attn",
+                patterns={"self": Hook("attn", index=1)},
                 heads_config="n_head",
                 layers_config="n_layer",
             )

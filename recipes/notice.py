@@ -1,0 +1,156 @@
+"""NOTICE: Gaussian-noise-free corruption, module-wise patching, then attention heads.
+
+Golovanevsky et al., "What Do VLMs NOTICE? A Mechanistic Interpretability Pipeline for
+Gaussian-Noise-free Text-Image Corruption and Evaluation" (2025).
+
+Hypothesis. With in-distribution corruptions, image corruption emphasises middle-layer MLPs
+and text corruption early-to-middle ones; a few attention heads carry vision-language
+integration (LLaVA: self-attention at the answer position; BLIP: cross-attention).
+
+Corruption. STR on text (the visual-constraint phrase swapped for one of the same token
+count) and semantic image pairs (SIP: the same scene with one attribute of the selected
+object changed), each with its own answer.
+
+Intervention. (1) Restore MLP, self-attention and cross-attention outputs (those the model
+has) at every text (token, layer). (2) Restore single attention heads at the answer position
+(LLaVA: the last prompt token; BLIP: cross-attention heads over the whole question).
+
+Metric. Logit difference between the answer and the corrupted side's answer, normalised to
+1 = fully restored. Attention of the answer position over image patches is stored for the
+figures (`attention`, `image`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+import vlmtrace as vt
+from vlmtrace import plots
+from vlmtrace.attention import attention_pattern
+from vlmtrace.data import synthetic_samples
+from vlmtrace.report import headline, patching_figures
+from vlmtrace.results import combine
+
+DESCRIPTION = (
+    "NOTICE: STR and semantic image pairs; patch MLP / attention / cross-attention, then single heads"
+)
+DEFAULT_MODEL = "shapes-llava"
+FAMILY = "visual"
+MODULES = ("mlp", "attn", "cross_attn")
+
+
+def default_samples(vlm: vt.VLM, n: int, seed: int) -> list[vt.Sample]:
+    return synthetic_samples(vlm, FAMILY, n, seed=seed)
+
+
+def plan(vlm: vt.VLM) -> tuple[tuple[str, ...], vt.Grid]:
+    """Module sites the model has, and where its heads are patched (data-driven, not by name)."""
+    stack = vlm.adapter.stacks[vlm.adapter.default_stack]
+    modules = tuple(site for site in MODULES if site in stack.sites)
+    if vlm.adapter.image_in_sequence:
+        heads = vt.Grid(sites=("attn_head",), segments=("last",), positions="segments")
+    else:
+        heads = vt.Grid(sites=("cross_attn_head",), skip=("special",), positions="all")
+    return modules, heads
+
+
+def run(
+    vlm: vt.VLM, samples: list[vt.Sample], *, max_batch: int = 64, seed: int = 0, progress: bool = True
+) -> xr.Dataset:
+    modules, head_grid = plan(vlm)
+    corruptions = {"str": vt.SymmetricTokenReplacement("visual"), "sip": vt.ImagePair()}
+    parts = {}
+    for name, corruption in corruptions.items():
+        common = dict(
+            corruption=corruption,
+            metric=vt.LogitDiff(),
+            max_batch=max_batch,
+            progress=progress,
+            recipe="notice",
+        )
+        modular = vt.patch(vlm, samples, grid=vt.Grid(sites=modules, skip=("image",)), **common)
+        heads = vt.patch(vlm, samples, grid=head_grid, **common).squeeze("segment", drop=True)
+        parts[name] = xr.merge([modular, heads.drop_vars(["clean", "corrupt"])], combine_attrs="override")
+    ds = combine(parts, dim="corruption")
+    head_site = head_grid.sites[0]
+    ds["head_effect"] = vt.normalised(ds, head_site).sel(window=1)
+    ds["attention"], ds["image"] = image_attention(vlm, samples)
+    return ds
+
+
+def image_attention(vlm: vt.VLM, samples: list[vt.Sample]):
+    """Attention of the answer position over image patches, per (sample, layer, head, patch)."""
+    kind = "self" if vlm.adapter.image_in_sequence else "cross"
+    weights, images = [], []
+    for sample in samples:
+        pattern = attention_pattern(vlm, sample, kind=kind)
+        if kind == "self":
+            pattern = pattern.where(pattern["label"] == "image", drop=True)
+        else:
+            pattern = pattern.isel(key=slice(1, None))  # the vision encoder's first token is CLS
+        weights.append(pattern.values)
+        images.append(np.asarray(sample.image.convert("RGB")))
+    attention = xr.DataArray(np.stack(weights), dims=("sample", "layer", "head", "patch"))
+    image = xr.DataArray(np.stack(images), dims=("sample", "y", "x", "rgb"))
+    return attention, image
+
+
+def top_heads(ds: xr.Dataset, k: int = 3) -> list[tuple[str, int, int, float]]:
+    """(corruption, layer, head, mean normalised effect) of the k strongest heads per corruption."""
+    found = []
+    for corruption in ds["corruption"].values:
+        mean = ds["head_effect"].sel(corruption=corruption).mean("sample")
+        order = np.argsort(-np.nan_to_num(mean.values.ravel(), nan=-np.inf))[:k]
+        for flat in order:
+            layer, head = np.unravel_index(flat, mean.shape)
+            found.append(
+                (
+                    str(corruption),
+                    int(mean["layer"][layer]),
+                    int(mean["head"][head]),
+                    float(mean.values[layer, head]),
+                )
+            )
+    return found
+
+
+def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    modules = [s for s in MODULES if s in ds]
+    paths = []
+    for corruption in ds["corruption"].values:
+        part = ds.sel(corruption=corruption)
+        paths += patching_figures(part, out_dir, sites=modules, tag=f"{corruption}_")
+        paths.append(
+            plots.head_grid(
+                part["head_effect"].mean("sample"),
+                path=out_dir / f"{corruption}_heads.png",
+                title=f"{corruption}: normalised head effect at the answer position",
+            )
+        )
+    _, layer, head, _ = top_heads(ds, k=1)[0]
+    side = int(np.sqrt(ds.sizes["patch"]))
+    from PIL import Image
+
+    picture = Image.fromarray(ds["image"].isel(sample=0).values.astype(np.uint8))
+    weights = ds["attention"].isel(sample=0).sel(layer=layer, head=head).values
+    paths.append(
+        plots.image_attention(
+            picture,
+            weights,
+            grid=(side, side),
+            path=out_dir / "top_head_attention.png",
+            title=f"L{layer}.H{head}: answer position over image patches",
+        )
+    )
+    return paths
+
+
+def summary(ds: xr.Dataset) -> str:
+    modules = [s for s in MODULES if s in ds]
+    lines = [headline(ds.sel(corruption=c), sites=modules, label=f"[{c}] ") for c in ds["corruption"].values]
+    heads = ", ".join(f"{c}: L{layer}.H{head} ({v:+.2f})" for c, layer, head, v in top_heads(ds))
+    return "\n".join(lines + [f"strongest heads: {heads}"])

@@ -1,0 +1,112 @@
+"""Universal attention heads: heads that matter across tasks and both corruption kinds.
+
+Golovanevsky et al. (NOTICE, 2025), "Universal attention heads exist across corruption
+schemes and tasks".
+
+Hypothesis. A few heads have a high patching effect whatever the task (visual questions,
+fact retrieval, multi-constraint) and whatever is corrupted (text by STR, image by SIP).
+
+Corruption. STR on the visual-constraint phrase; semantic image pairs.
+
+Intervention. Restore one attention head at the answer position (LLaVA: self-attention
+heads at the last token; BLIP: cross-attention heads over the question).
+
+Metric. Normalised logit difference per head, averaged over samples; a head is "top" for a
+(task, corruption) condition if it is among the `k` strongest; universal heads are top in
+every condition.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+import vlmtrace as vt
+from vlmtrace import plots
+from vlmtrace.data import synthetic_samples
+from vlmtrace.results import combine
+
+DESCRIPTION = "NOTICE: heads with high patching effect across tasks and both corruption kinds; their overlap"
+DEFAULT_MODEL = "shapes-llava"
+TASKS = ("visual", "fact", "multi")
+TOP_K = 3
+
+
+def default_samples(vlm: vt.VLM, n: int, seed: int) -> list[vt.Sample]:
+    return [s for task in TASKS for s in synthetic_samples(vlm, task, n, seed=seed)]
+
+
+def head_grid(vlm: vt.VLM) -> vt.Grid:
+    if vlm.adapter.image_in_sequence:
+        return vt.Grid(sites=("attn_head",), segments=("last",), positions="segments")
+    return vt.Grid(sites=("cross_attn_head",), skip=("special",), positions="all")
+
+
+def run(
+    vlm: vt.VLM, samples: list[vt.Sample], *, max_batch: int = 64, seed: int = 0, progress: bool = True
+) -> xr.Dataset:
+    grid = head_grid(vlm)
+    tasks: dict[str, list[vt.Sample]] = {}
+    for sample in samples:
+        tasks.setdefault(sample.meta.get("family", "all"), []).append(sample)
+    corruptions = {"str": vt.SymmetricTokenReplacement("visual"), "sip": vt.ImagePair()}
+    by_task = {}
+    for task, group in tasks.items():
+        by_corruption = {}
+        for name, corruption in corruptions.items():
+            ds = vt.patch(
+                vlm,
+                group,
+                corruption=corruption,
+                grid=grid,
+                metric=vt.LogitDiff(),
+                max_batch=max_batch,
+                progress=progress,
+                recipe="universal_heads",
+            )
+            effect = vt.normalised(ds, grid.sites[0]).squeeze(["segment", "window"], drop=True)
+            by_corruption[name] = effect.mean("sample").to_dataset(name="head_effect").assign_attrs(ds.attrs)
+        by_task[task] = combine(by_corruption, dim="corruption")
+    ds = combine(by_task, dim="task")
+    ds["top"] = top_mask(ds["head_effect"], TOP_K)
+    ds["universal"] = ds["top"].all(["task", "corruption"])
+    ds.attrs["top_k"] = TOP_K
+    return ds
+
+
+def top_mask(effect: xr.DataArray, k: int) -> xr.DataArray:
+    """True where a head is among the k largest effects of its (task, corruption) condition."""
+    ordered = effect.transpose(..., "layer", "head")
+    values = np.nan_to_num(ordered.values, nan=-np.inf)
+    flat = values.reshape(*values.shape[:-2], -1)
+    threshold = -np.sort(-flat, axis=-1)[..., k - 1 : k]
+    top = (flat >= threshold) & np.isfinite(flat)
+    return ordered.copy(data=top.reshape(values.shape))
+
+
+def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
+    overlap = ds["top"].sum(["task", "corruption"]).astype(float)
+    conditions = ds.sizes["task"] * ds.sizes["corruption"]
+    return [
+        plots.head_grid(
+            overlap,
+            path=Path(out_dir) / "head_overlap.png",
+            title=f"conditions (of {conditions}) where a head is top-{ds.attrs['top_k']}",
+        )
+    ]
+
+
+def summary(ds: xr.Dataset) -> str:
+    universal = [
+        (int(layer), int(head)) for layer, head in zip(*np.nonzero(ds["universal"].values), strict=True)
+    ]
+    overlap = ds["top"].sum(["task", "corruption"])
+    best = np.unravel_index(int(overlap.argmax()), overlap.shape)
+    names = ", ".join(f"L{ds['layer'].values[la]}.H{ds['head'].values[h]}" for la, h in universal) or "none"
+    return (
+        f"universal heads (top-{ds.attrs['top_k']} in all {ds.sizes['task'] * ds.sizes['corruption']} "
+        f"task x corruption conditions): {names}; most shared: L{ds['layer'].values[best[0]]}."
+        f"H{ds['head'].values[best[1]]} in {int(overlap.values[best])} conditions"
+    )

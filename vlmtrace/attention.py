@@ -1,0 +1,62 @@
+"""Where a position looks: attention probabilities of one query over keys, per layer and head.
+
+NOTICE explains what important heads do by drawing the attention of the answer position over
+image patches (LLaVA self-attention over image tokens; BLIP cross-attention over the vision
+encoder's patches). Patching says *which* heads matter; these patterns suggest *why*.
+
+    att = attention_pattern(vlm, sample, kind="self", query="last")   # (layer, head, key)
+    att.sel(layer=3, head=1).where(att["label"] == "image", drop=True)
+
+Requires eager attention (the default of `vlmtrace.load`): fused kernels return no weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .corruptions import clean_side
+from .data.sample import Sample
+from .forward import SEQUENCE_FIELDS, driver, envoy_at, stack_rows
+from .inputs import scored_answer_ids
+from .models.load import VLM
+
+
+def attention_pattern(
+    vlm: VLM, sample: Sample, *, kind: str = "self", query: str = "last", stack: str | None = None
+) -> xr.DataArray:
+    """Attention of the `query` segment's positions (averaged) over all keys, per layer and head."""
+    stack_name = stack or vlm.adapter.default_stack
+    the_stack = vlm.adapter.stacks[stack_name]
+    if kind not in the_stack.patterns:
+        raise ValueError(
+            f"{vlm.name}'s {stack_name!r} stack has no {kind!r} attention; it has {list(the_stack.patterns)}."
+        )
+    hook = the_stack.patterns[kind]
+    answer = scored_answer_ids(vlm, sample.prompt, sample.answer, whole=False)
+    encoded = clean_side(vlm, sample, answer)
+    segments = encoded.segments(the_stack.sequence)
+    queries = segments.positions(query)
+    widths = {s: len(encoded.inputs[ids]) for s, (ids, _) in SEQUENCE_FIELDS.items() if ids in encoded.inputs}
+    batch = stack_rows(vlm, [encoded.inputs], widths)
+    n_layers = vlm.shape.layers[stack_name]
+    envoy = vlm.envoy
+    layers = envoy_at(envoy, the_stack.layers)
+    with torch.no_grad(), envoy.trace(fn=driver(vlm), **batch):
+        rows = []
+        for index in range(n_layers):
+            value = envoy_at(layers[index], hook.path).output[hook.index]
+            if value is None:
+                raise ValueError(
+                    "attention weights are None: load the model with attn_implementation='eager'."
+                )
+            rows.append(value[0, :, queries].float().mean(1).cpu())
+        weights = torch.stack(rows).save()
+    weights = weights.numpy()
+    keys = np.arange(weights.shape[-1])
+    coords = {"layer": np.arange(n_layers), "head": np.arange(weights.shape[1]), "key": keys}
+    if kind == "self":
+        coords["token"] = ("key", np.array(segments.tokens, dtype=str))
+        coords["label"] = ("key", np.array(segments.labels, dtype=str))
+    return xr.DataArray(weights, dims=("layer", "head", "key"), coords=coords, name=f"{kind}_attention")

@@ -1,0 +1,170 @@
+"""Figures of causal traces, drawn from Datasets (never from a live model).
+
+Plotting is kept apart from running so that `vlmtrace plot X.zarr` can redraw any figure
+from a store, and a recipe's `run` stays a pure experiment.
+
+    heatmap(effect.isel(sample=0, window=0), path="trace.png")   # layer x token, one sample
+    segment_heatmap(summary, path="avg.png")                     # layer x segment, with CIs
+    window_panels(effect_by_segment, path="windows.png")         # one panel per window size
+    head_grid(effect, path="heads.png")                          # layer x head
+    knockout_curves(relative, path="flow.png")                   # one line per block
+    image_attention(image, weights, grid=(4, 4), path="att.png") # attention over patches
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files; no display is assumed
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+import xarray as xr  # noqa: E402
+
+CMAP = "RdBu_r"
+
+
+def _save(figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _limits(values: np.ndarray) -> float:
+    finite = np.abs(values[np.isfinite(values)])
+    return float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+
+
+def heatmap(da: xr.DataArray, *, path: str | Path, title: str = "") -> Path:
+    """Layer x position for one sample, positions labelled with their tokens."""
+    da = da.transpose("layer", ...)
+    columns = da.dims[1]
+    labels = [str(t) for t in (da["token"].values if "token" in da.coords else da[columns].values)]
+    figure, ax = plt.subplots(figsize=(max(4, 0.45 * len(labels) + 2), 0.45 * da.sizes["layer"] + 1.8))
+    limit = _limits(da.values)
+    sns.heatmap(
+        da.values,
+        ax=ax,
+        cmap=CMAP,
+        vmin=-limit,
+        vmax=limit,
+        xticklabels=labels,
+        yticklabels=list(da["layer"].values),
+        cbar_kws={"label": str(da.name or "effect")},
+    )
+    ax.set_xlabel("token")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    return _save(figure, path)
+
+
+def segment_heatmap(summary: xr.Dataset, *, path: str | Path, title: str = "") -> Path:
+    """Layer x segment of a bootstrap summary: the mean, annotated with its interval."""
+    mean = summary["mean"].transpose("layer", "segment")
+    low = summary["low"].transpose("layer", "segment").values
+    high = summary["high"].transpose("layer", "segment").values
+    notes = np.vectorize(lambda m, lo, hi: f"{m:.2f}\n[{lo:.2f},{hi:.2f}]")(mean.values, low, high)
+    width = 1.5 * mean.sizes["segment"] + 2
+    figure, ax = plt.subplots(figsize=(width, 0.6 * mean.sizes["layer"] + 1.8))
+    limit = _limits(mean.values)
+    sns.heatmap(
+        mean.values,
+        ax=ax,
+        cmap=CMAP,
+        vmin=-limit,
+        vmax=limit,
+        annot=notes,
+        fmt="",
+        annot_kws={"fontsize": 7},
+        xticklabels=list(mean["segment"].values),
+        yticklabels=list(mean["layer"].values),
+    )
+    ax.set_xlabel("segment")
+    ax.set_ylabel("layer")
+    ax.set_title(title or f"mean over {summary.attrs.get('over', 'samples')} (95% bootstrap CI)")
+    return _save(figure, path)
+
+
+def window_panels(da: xr.DataArray, *, path: str | Path, title: str = "", by: str = "window") -> Path:
+    """One layer x segment heatmap per value of `by` (default: window size)."""
+    windows = list(da[by].values)
+    figure, axes = plt.subplots(1, len(windows), figsize=(3.2 * len(windows), 3.6), squeeze=False)
+    limit = _limits(da.values)
+    for ax, window in zip(axes[0], windows, strict=True):
+        panel = da.sel({by: window}).transpose("layer", "segment")
+        sns.heatmap(
+            panel.values,
+            ax=ax,
+            cmap=CMAP,
+            vmin=-limit,
+            vmax=limit,
+            cbar=window == windows[-1],
+            xticklabels=list(panel["segment"].values),
+            yticklabels=list(panel["layer"].values),
+        )
+        ax.set_title(f"{by} {window}")
+        ax.set_xlabel("")
+    axes[0][0].set_ylabel("layer")
+    figure.suptitle(title)
+    return _save(figure, path)
+
+
+def head_grid(da: xr.DataArray, *, path: str | Path, title: str = "") -> Path:
+    """Layer x head effects (da: layer, head)."""
+    da = da.transpose("layer", "head")
+    figure, ax = plt.subplots(figsize=(0.5 * da.sizes["head"] + 2.5, 0.45 * da.sizes["layer"] + 1.8))
+    limit = _limits(da.values)
+    sns.heatmap(
+        da.values,
+        ax=ax,
+        cmap=CMAP,
+        vmin=-limit,
+        vmax=limit,
+        annot=da.sizes["head"] <= 16,
+        fmt=".2f",
+        xticklabels=list(da["head"].values),
+        yticklabels=list(da["layer"].values),
+    )
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    return _save(figure, path)
+
+
+def knockout_curves(summary: xr.Dataset, *, path: str | Path, title: str = "") -> Path:
+    """Relative change in the metric per layer, one line (with CI band) per block."""
+    figure, ax = plt.subplots(figsize=(6, 3.6))
+    layers = summary["layer"].values
+    for block in summary["block"].values:
+        mean = summary["mean"].sel(block=block).values
+        ax.plot(layers, mean, marker="o", label=str(block))
+        ax.fill_between(
+            layers, summary["low"].sel(block=block).values, summary["high"].sel(block=block).values, alpha=0.2
+        )
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("layer (window centre)")
+    ax.set_ylabel("relative change in P(answer)")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    return _save(figure, path)
+
+
+def image_attention(
+    image, weights: np.ndarray, *, grid: tuple[int, int], path: str | Path, title: str = ""
+) -> Path:
+    """Attention over image patches (weights: one per patch, row-major) drawn on the image."""
+    picture = np.asarray(image.convert("RGB"))
+    heat = np.asarray(weights, dtype=float).reshape(grid)
+    figure, ax = plt.subplots(figsize=(3.6, 3.6))
+    ax.imshow(picture)
+    height, width = picture.shape[:2]
+    ax.imshow(heat, cmap="magma", alpha=0.55, extent=(0, width, height, 0), interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    return _save(figure, path)
