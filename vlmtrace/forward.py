@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -201,14 +202,19 @@ def run(
     answer: torch.Tensor,
     foil: torch.Tensor | None,
     answer_slice: slice,
+    backend: Any = None,
 ) -> torch.Tensor:
-    """Run one batched forward with `edits`; return the metric of every row (CPU floats)."""
+    """Run one batched forward with `edits`; return the metric of every row (CPU floats).
+
+    `backend` is an nnsight backend (None: run here); a remote one runs the same trace on a
+    server, and only the per-row floats come back.
+    """
     envoy = vlm.envoy
     layers = envoy_at(envoy, stack.layers)
     n_heads = vlm.shape.heads[_stack_name(vlm, stack)]
     width = batch[SEQUENCE_FIELDS[stack.sequence][0]].shape
     touched = sorted({layer for layer, _ in edits.patches} | set(edits.knockouts))
-    with torch.no_grad(), envoy.trace(fn=driver(vlm), **batch) as tracer:
+    with torch.no_grad(), envoy.trace(fn=driver(vlm), backend=backend, **batch) as tracer:
         if edits.noise is not None:
             _noise(edits.noise, _activation(envoy, edits.noise.hook))
         for layer_index in touched:

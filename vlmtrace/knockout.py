@@ -20,6 +20,7 @@ input with its mask edited, all in one batched forward per chunk.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,6 +66,7 @@ def knockout(
     max_batch: int = 64,
     progress: bool = True,
     recipe: str = "",
+    backend: Any = None,
 ) -> xr.Dataset:
     """The metric with attention K -> Q blocked, per (sample, block, window, layer)."""
     if not samples:
@@ -119,6 +121,7 @@ def knockout(
                     answer=torch.tensor(answer),
                     foil=None,
                     answer_slice=slice(-len(answer), None),
+                    backend=backend,
                 )
                 clean[s] = float(out[0])
                 for (b, w, c), value in zip(chunk, out[1:].tolist(), strict=True):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -155,6 +155,7 @@ def patch(
     max_memory: float | None = None,
     progress: bool = True,
     recipe: str = "",
+    backend: Any = None,
 ) -> xr.Dataset:
     """Patch every cell of `grid` for every sample; return the metric of every patched run.
 
@@ -200,6 +201,7 @@ def patch_sample(
     direction: Direction,
     max_batch: int,
     max_memory: float | None,
+    backend: Any = None,
 ) -> SampleResult:
     """All cells of one sample, in as few chunked forwards as the batch limits allow."""
     pair, k = prepared.pair, prepared.pair.samples
@@ -228,7 +230,7 @@ def patch_sample(
     clean_value = corrupt_value = math.nan
     for start in range(0, max(len(patched), 1), per_chunk):
         chunk = patched[start : start + per_chunk]
-        values = run_chunk(vlm, stack, prepared, cells, chunk, aligned, direction, metric)
+        values = run_chunk(vlm, stack, prepared, cells, chunk, aligned, direction, metric, backend)
         clean_value = float(values[0])
         corrupt_value = float(values[1 : 1 + k].mean())
         for (c, _), value in zip(chunk, values[1 + k :].tolist(), strict=True):
@@ -248,6 +250,7 @@ def run_chunk(
     aligned: dict[int, int],
     direction: Direction,
     metric: Metric,
+    backend: Any = None,
 ) -> torch.Tensor:
     """Baseline rows + the chunk's patched rows, in one forward."""
     k = prepared.pair.samples
@@ -281,6 +284,7 @@ def run_chunk(
         answer=prepared.answer,
         foil=prepared.foil,
         answer_slice=prepared.answer_slice(vlm),
+        backend=backend,
     )
 
 

@@ -8,6 +8,9 @@ vlmtrace plot trace.zarr
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 from .recipe import recipe
@@ -25,6 +28,25 @@ try:  # the organism zoo's commands (train, list, eval)
     app.add_typer(zoo_app, name="zoo", help="The shipped model organisms: list, train, eval.")
 except ImportError:  # pragma: no cover - only while the zoo is absent
     pass
+
+
+@app.command()
+def plot(
+    store: Annotated[Path, typer.Argument(help="A zarr store written by a recipe.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for the PNGs (default: next to the store).")
+    ] = None,
+) -> None:
+    """Redraw a recipe's figures from its store (no model needed)."""
+    from .. import recipes as registry
+    from ..results import open_result
+
+    ds = open_result(store)
+    name = ds.attrs.get("recipe", "")
+    if name not in registry.names():
+        raise typer.BadParameter(f"{store} was not written by a recipe (attrs recipe={name!r}).")
+    for path in registry.get(name).figures(ds, out or store.with_suffix("")):
+        typer.echo(f"figure: {path}")
 
 
 @app.command()
