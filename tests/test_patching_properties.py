@@ -58,12 +58,12 @@ def test_a_patch_that_changes_nothing_reproduces_the_corrupted_run(tiny_llava, l
 
 
 @pytest.mark.parametrize("corruption", [vt.ImagePair(), vt.GaussianNoise("image", samples=3)])
-def test_batched_sweep_equals_one_patched_row_per_forward(tiny_llava, llava_sample, corruption):
+def test_batched_sweep_equals_one_cell_per_forward(tiny_llava, llava_sample, corruption):
     grid = vt.Grid(sites=("mlp", "attn_head"), windows=(1, 2), segments=("visual", "last"))
     kwargs = dict(corruption=corruption, grid=grid, metric=vt.LogProb(), progress=False)
     batched = vt.patch(tiny_llava, [llava_sample], max_batch=256, **kwargs)
-    baseline_rows = 1 + getattr(corruption, "samples", 1)
-    one_by_one = vt.patch(tiny_llava, [llava_sample], max_batch=baseline_rows + 1, **kwargs)
+    draws = getattr(corruption, "samples", 1)
+    one_by_one = vt.patch(tiny_llava, [llava_sample], max_batch=1 + draws + draws, **kwargs)
     for site in ("mlp", "attn_head"):
         assert np.nanstd(batched[site].values) > 1e-4
         np.testing.assert_allclose(batched[site].values, one_by_one[site].values, rtol=0, atol=1e-5)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from .data.sample import Sample
     from .metrics import Metric
     from .models.load import VLM
-    from .sites import Grid
-    from .sweep import SampleResult
+    from .positions import Segments
+    from .sites import Cell, Grid
 
 
 def versions() -> dict[str, str]:
@@ -62,7 +62,7 @@ def provenance(vlm: VLM, **fields: Any) -> dict[str, Any]:
         "model": vlm.name,
         "model_revision": vlm.revision or "",
         "model_family": vlm.adapter.family,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{f"version_{k}": v for k, v in versions().items()},
     }
     for key, value in fields.items():
@@ -78,9 +78,75 @@ def sample_ids(samples: list[Sample]) -> list[str]:
     return ids
 
 
-def patching_dataset(
+class Layout:
+    """Where every cell of every sample lives in the result arrays.
+
+    Built before any forward runs (from the samples' segments and cells), so the whole result
+    can be laid out up front: in memory, or as an empty zarr store that chunks fill in.
+    """
+
+    def __init__(self, samples: list[Sample], segments: list[Segments], cells: list[list[Cell]], grid: Grid):
+        from .sites import HEAD_SITES
+
+        self.grid = grid
+        self.samples = samples
+        self.segments = segments
+        self.windows = list(grid.windows)
+        self.layers = sorted({cell.layer for row in cells for cell in row})
+        self.heads = sorted({cell.head for row in cells for cell in row if cell.head is not None})
+        self.by_token = grid.positions == "tokens"
+        if self.by_token:
+            self.keys: list[Any] = list(range(max(len(grid.selected(s)) for s in segments)))
+        else:
+            self.keys = list(dict.fromkeys(cell.key for row in cells for cell in row))
+        self.place = "position" if self.by_token else "segment"
+        self.head_sites = HEAD_SITES
+
+    def dims(self, site: str) -> list[str]:
+        head = ["head"] if site in self.head_sites else []
+        return ["sample", "window", "layer", *head, self.place]
+
+    def index(self, sample: int, cell: Cell) -> tuple[int, ...]:
+        """Array index of a cell of one sample, in its site's variable."""
+        index = [sample, self.windows.index(cell.window), self.layers.index(cell.layer)]
+        if cell.head is not None:
+            index.append(self.heads.index(cell.head))
+        index.append(self.keys.index(cell.key))
+        return tuple(index)
+
+    def empty(self, attrs: dict[str, Any]) -> xr.Dataset:
+        """NaN-filled result with every coordinate, plus `progress` and `done` per sample."""
+        n = len(self.samples)
+        sizes = {
+            "sample": n,
+            "window": len(self.windows),
+            "layer": len(self.layers),
+            "head": len(self.heads),
+            self.place: len(self.keys),
+        }
+        data_vars: dict[str, Any] = {
+            site: (self.dims(site), np.full([sizes[d] for d in self.dims(site)], np.nan))
+            for site in self.grid.sites
+        }
+        data_vars["clean"] = (["sample"], np.full(n, np.nan))
+        data_vars["corrupt"] = (["sample"], np.full(n, np.nan))
+        data_vars["progress"] = (["sample"], np.zeros(n, dtype=np.int64))
+        data_vars["done"] = (["sample"], np.zeros(n, dtype=bool))
+        coords: dict[str, Any] = {
+            "sample": sample_ids(self.samples),
+            "window": self.windows,
+            "layer": self.layers,
+            self.place: self.keys,
+        }
+        if self.heads:
+            coords["head"] = self.heads
+        if self.by_token:
+            coords.update(position_coords(self.segments, self.grid, len(self.keys)))
+        return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def patching_attrs(
     vlm: VLM,
-    results: list[SampleResult],
     *,
     grid: Grid,
     stack: str,
@@ -89,48 +155,9 @@ def patching_dataset(
     direction: str,
     whole_answer: bool,
     recipe: str,
-) -> xr.Dataset:
-    """Assemble per-sample sweep results into one Dataset."""
-    from .sites import HEAD_SITES
-
-    windows = list(grid.windows)
-    layers = sorted({cell.layer for r in results for cell in r.cells})
-    heads = sorted({cell.head for r in results for cell in r.cells if cell.head is not None})
-    by_token = grid.positions == "tokens"
-    if by_token:
-        keys: list[Any] = list(range(max(len(grid.selected(r.segments)) for r in results)))
-    else:
-        keys = list(dict.fromkeys(cell.key for r in results for cell in r.cells))
-    place = "position" if by_token else "segment"
-    n = len(results)
-    arrays: dict[str, np.ndarray] = {}
-    for site in grid.sites:
-        shape = [n, len(windows), len(layers)] + ([len(heads)] if site in HEAD_SITES else []) + [len(keys)]
-        arrays[site] = np.full(shape, np.nan)
-    for s, result in enumerate(results):
-        for cell, value in zip(result.cells, result.values, strict=True):
-            index = [s, windows.index(cell.window), layers.index(cell.layer)]
-            if cell.head is not None:
-                index.append(heads.index(cell.head))
-            index.append(keys.index(cell.key))
-            arrays[cell.site][tuple(index)] = value
-    data_vars = {}
-    for site, values in arrays.items():
-        dims = ["sample", "window", "layer"] + (["head"] if site in HEAD_SITES else []) + [place]
-        data_vars[site] = (dims, values)
-    data_vars["clean"] = (["sample"], np.array([r.clean for r in results]))
-    data_vars["corrupt"] = (["sample"], np.array([r.corrupt for r in results]))
-    coords: dict[str, Any] = {
-        "sample": sample_ids([r.sample for r in results]),
-        "window": windows,
-        "layer": layers,
-        place: keys,
-    }
-    if heads:
-        coords["head"] = heads
-    if by_token:
-        coords.update(position_coords(results, grid, len(keys)))
-    attrs = provenance(
+) -> dict[str, Any]:
+    """Provenance of a patching result."""
+    return provenance(
         vlm,
         recipe=recipe,
         experiment="patch",
@@ -141,18 +168,17 @@ def patching_dataset(
         whole_answer=whole_answer,
         grid={k: (list(v) if isinstance(v, tuple | list) else v) for k, v in asdict(grid).items()},
     )
-    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
-def position_coords(results: list[SampleResult], grid: Grid, width: int) -> dict[str, Any]:
+def position_coords(segments: list[Segments], grid: Grid, width: int) -> dict[str, Any]:
     """Per-sample token strings, segment labels and prompt indices of grid positions."""
-    tokens = np.full((len(results), width), "", dtype=object)
-    labels = np.full((len(results), width), "", dtype=object)
-    index = np.full((len(results), width), -1)
-    for s, result in enumerate(results):
-        for k, p in enumerate(grid.selected(result.segments)):
-            tokens[s, k] = result.segments.tokens[p]
-            labels[s, k] = result.segments.labels[p]
+    tokens = np.full((len(segments), width), "", dtype=object)
+    labels = np.full((len(segments), width), "", dtype=object)
+    index = np.full((len(segments), width), -1)
+    for s, sample_segments in enumerate(segments):
+        for k, p in enumerate(grid.selected(sample_segments)):
+            tokens[s, k] = sample_segments.tokens[p]
+            labels[s, k] = sample_segments.labels[p]
             index[s, k] = p
     dims = ("sample", "position")
     return {

@@ -15,14 +15,19 @@ ever name clean and corrupted runs by variable, `clean` and `corrupt`):
 
 A sample's rows are cut into chunks of at most `max_batch` (or what `max_memory` allows);
 every chunk repeats the k+1 baseline rows so its patches have their sources in the same
-forward. A cell's value is the mean of its k rows.
+forward, and holds whole cells (all k draws), so a cell's value (the mean of its k rows) is
+final when its chunk ends. With `store=`, each finished chunk is written to zarr at once
+and a rerun of the same command resumes after the last written chunk (`vlmtrace.store`);
+`shard=(i, n)` runs the i-th of n disjoint parts of the samples into the same store. On an
+out-of-memory error a chunk is halved and retried.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -38,22 +43,23 @@ from .models.adapter import Stack
 from .models.load import VLM
 from .positions import Segments
 from .progress import progress_bar
-from .results import patching_dataset
-from .sites import HEAD_SITES, Cell, Grid
+from .results import Layout, patching_attrs
+from .sites import Cell, Grid
+from .store import SweepStore, config_hash
 
 Direction = Literal["denoise", "noise"]
 
 
 @dataclass
-class SampleResult:
-    """What one sample's sweep produced, before it becomes part of a Dataset."""
+class Plan:
+    """One sample's work: its cells, which of them can be patched, and how positions align."""
 
-    sample: Sample
-    segments: Segments
+    prepared: Prepared
     cells: list[Cell]
-    values: np.ndarray
-    clean: float
-    corrupt: float
+    work: list[int]
+    """Indices of cells that have positions to patch (others stay NaN), in execution order."""
+    aligned: dict[int, int]
+    """Clean position -> corrupted position."""
 
 
 @dataclass
@@ -142,6 +148,21 @@ def alignment(clean: Segments, corrupt: Segments) -> dict[int, int]:
     return mapping
 
 
+def plan(vlm: VLM, stack_name: str, prepared: Prepared, grid: Grid) -> Plan:
+    """Cells of one sample and which of them have positions to patch."""
+    stack = vlm.adapter.stacks[stack_name]
+    clean = prepared.pair.clean.segments(stack.sequence)
+    aligned = alignment(clean, prepared.pair.corrupt.segments(stack.sequence))
+    cells = grid.cells(clean, n_layers=vlm.shape.layers[stack_name], n_heads=vlm.shape.heads[stack_name])
+    work = [
+        c
+        for c, cell in enumerate(cells)
+        if any(p in aligned for p in cell.positions)
+        and (grid.positions != "tokens" or all(p in aligned for p in cell.positions))
+    ]
+    return Plan(prepared, cells, work, aligned)
+
+
 def patch(
     vlm: VLM,
     samples: Sequence[Sample],
@@ -153,6 +174,9 @@ def patch(
     whole_answer: bool = False,
     max_batch: int = 64,
     max_memory: float | None = None,
+    store: str | Path | None = None,
+    overwrite: bool = False,
+    shard: tuple[int, int] | None = None,
     progress: bool = True,
     recipe: str = "",
     backend: Any = None,
@@ -160,7 +184,8 @@ def patch(
     """Patch every cell of `grid` for every sample; return the metric of every patched run.
 
     `direction="denoise"` runs the corrupted input and restores clean activations (causal
-    tracing); `"noise"` runs the clean input and patches in corrupted activations.
+    tracing); `"noise"` runs the clean input and patches in corrupted activations. With
+    `store`, results are written to zarr as chunks finish and a rerun resumes.
     """
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}.")
@@ -170,18 +195,21 @@ def patch(
     if stack_name not in vlm.adapter.stacks:
         raise ValueError(f"{vlm.name} has no stack {stack_name!r}; it has {list(vlm.adapter.stacks)}.")
     stack = vlm.adapter.stacks[stack_name]
-    n_layers, n_heads = vlm.shape.layers[stack_name], vlm.shape.heads[stack_name]
-    grid.check(available_sites=list(stack.sites), n_layers=n_layers, n_heads=n_heads)
-    results = []
-    with progress_bar(progress, f"patching {vlm.name}") as bar:
-        task = bar.add_task("samples", total=len(samples))
-        for sample in samples:
-            prepared = prepare(vlm, sample, corruption, metric, whole_answer)
-            results.append(patch_sample(vlm, stack, prepared, grid, metric, direction, max_batch, max_memory))
-            bar.advance(task)
-    return patching_dataset(
+    grid.check(
+        available_sites=list(stack.sites),
+        n_layers=vlm.shape.layers[stack_name],
+        n_heads=vlm.shape.heads[stack_name],
+    )
+    mine = shard_indices(len(samples), shard)
+    plans = [plan(vlm, stack_name, prepare(vlm, s, corruption, metric, whole_answer), grid) for s in samples]
+    layout = Layout(
+        list(samples),
+        [p.prepared.pair.clean.segments(stack.sequence) for p in plans],
+        [p.cells for p in plans],
+        grid,
+    )
+    attrs = patching_attrs(
         vlm,
-        results,
         grid=grid,
         stack=stack_name,
         corruption=corruption,
@@ -190,55 +218,151 @@ def patch(
         whole_answer=whole_answer,
         recipe=recipe,
     )
+    attrs["config_hash"] = config_hash(
+        {**attrs, "created": None, "samples": [fingerprint(s) for s in samples]}
+    )
+    ds = layout.empty(attrs)
+    sweep_store = SweepStore.open_or_create(store, ds, overwrite=overwrite) if store is not None else None
+    if sweep_store is not None:
+        ds = sweep_store.read()  # resume from what is on disk: chunks write whole samples back
+        done_cells, done = ds["progress"].values.copy(), ds["done"].values.copy()
+    else:
+        done_cells, done = np.zeros(len(samples), dtype=np.int64), np.zeros(len(samples), dtype=bool)
+    total = sum(len(plans[i].work) - int(done_cells[i]) for i in mine if not done[i])
+    with progress_bar(progress, f"patching {vlm.name}") as bar:
+        task = bar.add_task("cells", total=total)
+        for i in mine:
+            if done[i]:
+                continue
+            for finished in patch_sample(
+                vlm,
+                stack,
+                plans[i],
+                direction,
+                metric,
+                max_batch,
+                max_memory,
+                backend,
+                start=int(done_cells[i]),
+            ):
+                record(ds, layout, i, plans[i], finished)
+                if sweep_store is not None:
+                    sweep_store.write(ds, i)
+                bar.advance(task, finished.cells)
+    return sweep_store.read() if sweep_store is not None else ds
+
+
+def shard_indices(n: int, shard: tuple[int, int] | None) -> list[int]:
+    """Sample indices of shard i of n (i = 0..n-1): every n-th sample, starting at i."""
+    if shard is None:
+        return list(range(n))
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(
+            f"shard must be (i, n) with 0 <= i < n, got {shard}; e.g. --shard 0/2 and --shard 1/2."
+        )
+    return list(range(index, n, count))
+
+
+def fingerprint(sample: Sample) -> dict[str, Any]:
+    """What of a sample determines its results (images by content hash)."""
+
+    def image_hash(image) -> str | None:
+        return None if image is None else hashlib.sha256(image.tobytes()).hexdigest()[:16]
+
+    return {
+        "id": sample.id,
+        "prompt": sample.prompt,
+        "answer": sample.answer,
+        "foil": sample.foil,
+        "spans": dict(sample.spans),
+        "replacements": dict(sample.replacements),
+        "image": image_hash(sample.image),
+        "image_pair": image_hash(sample.image_pair),
+    }
+
+
+@dataclass
+class Finished:
+    """What one chunk established: values of some cells, baselines, progress."""
+
+    values: dict[int, float]
+    clean: float
+    corrupt: float
+    progress: int
+    """Cells of the sample's work list now complete."""
+    complete: bool
+    cells: int
+    """Cells this chunk completed (for the progress bar)."""
+
+
+def record(ds: xr.Dataset, layout: Layout, sample: int, plan: Plan, finished: Finished) -> None:
+    """Put a chunk's results into the in-memory result."""
+    for c, value in finished.values.items():
+        cell = plan.cells[c]
+        ds[cell.site].values[layout.index(sample, cell)] = value
+    ds["clean"].values[sample] = finished.clean
+    ds["corrupt"].values[sample] = finished.corrupt
+    ds["progress"].values[sample] = finished.progress
+    ds["done"].values[sample] = finished.complete
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OOM error, or an allocator failure reported as a RuntimeError."""
+    message = str(error).lower()
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+    )
 
 
 def patch_sample(
     vlm: VLM,
     stack: Stack,
-    prepared: Prepared,
-    grid: Grid,
-    metric: Metric,
+    plan: Plan,
     direction: Direction,
+    metric: Metric,
     max_batch: int,
     max_memory: float | None,
     backend: Any = None,
-) -> SampleResult:
-    """All cells of one sample, in as few chunked forwards as the batch limits allow."""
-    pair, k = prepared.pair, prepared.pair.samples
-    clean_segments = pair.clean.segments(stack.sequence)
-    aligned = alignment(clean_segments, pair.corrupt.segments(stack.sequence))
-    stack_name = next(n for n, s in vlm.adapter.stacks.items() if s is stack)
-    cells = grid.cells(
-        clean_segments, n_layers=vlm.shape.layers[stack_name], n_heads=vlm.shape.heads[stack_name]
-    )
-    # Patched rows: (cell index, draw), only for cells whose positions have partners.
-    patched = [
-        (c, draw)
-        for c, cell in enumerate(cells)
-        if any(p in aligned for p in cell.positions)
-        and (grid.positions != "tokens" or all(p in aligned for p in cell.positions))
-        for draw in range(k)
-    ]
-    per_chunk = rows_per_chunk(vlm, prepared, max_batch, max_memory) - prepared.baseline_rows
+    *,
+    start: int = 0,
+) -> Iterator[Finished]:
+    """Run a sample's cells from `start`, yielding after every chunk (whole cells per chunk)."""
+    prepared, k = plan.prepared, plan.prepared.pair.samples
+    rows = rows_per_chunk(vlm, prepared, max_batch, max_memory) - prepared.baseline_rows
+    per_chunk = rows // k
     if per_chunk < 1:
         raise ValueError(
-            f"max_batch={max_batch} leaves no room for patched rows next to the "
+            f"max_batch={max_batch} leaves no room for one cell ({k} rows) next to the "
             f"{prepared.baseline_rows} baseline rows; use max_batch >= {prepared.baseline_rows + k}."
         )
-    totals = np.zeros(len(cells))
-    counts = np.zeros(len(cells))
-    clean_value = corrupt_value = math.nan
-    for start in range(0, max(len(patched), 1), per_chunk):
-        chunk = patched[start : start + per_chunk]
-        values = run_chunk(vlm, stack, prepared, cells, chunk, aligned, direction, metric, backend)
-        clean_value = float(values[0])
-        corrupt_value = float(values[1 : 1 + k].mean())
-        for (c, _), value in zip(chunk, values[1 + k :].tolist(), strict=True):
-            totals[c] += value
-            counts[c] += 1
-    with np.errstate(invalid="ignore"):
-        cell_values = np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
-    return SampleResult(prepared.sample, clean_segments, cells, cell_values, clean_value, corrupt_value)
+    position = start
+    while True:
+        chunk_cells = plan.work[position : position + per_chunk]
+        chunk = [(c, draw) for c in chunk_cells for draw in range(k)]
+        try:
+            values = run_chunk(
+                vlm, stack, prepared, plan.cells, chunk, plan.aligned, direction, metric, backend
+            )
+        except Exception as error:
+            if not is_out_of_memory(error) or per_chunk == 1:
+                raise
+            per_chunk //= 2  # halve and retry the same cells
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        cell_values = values[1 + k :].view(len(chunk_cells), k).mean(1) if chunk else values[:0]
+        position += len(chunk_cells)
+        yield Finished(
+            values=dict(zip(chunk_cells, cell_values.tolist(), strict=True)),
+            clean=float(values[0]),
+            corrupt=float(values[1 : 1 + k].mean()),
+            progress=position,
+            complete=position >= len(plan.work),
+            cells=len(chunk_cells),
+        )
+        if position >= len(plan.work):
+            return
 
 
 def run_chunk(
@@ -303,6 +427,3 @@ def rows_per_chunk(vlm: VLM, prepared: Prepared, max_batch: int, max_memory: flo
     element = torch.finfo(vlm.model.dtype).bits // 8
     per_row = element * width * hidden * 4 * 4 + 4 * vocab * width
     return max(prepared.baseline_rows + prepared.pair.samples, min(max_batch, int(max_memory // per_row)))
-
-
-__all__ = ["patch", "Direction", "HEAD_SITES"]

@@ -1,0 +1,73 @@
+"""A sweep run as its own process, for kill -9 / resume and sharding tests.
+
+    python tests/sweep_job.py STORE [--shard I/N] [--slow SECONDS]
+
+Builds the same seeded tiny LLaVA and samples every time, so runs are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import vlmtrace as vt  # noqa: E402
+import vlmtrace.sweep as sweep  # noqa: E402
+from conftest import WORDS, random_image  # noqa: E402
+from vlmtrace.models.build import build_llava, word_tokenizer  # noqa: E402
+
+
+def job_samples() -> list[vt.Sample]:
+    return [
+        vt.Sample(
+            prompt="<image> which city did this shape represent in year 2006 ?",
+            answer="paris",
+            image=random_image(10 + i),
+            spans={"visual": "this shape"},
+            replacements={"visual": "the circle"},
+            image_pair=random_image(20 + i),
+            id=f"s{i}",
+        )
+        for i in range(4)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("store")
+    parser.add_argument("--shard", default=None)
+    parser.add_argument("--slow", type=float, default=0.0, help="sleep after each chunk (to be killed)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, processor = build_llava(word_tokenizer(WORDS), layers=3, seed=1)
+    vlm = vt.wrap(model, processor, name="tiny-llava")
+    if args.slow:
+        original = sweep.run_chunk
+
+        def slow_chunk(*a, **k):
+            out = original(*a, **k)
+            time.sleep(args.slow)
+            return out
+
+        sweep.run_chunk = slow_chunk
+    shard = tuple(int(x) for x in args.shard.split("/")) if args.shard else None
+    vt.patch(
+        vlm,
+        job_samples(),
+        corruption=vt.ImagePair(),
+        grid=vt.Grid(sites=("block", "mlp"), windows=(1, 2), skip=("image",)),
+        metric=vt.LogProb(),
+        max_batch=16,
+        store=args.store,
+        shard=shard,
+        progress=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

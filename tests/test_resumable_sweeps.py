@@ -1,0 +1,143 @@
+"""Long sweeps survive: resumable stores, kill -9, shards filling one store, OOM backoff."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import vlmtrace as vt
+import vlmtrace.sweep as sweep
+from vlmtrace.results import StoreError
+
+JOB = Path(__file__).parent / "sweep_job.py"
+
+
+def values_equal(a: xr.Dataset, b: xr.Dataset) -> bool:
+    """Same data and coordinates (attrs differ only by creation time)."""
+    return a.drop_attrs().identical(b.drop_attrs())
+
+
+def run_job(store: Path, *args: str, timeout: float = 120) -> None:
+    subprocess.run([sys.executable, str(JOB), str(store), *args], check=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> xr.Dataset:
+    store = tmp_path_factory.mktemp("whole") / "trace.zarr"
+    run_job(store)
+    return vt.open_result(store)
+
+
+def sweep_kwargs(tmp_path, **extra):
+    grid = vt.Grid(sites=("mlp",), windows=(1,), skip=("image",))
+    return dict(corruption=vt.ImagePair(), grid=grid, metric=vt.LogProb(), max_batch=6, progress=False, **extra)
+
+
+def test_an_interrupted_sweep_resumes_to_the_same_store(tiny_llava, llava_sample, tmp_path, monkeypatch):
+    samples = [llava_sample, llava_sample.with_(id="q1", image=llava_sample.image_pair)]
+    whole = vt.patch(tiny_llava, samples, **sweep_kwargs(tmp_path))
+    calls = {"n": 0}
+    original = sweep.run_chunk
+
+    def dies_after_three(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "run_chunk", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        vt.patch(tiny_llava, samples, store=tmp_path / "t.zarr", **sweep_kwargs(tmp_path))
+    partial = vt.open_result(tmp_path / "t.zarr")
+    assert 0 < int(partial["progress"].sum()) < int(whole["progress"].sum())
+    monkeypatch.setattr(sweep, "run_chunk", original)
+    resumed = vt.patch(tiny_llava, samples, store=tmp_path / "t.zarr", **sweep_kwargs(tmp_path))
+    assert values_equal(resumed, whole)
+
+
+def test_kill_9_at_a_random_chunk_then_rerun_equals_the_uninterrupted_store(uninterrupted, tmp_path):
+    store = tmp_path / "killed.zarr"
+    process = subprocess.Popen([sys.executable, str(JOB), str(store), "--slow", "0.05"])
+    wanted = random.Random(0).randint(1, 12)  # chunks to let finish before the kill
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if store.exists() and (store / "progress").exists():
+            try:
+                if int(vt.open_result(store)["progress"].sum()) >= wanted:
+                    break
+            except Exception:  # the store is being created
+                pass
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    partial = vt.open_result(store)
+    assert not partial["done"].all(), "the job finished before it was killed; the test proved nothing"
+    run_job(store)
+    assert values_equal(vt.open_result(store), uninterrupted)
+
+
+def test_two_shards_running_at_once_fill_the_store_of_a_single_process(uninterrupted, tmp_path):
+    store = tmp_path / "sharded.zarr"
+    jobs = [
+        subprocess.Popen([sys.executable, str(JOB), str(store), "--shard", f"{i}/2"]) for i in range(2)
+    ]
+    for job in jobs:
+        assert job.wait(timeout=120) == 0
+    assert values_equal(vt.open_result(store), uninterrupted)
+
+
+def test_a_store_of_another_configuration_is_refused(tiny_llava, llava_sample, tmp_path):
+    vt.patch(tiny_llava, [llava_sample], store=tmp_path / "t.zarr", **sweep_kwargs(tmp_path))
+    other = sweep_kwargs(tmp_path)
+    other["metric"] = vt.Probability()
+    with pytest.raises(StoreError, match="another configuration.*overwrite=True"):
+        vt.patch(tiny_llava, [llava_sample], store=tmp_path / "t.zarr", **other)
+
+
+def test_overwrite_replaces_a_store_of_another_configuration(tiny_llava, llava_sample, tmp_path):
+    vt.patch(tiny_llava, [llava_sample], store=tmp_path / "t.zarr", **sweep_kwargs(tmp_path))
+    other = sweep_kwargs(tmp_path)
+    other["metric"] = vt.Probability()
+    ds = vt.patch(tiny_llava, [llava_sample], store=tmp_path / "t.zarr", overwrite=True, **other)
+    assert ds.attrs["metric"] == "probability"
+
+
+def test_out_of_memory_halves_the_chunk_and_keeps_the_result(tiny_llava, llava_sample, tmp_path, monkeypatch):
+    expected = vt.patch(tiny_llava, [llava_sample], **sweep_kwargs(tmp_path))
+    original = sweep.run_chunk
+    sizes = []
+
+    def small_memory(vlm, stack, prepared, cells, chunk, *args, **kwargs):
+        sizes.append(len(chunk))
+        if len(chunk) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(vlm, stack, prepared, cells, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "run_chunk", small_memory)
+    got = vt.patch(tiny_llava, [llava_sample], **sweep_kwargs(tmp_path))
+    assert max(sizes) > 2 and 2 in sizes
+    np.testing.assert_allclose(got["mlp"].values, expected["mlp"].values, rtol=0, atol=1e-6)
+
+
+def test_an_error_that_is_not_out_of_memory_is_not_retried(tiny_llava, llava_sample, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(sweep, "run_chunk", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        vt.patch(tiny_llava, [llava_sample], **sweep_kwargs(tmp_path))
+
+
+def test_a_bad_shard_specification_names_the_form(tiny_llava, llava_sample, tmp_path):
+    with pytest.raises(ValueError, match="0 <= i < n"):
+        vt.patch(tiny_llava, [llava_sample], shard=(2, 2), **sweep_kwargs(tmp_path))
