@@ -59,7 +59,7 @@ def test_an_interrupted_sweep_resumes_to_the_same_store(tiny_llava, llava_sample
     with pytest.raises(KeyboardInterrupt):
         vt.patch(tiny_llava, samples, store=tmp_path / "t.zarr", **sweep_kwargs(tmp_path))
     partial = vt.open_result(tmp_path / "t.zarr")
-    assert 0 < int(partial["progress"].sum()) < int(whole["progress"].sum())
+    assert int(partial["progress"].sum()) > 0 and not partial["done"].all()
     monkeypatch.setattr(sweep, "run_chunk", original)
     resumed = vt.patch(tiny_llava, samples, store=tmp_path / "t.zarr", **sweep_kwargs(tmp_path))
     assert values_equal(resumed, whole)

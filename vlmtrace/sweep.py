@@ -249,7 +249,8 @@ def patch(
                 if sweep_store is not None:
                     sweep_store.write(ds, i)
                 bar.advance(task, finished.cells)
-    return sweep_store.read() if sweep_store is not None else ds
+    result = sweep_store.read() if sweep_store is not None else ds
+    return result.drop_vars("progress")  # bookkeeping of the store; `done` says what is finished
 
 
 def shard_indices(n: int, shard: tuple[int, int] | None) -> list[int]:
