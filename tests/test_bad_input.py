@@ -92,3 +92,39 @@ def test_an_empty_data_set_is_refused(tiny_llava):
 def test_a_span_replacement_without_a_phrase_says_where_to_put_one(tiny_llava, llava_sample):
     with pytest.raises(CorruptionError, match="set Sample.replacements"):
         patch(tiny_llava, llava_sample.with_(replacements={}), corruption=vt.ReplaceSpan("visual"))
+
+
+def test_a_corruption_that_changes_nothing_is_reported_by_sample(tiny_llava, llava_sample):
+    from vlmtrace.sweep import NoEffectWarning
+
+    unchanged = llava_sample.with_(image_pair=llava_sample.image)
+    with pytest.warns(NoEffectWarning, match="q0.*normalised effects are NaN"):
+        patch(tiny_llava, unchanged)
+
+
+def test_a_full_disk_is_reported_and_finished_chunks_are_kept(
+    tiny_llava, llava_sample, tmp_path, monkeypatch
+):
+    import errno
+
+    import xarray as xr
+
+    from vlmtrace.results import StoreError
+
+    grid = vt.Grid(sites=("mlp",), skip=("image",))
+    store = tmp_path / "t.zarr"
+    original = xr.Dataset.to_zarr
+    writes = {"n": 0}
+
+    def fills_up(self, *args, **kwargs):
+        if kwargs.get("region") is not None:
+            writes["n"] += 1
+            if writes["n"] > 4:  # two chunks (values + progress each) fit, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", fills_up)
+    with pytest.raises(StoreError, match="No space left on device.*rerun the same command"):
+        patch(tiny_llava, llava_sample, grid=grid, store=store, max_batch=6)
+    monkeypatch.setattr(xr.Dataset, "to_zarr", original)
+    assert int(vt.open_result(store)["progress"].sum()) == 8  # 2 chunks x 4 cells survived

@@ -25,6 +25,7 @@ out-of-memory error a chunk is halved and retried.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,7 +251,26 @@ def patch(
                     sweep_store.write(ds, i)
                 bar.advance(task, finished.cells)
     result = sweep_store.read() if sweep_store is not None else ds
+    warn_if_corruption_did_nothing(result)
     return result.drop_vars("progress")  # bookkeeping of the store; `done` says what is finished
+
+
+class NoEffectWarning(UserWarning):
+    """The corruption left the metric unchanged for some samples."""
+
+
+def warn_if_corruption_did_nothing(ds: xr.Dataset) -> None:
+    """Say which samples have clean == corrupted: their normalised effects are undefined (NaN)."""
+    same = (ds["clean"] == ds["corrupt"]).values & ds["done"].values
+    if same.any():
+        ids = [str(i) for i in ds["sample"].values[same]]
+        warnings.warn(
+            f"{len(ids)} sample(s) score the same clean and corrupted ({', '.join(ids[:5])}"
+            f"{', ...' if len(ids) > 5 else ''}): the corruption did not change the output, so "
+            "normalised effects are NaN there. Use a stronger corruption or drop these samples.",
+            NoEffectWarning,
+            stacklevel=3,
+        )
 
 
 def shard_indices(n: int, shard: tuple[int, int] | None) -> list[int]:
