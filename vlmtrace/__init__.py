@@ -9,6 +9,7 @@ vt.save(ds, "trace.zarr")
 
 __version__ = "0.1.0"
 
+from .attribution import attribute
 from .corruptions import GaussianNoise, ImagePair, ReplaceSpan, SymmetricTokenReplacement
 from .data.sample import Sample
 from .knockout import knockout
@@ -19,6 +20,7 @@ from .sites import Grid
 from .sweep import patch
 
 __all__ = [
+    "attribute",
     "KL",
     "VLM",
     "GaussianNoise",

@@ -181,12 +181,16 @@ def patch(
     progress: bool = True,
     recipe: str = "",
     backend: Any = None,
+    screen: int | None = None,
 ) -> xr.Dataset:
     """Patch every cell of `grid` for every sample; return the metric of every patched run.
 
     `direction="denoise"` runs the corrupted input and restores clean activations (causal
     tracing); `"noise"` runs the clean input and patches in corrupted activations. With
-    `store`, results are written to zarr as chunks finish and a rerun resumes.
+    `store`, results are written to zarr as chunks finish and a rerun resumes. With
+    `screen=k`, attribution patching (`vlmtrace.attribution`) estimates every cell first and
+    only the k cells of largest estimated |effect| per sample, window and site are patched;
+    the others stay NaN.
     """
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}.")
@@ -219,6 +223,8 @@ def patch(
         whole_answer=whole_answer,
         recipe=recipe,
     )
+    if screen is not None:
+        attrs["screen"] = screen  # part of the hash: a screened store never resumes an unscreened one
     attrs["config_hash"] = config_hash(
         {**attrs, "created": None, "samples": [fingerprint(s) for s in samples]}
     )
@@ -229,6 +235,17 @@ def patch(
         done_cells, done = ds["progress"].values.copy(), ds["done"].values.copy()
     else:
         done_cells, done = np.zeros(len(samples), dtype=np.int64), np.zeros(len(samples), dtype=bool)
+    if screen is not None:
+        from . import attribution  # imports this module: import here, not at the top
+
+        todo = [i for i in mine if not done[i]]
+        estimates = layout.empty(attrs)
+        attribution.estimate(
+            estimates, layout, plans, vlm, stack, direction=direction, metric=metric, indices=todo
+        )
+        masks = attribution.screen(estimates, screen)
+        for i in todo:  # deterministic, so a resumed run screens the same cells
+            plans[i].work = attribution.keep_screened(plans[i], layout, i, masks)
     total = sum(len(plans[i].work) - int(done_cells[i]) for i in mine if not done[i])
     with progress_bar(progress, f"patching {vlm.name}") as bar:
         task = bar.add_task("cells", total=total)
