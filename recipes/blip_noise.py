@@ -48,6 +48,7 @@ def run(
     max_batch: int = 64,
     seed: int = 0,
     progress: bool = True,
+    backend=None,
 ) -> xr.Dataset:
     corruption = vt.GaussianNoise("image", scale=scale, samples=noise_samples, seed=seed)
     parts = []
@@ -60,6 +61,7 @@ def run(
             metric=vt.Probability(),
             max_batch=max_batch,
             progress=progress,
+            backend=backend,
             recipe="blip_noise",
         )
         renamed = {

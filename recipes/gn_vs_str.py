@@ -44,7 +44,13 @@ def default_samples(vlm: vt.VLM, n: int, seed: int) -> list[vt.Sample]:
 
 
 def run(
-    vlm: vt.VLM, samples: list[vt.Sample], *, max_batch: int = 64, seed: int = 0, progress: bool = True
+    vlm: vt.VLM,
+    samples: list[vt.Sample],
+    *,
+    max_batch: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+    backend=None,
 ) -> xr.Dataset:
     corruptions = {
         "gaussian_noise": vt.GaussianNoise("visual", scale=3.0, samples=5, seed=seed),
@@ -62,6 +68,7 @@ def run(
                 metric=metric,
                 max_batch=max_batch,
                 progress=progress,
+                backend=backend,
                 recipe="gn_vs_str",
             )
             for metric_name, metric in METRICS.items()

@@ -67,6 +67,7 @@ def run(
     max_batch: int = 64,
     seed: int = 0,
     progress: bool = True,
+    backend=None,
 ) -> xr.Dataset:
     ds = vt.knockout(
         vlm,
@@ -75,6 +76,7 @@ def run(
         windows=windows,
         max_batch=max_batch,
         progress=progress,
+        backend=backend,
         recipe="information_flow",
     )
     ds["relative"] = (ds["knockout"] - ds["clean"]) / ds["clean"]

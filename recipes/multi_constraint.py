@@ -51,6 +51,7 @@ def run(
     max_batch: int = 64,
     seed: int = 0,
     progress: bool = True,
+    backend=None,
 ) -> xr.Dataset:
     layers = vlm.shape.layers[vlm.adapter.default_stack]
     grid = vt.Grid(sites=SITES, windows=tuple(w for w in windows if w <= layers), skip=("image",))
@@ -63,6 +64,7 @@ def run(
             metric=vt.Probability(),
             max_batch=max_batch,
             progress=progress,
+            backend=backend,
             recipe="multi_constraint",
         )
         for constraint in CONSTRAINTS

@@ -58,7 +58,13 @@ def plan(vlm: vt.VLM) -> tuple[tuple[str, ...], vt.Grid]:
 
 
 def run(
-    vlm: vt.VLM, samples: list[vt.Sample], *, max_batch: int = 64, seed: int = 0, progress: bool = True
+    vlm: vt.VLM,
+    samples: list[vt.Sample],
+    *,
+    max_batch: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+    backend=None,
 ) -> xr.Dataset:
     modules, head_grid = plan(vlm)
     corruptions = {"str": vt.SymmetricTokenReplacement("visual"), "sip": vt.ImagePair()}
@@ -69,6 +75,7 @@ def run(
             metric=vt.LogitDiff(),
             max_batch=max_batch,
             progress=progress,
+            backend=backend,
             recipe="notice",
         )
         modular = vt.patch(vlm, samples, grid=vt.Grid(sites=modules, skip=("image",)), **common)

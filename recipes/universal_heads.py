@@ -45,7 +45,13 @@ def head_grid(vlm: vt.VLM) -> vt.Grid:
 
 
 def run(
-    vlm: vt.VLM, samples: list[vt.Sample], *, max_batch: int = 64, seed: int = 0, progress: bool = True
+    vlm: vt.VLM,
+    samples: list[vt.Sample],
+    *,
+    max_batch: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+    backend=None,
 ) -> xr.Dataset:
     grid = head_grid(vlm)
     tasks: dict[str, list[vt.Sample]] = {}
@@ -64,6 +70,7 @@ def run(
                 metric=vt.LogitDiff(),
                 max_batch=max_batch,
                 progress=progress,
+                backend=backend,
                 recipe="universal_heads",
             )
             effect = vt.normalised(ds, grid.sites[0]).squeeze(["segment", "window"], drop=True)

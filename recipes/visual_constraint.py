@@ -48,6 +48,7 @@ def run(
     max_batch: int = 64,
     seed: int = 0,
     progress: bool = True,
+    backend=None,
 ) -> xr.Dataset:
     layers = vlm.shape.layers[vlm.adapter.default_stack]
     return vt.patch(
@@ -58,6 +59,7 @@ def run(
         metric=vt.Probability(),
         max_batch=max_batch,
         progress=progress,
+        backend=backend,
         recipe="visual_constraint",
     )
 

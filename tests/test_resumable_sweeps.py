@@ -40,7 +40,9 @@ def uninterrupted(tmp_path_factory) -> xr.Dataset:
 
 def sweep_kwargs(tmp_path, **extra):
     grid = vt.Grid(sites=("mlp",), windows=(1,), skip=("image",))
-    return dict(corruption=vt.ImagePair(), grid=grid, metric=vt.LogProb(), max_batch=6, progress=False, **extra)
+    return dict(
+        corruption=vt.ImagePair(), grid=grid, metric=vt.LogProb(), max_batch=6, progress=False, **extra
+    )
 
 
 def test_an_interrupted_sweep_resumes_to_the_same_store(tiny_llava, llava_sample, tmp_path, monkeypatch):
@@ -88,9 +90,7 @@ def test_kill_9_at_a_random_chunk_then_rerun_equals_the_uninterrupted_store(unin
 
 def test_two_shards_running_at_once_fill_the_store_of_a_single_process(uninterrupted, tmp_path):
     store = tmp_path / "sharded.zarr"
-    jobs = [
-        subprocess.Popen([sys.executable, str(JOB), str(store), "--shard", f"{i}/2"]) for i in range(2)
-    ]
+    jobs = [subprocess.Popen([sys.executable, str(JOB), str(store), "--shard", f"{i}/2"]) for i in range(2)]
     for job in jobs:
         assert job.wait(timeout=120) == 0
     assert values_equal(vt.open_result(store), uninterrupted)

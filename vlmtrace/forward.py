@@ -153,18 +153,17 @@ def _apply_patch(x: torch.Tensor, index: PatchIndex, n_heads: int) -> None:
         x[dst_row, dst_pos] = x[src_row, src_pos]
 
 
-def _knocked_mask(mask: torch.Tensor | None, index: KnockIndex, shape, causal: bool, dtype):
+def _knocked_mask(mask: torch.Tensor | None, index: KnockIndex, shape, causal: bool, dtype, device):
     """A copy of the layer's attention mask with the knocked-out entries blocked.
 
     The mask object is shared by every layer of the model, so it is cloned, never edited.
     """
     batch, width = shape
     if mask is None:  # no mask means "attend everywhere allowed": build it explicitly
-        mask = torch.zeros(batch, 1, width, width, dtype=dtype)
+        mask = torch.zeros(batch, 1, width, width, dtype=dtype, device=device)
         if causal:
-            mask = mask.masked_fill(
-                torch.ones(width, width, dtype=torch.bool).triu(1), torch.finfo(dtype).min
-            )
+            future = torch.ones(width, width, dtype=torch.bool, device=device).triu(1)
+            mask = mask.masked_fill(future, torch.finfo(dtype).min)
     mask = mask.expand(batch, mask.shape[1], width, mask.shape[-1]).clone()
     blocked = torch.finfo(mask.dtype).min if mask.dtype.is_floating_point else False
     row, query, key = torch.tensor(index.row), torch.tensor(index.query), torch.tensor(index.key)
@@ -214,6 +213,9 @@ def run(
     n_heads = vlm.shape.heads[_stack_name(vlm, stack)]
     width = batch[SEQUENCE_FIELDS[stack.sequence][0]].shape
     touched = sorted({layer for layer, _ in edits.patches} | set(edits.knockouts))
+    # Read before the trace: a remote trace ships every object its body names, and the VLM
+    # (processor included) has no business on the server.
+    dtype = vlm.model.dtype
     with torch.no_grad(), envoy.trace(fn=driver(vlm), backend=backend, **batch) as tracer:
         if edits.noise is not None:
             _noise(edits.noise, _activation(envoy, edits.noise.hook))
@@ -228,7 +230,8 @@ def run(
                     edits.knockouts[layer_index],
                     width,
                     stack.causal,
-                    vlm.model.dtype,
+                    dtype,
+                    (args[0] if args else kwargs["hidden_states"]).device,  # this layer's device
                 )
                 attention.inputs = (args, kwargs)
             for site, hook in stack.sites.items():

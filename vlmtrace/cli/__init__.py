@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from .recipe import recipe
+from .serve import serve
 
 app = typer.Typer(
     help="Causal tracing, activation patching and attention knockout for vision-language models.",
@@ -21,6 +22,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command(help="Run a recipe (one per seed paper); `vlmtrace recipe list` names them.")(recipe)
+app.command()(serve)
 
 try:  # the organism zoo's commands (train, list, eval)
     from .zoo import app as zoo_app

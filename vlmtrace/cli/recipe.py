@@ -18,6 +18,12 @@ def recipe(
     seed: Annotated[int, typer.Option(help="Seed of data sampling and noise.")] = 0,
     max_batch: Annotated[int, typer.Option(help="Rows per batched forward.")] = 64,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+    remote: Annotated[
+        bool, typer.Option(help="Run every trace on a server (NDIF or `vlmtrace serve`); key: $NDIF_API_KEY.")
+    ] = False,
+    host: Annotated[
+        str | None, typer.Option(help="Server URL for --remote (default: $NDIF_HOST, else NDIF).")
+    ] = None,
 ) -> None:
     from .. import recipes as registry
     from ..models.load import load
@@ -34,14 +40,22 @@ def recipe(
     out = out or Path(f"{name}.zarr")
     if out.exists() and not overwrite:
         raise typer.BadParameter(f"{out} exists; pass --overwrite to replace it.", param_hint="--out")
-    vlm = load(model or module.DEFAULT_MODEL, device=device)
+    backend = None
+    if remote:  # the client only plans and encodes: no weights needed here
+        from ..remote import backend as remote_backend
+        from ..remote import skeleton
+
+        vlm = skeleton(model or module.DEFAULT_MODEL)
+        backend = remote_backend(vlm, host=host)
+    else:
+        vlm = load(model or module.DEFAULT_MODEL, device=device)
     if data is not None:
         from ..data.loaders import load_dataset
 
         samples = load_dataset(data, n=n_samples)
     else:
         samples = module.default_samples(vlm, n=n_samples, seed=seed)
-    ds = module.run(vlm, samples, max_batch=max_batch, seed=seed)
+    ds = module.run(vlm, samples, max_batch=max_batch, seed=seed, backend=backend)
     save(ds, out, overwrite=overwrite)
     figures = module.figures(ds, out.with_suffix(""))
     typer.echo(f"store: {out}")

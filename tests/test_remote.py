@@ -1,0 +1,430 @@
+"""Remote sweeps, end to end over real sockets: `vlmtrace serve` in a subprocess on 127.0.0.1.
+
+The tiny models are saved to a directory that the servers and the client both load, so a
+remote run and a local run compute with the same weights and must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import websocket
+import xarray as xr
+from nnsight.schema.config import CONFIG
+from nnsight.schema.response import Status
+from typer.testing import CliRunner
+from vlmtrace.recipes import information_flow, visual_constraint
+
+import vlmtrace as vt
+import vlmtrace.sweep as sweep
+from vlmtrace.cli import app
+from vlmtrace.forward import driver
+from vlmtrace.remote import RemoteError, ServerBackend, ServerUnavailableError, backend, model_key
+from vlmtrace.remote.client import shipped_by_value
+from vlmtrace.remote.keys import served_name
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+KEY = "k3y-that-must-never-leak"
+START_TIMEOUT = 90.0
+TEST_TIMEOUT = 120
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """`vlmtrace serve` as a subprocess; its output goes to a log file (read by the tests)."""
+
+    def __init__(self, models: list[str], log: Path, api_key: str | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {k: v for k, v in os.environ.items() if k != "NDIF_API_KEY"}
+        env["OMP_NUM_THREADS"] = "1"
+        if api_key:
+            env["NDIF_API_KEY"] = api_key  # read by --api-key's envvar; kept out of `ps`
+        command = "from vlmtrace.cli import app; app()"
+        with open(log, "w") as out:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    command,
+                    "serve",
+                    *models,
+                    "--port",
+                    str(self.port),
+                    "--device",
+                    "cpu",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+
+    def wait_ready(self) -> Server:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited:\n{self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/ping", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the server did not start in {START_TIMEOUT} s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def bounded():
+    """No test here may hang on a socket: SIGALRM ends it."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"test ran past {TEST_TIMEOUT} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(TEST_TIMEOUT)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tiny_llava, tiny_blip) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("served")
+    dirs = {}
+    for name, vlm in {"llava": tiny_llava, "blip": tiny_blip}.items():
+        vlm.model.save_pretrained(root / name)
+        vlm.processor.save_pretrained(root / name)
+        dirs[name] = str(root / name)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def servers(model_dirs, tmp_path_factory):
+    """Three servers, started together (each takes seconds to import torch and load)."""
+    logs = tmp_path_factory.mktemp("logs")
+    llava, blip = model_dirs["llava"], model_dirs["blip"]
+    started = {
+        "open": Server([llava, blip], logs / "open.log"),
+        "keyed": Server([llava], logs / "keyed.log", api_key=KEY),
+        "doomed": Server([llava], logs / "doomed.log"),
+    }
+    try:
+        yield {name: server.wait_ready() for name, server in started.items()}
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def llava(model_dirs) -> vt.VLM:
+    return vt.load(model_dirs["llava"])
+
+
+@pytest.fixture(scope="module")
+def blip(model_dirs) -> vt.VLM:
+    return vt.load(model_dirs["blip"])
+
+
+@pytest.fixture
+def no_key_configured(monkeypatch):
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+
+
+def same_values(a: xr.Dataset, b: xr.Dataset) -> bool:
+    """Identical data and coordinates (attrs differ by creation time)."""
+    return a.drop_attrs().identical(b.drop_attrs())
+
+
+def patch_kwargs(**extra):
+    grid = vt.Grid(sites=("mlp",), windows=(1,), skip=("image",))
+    return dict(corruption=vt.ReplaceSpan("visual"), grid=grid, progress=False, **extra)
+
+
+def test_a_recipe_sweep_run_remotely_equals_the_local_run_bit_for_bit(servers, llava, llava_sample):
+    local = visual_constraint.run(llava, [llava_sample], progress=False)
+    remote = visual_constraint.run(
+        llava, [llava_sample], progress=False, backend=backend(llava, host=servers["open"].url)
+    )
+    assert same_values(local, remote)
+
+
+def test_an_attention_knockout_recipe_runs_remotely_bit_for_bit(servers, llava, llava_sample):
+    local = information_flow.run(llava, [llava_sample], progress=False)
+    remote = information_flow.run(
+        llava, [llava_sample], progress=False, backend=backend(llava, host=servers["open"].url)
+    )
+    assert same_values(local, remote)
+
+
+def test_blip_with_seeded_image_noise_runs_remotely_bit_for_bit(servers, blip, blip_sample):
+    kwargs = dict(
+        corruption=vt.GaussianNoise("image", samples=2), grid=vt.Grid(sites=("mlp",)), progress=False
+    )
+    local = vt.patch(blip, [blip_sample], **kwargs)
+    remote = vt.patch(blip, [blip_sample], backend=backend(blip, host=servers["open"].url), **kwargs)
+    assert same_values(local, remote)
+
+
+def test_a_sweep_that_polls_instead_of_streaming_equals_the_local_run(servers, llava, llava_sample):
+    local = vt.patch(llava, [llava_sample], **patch_kwargs(max_batch=12))
+    polling = backend(llava, host=servers["open"].url, mode="poll", poll_interval=0.02, timeout=60)
+    remote = vt.patch(llava, [llava_sample], **patch_kwargs(max_batch=12, backend=polling))
+    assert same_values(local, remote)
+
+
+def submit_logits(vlm: vt.VLM, sample: vt.Sample, remote: ServerBackend, delay: float) -> None:
+    """Submit one hand-written trace that sleeps `delay` seconds on the server."""
+    row = vlm.adapter.encode(vlm.processor, sample.prompt, sample.image)
+    batch = {name: value[None] for name, value in row.items()}
+    envoy = vlm.envoy
+    with envoy.trace(fn=driver(vlm), backend=remote, **batch) as tracer:
+        time.sleep(delay)
+        logits = tracer.result.save()  # noqa: F841 (collected with wait())
+
+
+def test_a_submitted_trace_returns_at_once_and_polling_brings_its_saved_values(servers, llava, llava_sample):
+    url = servers["open"].url
+    slow, queued = (backend(llava, host=url, mode="submit", poll_interval=0.02) for _ in range(2))
+    started = time.monotonic()
+    submit_logits(llava, llava_sample, slow, delay=1.5)
+    submit_logits(llava, llava_sample, queued, delay=0.0)
+    assert time.monotonic() - started < 1.5 and slow.job_id and queued.job_id
+    while queued.poll() is None and queued.status == Status.RECEIVED:
+        time.sleep(0.02)
+    assert queued.status == Status.QUEUED  # the slow job holds the model
+    row = llava.adapter.encode(llava.processor, llava_sample.prompt, llava_sample.image)
+    with torch.no_grad():
+        expected = driver(llava)(**{name: value[None] for name, value in row.items()})
+    assert torch.equal(queued.wait(timeout=30)["logits"], expected)
+    assert torch.equal(slow.wait(timeout=30)["logits"], expected)
+
+
+class ExplodesOnTheLastChunk(vt.Probability):
+    """P(answer), except that a chunk with fewer rows than `max_batch` raises (on the server)."""
+
+    def __call__(self, logits, answer, foil):
+        if logits.shape[0] < 6:
+            raise RuntimeError("metric exploded on the server")
+        return vt.Probability()(logits, answer, foil)
+
+
+def test_a_trace_that_raises_on_the_server_is_a_remote_error_and_its_chunk_is_not_written(
+    servers, llava, llava_sample, tmp_path
+):
+    kwargs = patch_kwargs(max_batch=6, metric=ExplodesOnTheLastChunk(), store=tmp_path / "t.zarr")
+    with shipped_by_value(sys.modules[__name__]), pytest.raises(RemoteError) as raised:
+        vt.patch(llava, [llava_sample], backend=backend(llava, host=servers["open"].url), **kwargs)
+    assert "RuntimeError: metric exploded on the server" in str(raised.value)
+    partial = vt.open_result(tmp_path / "t.zarr")
+    written = int(partial["progress"].sum())
+    assert written > 0 and written % 4 == 0 and not partial["done"].any()  # whole 4-cell chunks only
+    assert int(np.isfinite(partial["mlp"].values).sum()) == written
+
+
+class RunsOutOfMemoryAboveFourRows(vt.Probability):
+    """P(answer), but a batch of more than 4 rows "runs out of memory" (on the server)."""
+
+    def __call__(self, logits, answer, foil):
+        if logits.shape[0] > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return vt.Probability()(logits, answer, foil)
+
+
+def test_a_chunk_that_runs_out_of_memory_on_the_server_is_halved_and_retried(servers, llava, llava_sample):
+    kwargs = patch_kwargs(max_batch=6, metric=RunsOutOfMemoryAboveFourRows())
+    with shipped_by_value(sys.modules[__name__]):
+        remote = vt.patch(llava, [llava_sample], backend=backend(llava, host=servers["open"].url), **kwargs)
+    local = vt.patch(llava, [llava_sample], **patch_kwargs(max_batch=4))
+    assert remote["done"].all() and np.allclose(remote["mlp"], local["mlp"], equal_nan=True)
+
+
+def test_a_missing_api_key_is_refused_with_a_message_that_says_what_to_set(
+    servers, llava, llava_sample, no_key_configured
+):
+    with pytest.raises(RemoteError, match="requires an API key .* set NDIF_API_KEY"):
+        vt.patch(llava, [llava_sample], **patch_kwargs(backend=backend(llava, host=servers["keyed"].url)))
+
+
+def test_a_wrong_api_key_is_refused_on_http_and_on_the_websocket(servers, no_key_configured):
+    url = servers["keyed"].url
+    wrong = {"ndif-api-key": "not-the-key"}
+    assert httpx.get(f"{url}/response/anything", headers=wrong, timeout=10).status_code == 401
+    assert httpx.post(f"{url}/request", headers=wrong, data={"data": "{}"}, timeout=10).status_code == 401
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(
+            f"ws://127.0.0.1:{url.rsplit(':', 1)[1]}/subscribe", header=wrong, timeout=10
+        )
+    assert refused.value.status_code == 401
+    right = websocket.create_connection(
+        f"ws://127.0.0.1:{url.rsplit(':', 1)[1]}/subscribe", header={"ndif-api-key": KEY}, timeout=10
+    )
+    assert "session_id" in right.recv()
+    right.close()
+
+
+def test_the_api_key_appears_in_no_store_attrs_log_line_or_error(
+    servers, llava, llava_sample, tmp_path, no_key_configured
+):
+    url = servers["keyed"].url
+    ds = vt.patch(
+        llava,
+        [llava_sample],
+        **patch_kwargs(store=tmp_path / "k.zarr", backend=backend(llava, host=url, api_key=KEY)),
+    )
+    messages = []
+    for mode in ("stream", "poll"):
+        with pytest.raises(RemoteError) as refused:
+            vt.patch(
+                llava,
+                [llava_sample],
+                **patch_kwargs(backend=backend(llava, host=url, api_key=KEY + "x", mode=mode)),
+            )
+        messages.append(str(refused.value))
+    assert all("not the key this server was started with" in m for m in messages)
+    stored = vt.open_result(tmp_path / "k.zarr")
+    for text in [str(ds.attrs), str(stored.attrs), *messages, servers["keyed"].log.read_text()]:
+        assert KEY not in text
+
+
+def test_an_unknown_model_is_refused_with_the_names_the_server_serves(
+    servers, llava, llava_sample, model_dirs
+):
+    stranger = backend(llava, host=servers["open"].url, model_key="no-such-model")
+    with pytest.raises(RemoteError, match="does not serve 'no-such-model'; it serves") as refused:
+        vt.patch(llava, [llava_sample], **patch_kwargs(backend=stranger))
+    assert model_dirs["llava"] in str(refused.value)
+
+
+def test_the_server_going_away_mid_sweep_is_a_clear_error_and_a_rerun_resumes(
+    servers, llava, llava_sample, tmp_path, monkeypatch
+):
+    store = tmp_path / "t.zarr"
+    whole = vt.patch(llava, [llava_sample], **patch_kwargs(max_batch=6))
+    calls = {"n": 0}
+    original = sweep.run_chunk
+
+    def server_dies_before_the_third_chunk(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            servers["doomed"].stop()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "run_chunk", server_dies_before_the_third_chunk)
+    with pytest.raises(ServerUnavailableError, match="lost the server at .* rerun the same call to resume"):
+        vt.patch(
+            llava,
+            [llava_sample],
+            **patch_kwargs(max_batch=6, store=store, backend=backend(llava, host=servers["doomed"].url)),
+        )
+    assert int(vt.open_result(store)["progress"].sum()) == 2 * 4
+    monkeypatch.setattr(sweep, "run_chunk", original)
+    resumed = vt.patch(
+        llava,
+        [llava_sample],
+        **patch_kwargs(max_batch=6, store=store, backend=backend(llava, host=servers["open"].url)),
+    )
+    assert same_values(resumed, whole)
+
+
+def test_serve_refuses_a_public_address_without_an_api_key(no_key_configured):
+    result = CliRunner().invoke(app, ["serve", "any-model", "--host", "0.0.0.0"])
+    assert result.exit_code != 0
+    assert "refusing to listen on 0.0.0.0 without an API key" in result.output
+
+
+def test_the_recipe_command_runs_remotely_from_a_model_without_weights(
+    servers, llava, llava_sample, model_dirs, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(visual_constraint, "default_samples", lambda vlm, n, seed: [llava_sample])
+    out = tmp_path / "remote.zarr"
+    args = ["recipe", "visual_constraint", "--model", model_dirs["llava"], "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--remote", "--host", servers["open"].url])
+    assert result.exit_code == 0, result.output
+    assert same_values(vt.open_result(out), visual_constraint.run(llava, [llava_sample], progress=False))
+
+
+# Runs a captured request where vlmtrace cannot be imported, as on NDIF: only nnsight, torch and
+# transformers. argv: payload file, model directory, output file.
+WITHOUT_VLMTRACE = """
+import importlib.abc, sys
+class NoVlmtrace(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("vlmtrace", "conftest", "test_remote"):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, NoVlmtrace())
+import torch, transformers
+from nnsight import NNsight
+from nnsight.schema.request import RequestModel
+from nnsight.tracing.tracer import _saves, dec, inc
+model = transformers.LlavaForConditionalGeneration.from_pretrained(sys.argv[2], attn_implementation="eager")
+envoy = NNsight(model.eval())
+persistent = {"Interleaver": envoy.interleaver, **{f"Module:{e.path}": e._module for e in envoy.modules()}}
+tracer = RequestModel.deserialize(open(sys.argv[1], "rb").read(), persistent, compress=True)
+inc()
+with torch.no_grad():
+    tracer.execute(tracer.info.code)
+torch.save({k: v for k, v in tracer.info.frame.f_locals.items() if id(v) in _saves()}, sys.argv[3])
+"""
+
+
+class Captured(ServerBackend):
+    """Serializes each chunk exactly as for a server, keeps the payload, and runs it here."""
+
+    def __call__(self, tracer=None):
+        payload = self._serialize(tracer)
+        tracer.execute(tracer.info.code)
+        self.chunks.append((payload, dict(tracer.info.frame.f_locals)))
+
+
+def test_a_request_runs_on_a_server_that_has_no_vlmtrace(llava, llava_sample, model_dirs, tmp_path):
+    capture = Captured(model_key(llava.name), host="http://unused")
+    capture.chunks = []
+    grid = vt.Grid(sites=("attn_head",), windows=(1,))
+    vt.patch(
+        llava, [llava_sample], corruption=vt.GaussianNoise("image", samples=2), grid=grid, backend=capture
+    )
+    payload, here = capture.chunks[0]
+    (tmp_path / "payload").write_bytes(payload)
+    subprocess.run(
+        [sys.executable, "-c", WITHOUT_VLMTRACE, "payload", model_dirs["llava"], "out.pt"],
+        cwd=tmp_path,
+        check=True,
+        timeout=90,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    there = torch.load(tmp_path / "out.pt")
+    assert list(there) == ["values"] and torch.equal(there["values"], here["values"])
+
+
+def test_model_keys_name_hub_models_as_ndif_does_and_local_models_by_name(model_dirs):
+    key = model_key("llava-hf/llava-1.5-7b-hf")
+    ndif = 'nnsight.modeling.transformers.TransformersModel:{"repo_id": "%s", "revision": null}'
+    assert key == ndif % "llava-hf/llava-1.5-7b-hf"
+    assert served_name(key) == "llava-hf/llava-1.5-7b-hf"
+    assert model_key(model_dirs["llava"]) == model_dirs["llava"] == served_name(model_dirs["llava"])
+    assert model_key("shapes-llava") == "shapes-llava"  # a shipped organism, by name
