@@ -25,6 +25,7 @@ import xarray as xr
 import vlmtrace as vt
 from vlmtrace import plots
 from vlmtrace.data import synthetic_samples
+from vlmtrace.options import Options
 from vlmtrace.stats import bootstrap_mean
 
 DESCRIPTION = (
@@ -45,10 +46,8 @@ def run(
     *,
     scale: float = 3.0,
     noise_samples: int = 10,
-    max_batch: int = 64,
     seed: int = 0,
-    progress: bool = True,
-    backend=None,
+    options: Options = Options(),
 ) -> xr.Dataset:
     corruption = vt.GaussianNoise("image", scale=scale, samples=noise_samples, seed=seed)
     parts = []
@@ -59,9 +58,7 @@ def run(
             corruption=corruption,
             grid=vt.Grid(sites=("block",), stack=stack),
             metric=vt.Probability(),
-            max_batch=max_batch,
-            progress=progress,
-            backend=backend,
+            **options.sweep(stack),
             recipe="blip_noise",
         )
         renamed = {

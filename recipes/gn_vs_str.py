@@ -28,6 +28,7 @@ import xarray as xr
 import vlmtrace as vt
 from vlmtrace import plots
 from vlmtrace.data import synthetic_samples
+from vlmtrace.options import Options
 from vlmtrace.results import combine
 from vlmtrace.stats import bootstrap_mean, by_segment
 
@@ -47,10 +48,8 @@ def run(
     vlm: vt.VLM,
     samples: list[vt.Sample],
     *,
-    max_batch: int = 64,
     seed: int = 0,
-    progress: bool = True,
-    backend=None,
+    options: Options = Options(),
 ) -> xr.Dataset:
     corruptions = {
         "gaussian_noise": vt.GaussianNoise("visual", scale=3.0, samples=5, seed=seed),
@@ -66,9 +65,7 @@ def run(
                 corruption=corruption,
                 grid=grid,
                 metric=metric,
-                max_batch=max_batch,
-                progress=progress,
-                backend=backend,
+                **options.sweep(f"{name}.{metric_name}"),
                 recipe="gn_vs_str",
             )
             for metric_name, metric in METRICS.items()

@@ -23,6 +23,7 @@ import xarray as xr
 import vlmtrace as vt
 from vlmtrace import plots
 from vlmtrace.data import synthetic_samples
+from vlmtrace.options import Options
 from vlmtrace.positions import Segments
 from vlmtrace.stats import bootstrap_mean
 
@@ -64,19 +65,15 @@ def run(
     samples: list[vt.Sample],
     *,
     windows=WINDOWS,
-    max_batch: int = 64,
     seed: int = 0,
-    progress: bool = True,
-    backend=None,
+    options: Options = Options(),
 ) -> xr.Dataset:
     ds = vt.knockout(
         vlm,
         samples,
         blocks=BLOCKS,
         windows=windows,
-        max_batch=max_batch,
-        progress=progress,
-        backend=backend,
+        **options.knockout(),
         recipe="information_flow",
     )
     ds["relative"] = (ds["knockout"] - ds["clean"]) / ds["clean"]

@@ -26,6 +26,7 @@ import xarray as xr
 
 import vlmtrace as vt
 from vlmtrace.data import synthetic_samples
+from vlmtrace.options import Options
 from vlmtrace.report import headline, patching_figures
 from vlmtrace.results import combine
 
@@ -48,10 +49,8 @@ def run(
     samples: list[vt.Sample],
     *,
     windows=WINDOWS,
-    max_batch: int = 64,
     seed: int = 0,
-    progress: bool = True,
-    backend=None,
+    options: Options = Options(),
 ) -> xr.Dataset:
     layers = vlm.shape.layers[vlm.adapter.default_stack]
     grid = vt.Grid(sites=SITES, windows=tuple(w for w in windows if w <= layers), skip=("image",))
@@ -62,9 +61,7 @@ def run(
             corruption=vt.ReplaceSpan(constraint),
             grid=grid,
             metric=vt.Probability(),
-            max_batch=max_batch,
-            progress=progress,
-            backend=backend,
+            **options.sweep(constraint),
             recipe="multi_constraint",
         )
         for constraint in CONSTRAINTS

@@ -31,6 +31,7 @@ import vlmtrace as vt
 from vlmtrace import plots
 from vlmtrace.attention import attention_pattern
 from vlmtrace.data import synthetic_samples
+from vlmtrace.options import Options
 from vlmtrace.report import headline, patching_figures
 from vlmtrace.results import combine
 
@@ -61,25 +62,23 @@ def run(
     vlm: vt.VLM,
     samples: list[vt.Sample],
     *,
-    max_batch: int = 64,
     seed: int = 0,
-    progress: bool = True,
-    backend=None,
+    options: Options = Options(),
 ) -> xr.Dataset:
     modules, head_grid = plan(vlm)
     corruptions = {"str": vt.SymmetricTokenReplacement("visual"), "sip": vt.ImagePair()}
     parts = {}
     for name, corruption in corruptions.items():
-        common = dict(
-            corruption=corruption,
-            metric=vt.LogitDiff(),
-            max_batch=max_batch,
-            progress=progress,
-            backend=backend,
-            recipe="notice",
+        common = dict(corruption=corruption, metric=vt.LogitDiff(), recipe="notice")
+        modular = vt.patch(
+            vlm,
+            samples,
+            grid=vt.Grid(sites=modules, skip=("image",)),
+            **common,
+            **options.sweep(f"{name}.modules"),
         )
-        modular = vt.patch(vlm, samples, grid=vt.Grid(sites=modules, skip=("image",)), **common)
-        heads = vt.patch(vlm, samples, grid=head_grid, **common).squeeze("segment", drop=True)
+        heads = vt.patch(vlm, samples, grid=head_grid, **common, **options.sweep(f"{name}.heads"))
+        heads = heads.squeeze("segment", drop=True)
         parts[name] = xr.merge([modular, heads.drop_vars(["clean", "corrupt"])], combine_attrs="override")
     ds = combine(parts, dim="corruption")
     head_site = head_grid.sites[0]

@@ -26,6 +26,7 @@ import xarray as xr
 import vlmtrace as vt
 from vlmtrace import plots
 from vlmtrace.data import synthetic_samples
+from vlmtrace.options import Options
 from vlmtrace.results import combine
 
 DESCRIPTION = "NOTICE: heads with high patching effect across tasks and both corruption kinds; their overlap"
@@ -48,10 +49,8 @@ def run(
     vlm: vt.VLM,
     samples: list[vt.Sample],
     *,
-    max_batch: int = 64,
     seed: int = 0,
-    progress: bool = True,
-    backend=None,
+    options: Options = Options(),
 ) -> xr.Dataset:
     grid = head_grid(vlm)
     tasks: dict[str, list[vt.Sample]] = {}
@@ -68,9 +67,7 @@ def run(
                 corruption=corruption,
                 grid=grid,
                 metric=vt.LogitDiff(),
-                max_batch=max_batch,
-                progress=progress,
-                backend=backend,
+                **options.sweep(f"{task}.{name}"),
                 recipe="universal_heads",
             )
             effect = vt.normalised(ds, grid.sites[0]).squeeze(["segment", "window"], drop=True)

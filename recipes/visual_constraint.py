@@ -25,6 +25,7 @@ import xarray as xr
 
 import vlmtrace as vt
 from vlmtrace.data import synthetic_samples
+from vlmtrace.options import Options
 from vlmtrace.report import headline, patching_figures
 
 DESCRIPTION = (
@@ -45,10 +46,8 @@ def run(
     samples: list[vt.Sample],
     *,
     windows=WINDOWS,
-    max_batch: int = 64,
     seed: int = 0,
-    progress: bool = True,
-    backend=None,
+    options: Options = Options(),
 ) -> xr.Dataset:
     layers = vlm.shape.layers[vlm.adapter.default_stack]
     return vt.patch(
@@ -57,9 +56,7 @@ def run(
         corruption=vt.ReplaceSpan("visual"),
         grid=vt.Grid(sites=SITES, windows=tuple(w for w in windows if w <= layers), skip=("image",)),
         metric=vt.Probability(),
-        max_batch=max_batch,
-        progress=progress,
-        backend=backend,
+        **options.sweep("visual"),
         recipe="visual_constraint",
     )
 

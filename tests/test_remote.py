@@ -166,18 +166,16 @@ def patch_kwargs(**extra):
 
 
 def test_a_recipe_sweep_run_remotely_equals_the_local_run_bit_for_bit(servers, llava, llava_sample):
-    local = visual_constraint.run(llava, [llava_sample], progress=False)
-    remote = visual_constraint.run(
-        llava, [llava_sample], progress=False, backend=backend(llava, host=servers["open"].url)
-    )
+    local = visual_constraint.run(llava, [llava_sample], options=vt.Options(progress=False))
+    remote_options = vt.Options(progress=False, backend=backend(llava, host=servers["open"].url))
+    remote = visual_constraint.run(llava, [llava_sample], options=remote_options)
     assert same_values(local, remote)
 
 
 def test_an_attention_knockout_recipe_runs_remotely_bit_for_bit(servers, llava, llava_sample):
-    local = information_flow.run(llava, [llava_sample], progress=False)
-    remote = information_flow.run(
-        llava, [llava_sample], progress=False, backend=backend(llava, host=servers["open"].url)
-    )
+    local = information_flow.run(llava, [llava_sample], options=vt.Options(progress=False))
+    remote_options = vt.Options(progress=False, backend=backend(llava, host=servers["open"].url))
+    remote = information_flow.run(llava, [llava_sample], options=remote_options)
     assert same_values(local, remote)
 
 
@@ -365,7 +363,9 @@ def test_the_recipe_command_runs_remotely_from_a_model_without_weights(
     args = ["recipe", "visual_constraint", "--model", model_dirs["llava"], "--out", str(out)]
     result = CliRunner().invoke(app, [*args, "--remote", "--host", servers["open"].url])
     assert result.exit_code == 0, result.output
-    assert same_values(vt.open_result(out), visual_constraint.run(llava, [llava_sample], progress=False))
+    assert same_values(
+        vt.open_result(out), visual_constraint.run(llava, [llava_sample], options=vt.Options(progress=False))
+    )
 
 
 # Runs a captured request where vlmtrace cannot be imported, as on NDIF: only nnsight, torch and

@@ -15,6 +15,7 @@ from .data.sample import Sample
 from .knockout import knockout
 from .metrics import KL, LogitDiff, LogProb, Probability, normalised
 from .models.load import VLM, load, wrap
+from .options import Options
 from .results import open_result, save
 from .sites import Grid
 from .sweep import patch
@@ -28,6 +29,7 @@ __all__ = [
     "ImagePair",
     "LogProb",
     "LogitDiff",
+    "Options",
     "Probability",
     "ReplaceSpan",
     "Sample",

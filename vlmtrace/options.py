@@ -1,0 +1,56 @@
+"""How a recipe's sweeps run: batch size, memory, resumable stores, shards, screen, machine.
+
+A recipe describes an experiment; *how* it runs (on which machine, in what memory, resumable
+or not) is the user's choice and the same for every recipe. `Options` carries that choice
+into each `vt.patch` call, giving every sub-sweep of a recipe (one per corruption, constraint
+or metric) its own resumable store under `parts`:
+
+    options = Options(max_batch=32, parts=Path("trace.parts"), shard=(0, 2))
+    vt.patch(vlm, samples, corruption=..., grid=..., **options.sweep("visual"))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Options:
+    max_batch: int = 64
+    """Rows per batched forward."""
+    max_memory: float | None = None
+    """Bytes a forward may use; lowers the rows per forward from an estimate."""
+    parts: Path | None = None
+    """Directory of resumable stores, one per sub-sweep; None keeps results in memory."""
+    shard: tuple[int, int] | None = None
+    """(i, n): run every n-th sample starting at i (needs `parts`, which the shards share)."""
+    overwrite: bool = False
+    """Replace part stores written by another configuration."""
+    screen: int | None = None
+    """Patch only the top-k cells by attribution-patching estimate."""
+    backend: Any = None
+    """An nnsight backend (remote execution); None runs here."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.shard is not None and self.parts is None:
+            raise ValueError("sharding needs a store the shards share: give `parts` (CLI: --out).")
+
+    def sweep(self, part: str) -> dict[str, Any]:
+        """Keyword arguments for `vt.patch` for the sub-sweep named `part`."""
+        return {
+            "max_batch": self.max_batch,
+            "max_memory": self.max_memory,
+            "store": None if self.parts is None else self.parts / f"{part}.zarr",
+            "shard": self.shard,
+            "overwrite": self.overwrite,
+            "screen": self.screen,
+            "backend": self.backend,
+            "progress": self.progress,
+        }
+
+    def knockout(self) -> dict[str, Any]:
+        """Keyword arguments for `vt.knockout` (not resumable: one forward per few cells)."""
+        return {"max_batch": self.max_batch, "backend": self.backend, "progress": self.progress}
