@@ -23,12 +23,12 @@ import xarray as xr
 from nnsight.schema.config import CONFIG
 from nnsight.schema.response import Status
 from typer.testing import CliRunner
-from vlmtrace.recipes import information_flow, visual_constraint
 
 import vlmtrace as vt
 import vlmtrace.sweep as sweep
 from vlmtrace.cli import app
 from vlmtrace.forward import driver
+from vlmtrace.recipes import information_flow, visual_constraint
 from vlmtrace.remote import RemoteError, ServerBackend, ServerUnavailableError, backend, model_key
 from vlmtrace.remote.client import shipped_by_value
 from vlmtrace.remote.keys import served_name
