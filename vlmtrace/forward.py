@@ -216,6 +216,8 @@ def run(
     # Read before the trace: a remote trace ships every object its body names, and the VLM
     # (processor included) has no business on the server.
     dtype = vlm.model.dtype
+    if vlm.adapter.keeps_last_logits and vlm.adapter.answer_sequence == "prompt":
+        batch = {**batch, "logits_to_keep": len(answer)}  # logits of the answer positions only
     with torch.no_grad(), envoy.trace(fn=driver(vlm), backend=backend, **batch) as tracer:
         if edits.noise is not None:
             _noise(edits.noise, _activation(envoy, edits.noise.hook))

@@ -278,7 +278,7 @@ class NoEffectWarning(UserWarning):
 
 def warn_if_corruption_did_nothing(ds: xr.Dataset) -> None:
     """Say which samples have clean == corrupted: their normalised effects are undefined (NaN)."""
-    same = (ds["clean"] == ds["corrupt"]).values & ds["done"].values
+    same = (ds["clean"].values == ds["corrupt"].values) & ds["done"].values
     if same.any():
         ids = [str(i) for i in ds["sample"].values[same]]
         warnings.warn(
@@ -336,9 +336,10 @@ class Finished:
 
 def record(ds: xr.Dataset, layout: Layout, sample: int, plan: Plan, finished: Finished) -> None:
     """Put a chunk's results into the in-memory result."""
+    arrays = {site: ds[site].values for site in layout.grid.sites}  # one lookup per site, not per cell
     for c, value in finished.values.items():
         cell = plan.cells[c]
-        ds[cell.site].values[layout.index(sample, cell)] = value
+        arrays[cell.site][layout.index(sample, cell)] = value
     ds["clean"].values[sample] = finished.clean
     ds["corrupt"].values[sample] = finished.corrupt
     ds["progress"].values[sample] = finished.progress
@@ -463,5 +464,6 @@ def rows_per_chunk(vlm: VLM, prepared: Prepared, max_batch: int, max_memory: flo
     vocab = config.vocab_size
     width = max(prepared.widths.values())
     element = torch.finfo(vlm.model.dtype).bits // 8
-    per_row = element * width * hidden * 4 * 4 + 4 * vocab * width
+    logits = len(prepared.answer) if vlm.adapter.keeps_last_logits else width
+    per_row = element * width * hidden * 4 * 4 + 4 * vocab * logits
     return max(prepared.baseline_rows + prepared.pair.samples, min(max_batch, int(max_memory // per_row)))

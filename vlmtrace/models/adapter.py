@@ -92,6 +92,9 @@ class Adapter:
     """`forward(model, **batch) -> logits [B, T, V]` of the sequence that predicts the answer."""
     answer_sequence: Literal["prompt", "decoder"] = "prompt"
     """Where the answer is predicted: after the prompt (decoder-only LMs) or by the decoder."""
+    keeps_last_logits: bool = False
+    """The model takes `logits_to_keep=n` and then computes logits only for the last n
+    positions: the answer positions, under left padding. Saves rows x positions x vocab."""
     image_token_config: str | None = None
     """Config path of the image token id, for models that place image tokens in the prompt."""
     notes: str = ""

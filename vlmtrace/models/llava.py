@@ -60,6 +60,7 @@ LLAVA = register(
             "tokens": Hook("model.language_model.embed_tokens"),
             "image": Hook("model.multi_modal_projector"),
         },
+        keeps_last_logits=True,
         image_in_sequence=True,
         encode=encode,
         forward=forward,

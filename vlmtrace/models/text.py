@@ -45,6 +45,7 @@ register(
             )
         },
         embeddings={"tokens": Hook("model.embed_tokens")},
+        keeps_last_logits=True,
         image_in_sequence=False,
         encode=encode,
         forward=forward,
@@ -72,6 +73,7 @@ register(
             )
         },
         embeddings={"tokens": Hook("transformer.wte")},
+        keeps_last_logits=True,
         image_in_sequence=False,
         encode=encode,
         forward=forward,
