@@ -52,17 +52,14 @@ from .metrics import KL, Metric, Probability
 from .models.adapter import Stack
 from .models.load import VLM
 from .progress import progress_bar
-from .results import Layout, patching_attrs
+from .results import Layout
 from .sites import HEAD_SITES, Cell, Grid
-from .store import config_hash
 from .sweep import (
     Direction,
     Plan,
     Prepared,
     baseline_edits,
-    fingerprint,
-    plan,
-    prepare,
+    lay_out,
     warn_if_corruption_did_nothing,
 )
 
@@ -121,26 +118,17 @@ def attribute(
             AttributionWarning,
             stacklevel=2,
         )
-    plans = [plan(vlm, stack_name, prepare(vlm, s, corruption, metric, whole_answer), grid) for s in samples]
-    layout = Layout(
-        list(samples),
-        [p.prepared.pair.clean.segments(stack.sequence) for p in plans],
-        [p.cells for p in plans],
-        grid,
-    )
-    attrs = patching_attrs(
+    plans, layout, attrs = lay_out(
         vlm,
-        grid=grid,
-        stack=stack_name,
-        corruption=corruption,
-        metric=metric,
-        direction=direction,
-        whole_answer=whole_answer,
-        recipe="",
-    )
-    attrs["experiment"] = "attribution"
-    attrs["config_hash"] = config_hash(
-        {**attrs, "created": None, "samples": [fingerprint(s) for s in samples]}
+        samples,
+        stack_name,
+        grid,
+        corruption,
+        metric,
+        direction,
+        whole_answer,
+        "",
+        {"experiment": "attribution"},
     )
     ds = layout.empty(attrs)
     estimate(ds, layout, plans, vlm, stack, direction=direction, metric=metric, progress=progress)

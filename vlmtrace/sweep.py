@@ -164,6 +164,43 @@ def plan(vlm: VLM, stack_name: str, prepared: Prepared, grid: Grid) -> Plan:
     return Plan(prepared, cells, work, aligned)
 
 
+def lay_out(
+    vlm: VLM,
+    samples: Sequence[Sample],
+    stack_name: str,
+    grid: Grid,
+    corruption: Corruption,
+    metric: Metric,
+    direction: Direction,
+    whole_answer: bool,
+    recipe: str,
+    extra_attrs: dict[str, Any],
+) -> tuple[list[Plan], Layout, dict[str, Any]]:
+    """Plans of every sample, where their cells go, and the result's attrs with its hash.
+
+    Shared by exact patching and attribution patching, so both lay results out identically.
+    """
+    stack = vlm.adapter.stacks[stack_name]
+    plans = [plan(vlm, stack_name, prepare(vlm, s, corruption, metric, whole_answer), grid) for s in samples]
+    segments = [p.prepared.pair.clean.segments(stack.sequence) for p in plans]
+    layout = Layout(list(samples), segments, [p.cells for p in plans], grid)
+    attrs = patching_attrs(
+        vlm,
+        grid=grid,
+        stack=stack_name,
+        corruption=corruption,
+        metric=metric,
+        direction=direction,
+        whole_answer=whole_answer,
+        recipe=recipe,
+    )
+    attrs.update(extra_attrs)
+    attrs["config_hash"] = config_hash(
+        {**attrs, "created": None, "samples": [fingerprint(s) for s in samples]}
+    )
+    return plans, layout, attrs
+
+
 def patch(
     vlm: VLM,
     samples: Sequence[Sample],
@@ -206,27 +243,10 @@ def patch(
         n_heads=vlm.shape.heads[stack_name],
     )
     mine = shard_indices(len(samples), shard)
-    plans = [plan(vlm, stack_name, prepare(vlm, s, corruption, metric, whole_answer), grid) for s in samples]
-    layout = Layout(
-        list(samples),
-        [p.prepared.pair.clean.segments(stack.sequence) for p in plans],
-        [p.cells for p in plans],
-        grid,
-    )
-    attrs = patching_attrs(
-        vlm,
-        grid=grid,
-        stack=stack_name,
-        corruption=corruption,
-        metric=metric,
-        direction=direction,
-        whole_answer=whole_answer,
-        recipe=recipe,
-    )
-    if screen is not None:
-        attrs["screen"] = screen  # part of the hash: a screened store never resumes an unscreened one
-    attrs["config_hash"] = config_hash(
-        {**attrs, "created": None, "samples": [fingerprint(s) for s in samples]}
+    # `screen` is part of the hash: a screened store never resumes an unscreened one
+    extra = {} if screen is None else {"screen": screen}
+    plans, layout, attrs = lay_out(
+        vlm, samples, stack_name, grid, corruption, metric, direction, whole_answer, recipe, extra
     )
     ds = layout.empty(attrs)
     sweep_store = SweepStore.open_or_create(store, ds, overwrite=overwrite) if store is not None else None

@@ -14,10 +14,8 @@ Anything that runs the model locally (e.g. reading attention patterns) fails on 
 from __future__ import annotations
 
 import torch
-import transformers
 
-from ..models.adapter import UnknownArchitectureError, adapter_for
-from ..models.load import VLM, resolve, wrap
+from ..models.load import VLM, describe, wrap
 
 
 def skeleton(
@@ -31,23 +29,10 @@ def skeleton(
 
     `dtype` defaults to the checkpoint's, as `load` does; pass the dtype the server runs.
     """
-    path = resolve(name)
-    config = transformers.AutoConfig.from_pretrained(path, revision=revision)
-    architecture = (getattr(config, "architectures", None) or ["<none in config>"])[0]
-    adapter = adapter_for(architecture)
-    model_class = getattr(transformers, architecture, None)
-    if model_class is None:
-        raise UnknownArchitectureError(
-            f"{name}: config names {architecture}, which this transformers "
-            f"({transformers.__version__}) does not provide; upgrade transformers."
-        )
+    _, config, processor, model_class = describe(name, revision=revision)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     with torch.device("meta"):
         model = model_class._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
-    if adapter.family in ("llama", "gpt2"):
-        processor = transformers.AutoTokenizer.from_pretrained(path, revision=revision)
-    else:
-        processor = transformers.AutoProcessor.from_pretrained(path, revision=revision)
     return wrap(model, processor, name=name, revision=revision or getattr(config, "_commit_hash", None))
