@@ -1,0 +1,124 @@
+"""Each recipe, run on the shipped organisms, shows what its paper claims the method shows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+from typer.testing import CliRunner
+
+import vlmtrace as vt
+import vlmtrace.recipes as registry
+from vlmtrace.cli import app
+from vlmtrace.data import synthetic_samples
+
+QUIET = vt.Options(progress=False)
+
+
+@pytest.fixture(scope="module")
+def llava() -> vt.VLM:
+    return vt.load("shapes-llava")
+
+
+@pytest.fixture(scope="module")
+def blip() -> vt.VLM:
+    return vt.load("shapes-blip")
+
+
+def test_every_recipe_is_listed_with_its_paper():
+    assert registry.names() == [
+        "visual_constraint",
+        "multi_constraint",
+        "blip_noise",
+        "gn_vs_str",
+        "notice",
+        "information_flow",
+        "universal_heads",
+    ]
+
+
+def test_visual_constraint_restoring_the_constraint_tokens_recovers_the_answer(llava):
+    recipe = registry.get("visual_constraint")
+    samples = recipe.default_samples(llava, 4, 0)
+    ds = recipe.run(llava, samples, options=QUIET)
+    gap = float((ds["clean"] - ds["corrupt"]).mean())
+    assert gap > 0.5, "replacing the visual constraint should move the answer"
+    visual = (ds["mlp"] - ds["corrupt"]).where(ds["label"] == "visual")
+    best = float(visual.mean("sample").max())
+    assert best > 0.1 * gap, "restoring MLP outputs at the constraint tokens should recover some P(answer)"
+
+
+def test_restoring_the_constraint_span_at_every_layer_recovers_the_clean_answer(llava):
+    samples = synthetic_samples(llava, "fact", 4, seed=1)
+    layers = llava.shape.layers["lm"]
+    grid = vt.Grid(
+        sites=("block",), segments=("visual",), positions="all", windows=(layers,), layers=(layers // 2,)
+    )
+    ds = vt.patch(
+        llava, samples, corruption=vt.ReplaceSpan("visual"), grid=grid, metric=vt.KL(), progress=False
+    )
+    assert float(ds["block"].max()) < 1e-4  # KL to the clean run
+    assert float(ds["corrupt"].min()) > 0.1
+
+
+def test_multi_constraint_cli_writes_a_store_with_layer_position_and_window(tmp_path):
+    out = tmp_path / "multi.zarr"
+    result = CliRunner().invoke(app, ["recipe", "multi_constraint", "--n-samples", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    ds = xr.open_zarr(out, consolidated=False)
+    assert {"layer", "position", "window", "constraint"} <= set(ds.dims)
+    assert "figure:" in result.output and "[textual constraint]" in result.output
+
+
+def test_blip_noise_effects_are_zero_when_the_noise_is_zero(blip):
+    recipe = registry.get("blip_noise")
+    samples = recipe.default_samples(blip, 2, 0)
+    ds = recipe.run(blip, samples, scale=0.0, noise_samples=1, options=QUIET)
+    for stack in ("encoder", "decoder"):
+        effect = (ds[stack] - ds["corrupt"]).values
+        assert np.nanmax(np.abs(effect)) == 0.0
+
+
+def test_blip_noise_restoring_the_final_encoder_layer_helps(blip):
+    recipe = registry.get("blip_noise")
+    ds = recipe.run(blip, recipe.default_samples(blip, 4, 0), noise_samples=3, options=QUIET)
+    assert float(ds["clean"].mean()) > float(ds["corrupt"].mean())
+    last = int(ds["layer"].max())
+    restored = (ds["encoder"] - ds["corrupt"]).sel(layer=last).max("question_position").mean("sample")
+    assert float(restored.squeeze()) > 0
+
+
+def test_gn_vs_str_scores_both_corruptions_with_three_metrics(llava):
+    recipe = registry.get("gn_vs_str")
+    ds = recipe.run(llava, recipe.default_samples(llava, 2, 0), options=QUIET)
+    assert list(ds["corruption"].values) == ["gaussian_noise", "str"]
+    assert list(ds["metric"].values) == ["probability", "logit_diff", "kl"]
+    kl_clean = ds["clean"].sel(metric="kl")
+    assert float(np.abs(kl_clean).max()) == 0.0
+    assert np.isfinite(recipe.maps(ds).values).any()
+
+
+def test_notice_patches_modules_then_heads_under_both_corruptions(llava):
+    recipe = registry.get("notice")
+    ds = recipe.run(llava, recipe.default_samples(llava, 2, 0), options=QUIET)
+    assert set(ds["corruption"].values) == {"str", "sip"}
+    assert ds["head_effect"].dims == ("corruption", "sample", "layer", "head")
+    assert (ds["clean"] > ds["corrupt"]).mean() > 0.5  # both corruptions lower the logit difference
+    assert len(recipe.top_heads(ds)) == 2 * 3
+
+
+def test_information_flow_knocking_out_image_and_question_to_last_at_every_layer_drops_the_answer(llava):
+    recipe = registry.get("information_flow")
+    layers = llava.shape.layers["lm"]
+    ds = recipe.run(llava, recipe.default_samples(llava, 4, 0), windows=(layers,), options=QUIET)
+    relative = ds["relative"].sel(block="image+question->last").mean("sample")
+    assert float(relative.min()) < -0.5
+
+
+def test_universal_heads_marks_exactly_k_top_heads_per_condition(llava):
+    recipe = registry.get("universal_heads")
+    samples = [s for task in recipe.TASKS for s in synthetic_samples(llava, task, 1, seed=0)]
+    ds = recipe.run(llava, samples, options=QUIET)
+    counts = ds["top"].sum(["layer", "head"])
+    assert (counts == recipe.TOP_K).all()
+    assert ds["universal"].dims == ("layer", "head")

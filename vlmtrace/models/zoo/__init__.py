@@ -1,0 +1,29 @@
+"""Model organisms: small trained VLMs shipped with vlmtrace, and the recipe that made them.
+
+No model hub is reachable from every machine, and a 7B download is a poor first step, so
+vlmtrace ships two organisms trained on its own synthetic scenes (`vlmtrace.data.scenes`):
+a LLaVA (`LlavaForConditionalGeneration`) and a BLIP-VQA (`BlipForQuestionAnswering`), each an
+HF-format directory next to this file. They are the default model of every recipe and the
+ground on which the recipes are tested. See docs/model_card.md for what they know and what
+their traces show.
+
+    from vlmtrace.models.zoo import ORGANISMS, organism_dir, evaluate, train
+    organism_dir("shapes-llava")        # LlavaForConditionalGeneration.from_pretrained(that)
+    evaluate("shapes-llava", n=400)     # held-out accuracy per question family
+    train("shapes-llava", "out/")       # rebuild the shipped weights from the seed
+"""
+
+from .evaluation import evaluate, held_out_accuracy, load_organism
+from .organisms import ORGANISMS, OrganismSpec, organism_dir
+from .training import fit, train
+
+__all__ = [
+    "ORGANISMS",
+    "OrganismSpec",
+    "evaluate",
+    "fit",
+    "held_out_accuracy",
+    "load_organism",
+    "organism_dir",
+    "train",
+]
