@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor
 from typer.testing import CliRunner
 
+import vlmtrace as vt
 from vlmtrace.cli.zoo import app
+from vlmtrace.data import synthetic_samples
 from vlmtrace.data.scenes import ask, for_blip, make_samples
 from vlmtrace.models.zoo import (
     ORGANISMS,
@@ -27,6 +29,7 @@ from vlmtrace.models.zoo.answering import answer_probability, architecture_of
 from vlmtrace.models.zoo.batches import Encoder
 from vlmtrace.models.zoo.evaluation import TARGETS
 from vlmtrace.models.zoo.training import build, spec_for
+from vlmtrace.stats import spread
 
 NAMES = list(ORGANISMS)
 N = 300  # held-out questions per family
@@ -180,6 +183,16 @@ def test_restoring_the_corrupted_stream_everywhere_recovers_the_clean_probabilit
     with _restoring(module, clean_output):
         restored = answer_probability(model, processor, [corrupt(s) for s in samples])
     torch.testing.assert_close(restored, clean, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("corruption", [vt.ImagePair(), vt.ReplaceSpan("textual")], ids=["sip", "textual"])
+def test_multi_constraint_traces_spread_over_layers_and_tokens_not_only_the_last(corruption):
+    llava = vt.load("shapes-llava")
+    samples = synthetic_samples(llava, "multi", 8, seed=0)
+    grid = vt.Grid(sites=("block",), windows=(1,), skip=("image",))
+    ds = vt.patch(llava, samples, corruption=corruption, grid=grid, metric=vt.Probability(), progress=False)
+    where = spread(ds, "block", threshold=0.05)
+    assert not where.degenerate, where
 
 
 @pytest.mark.parametrize("name", NAMES)

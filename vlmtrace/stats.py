@@ -8,12 +8,17 @@ a reader can tell a finding from the noise of eight examples.
     effect = ds["mlp"] - ds["corrupt"]
     per_segment = by_segment(effect)             # (sample, window, layer, segment)
     summary = bootstrap_mean(per_segment, seed=0)  # variables mean, low, high
+    where = spread(ds, "block")                    # which layers and tokens carry the effect
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import xarray as xr
+
+from vlmtrace.metrics import normalised
 
 
 def by_segment(da: xr.DataArray, *, how: str = "mean") -> xr.DataArray:
@@ -59,3 +64,47 @@ def bootstrap_mean(
     data = {name: (dims, value) for name, value in (("mean", mean), ("low", low), ("high", high))}
     attrs = {"bootstrap_samples": n, "bootstrap_level": level, "bootstrap_seed": seed, "over": dim}
     return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The cells of a trace that carry a share of the effect, the last token aside."""
+
+    layers: tuple[int, ...]  # layers where some earlier token restores >= threshold
+    positions: tuple[int, ...]  # earlier tokens that restore >= threshold at some layer
+    tokens: tuple[str, ...]  # those tokens, as text
+    peak: float  # the largest normalised effect of any earlier token
+
+    @property
+    def degenerate(self) -> bool:
+        """True when only the last token matters (< 2 layers or < 2 positions besides it)."""
+        return len(self.layers) < 2 or len(self.positions) < 2
+
+
+def spread(ds: xr.Dataset, site: str, *, threshold: float = 0.05, window: int | None = None) -> Spread:
+    """Where a trace's normalised effect, averaged over samples, sits before the last token.
+
+    A trace whose whole effect sits on the last token says only "the answer is read out at the
+    end", which is true of every model; a trace worth reading spreads over layers and earlier
+    tokens. Samples must share one token layout (one question template), because position k
+    must mean the same token in all of them; otherwise average by segment (`by_segment`).
+    """
+    labels = ds["label"].values
+    if (labels != labels[:1]).any():
+        raise ValueError(
+            "spread needs samples with one token layout (one question template); these differ. "
+            "Trace one template at a time, or average by segment with by_segment."
+        )
+    effect = normalised(ds, site).mean("sample")
+    if "window" in effect.dims:
+        effect = effect.sel(window=window if window is not None else int(effect["window"].min()))
+    earlier = effect.isel(position=np.flatnonzero(labels[0] != "last"))
+    hot = (earlier >= threshold).transpose("layer", "position").values
+    positions = earlier["position"].values[hot.any(axis=0)]
+    tokens = ds["token"].values[0][positions]
+    return Spread(
+        layers=tuple(int(x) for x in earlier["layer"].values[hot.any(axis=1)]),
+        positions=tuple(int(p) for p in positions),
+        tokens=tuple(str(t) for t in tokens),
+        peak=float(earlier.max()),
+    )
