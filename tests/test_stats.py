@@ -49,18 +49,33 @@ def test_spread_finds_the_layers_and_earlier_tokens_that_carry_the_effect():
     effect = np.zeros((2, 4, 3))
     effect[:, 1:3, 0] = 0.5  # token 0 at layers 1-2
     effect[:, 2, 1] = 0.2  # token 1 at layer 2
-    effect[:, :, 2] = 1.0  # the last token everywhere: not counted
+    effect[:, 3, 2] = 1.0  # the last token at the last layer
     ds = _trace(effect, [["visual", "question", "last"]] * 2)
     where = spread(ds, "block", threshold=0.1)
-    assert where.layers == (1, 2) and where.positions == (0, 1) and not where.degenerate
-    assert where.tokens == ("t0", "t1") and where.peak == 0.5
+    assert where.layers == (1, 2) and where.positions == (0, 1, 2) and not where.degenerate
+    assert where.tokens == ("t0", "t1", "t2") and where.peak == 0.5
+
+
+def test_one_earlier_token_over_two_layers_then_the_last_token_is_a_spread_trace():
+    effect = np.zeros((2, 4, 3))
+    effect[:, 1:3, 0] = 0.3
+    effect[:, 3, 2] = 1.0
+    where = spread(_trace(effect, [["visual", "question", "last"]] * 2), "block")
+    assert where.layers == (1, 2) and where.positions == (0, 2) and not where.degenerate
+
+
+def test_an_earlier_token_at_one_layer_only_is_degenerate():
+    effect = np.zeros((2, 4, 3))
+    effect[:, 0, 0] = 0.3
+    effect[:, :, 2] = 1.0
+    assert spread(_trace(effect, [["visual", "question", "last"]] * 2), "block").degenerate
 
 
 def test_spread_of_a_last_token_only_trace_is_degenerate():
     effect = np.zeros((2, 4, 3))
     effect[:, :, 2] = 1.0
     where = spread(_trace(effect, [["visual", "question", "last"]] * 2), "block")
-    assert where.degenerate and where.layers == () and where.positions == ()
+    assert where.degenerate and where.layers == () and where.positions == (2,)
 
 
 def test_spread_refuses_samples_with_different_token_layouts():

@@ -68,26 +68,29 @@ def bootstrap_mean(
 
 @dataclass(frozen=True)
 class Spread:
-    """The cells of a trace that carry a share of the effect, the last token aside."""
+    """The cells of a trace that carry at least `threshold` of the effect."""
 
-    layers: tuple[int, ...]  # layers where some earlier token restores >= threshold
-    positions: tuple[int, ...]  # earlier tokens that restore >= threshold at some layer
+    layers: tuple[int, ...]  # layers at which some token *before the last* carries the effect
+    positions: tuple[int, ...]  # tokens that carry it at some layer, the last token included
     tokens: tuple[str, ...]  # those tokens, as text
-    peak: float  # the largest normalised effect of any earlier token
+    peak: float  # the largest normalised effect of any token before the last
 
     @property
     def degenerate(self) -> bool:
-        """True when only the last token matters (< 2 layers or < 2 positions besides it)."""
+        """True when earlier tokens matter at fewer than 2 layers, or only one token matters.
+
+        A trace whose whole effect sits on the last token says only "the answer is read out
+        at the end", which is true of every model; a trace worth reading shows an earlier
+        token carrying the information over several layers before the hand-over.
+        """
         return len(self.layers) < 2 or len(self.positions) < 2
 
 
 def spread(ds: xr.Dataset, site: str, *, threshold: float = 0.05, window: int | None = None) -> Spread:
-    """Where a trace's normalised effect, averaged over samples, sits before the last token.
+    """Where a trace's normalised effect, averaged over samples, sits (window: the smallest).
 
-    A trace whose whole effect sits on the last token says only "the answer is read out at the
-    end", which is true of every model; a trace worth reading spreads over layers and earlier
-    tokens. Samples must share one token layout (one question template), because position k
-    must mean the same token in all of them; otherwise average by segment (`by_segment`).
+    Samples must share one token layout (one question template), because position k must
+    mean the same token in all of them; otherwise average by segment (`by_segment`).
     """
     labels = ds["label"].values
     if (labels != labels[:1]).any():
@@ -98,13 +101,12 @@ def spread(ds: xr.Dataset, site: str, *, threshold: float = 0.05, window: int | 
     effect = normalised(ds, site).mean("sample")
     if "window" in effect.dims:
         effect = effect.sel(window=window if window is not None else int(effect["window"].min()))
-    earlier = effect.isel(position=np.flatnonzero(labels[0] != "last"))
-    hot = (earlier >= threshold).transpose("layer", "position").values
-    positions = earlier["position"].values[hot.any(axis=0)]
-    tokens = ds["token"].values[0][positions]
+    hot = (effect >= threshold).transpose("layer", "position")
+    earlier = hot.isel(position=np.flatnonzero(labels[0] != "last")).values
+    positions = effect["position"].values[hot.values.any(axis=0)]
     return Spread(
-        layers=tuple(int(x) for x in earlier["layer"].values[hot.any(axis=1)]),
+        layers=tuple(int(x) for x in effect["layer"].values[earlier.any(axis=1)]),
         positions=tuple(int(p) for p in positions),
-        tokens=tuple(str(t) for t in tokens),
-        peak=float(earlier.max()),
+        tokens=tuple(str(t) for t in ds["token"].values[0][positions]),
+        peak=float(effect.isel(position=np.flatnonzero(labels[0] != "last")).max()),
     )
