@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import xarray as xr
 
 import vlmtrace as vt
@@ -69,7 +70,11 @@ def run(
             "index": f"{stack}_index",
         }
         parts.append(ds.rename(renamed))
-    return xr.merge(parts, combine_attrs="drop_conflicts")
+    # Both sweeps score the same clean and noised runs, but in batches of other sizes, so their
+    # `clean` / `corrupt` agree only to float rounding (~1e-7); keep the encoder sweep's.
+    for name in ("clean", "corrupt"):
+        np.testing.assert_allclose(parts[0][name], parts[1][name], atol=1e-5, err_msg=name)
+    return xr.merge(parts, compat="override", join="outer", combine_attrs="drop_conflicts")
 
 
 def effect(ds: xr.Dataset, stack: str) -> xr.DataArray:

@@ -37,23 +37,23 @@ def test_every_recipe_is_listed_with_its_paper():
     ]
 
 
-def test_visual_constraint_restoring_the_constraint_tokens_recovers_the_answer(llava):
+def test_visual_constraint_finds_where_restoring_recovers_the_answer(llava):
     recipe = registry.get("visual_constraint")
     samples = recipe.default_samples(llava, 4, 0)
     ds = recipe.run(llava, samples, options=QUIET)
     gap = float((ds["clean"] - ds["corrupt"]).mean())
     assert gap > 0.5, "replacing the visual constraint should move the answer"
-    visual = (ds["mlp"] - ds["corrupt"]).where(ds["label"] == "visual")
-    best = float(visual.mean("sample").max())
-    assert best > 0.1 * gap, "restoring MLP outputs at the constraint tokens should recover some P(answer)"
+    widest = int(ds["window"].max())
+    for site in ("mlp", "attn"):
+        restored = (ds[site] - ds["corrupt"]).sel(window=widest).mean("sample")
+        assert float(restored.max()) > 0.2 * gap, f"no {site} window restores a fifth of the answer"
+        assert float(restored.min()) > -0.05, f"a {site} restore should not push the answer away"
+    assert "largest mean indirect effect" in recipe.summary(ds)
 
 
-def test_restoring_the_constraint_span_at_every_layer_recovers_the_clean_answer(llava):
+def test_restoring_every_token_at_layer_0_recovers_the_clean_answer_of_the_organism(llava):
     samples = synthetic_samples(llava, "fact", 4, seed=1)
-    layers = llava.shape.layers["lm"]
-    grid = vt.Grid(
-        sites=("block",), segments=("visual",), positions="all", windows=(layers,), layers=(layers // 2,)
-    )
+    grid = vt.Grid(sites=("block",), positions="all", layers=(0,))
     ds = vt.patch(
         llava, samples, corruption=vt.ReplaceSpan("visual"), grid=grid, metric=vt.KL(), progress=False
     )
@@ -76,7 +76,7 @@ def test_blip_noise_effects_are_zero_when_the_noise_is_zero(blip):
     ds = recipe.run(blip, samples, scale=0.0, noise_samples=1, options=QUIET)
     for stack in ("encoder", "decoder"):
         effect = (ds[stack] - ds["corrupt"]).values
-        assert np.nanmax(np.abs(effect)) == 0.0
+        assert np.nanmax(np.abs(effect)) < 1e-6  # float32 rounding of batches of other sizes
 
 
 def test_blip_noise_restoring_the_final_encoder_layer_helps(blip):

@@ -136,10 +136,15 @@ def test_replacing_the_visual_phrase_drops_p_answer_by_half(organism):
 
 
 @contextmanager
-def _restoring(module: torch.nn.Module, clean_output):
-    """Replace `module`'s output by a clean run's output (every position)."""
+def _restoring(module: torch.nn.Module, clean_outputs: list):
+    """Replace `module`'s outputs, call by call, by a clean run's outputs (every position).
+
+    BLIP organisms score one forward per prompt length, so a run is several calls.
+    """
+    replay = iter(clean_outputs)
 
     def hook(_module, _inputs, output):
+        clean_output = next(replay)
         if isinstance(output, tuple):
             return (clean_output[0], *output[1:])
         if hasattr(output, "last_hidden_state"):
@@ -179,8 +184,8 @@ def test_restoring_the_corrupted_stream_everywhere_recovers_the_clean_probabilit
     samples = _samples(["fact", "multi"], 8, need=lambda s: True)
     clean = answer_probability(model, processor, samples)
     module = _entry(model, stream)
-    (clean_output,) = _captured(module, lambda: answer_probability(model, processor, samples))
-    with _restoring(module, clean_output):
+    clean_outputs = _captured(module, lambda: answer_probability(model, processor, samples))
+    with _restoring(module, clean_outputs):
         restored = answer_probability(model, processor, [corrupt(s) for s in samples])
     torch.testing.assert_close(restored, clean, atol=1e-5, rtol=0)
 

@@ -19,8 +19,9 @@ Families (`FAMILIES`):
   colour is the cross shape ?) and "count" (how many shapes are there ?, one to three; it has
   no phrase to replace).
 - "position": which side is the red shape on ? (left or right half of the picture). The
-  shipped organisms do not learn it within their training budget (they answer at chance), so
-  it is left out of their training and of the "visual" accuracy; it is here for larger models.
+  shipped organisms do not learn it within their training budget (LLaVA sees it in training
+  and answers at chance; BLIP never sees it), so it is kept out of the "visual" accuracy; it
+  is here for larger models.
 - "fact": parametric memory about a seen entity: the selected shape is the mascot of which
   city (`vlmtrace.data.mascots`).
 - "multi": a visual plus a textual constraint: which city did the red shape represent in
