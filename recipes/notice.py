@@ -79,7 +79,9 @@ def run(
         )
         heads = vt.patch(vlm, samples, grid=head_grid, **common, **options.sweep(f"{name}.heads"))
         heads = heads.squeeze("segment", drop=True)
-        parts[name] = xr.merge([modular, heads.drop_vars(["clean", "corrupt"])], combine_attrs="override")
+        parts[name] = xr.merge(
+            [modular, heads.drop_vars(["clean", "corrupt"])], compat="no_conflicts", combine_attrs="override"
+        )
     ds = combine(parts, dim="corruption")
     head_site = head_grid.sites[0]
     ds["head_effect"] = vt.normalised(ds, head_site).sel(window=1)

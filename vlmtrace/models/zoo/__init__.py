@@ -4,7 +4,7 @@ No model hub is reachable from every machine, and a 7B download is a poor first 
 vlmtrace ships two organisms trained on its own synthetic scenes (`vlmtrace.data.scenes`):
 a LLaVA (`LlavaForConditionalGeneration`) and a BLIP-VQA (`BlipForQuestionAnswering`), each an
 HF-format directory next to this file. They are the default model of every recipe and the
-ground on which the recipes are tested. See docs/model_card.md for what they know and what
+ground on which the recipes are tested. The README's model card says what they know and what
 their traces show.
 
     from vlmtrace.models.zoo import ORGANISMS, organism_dir, evaluate, train
