@@ -202,11 +202,15 @@ def run(
     foil: torch.Tensor | None,
     answer_slice: slice,
     backend: Any = None,
+    prefix: tuple[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run one batched forward with `edits`; return the metric of every row (CPU floats).
 
     `backend` is an nnsight backend (None: run here); a remote one runs the same trace on a
-    server, and only the per-row floats come back.
+    server, and only the per-row floats come back. `prefix=(first, states)` skips the stack's
+    layers below `first`, every row starting from `states`, the [row, position, hidden]
+    output of layer `first - 1` (prefix reuse: nothing is edited below `first`, so each row
+    computes there exactly what its baseline row computed once already).
     """
     envoy = vlm.envoy
     layers = envoy_at(envoy, stack.layers)
@@ -218,9 +222,12 @@ def run(
     dtype = vlm.model.dtype
     if vlm.adapter.keeps_last_logits and vlm.adapter.answer_sequence == "prompt":
         batch = {**batch, "logits_to_keep": len(answer)}  # logits of the answer positions only
+    first, states = prefix if prefix is not None else (0, None)
     with torch.no_grad(), envoy.trace(fn=driver(vlm), backend=backend, **batch) as tracer:
-        if edits.noise is not None:
+        if edits.noise is not None:  # also when skipping: BLIP's layers read the image again
             _noise(edits.noise, _activation(envoy, edits.noise.hook))
+        for skipped in range(first):  # only the last skipped layer's output is ever read
+            layers[skipped].skip(states)
         for layer_index in touched:
             layer = layers[layer_index]
             if layer_index in edits.knockouts:
@@ -244,6 +251,23 @@ def run(
         values = metric(logits, answer.to(logits.device), None if foil is None else foil.to(logits.device))
         values = values.cpu().save()
     return values
+
+
+def layer_outputs(vlm: VLM, stack: Stack, batch: dict, edits: Edits) -> torch.Tensor:
+    """[layer, row, position, hidden] block outputs of every layer but the last, one forward.
+
+    The states prefix reuse starts from: run once for a sample's baseline rows (clean and
+    corrupted, noise included), they stand in for the layers every later chunk skips.
+    """
+    envoy = vlm.envoy
+    layers = envoy_at(envoy, stack.layers)
+    n_layers = vlm.shape.layers[_stack_name(vlm, stack)]
+    with torch.no_grad(), envoy.trace(fn=driver(vlm), **batch):
+        if edits.noise is not None:
+            _noise(edits.noise, _activation(envoy, edits.noise.hook))
+        outputs = [layers[i].output.clone() for i in range(n_layers - 1)]
+        states = torch.stack(outputs).save()
+    return states
 
 
 def _stack_name(vlm: VLM, stack: Stack) -> str:

@@ -37,7 +37,7 @@ import xarray as xr
 
 from .corruptions import Corruption, Pair
 from .data.sample import Sample
-from .forward import SEQUENCE_FIELDS, Edits, NoisePlan, run, stack_rows
+from .forward import SEQUENCE_FIELDS, Edits, NoisePlan, layer_outputs, run, stack_rows
 from .inputs import scored_answer_ids
 from .metrics import Metric, Probability
 from .models.adapter import Stack
@@ -219,6 +219,7 @@ def patch(
     recipe: str = "",
     backend: Any = None,
     screen: int | None = None,
+    reuse_prefix: bool = False,
 ) -> xr.Dataset:
     """Patch every cell of `grid` for every sample; return the metric of every patched run.
 
@@ -227,7 +228,9 @@ def patch(
     `store`, results are written to zarr as chunks finish and a rerun resumes. With
     `screen=k`, attribution patching (`vlmtrace.attribution`) estimates every cell first and
     only the k cells of largest estimated |effect| per sample, window and site are patched;
-    the others stay NaN.
+    the others stay NaN. With `reuse_prefix=True`, cells are run grouped by their first
+    patched layer and every layer below it is skipped, starting from the baseline rows'
+    states computed once per sample (same results to float rounding; local runs only).
     """
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}.")
@@ -242,9 +245,14 @@ def patch(
         n_layers=vlm.shape.layers[stack_name],
         n_heads=vlm.shape.heads[stack_name],
     )
+    if reuse_prefix:
+        check_prefix_reuse(vlm, stack, backend)
     mine = shard_indices(len(samples), shard)
-    # `screen` is part of the hash: a screened store never resumes an unscreened one
+    # `screen` is part of the hash: a screened store never resumes an unscreened one; so is
+    # `reuse_prefix`, which runs cells in another order
     extra = {} if screen is None else {"screen": screen}
+    if reuse_prefix:
+        extra["reuse_prefix"] = True
     plans, layout, attrs = lay_out(
         vlm, samples, stack_name, grid, corruption, metric, direction, whole_answer, recipe, extra
     )
@@ -266,6 +274,9 @@ def patch(
         masks = attribution.screen(estimates, screen)
         for i in todo:  # deterministic, so a resumed run screens the same cells
             plans[i].work = attribution.keep_screened(plans[i], layout, i, masks)
+    if reuse_prefix:
+        for p in plans:  # deterministic, so a resumed run continues the same order
+            p.work = sorted(p.work, key=lambda c, p=p: min(p.cells[c].layers))
     total = sum(len(plans[i].work) - int(done_cells[i]) for i in mine if not done[i])
     with progress_bar(progress, f"patching {vlm.name}") as bar:
         task = bar.add_task("cells", total=total)
@@ -282,6 +293,7 @@ def patch(
                 max_memory,
                 backend,
                 start=int(done_cells[i]),
+                reuse_prefix=reuse_prefix,
             ):
                 record(ds, layout, i, plans[i], finished)
                 if sweep_store is not None:
@@ -385,8 +397,13 @@ def patch_sample(
     backend: Any = None,
     *,
     start: int = 0,
+    reuse_prefix: bool = False,
 ) -> Iterator[Finished]:
-    """Run a sample's cells from `start`, yielding after every chunk (whole cells per chunk)."""
+    """Run a sample's cells from `start`, yielding after every chunk (whole cells per chunk).
+
+    With `reuse_prefix`, a chunk holds cells of one first patched layer only, and runs from
+    that layer on (`prefix_states`).
+    """
     prepared, k = plan.prepared, plan.prepared.pair.samples
     rows = rows_per_chunk(vlm, prepared, max_batch, max_memory) - prepared.baseline_rows
     per_chunk = rows // k
@@ -396,12 +413,21 @@ def patch_sample(
             f"{prepared.baseline_rows} baseline rows; use max_batch >= {prepared.baseline_rows + k}."
         )
     position = start
+    states = None
     while True:
         chunk_cells = plan.work[position : position + per_chunk]
+        prefix = None
+        if reuse_prefix and chunk_cells:
+            first = min(plan.cells[chunk_cells[0]].layers)
+            chunk_cells = [c for c in chunk_cells if min(plan.cells[c].layers) == first]
+            if first > 0:
+                if states is None:
+                    states = prefix_states(vlm, stack, prepared)
+                prefix = (first, states)
         chunk = [(c, draw) for c in chunk_cells for draw in range(k)]
         try:
             values = run_chunk(
-                vlm, stack, prepared, plan.cells, chunk, plan.aligned, direction, metric, backend
+                vlm, stack, prepared, plan.cells, chunk, plan.aligned, direction, metric, backend, prefix
             )
         except Exception as error:
             if not is_out_of_memory(error) or per_chunk == 1:
@@ -434,8 +460,13 @@ def run_chunk(
     direction: Direction,
     metric: Metric,
     backend: Any = None,
+    prefix: tuple[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Baseline rows + the chunk's patched rows, in one forward."""
+    """Baseline rows + the chunk's patched rows, in one forward.
+
+    `prefix=(first, states)`: every cell patches from layer `first` on; skip the layers below
+    and start each row from its baseline row's state (`states`: `prefix_states`).
+    """
     k = prepared.pair.samples
     patched_input = "corrupt" if direction == "denoise" else "clean"
     inputs = ["clean"] + ["corrupt"] * k + [patched_input] * len(chunk)
@@ -458,6 +489,13 @@ def run_chunk(
             for layer in cell.layers:
                 edits.patch(layer, cell.site).add(row, dst_pos, src_row, src_pos, cell.head)
     batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
+    if prefix is not None:
+        first, states = prefix
+        # each row's baseline row: clean is row 0, corrupted draw d is row 1 + d
+        sources = (
+            [0] + [1 + d for d in range(k)] + [1 + d if patched_input == "corrupt" else 0 for _, d in chunk]
+        )
+        prefix = (first, states[first - 1][sources])
     return run(
         vlm,
         stack,
@@ -468,7 +506,32 @@ def run_chunk(
         foil=prepared.foil,
         answer_slice=prepared.answer_slice(vlm),
         backend=backend,
+        prefix=prefix,
     )
+
+
+def prefix_states(vlm: VLM, stack: Stack, prepared: Prepared) -> torch.Tensor:
+    """[layer, baseline row, position, hidden] block outputs of the clean and corrupted rows."""
+    k = prepared.pair.samples
+    inputs = ["clean"] + ["corrupt"] * k
+    edits = baseline_edits(vlm, prepared, inputs, [0] + list(range(k)))
+    batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
+    return layer_outputs(vlm, stack, batch, edits)
+
+
+def check_prefix_reuse(vlm: VLM, stack: Stack, backend: Any) -> None:
+    """Refuse prefix reuse where it is not implemented, saying what to do instead."""
+    if backend is not None:
+        raise ValueError(
+            "reuse_prefix runs locally only (the cached states would have to travel); "
+            "drop reuse_prefix for a remote sweep."
+        )
+    block = stack.sites.get("block")
+    if block is None or block.path or block.index is not None:
+        raise ValueError(
+            f"reuse_prefix needs layers that return their hidden states as one tensor; "
+            f"{vlm.name}'s {stack.layers} do not. Drop reuse_prefix for this model."
+        )
 
 
 def rows_per_chunk(vlm: VLM, prepared: Prepared, max_batch: int, max_memory: float | None) -> int:

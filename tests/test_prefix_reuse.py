@@ -1,0 +1,68 @@
+"""Prefix reuse (skip the layers below a cell's first patched layer) changes speed, not results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import vlmtrace as vt
+
+SITES = ("block", "mlp", "attn", "attn_head")
+CORRUPTIONS = {
+    "replace_span": vt.ReplaceSpan("visual"),
+    "image_pair": vt.ImagePair(),
+    "noise": vt.GaussianNoise("image", samples=3, seed=5),
+}
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_prefix_reuse_equals_the_full_forward_for_every_site_window_and_direction(
+    tiny_llava, llava_sample, corruption, direction
+):
+    grid = vt.Grid(sites=SITES, windows=(1, 2, 3))
+    kwargs = dict(corruption=CORRUPTIONS[corruption], grid=grid, direction=direction, progress=False)
+    # a small max_batch, so that cells of one first layer span several chunks
+    full = vt.patch(tiny_llava, [llava_sample], max_batch=16, **kwargs)
+    reused = vt.patch(tiny_llava, [llava_sample], max_batch=16, reuse_prefix=True, **kwargs)
+    for name in (*SITES, "clean", "corrupt"):
+        np.testing.assert_allclose(reused[name].values, full[name].values, atol=1e-6, rtol=0, err_msg=name)
+    assert np.isfinite(reused["block"].values).any()
+
+
+def test_a_prefix_reused_sweep_resumes_from_its_own_store(tiny_llava, llava_sample, tmp_path):
+    grid = vt.Grid(sites=("block",), windows=(1,))
+    kwargs = dict(corruption=vt.ImagePair(), grid=grid, progress=False, max_batch=8)
+    full = vt.patch(tiny_llava, [llava_sample], **kwargs)
+    store = tmp_path / "reuse.zarr"
+    first = vt.patch(tiny_llava, [llava_sample], store=store, reuse_prefix=True, **kwargs)
+    again = vt.patch(tiny_llava, [llava_sample], store=store, reuse_prefix=True, **kwargs)
+    np.testing.assert_allclose(again["block"].values, full["block"].values, atol=1e-6, rtol=0)
+    assert first.attrs["config_hash"] == again.attrs["config_hash"] != full.attrs["config_hash"]
+    with pytest.raises(Exception, match="overwrite"):
+        vt.patch(tiny_llava, [llava_sample], store=store, **kwargs)  # another configuration
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_prefix_reuse_equals_the_full_forward_on_both_blip_stacks(tiny_blip, blip_sample, stack, corruption):
+    # BLIP reads the image again in every layer (cross-attention): the skipped layers' states
+    # alone would not carry the noise, so this also checks that the noise is still applied
+    grid = vt.Grid(sites=("block", "mlp", "cross_attn"), windows=(1, 2), stack=stack)
+    kwargs = dict(corruption=CORRUPTIONS[corruption], grid=grid, progress=False, max_batch=16)
+    full = vt.patch(tiny_blip, [blip_sample], **kwargs)
+    reused = vt.patch(tiny_blip, [blip_sample], reuse_prefix=True, **kwargs)
+    for name in ("block", "mlp", "cross_attn", "clean", "corrupt"):
+        np.testing.assert_allclose(reused[name].values, full[name].values, atol=1e-6, rtol=0, err_msg=name)
+
+
+def test_prefix_reuse_refuses_a_remote_backend(tiny_llava, llava_sample):
+    with pytest.raises(ValueError, match="locally"):
+        vt.patch(
+            tiny_llava,
+            [llava_sample],
+            corruption=vt.ImagePair(),
+            reuse_prefix=True,
+            backend=object(),
+            progress=False,
+        )
