@@ -66,3 +66,21 @@ def test_prefix_reuse_refuses_a_remote_backend(tiny_llava, llava_sample):
             backend=object(),
             progress=False,
         )
+
+
+@pytest.mark.parametrize("corruption", ["replace_span", "image_pair", "noise"])
+def test_text_position_sweeps_run_only_the_suffix_on_cached_keys_and_values(
+    tiny_llava, llava_sample, corruption, monkeypatch
+):
+    import vlmtrace.sweep as sweep
+
+    starts = []
+    original = sweep.resumable_start
+    monkeypatch.setattr(sweep, "resumable_start", lambda *a: starts.append(original(*a)) or starts[-1])
+    grid = vt.Grid(sites=SITES, windows=(1, 3), skip=("image",))
+    kwargs = dict(corruption=CORRUPTIONS[corruption], grid=grid, progress=False, max_batch=16)
+    full = vt.patch(tiny_llava, [llava_sample], **kwargs)
+    reused = vt.patch(tiny_llava, [llava_sample], reuse_prefix=True, **kwargs)
+    assert starts and min(starts) >= 16  # past the 16 image tokens: only the text is recomputed
+    for name in (*SITES, "clean", "corrupt"):
+        np.testing.assert_allclose(reused[name].values, full[name].values, atol=1e-6, rtol=0, err_msg=name)

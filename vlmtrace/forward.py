@@ -253,21 +253,55 @@ def run(
     return values
 
 
-def layer_outputs(vlm: VLM, stack: Stack, batch: dict, edits: Edits) -> torch.Tensor:
-    """[layer, row, position, hidden] block outputs of every layer but the last, one forward.
+@dataclass
+class Prefix:
+    """What a sample's baseline rows (clean, corrupted draws) computed, for prefix reuse.
 
-    The states prefix reuse starts from: run once for a sample's baseline rows (clean and
-    corrupted, noise included), they stand in for the layers every later chunk skips.
+    `states[l]` is the [row, position, hidden] output of layer l (every layer but the last);
+    `keys_values[l]` the (keys, values) of layer l's self-attention, [row, head, position,
+    dim], or None where the stack's model cannot resume from them (not a causal decoder).
+    """
+
+    states: torch.Tensor
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None
+
+
+def _forward_keeping_cache(model: torch.nn.Module, **batch: torch.Tensor) -> Any:
+    return model(**batch, use_cache=True).past_key_values
+
+
+def baseline_prefix(vlm: VLM, stack: Stack, batch: dict, edits: Edits, *, keys_values: bool) -> Prefix:
+    """Run the baseline rows once and keep every layer's output (and keys/values).
+
+    Every later chunk of the sample starts from these instead of recomputing them: rows agree
+    with their baseline row below the first patched layer, and (in a causal decoder) before
+    the first patched position.
     """
     envoy = vlm.envoy
     layers = envoy_at(envoy, stack.layers)
     n_layers = vlm.shape.layers[_stack_name(vlm, stack)]
-    with torch.no_grad(), envoy.trace(fn=driver(vlm), **batch):
+    fn = partial(_forward_keeping_cache, vlm.model) if keys_values else driver(vlm)
+    cache = None  # only values saved in a trace come out of it: set the default outside
+    with torch.no_grad(), envoy.trace(fn=fn, **batch) as tracer:
         if edits.noise is not None:
             _noise(edits.noise, _activation(envoy, edits.noise.hook))
         outputs = [layers[i].output.clone() for i in range(n_layers - 1)]
-        states = torch.stack(outputs).save()
-    return states
+        states = torch.stack(outputs).save() if outputs else torch.empty(0).save()
+        if keys_values:
+            cache = tracer.result.save()
+    if cache is None:
+        return Prefix(states, None)
+    return Prefix(states, [(layer.keys, layer.values) for layer in cache.layers])
+
+
+def resume_cache(prefix: Prefix, rows: list[int], start: int) -> Any:
+    """A fresh KV cache of positions < `start`, row r taken from baseline row `rows[r]`."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (keys, values) in enumerate(prefix.keys_values or ()):
+        cache.update(keys[rows, :, :start].clone(), values[rows, :, :start].clone(), i)
+    return cache
 
 
 def _stack_name(vlm: VLM, stack: Stack) -> str:

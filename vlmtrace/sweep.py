@@ -25,6 +25,7 @@ out-of-memory error a chunk is halved and retried.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,17 @@ import xarray as xr
 
 from .corruptions import Corruption, Pair
 from .data.sample import Sample
-from .forward import SEQUENCE_FIELDS, Edits, NoisePlan, layer_outputs, run, stack_rows
+from .forward import (
+    POSITION_FIELD,
+    SEQUENCE_FIELDS,
+    Edits,
+    NoisePlan,
+    Prefix,
+    baseline_prefix,
+    resume_cache,
+    run,
+    stack_rows,
+)
 from .inputs import scored_answer_ids
 from .metrics import Metric, Probability
 from .models.adapter import Stack
@@ -402,7 +413,7 @@ def patch_sample(
     """Run a sample's cells from `start`, yielding after every chunk (whole cells per chunk).
 
     With `reuse_prefix`, a chunk holds cells of one first patched layer only, and runs from
-    that layer on (`prefix_states`).
+    that layer on (`prefix_of`, `run_chunk`).
     """
     prepared, k = plan.prepared, plan.prepared.pair.samples
     rows = rows_per_chunk(vlm, prepared, max_batch, max_memory) - prepared.baseline_rows
@@ -413,21 +424,18 @@ def patch_sample(
             f"{prepared.baseline_rows} baseline rows; use max_batch >= {prepared.baseline_rows + k}."
         )
     position = start
-    states = None
+    computed: Prefix | None = None
     while True:
         chunk_cells = plan.work[position : position + per_chunk]
-        prefix = None
         if reuse_prefix and chunk_cells:
             first = min(plan.cells[chunk_cells[0]].layers)
             chunk_cells = [c for c in chunk_cells if min(plan.cells[c].layers) == first]
-            if first > 0:
-                if states is None:
-                    states = prefix_states(vlm, stack, prepared)
-                prefix = (first, states)
+            if computed is None:
+                computed = prefix_of(vlm, stack, prepared)
         chunk = [(c, draw) for c in chunk_cells for draw in range(k)]
         try:
             values = run_chunk(
-                vlm, stack, prepared, plan.cells, chunk, plan.aligned, direction, metric, backend, prefix
+                vlm, stack, prepared, plan.cells, chunk, plan.aligned, direction, metric, backend, computed
             )
         except Exception as error:
             if not is_out_of_memory(error) or per_chunk == 1:
@@ -460,12 +468,14 @@ def run_chunk(
     direction: Direction,
     metric: Metric,
     backend: Any = None,
-    prefix: tuple[int, torch.Tensor] | None = None,
+    prefix: Prefix | None = None,
 ) -> torch.Tensor:
     """Baseline rows + the chunk's patched rows, in one forward.
 
-    `prefix=(first, states)`: every cell patches from layer `first` on; skip the layers below
-    and start each row from its baseline row's state (`states`: `prefix_states`).
+    With the baseline rows' `prefix` (`prefix_of`), the layers below the chunk's first patched
+    layer are skipped, and in a causal decoder only the positions from the first patched one
+    on are computed, on top of the baseline rows' keys and values: each row starts from its
+    own baseline row's states, which it equals up to there.
     """
     k = prepared.pair.samples
     patched_input = "corrupt" if direction == "denoise" else "clean"
@@ -489,13 +499,19 @@ def run_chunk(
             for layer in cell.layers:
                 edits.patch(layer, cell.site).add(row, dst_pos, src_row, src_pos, cell.head)
     batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
-    if prefix is not None:
-        first, states = prefix
+    skip = None
+    if prefix is not None and chunk:
         # each row's baseline row: clean is row 0, corrupted draw d is row 1 + d
-        sources = (
-            [0] + [1 + d for d in range(k)] + [1 + d if patched_input == "corrupt" else 0 for _, d in chunk]
-        )
-        prefix = (first, states[first - 1][sources])
+        patched_sources = [1 + d if patched_input == "corrupt" else 0 for _, d in chunk]
+        sources = [0] + [1 + d for d in range(k)] + patched_sources
+        start = resumable_start(prepared, edits, prefix)
+        if start > 0:
+            cache = resume_cache(prefix, sources, start)
+            batch = suffix_batch(batch, stack, cache, start, cache_argument(vlm))
+            edits = shifted(edits, start)
+        first = min(layer for layer, _ in edits.patches)
+        if first > 0:
+            skip = (first, prefix.states[first - 1][sources][:, start:])
     return run(
         vlm,
         stack,
@@ -506,17 +522,77 @@ def run_chunk(
         foil=prepared.foil,
         answer_slice=prepared.answer_slice(vlm),
         backend=backend,
-        prefix=prefix,
+        prefix=skip,
     )
 
 
-def prefix_states(vlm: VLM, stack: Stack, prepared: Prepared) -> torch.Tensor:
-    """[layer, baseline row, position, hidden] block outputs of the clean and corrupted rows."""
+def resumes_keys_values(vlm: VLM, stack: Stack) -> bool:
+    """Whether the model can run a suffix on cached keys/values: a causal decoder-only stack."""
+    return stack.causal and stack.sequence == "prompt" and vlm.adapter.answer_sequence == "prompt"
+
+
+def prefix_of(vlm: VLM, stack: Stack, prepared: Prepared) -> Prefix:
+    """The baseline rows' layer outputs (and keys/values), computed once per sample."""
     k = prepared.pair.samples
     inputs = ["clean"] + ["corrupt"] * k
     edits = baseline_edits(vlm, prepared, inputs, [0] + list(range(k)))
     batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
-    return layer_outputs(vlm, stack, batch, edits)
+    return baseline_prefix(vlm, stack, batch, edits, keys_values=resumes_keys_values(vlm, stack))
+
+
+def resumable_start(prepared: Prepared, edits: Edits, prefix: Prefix) -> int:
+    """The first position the chunk must compute: its first patched one, 0 if it cannot resume.
+
+    Everything before it equals the baseline rows' computation. A suffix must hold no image
+    token (the image is read only where its tokens are) and no noised token embedding.
+    """
+    if prefix.keys_values is None:
+        return 0
+    if edits.noise is not None and edits.noise.positions is not None:
+        return 0
+    start = min(min(index.dst_pos + index.src_pos) for index in edits.patches.values())
+    for side, encoded in (("clean", prepared.pair.clean), ("corrupt", prepared.pair.corrupt)):
+        segments = encoded.segments("prompt")
+        if "image" in segments.names:
+            last_image = max(segments.positions("image")) + prepared.pad(side, "prompt")
+            if start <= last_image:
+                return 0
+    return start
+
+
+def cache_argument(vlm: VLM) -> str:
+    """The forward's keyword for a KV cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    parameters = inspect.signature(vlm.model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def suffix_batch(batch: dict, stack: Stack, cache: Any, start: int, cache_keyword: str) -> dict:
+    """The inputs of positions >= `start` only, on top of `cache` (the earlier positions).
+
+    Image inputs are dropped: the image tokens are all in the cached part.
+    """
+    ids, mask = SEQUENCE_FIELDS[stack.sequence]
+    positions = POSITION_FIELD[stack.sequence]
+    return {
+        ids: batch[ids][:, start:],
+        mask: batch[mask],  # the mask covers cached and new positions
+        positions: batch[positions][:, start:],
+        cache_keyword: cache,
+    }
+
+
+def shifted(edits: Edits, start: int) -> Edits:
+    """The same edits with positions counted from `start`, the suffix's first position.
+
+    Image noise is dropped: the noised image embeddings are in the cached part.
+    """
+    moved = Edits(knockouts=edits.knockouts)
+    for (layer, site), index in edits.patches.items():
+        target = moved.patch(layer, site)
+        target.dst_row, target.src_row, target.head = index.dst_row, index.src_row, index.head
+        target.dst_pos = [p - start for p in index.dst_pos]
+        target.src_pos = [p - start for p in index.src_pos]
+    return moved
 
 
 def check_prefix_reuse(vlm: VLM, stack: Stack, backend: Any) -> None:
