@@ -122,3 +122,12 @@ def test_universal_heads_marks_exactly_k_top_heads_per_condition(llava):
     counts = ds["top"].sum(["layer", "head"])
     assert (counts == recipe.TOP_K).all()
     assert ds["universal"].dims == ("layer", "head")
+
+
+def test_multi_constraint_with_prefix_reuse_equals_the_plain_run(llava):
+    recipe = registry.get("multi_constraint")
+    samples = recipe.default_samples(llava, 2, 0)
+    plain = recipe.run(llava, samples, windows=(1, 3), options=QUIET)
+    reused = recipe.run(llava, samples, windows=(1, 3), options=vt.Options(progress=False, reuse_prefix=True))
+    for name in ("mlp", "attn", "clean", "corrupt"):
+        np.testing.assert_allclose(reused[name].values, plain[name].values, atol=1e-6, rtol=0)

@@ -30,6 +30,8 @@ class Options:
     """Replace part stores written by another configuration."""
     screen: int | None = None
     """Patch only the top-k cells by attribution-patching estimate."""
+    reuse_prefix: bool = False
+    """Skip the layers (and, in decoders, the positions) below each cell's first patch."""
     backend: Any = None
     """An nnsight backend (remote execution); None runs here."""
     progress: bool = True
@@ -47,6 +49,7 @@ class Options:
             "shard": self.shard,
             "overwrite": self.overwrite,
             "screen": self.screen,
+            "reuse_prefix": self.reuse_prefix,
             "backend": self.backend,
             "progress": self.progress,
         }

@@ -67,6 +67,12 @@ def recipe(
     screen: Annotated[
         int | None, typer.Option(help="Patch only the top-K cells by attribution-patching estimate.")
     ] = None,
+    reuse_prefix: Annotated[
+        bool,
+        typer.Option(
+            help="Skip the layers and positions below each cell's first patch (same results; local runs)."
+        ),
+    ] = False,
 ) -> None:
     from .. import recipes as registry
     from ..models.load import load
@@ -90,6 +96,7 @@ def recipe(
         shard=parse_shard(shard),
         overwrite=overwrite,
         screen=screen,
+        reuse_prefix=reuse_prefix,
     )
     backend = None
     if remote:  # the client only plans and encodes: no weights needed here
