@@ -26,13 +26,14 @@ clean and corrupted states there are equal). Every method starts from the `Sampl
 encoding included) and ends with the grid of P(answer). A run is one patched row: a cell of the
 noise experiment is k runs. Before anything is timed, every grid is compared with vlmtrace's.
 
-Two models, both `vlmtrace.models.build.build_llava` with random weights:
+Two models:
 
-    tiny        CLIP 2 layers + Llama 4 layers, d=64, 4 heads, 16 image tokens (or `--model PATH`,
-                e.g. a trained organism directory, used as it is)
-    7B-shaped   LLaVA-1.5-7B's proportions cut to what a CPU core runs in seconds: 576 image
-                tokens (336 px, 14 px patches), head dim 128 (d=512, 4 heads), MLP 4 x d,
-                2 Llama layers, a 2-layer CLIP tower of width 512
+    first       the shipped organism `shapes-llava` (trained: CLIP 2 layers, Llama 6 layers, d=64,
+                16 image tokens), or `--model PATH` / `--model random` (a tiny random LLaVA,
+                `build_llava`, Llama 4 layers, d=64)
+    7B-shaped   `build_llava`, random weights: LLaVA-1.5-7B's proportions cut to what a CPU core
+                runs in seconds: 576 image tokens (336 px, 14 px patches), head dim 128 (d=512,
+                4 heads), MLP 4 x d, 2 Llama layers, a 2-layer CLIP tower of width 512
 
 Random Llama weights with the default initialisation give P(answer) flat to 1e-4 across cells,
 which would make the equality check vacuous; the language model's matrices are therefore redrawn
@@ -40,20 +41,21 @@ with std `--init-scale / sqrt(d)` (q and k with half of it, see `redraw`), and t
 model's own clean prediction. The sample is a synthetic multi-constraint question
 (`vlmtrace.data.synthetic_samples(vlm, "multi", 1)`).
 
-    python -m benchmarks.peers                  # from the repository root, ~3.5 min on 1 thread
-    python -m benchmarks.peers --skip-big       # the tiny model only, ~20 s
-    python -m benchmarks.peers --model vlmtrace/models/zoo/shapes-llava --skip-big
+    python -m benchmarks.peers                  # from the repository root, ~3 min on 1 thread
+    python -m benchmarks.peers --skip-big       # the shipped organism only, ~20 s
+    python -m benchmarks.peers --model random   # a tiny random LLaVA instead of the organism
 
 The last line is `perf prefix_vs_ceiling=<r> screen_topk_overlap=<f> vs_transformerlens=<r>`:
 - prefix_vs_ceiling: vlmtrace with prefix reuse (`reuse_prefix=True`: cells grouped by their
-  first patched layer, the layers below skipped) over the ceiling, runs/s, for the full-depth
-  layer x position sweep, 7B-shaped model (tiny with `--skip-big`). Reuse along the sequence
-  (keys/values of the unchanged image prefix) is not implemented.
+  first patched layer, the layers below skipped, and only the positions from the first patched
+  one computed on the cached keys/values of the image prefix) over the ceiling, runs/s, for the
+  full-depth layer x text-position sweep, 7B-shaped model (the first model with `--skip-big`).
 - screen_topk_overlap: the share of exact patching's top-K cells (by |effect|) that
-  `vlmtrace.attribute` also ranks in its top K (`vlmtrace.attribution.agreement`), on the tiny
-  model (or `--model`): on the 7B-shaped random model only a few cells move and the rest tie at
+  `vlmtrace.attribute` also ranks in its top K (`vlmtrace.attribution.agreement`), on the first
+  model: on the 7B-shaped random model only a few cells move and the rest tie at
   exactly zero, so its overlap (printed in its section) mostly measures tie-breaking.
-- vs_transformerlens: vlmtrace runs/s over TransformerLens runs/s, same model as prefix_vs_ceiling.
+- vs_transformerlens: vlmtrace runs/s (with prefix reuse) over TransformerLens runs/s, same model
+  as prefix_vs_ceiling; the table also has the plain sweep's ratio.
 """
 
 from __future__ import annotations
@@ -546,7 +548,7 @@ METHODS = (
 )
 DESCRIPTIONS = {
     "vlmtrace": "vt.patch, ReplaceSpan, all cells as rows of batched forwards in nnsight traces",
-    "vlmtrace prefix": "vt.patch(reuse_prefix=True): cells grouped by first layer, layers below skipped",
+    "vlmtrace prefix": "vt.patch(reuse_prefix=True): layers below and positions before the first patch reused",
     "TransformerLens": "TransformerBridge + generic_activation_patch, 1 forward per cell",
     "pyvene": "IntervenableModel, 1 collect forward + 1 forward per layer (a row per position)",
     "nnsight loop": "one nnsight trace per cell",
@@ -684,7 +686,8 @@ def report(setup: Setup, shape: Shape, result: Measured, top_k: int) -> tuple[fl
             f"vlmtrace / TransformerLens {cpu_rate['vlmtrace'] / cpu_rate['TransformerLens']:.2f}."
         )
     vs_ceiling = rate["vlmtrace prefix"] / rate["ceiling"]
-    vs_tl = rate["vlmtrace"] / rate["TransformerLens"] if "TransformerLens" in rate else float("nan")
+    # vlmtrace's fastest exact sweep of this grid (prefix reuse) against TransformerLens's
+    vs_tl = rate["vlmtrace prefix"] / rate["TransformerLens"] if "TransformerLens" in rate else float("nan")
     return vs_ceiling, result.overlap, vs_tl
 
 
@@ -711,7 +714,12 @@ def machine() -> str:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="a saved LLaVA directory or organism name instead of the tiny model")
+    parser.add_argument(
+        "--model",
+        default="shapes-llava",
+        help="the first model: a saved LLaVA directory or organism name (trained, so the attribution "
+        "screen's overlap means something), or 'random' for a tiny random LLaVA (--layers, --hidden)",
+    )
     parser.add_argument("--layers", type=int, default=4, help="tiny model: Llama layers")
     parser.add_argument("--hidden", type=int, default=64, help="tiny model: width")
     parser.add_argument("--big-layers", type=int, default=2, help="7B-shaped model: Llama layers")
@@ -758,7 +766,7 @@ def main() -> None:
     )
     headlines = []
     for shape in [tiny] if args.skip_big else [tiny, big]:
-        loaded = shape is tiny and args.model
+        loaded = shape is tiny and args.model != "random"
         model, processor, name = load_dir(args.model) if loaded else build(shape, args.init_scale)
         label = "--model" if loaded else shape.label
         setup = make_setup(label, model, processor, name, args, shape.noise_samples, own=not loaded)
