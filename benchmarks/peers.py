@@ -548,7 +548,7 @@ METHODS = (
 )
 DESCRIPTIONS = {
     "vlmtrace": "vt.patch, ReplaceSpan, all cells as rows of batched forwards in nnsight traces",
-    "vlmtrace prefix": "vt.patch(reuse_prefix=True): layers below and positions before the first patch reused",
+    "vlmtrace prefix": "vt.patch(reuse_prefix=True): layers and positions before the first patch reused",
     "TransformerLens": "TransformerBridge + generic_activation_patch, 1 forward per cell",
     "pyvene": "IntervenableModel, 1 collect forward + 1 forward per layer (a row per position)",
     "nnsight loop": "one nnsight trace per cell",
