@@ -56,7 +56,7 @@ LLAVA = [
         "code",
         'flow = vt.knockout(vlm, samples, blocks={"image->last": ("image", "last"),\n'
         '                                         "image->question": ("image", ("question", "visual", "textual"))},\n'
-        '                   windows=(3,), progress=False)\n'
+        "                   windows=(3,), progress=False)\n"
         'relative = (flow["knockout"] - flow["clean"]) / flow["clean"]\n'
         'relative.mean("sample").sel(window=3).to_pandas().round(3)',
     ),
