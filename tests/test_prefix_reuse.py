@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 
 import vlmtrace as vt
 
 SITES = ("block", "mlp", "attn", "attn_head")
+
+
+@contextmanager
+def skipped_layers(monkeypatch):
+    """The distinct numbers of layers the forwards of a sweep skipped (prefix reuse at work)."""
+    import vlmtrace.sweep as sweep
+
+    seen: set[int] = set()
+    original = sweep.run
+
+    def spy(*args, prefix=None, **kwargs):
+        if prefix is not None:
+            seen.add(prefix[0])
+        return original(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(sweep, "run", spy)
+    found: list[int] = []
+    yield found
+    found.extend(sorted(seen))
+
+
 CORRUPTIONS = {
     "replace_span": vt.ReplaceSpan("visual"),
     "image_pair": vt.ImagePair(),
@@ -18,13 +41,15 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_prefix_reuse_equals_the_full_forward_for_every_site_window_and_direction(
-    tiny_llava, llava_sample, corruption, direction
+    tiny_llava, llava_sample, corruption, direction, monkeypatch
 ):
     grid = vt.Grid(sites=SITES, windows=(1, 2, 3))
     kwargs = dict(corruption=CORRUPTIONS[corruption], grid=grid, direction=direction, progress=False)
     # a small max_batch, so that cells of one first layer span several chunks
     full = vt.patch(tiny_llava, [llava_sample], max_batch=16, **kwargs)
-    reused = vt.patch(tiny_llava, [llava_sample], max_batch=16, reuse_prefix=True, **kwargs)
+    with skipped_layers(monkeypatch) as skipped:
+        reused = vt.patch(tiny_llava, [llava_sample], max_batch=16, reuse_prefix=True, **kwargs)
+    assert skipped == [1, 2], "chunks whose first patched layer is 1 or 2 should skip the layers below"
     for name in (*SITES, "clean", "corrupt"):
         np.testing.assert_allclose(reused[name].values, full[name].values, atol=1e-6, rtol=0, err_msg=name)
     assert np.isfinite(reused["block"].values).any()
@@ -45,13 +70,17 @@ def test_a_prefix_reused_sweep_resumes_from_its_own_store(tiny_llava, llava_samp
 
 @pytest.mark.parametrize("stack", ["encoder", "decoder"])
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
-def test_prefix_reuse_equals_the_full_forward_on_both_blip_stacks(tiny_blip, blip_sample, stack, corruption):
+def test_prefix_reuse_equals_the_full_forward_on_both_blip_stacks(
+    tiny_blip, blip_sample, stack, corruption, monkeypatch
+):
     # BLIP reads the image again in every layer (cross-attention): the skipped layers' states
     # alone would not carry the noise, so this also checks that the noise is still applied
     grid = vt.Grid(sites=("block", "mlp", "cross_attn"), windows=(1, 2), stack=stack)
     kwargs = dict(corruption=CORRUPTIONS[corruption], grid=grid, progress=False, max_batch=16)
     full = vt.patch(tiny_blip, [blip_sample], **kwargs)
-    reused = vt.patch(tiny_blip, [blip_sample], reuse_prefix=True, **kwargs)
+    with skipped_layers(monkeypatch) as skipped:
+        reused = vt.patch(tiny_blip, [blip_sample], reuse_prefix=True, **kwargs)
+    assert skipped == [1]
     for name in ("block", "mlp", "cross_attn", "clean", "corrupt"):
         np.testing.assert_allclose(reused[name].values, full[name].values, atol=1e-6, rtol=0, err_msg=name)
 
