@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import vlmtrace as vt
@@ -35,3 +36,13 @@ def test_restoring_every_position_at_layer_0_recovers_clean_logits(tiny_next, ll
     )
     assert float(ds["block"].squeeze()) == 0.0
     assert float(ds["corrupt"].squeeze()) > 0.0
+
+
+def test_prefix_reuse_equals_the_full_forward_on_llava_next(tiny_next, llava_sample):
+    # NeXT encodes several tiles per image, so its vision output is not reused row by row;
+    # layers and the text suffix still are
+    kwargs = dict(corruption=vt.ImagePair(), grid=vt.Grid(sites=("block", "attn")), progress=False)
+    full = vt.patch(tiny_next, [llava_sample], **kwargs)
+    reused = vt.patch(tiny_next, [llava_sample], reuse_prefix=True, **kwargs)
+    for name in ("block", "attn", "clean", "corrupt"):
+        np.testing.assert_allclose(reused[name].values, full[name].values, atol=1e-6, rtol=0, err_msg=name)

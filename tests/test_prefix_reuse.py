@@ -113,3 +113,22 @@ def test_text_position_sweeps_run_only_the_suffix_on_cached_keys_and_values(
     assert starts and min(starts) >= 16  # past the 16 image tokens: only the text is recomputed
     for name in (*SITES, "clean", "corrupt"):
         np.testing.assert_allclose(reused[name].values, full[name].values, atol=1e-6, rtol=0, err_msg=name)
+
+
+def test_the_vision_tower_encodes_each_image_once_per_sample(tiny_llava, llava_sample):
+    encoded_rows = []
+    embeddings = tiny_llava.model.model.vision_tower.embeddings
+    handle = embeddings.register_forward_hook(lambda _m, inputs, _out: encoded_rows.append(len(inputs[0])))
+    kwargs = dict(
+        corruption=vt.ImagePair(), grid=vt.Grid(sites=("block", "mlp")), progress=False, max_batch=16
+    )
+    try:
+        full = vt.patch(tiny_llava, [llava_sample], **kwargs)
+        plain_rows = sum(encoded_rows)
+        encoded_rows.clear()
+        reused = vt.patch(tiny_llava, [llava_sample], reuse_prefix=True, **kwargs)
+    finally:
+        handle.remove()
+    assert encoded_rows == [2]  # the clean and the paired image, once; every patched row reuses them
+    assert plain_rows > 100  # without reuse, every row of every chunk encodes its image
+    np.testing.assert_allclose(reused["block"].values, full["block"].values, atol=1e-6, rtol=0)

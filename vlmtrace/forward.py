@@ -203,6 +203,7 @@ def run(
     answer_slice: slice,
     backend: Any = None,
     prefix: tuple[int, torch.Tensor] | None = None,
+    image: Any = None,
 ) -> torch.Tensor:
     """Run one batched forward with `edits`; return the metric of every row (CPU floats).
 
@@ -210,7 +211,8 @@ def run(
     server, and only the per-row floats come back. `prefix=(first, states)` skips the stack's
     layers below `first`, every row starting from `states`, the [row, position, hidden]
     output of layer `first - 1` (prefix reuse: nothing is edited below `first`, so each row
-    computes there exactly what its baseline row computed once already).
+    computes there exactly what its baseline row computed once already). `image` replaces
+    the image encoder's output (`Prefix.image_rows`): it runs once per distinct image.
     """
     envoy = vlm.envoy
     layers = envoy_at(envoy, stack.layers)
@@ -224,6 +226,8 @@ def run(
         batch = {**batch, "logits_to_keep": len(answer)}  # logits of the answer positions only
     first, states = prefix if prefix is not None else (0, None)
     with torch.no_grad(), envoy.trace(fn=driver(vlm), backend=backend, **batch) as tracer:
+        if image is not None:
+            envoy_at(envoy, vlm.adapter.image_encoder).skip(image)
         if edits.noise is not None:  # also when skipping: BLIP's layers read the image again
             _noise(edits.noise, _activation(envoy, edits.noise.hook))
         for skipped in range(first):  # only the last skipped layer's output is ever read
@@ -259,11 +263,25 @@ class Prefix:
 
     `states[l]` is the [row, position, hidden] output of layer l (every layer but the last);
     `keys_values[l]` the (keys, values) of layer l's self-attention, [row, head, position,
-    dim], or None where the stack's model cannot resume from them (not a causal decoder).
+    dim], or None where the stack's model cannot resume from them (not a causal decoder);
+    `image` the image encoder's output (one row per baseline row), or None.
     """
 
     states: torch.Tensor
     keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None
+    image: Any = None
+
+    def image_rows(self, rows: list[int]) -> Any:
+        """The image encoder's output for rows that see baseline row `rows[r]`'s image."""
+
+        def take(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value[rows]
+            if isinstance(value, tuple):
+                return tuple(take(v) for v in value)
+            return value
+
+        return type(self.image)(**{name: take(value) for name, value in self.image.items()})
 
 
 def _forward_keeping_cache(model: torch.nn.Module, **batch: torch.Tensor) -> Any:
@@ -281,17 +299,27 @@ def baseline_prefix(vlm: VLM, stack: Stack, batch: dict, edits: Edits, *, keys_v
     layers = envoy_at(envoy, stack.layers)
     n_layers = vlm.shape.layers[_stack_name(vlm, stack)]
     fn = partial(_forward_keeping_cache, vlm.model) if keys_values else driver(vlm)
-    cache = None  # only values saved in a trace come out of it: set the default outside
+    cache = image = None  # only values saved in a trace come out of it: defaults outside
+    encoder = vlm.adapter.image_encoder if "pixel_values" in batch else None
     with torch.no_grad(), envoy.trace(fn=fn, **batch) as tracer:
+        if encoder is not None:
+            image = envoy_at(envoy, encoder).output.save()
         if edits.noise is not None:
             _noise(edits.noise, _activation(envoy, edits.noise.hook))
         outputs = [layers[i].output.clone() for i in range(n_layers - 1)]
         states = torch.stack(outputs).save() if outputs else torch.empty(0).save()
         if keys_values:
             cache = tracer.result.save()
-    if cache is None:
-        return Prefix(states, None)
-    return Prefix(states, [(layer.keys, layer.values) for layer in cache.layers])
+    rows = len(batch["pixel_values"]) if encoder is not None else 0
+    if image is not None and not _one_row_per_image(image, rows):
+        image = None  # e.g. LLaVA-NeXT encodes several tiles per image: not reusable by row
+    keys_values = None if cache is None else [(layer.keys, layer.values) for layer in cache.layers]
+    return Prefix(states, keys_values, image)
+
+
+def _one_row_per_image(output: Any, rows: int) -> bool:
+    tensors = [v for v in output.values() if isinstance(v, torch.Tensor)]
+    return hasattr(output, "items") and bool(tensors) and all(len(t) == rows for t in tensors)
 
 
 def resume_cache(prefix: Prefix, rows: list[int], start: int) -> Any:

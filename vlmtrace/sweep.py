@@ -499,7 +499,7 @@ def run_chunk(
             for layer in cell.layers:
                 edits.patch(layer, cell.site).add(row, dst_pos, src_row, src_pos, cell.head)
     batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
-    skip = None
+    skip = image = None
     if prefix is not None and chunk:
         # each row's baseline row: clean is row 0, corrupted draw d is row 1 + d
         patched_sources = [1 + d if patched_input == "corrupt" else 0 for _, d in chunk]
@@ -512,6 +512,8 @@ def run_chunk(
         first = min(layer for layer, _ in edits.patches)
         if first > 0:
             skip = (first, prefix.states[first - 1][sources][:, start:])
+        if start == 0 and prefix.image is not None:  # the suffix of a resumed run has no image
+            image = prefix.image_rows(sources)
     return run(
         vlm,
         stack,
@@ -523,6 +525,7 @@ def run_chunk(
         answer_slice=prepared.answer_slice(vlm),
         backend=backend,
         prefix=skip,
+        image=image,
     )
 
 

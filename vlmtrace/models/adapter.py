@@ -97,6 +97,9 @@ class Adapter:
     positions: the answer positions, under left padding. Saves rows x positions x vocab."""
     image_token_config: str | None = None
     """Config path of the image token id, for models that place image tokens in the prompt."""
+    image_encoder: str | None = None
+    """Path of the module that encodes pixels (one output row per image). Its output depends
+    on the image alone, so prefix reuse computes it once per distinct image."""
     notes: str = ""
 
     @property

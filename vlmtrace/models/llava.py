@@ -65,5 +65,6 @@ LLAVA = register(
         encode=encode,
         forward=forward,
         image_token_config="image_token_id",
+        image_encoder="model.vision_tower",
     )
 )
