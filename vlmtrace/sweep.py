@@ -500,7 +500,7 @@ def run_chunk(
                 edits.patch(layer, cell.site).add(row, dst_pos, src_row, src_pos, cell.head)
     batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
     skip = image = None
-    if prefix is not None and chunk:
+    if prefix is not None and edits.patches:
         # each row's baseline row: clean is row 0, corrupted draw d is row 1 + d
         patched_sources = [1 + d if patched_input == "corrupt" else 0 for _, d in chunk]
         sources = [0] + [1 + d for d in range(k)] + patched_sources
