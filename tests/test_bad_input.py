@@ -128,3 +128,11 @@ def test_a_full_disk_is_reported_and_finished_chunks_are_kept(
         patch(tiny_llava, llava_sample, grid=grid, store=store, max_batch=6)
     monkeypatch.setattr(xr.Dataset, "to_zarr", original)
     assert int(vt.open_result(store)["progress"].sum()) == 8  # 2 chunks x 4 cells survived
+
+
+def test_a_non_blocking_submit_backend_in_a_sweep_names_the_modes_that_work(tiny_llava, llava_sample):
+    from vlmtrace.remote.client import ServerBackend
+
+    submit = ServerBackend("tiny-llava", host="http://127.0.0.1:9", api_key="k", mode="submit")
+    with pytest.raises(ValueError, match="mode='poll'"):
+        vt.patch(tiny_llava, [llava_sample], corruption=vt.ImagePair(), backend=submit, progress=False)

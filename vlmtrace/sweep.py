@@ -256,6 +256,12 @@ def patch(
         n_layers=vlm.shape.layers[stack_name],
         n_heads=vlm.shape.heads[stack_name],
     )
+    if getattr(backend, "mode", None) == "submit":
+        raise ValueError(
+            "a sweep needs each chunk's values before it writes them, so it cannot use a "
+            "non-blocking 'submit' backend; use mode='poll' (no connection held while a chunk "
+            "runs) or 'stream', or submit single traces of your own with mode='submit'."
+        )
     if reuse_prefix:
         check_prefix_reuse(vlm, stack, backend)
     mine = shard_indices(len(samples), shard)
