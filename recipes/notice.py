@@ -85,16 +85,16 @@ def run(
     ds = combine(parts, dim="corruption")
     head_site = head_grid.sites[0]
     ds["head_effect"] = vt.normalised(ds, head_site).sel(window=1)
-    ds["attention"], ds["image"] = image_attention(vlm, samples)
+    ds["attention"], ds["image"] = image_attention(vlm, samples, backend=options.backend)
     return ds
 
 
-def image_attention(vlm: vt.VLM, samples: list[vt.Sample]):
+def image_attention(vlm: vt.VLM, samples: list[vt.Sample], backend=None):
     """Attention of the answer position over image patches, per (sample, layer, head, patch)."""
     kind = "self" if vlm.adapter.image_in_sequence else "cross"
     weights, images = [], []
     for sample in samples:
-        pattern = attention_pattern(vlm, sample, kind=kind)
+        pattern = attention_pattern(vlm, sample, kind=kind, backend=backend)
         if kind == "self":
             pattern = pattern.where(pattern["label"] == "image", drop=True)
         else:

@@ -28,7 +28,7 @@ import vlmtrace as vt
 import vlmtrace.sweep as sweep
 from vlmtrace.cli import app
 from vlmtrace.forward import driver
-from vlmtrace.recipes import information_flow, visual_constraint
+from vlmtrace.recipes import information_flow, notice, visual_constraint
 from vlmtrace.remote import RemoteError, ServerBackend, ServerUnavailableError, backend, model_key
 from vlmtrace.remote.client import shipped_by_value
 from vlmtrace.remote.keys import served_name
@@ -177,6 +177,14 @@ def test_an_attention_knockout_recipe_runs_remotely_bit_for_bit(servers, llava, 
     remote_options = vt.Options(progress=False, backend=backend(llava, host=servers["open"].url))
     remote = information_flow.run(llava, [llava_sample], options=remote_options)
     assert same_values(local, remote)
+
+
+def test_notice_with_its_attention_patterns_runs_remotely_bit_for_bit(servers, llava, llava_sample):
+    local = notice.run(llava, [llava_sample], options=vt.Options(progress=False))
+    remote_options = vt.Options(progress=False, backend=backend(llava, host=servers["open"].url))
+    remote = notice.run(llava, [llava_sample], options=remote_options)
+    assert same_values(local, remote)
+    assert float(abs(remote["attention"]).sum()) > 0
 
 
 def test_blip_with_seeded_image_noise_runs_remotely_bit_for_bit(servers, blip, blip_sample):

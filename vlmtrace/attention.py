@@ -12,6 +12,8 @@ Requires eager attention (the default of `vlmtrace.load`): fused kernels return 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import xarray as xr
@@ -24,9 +26,18 @@ from .models.load import VLM
 
 
 def attention_pattern(
-    vlm: VLM, sample: Sample, *, kind: str = "self", query: str = "last", stack: str | None = None
+    vlm: VLM,
+    sample: Sample,
+    *,
+    kind: str = "self",
+    query: str = "last",
+    stack: str | None = None,
+    backend: Any = None,
 ) -> xr.DataArray:
-    """Attention of the `query` segment's positions (averaged) over all keys, per layer and head."""
+    """Attention of the `query` segment's positions (averaged) over all keys, per layer and head.
+
+    `backend`: an nnsight backend (remote execution); only the averaged weights travel back.
+    """
     stack_name = stack or vlm.adapter.default_stack
     the_stack = vlm.adapter.stacks[stack_name]
     if kind not in the_stack.patterns:
@@ -43,7 +54,7 @@ def attention_pattern(
     n_layers = vlm.shape.layers[stack_name]
     envoy = vlm.envoy
     layers = envoy_at(envoy, the_stack.layers)
-    with torch.no_grad(), envoy.trace(fn=driver(vlm), **batch):
+    with torch.no_grad(), envoy.trace(fn=driver(vlm), backend=backend, **batch):
         rows = []
         for index in range(n_layers):
             value = envoy_at(layers[index], hook.path).output[hook.index]
