@@ -225,9 +225,10 @@ def run(
     if vlm.adapter.keeps_last_logits and vlm.adapter.answer_sequence == "prompt":
         batch = {**batch, "logits_to_keep": len(answer)}  # logits of the answer positions only
     first, states = prefix if prefix is not None else (0, None)
+    image_encoder = vlm.adapter.image_encoder
     with torch.no_grad(), envoy.trace(fn=driver(vlm), backend=backend, **batch) as tracer:
         if image is not None:
-            envoy_at(envoy, vlm.adapter.image_encoder).skip(image)
+            envoy_at(envoy, image_encoder).skip(image)
         if edits.noise is not None:  # also when skipping: BLIP's layers read the image again
             _noise(edits.noise, _activation(envoy, edits.noise.hook))
         for skipped in range(first):  # only the last skipped layer's output is ever read
