@@ -1,0 +1,75 @@
+"""GQA, read as published: a balanced questions file keyed by question id, images by imageId.
+
+GQA's questions file is one JSON object from question id to question, unlike the lists of the
+other datasets, and its test and challenge splits carry no answers; this loader reads that
+layout and says which split to load instead.
+
+    samples = load_gqa("gqa/val_balanced_questions.json", "gqa/images", n=100)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..sample import Sample
+from .question import (
+    DEFAULT_TEMPLATE,
+    DatasetError,
+    SpanRequest,
+    _assemble,
+    _check_options,
+    _describe,
+    _need,
+    _Question,
+    _read_json,
+    _require_dir,
+)
+
+
+def load_gqa(
+    questions_json: str | Path,
+    image_dir: str | Path,
+    *,
+    n: int | None = None,
+    prompt_template: str = DEFAULT_TEMPLATE,
+    spans: SpanRequest | None = None,
+) -> list[Sample]:
+    """GQA questions (the balanced files: a JSON object keyed by question id), images {imageId}.jpg.
+
+    The short `answer` is the answer; `meta` keeps `full_answer` and the question `types`.
+    """
+    _check_options(n, prompt_template, spans)
+    questions_json, image_dir = Path(questions_json), _require_dir(image_dir, "GQA image")
+    document = _read_json(questions_json, "GQA questions")
+    if not isinstance(document, dict) or not all(isinstance(row, dict) for row in document.values()):
+        raise DatasetError(
+            f"{questions_json} is not a GQA questions file: expected a JSON object keyed by question "
+            'id, each {"imageId", "question", "answer", ...}; got ' + _describe(document) + "."
+        )
+
+    def read() -> Iterator[_Question]:
+        for question_id, row in document.items():
+            if "answer" not in row:
+                raise DatasetError(
+                    f"question {question_id} of {questions_json} has no answer; GQA's test and "
+                    "challenge questions are unanswered, load the val or testdev balanced questions."
+                )
+            image_id = _need(row, "imageId", questions_json, question_id)
+            yield _Question(
+                id=f"gqa-{question_id}",
+                question=_need(row, "question", questions_json, question_id),
+                answer=str(row["answer"]),
+                image=image_dir / f"{image_id}.jpg",
+                meta={
+                    "question_id": question_id,
+                    "image_id": image_id,
+                    "full_answer": row.get("fullAnswer"),
+                    "types": row.get("types", {}),
+                },
+            )
+
+    hint = "GQA images are named {imageId}.jpg; pass the folder images.zip unpacks to."
+    return _assemble(
+        read(), source=questions_json, n=n, prompt_template=prompt_template, spans=spans, hint=hint
+    )
