@@ -602,3 +602,17 @@ def test_dataset_unknown_layout_error_lists_the_accepted_layouts(tmp_path):
 def test_dataset_missing_path_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_dataset(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("through", ["load_clevr", "load_dataset"])
+def test_the_skip_warning_points_at_the_callers_line_not_inside_the_loaders(tmp_path, through):
+    root = _clevr(tmp_path)
+    questions = root / "questions" / "CLEVR_val_questions.json"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if through == "load_clevr":
+            load_clevr(questions, root / "images", spans={"s": "cube"})
+        else:
+            load_dataset(questions, spans={"s": "cube"})
+    (warning,) = [w for w in caught if w.category is SkippedSamplesWarning]
+    assert warning.filename == __file__
