@@ -59,6 +59,7 @@ from .sweep import (
     Plan,
     Prepared,
     baseline_edits,
+    checked_stack,
     lay_out,
     warn_if_corruption_did_nothing,
 )
@@ -98,19 +99,7 @@ def attribute(
     One forward (clean row + corrupted rows) and one backward per sample; `attrs["experiment"]`
     is "attribution" so an estimate is never mistaken for a measurement.
     """
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}.")
-    if not samples:
-        raise ValueError("no samples to attribute: the data set is empty.")
-    stack_name = grid.stack or vlm.adapter.default_stack
-    if stack_name not in vlm.adapter.stacks:
-        raise ValueError(f"{vlm.name} has no stack {stack_name!r}; it has {list(vlm.adapter.stacks)}.")
-    stack = vlm.adapter.stacks[stack_name]
-    grid.check(
-        available_sites=list(stack.sites),
-        n_layers=vlm.shape.layers[stack_name],
-        n_heads=vlm.shape.heads[stack_name],
-    )
+    stack_name, stack = checked_stack(vlm, samples, grid, direction, verb="attribute")
     if direction == "noise" and isinstance(metric, KL):
         warnings.warn(
             "KL(clean || x) has zero gradient at the clean run, so every noising estimate equals "

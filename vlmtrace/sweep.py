@@ -175,6 +175,26 @@ def plan(vlm: VLM, stack_name: str, prepared: Prepared, grid: Grid) -> Plan:
     return Plan(prepared, cells, work, aligned)
 
 
+def checked_stack(
+    vlm: VLM, samples: Sequence[Sample], grid: Grid, direction: str, *, verb: str
+) -> tuple[str, Stack]:
+    """The grid's stack, after refusing inputs no sweep can run (before any forward)."""
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}.")
+    if not samples:
+        raise ValueError(f"no samples to {verb}: the data set is empty.")
+    stack_name = grid.stack or vlm.adapter.default_stack
+    if stack_name not in vlm.adapter.stacks:
+        raise ValueError(f"{vlm.name} has no stack {stack_name!r}; it has {list(vlm.adapter.stacks)}.")
+    stack = vlm.adapter.stacks[stack_name]
+    grid.check(
+        available_sites=list(stack.sites),
+        n_layers=vlm.shape.layers[stack_name],
+        n_heads=vlm.shape.heads[stack_name],
+    )
+    return stack_name, stack
+
+
 def lay_out(
     vlm: VLM,
     samples: Sequence[Sample],
@@ -243,19 +263,7 @@ def patch(
     patched layer and every layer below it is skipped, starting from the baseline rows'
     states computed once per sample (same results to float rounding; local runs only).
     """
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}.")
-    if not samples:
-        raise ValueError("no samples to patch: the data set is empty.")
-    stack_name = grid.stack or vlm.adapter.default_stack
-    if stack_name not in vlm.adapter.stacks:
-        raise ValueError(f"{vlm.name} has no stack {stack_name!r}; it has {list(vlm.adapter.stacks)}.")
-    stack = vlm.adapter.stacks[stack_name]
-    grid.check(
-        available_sites=list(stack.sites),
-        n_layers=vlm.shape.layers[stack_name],
-        n_heads=vlm.shape.heads[stack_name],
-    )
+    stack_name, stack = checked_stack(vlm, samples, grid, direction, verb="patch")
     if getattr(backend, "mode", None) == "submit":
         raise ValueError(
             "a sweep needs each chunk's values before it writes them, so it cannot use a "
