@@ -259,9 +259,11 @@ def patch(
     `store`, results are written to zarr as chunks finish and a rerun resumes. With
     `screen=k`, attribution patching (`vlmtrace.attribution`) estimates every cell first and
     only the k cells of largest estimated |effect| per sample, window and site are patched;
-    the others stay NaN. With `reuse_prefix=True`, cells are run grouped by their first
-    patched layer and every layer below it is skipped, starting from the baseline rows'
-    states computed once per sample (same results to float rounding; local runs only).
+    the others stay NaN. With `reuse_prefix=True`, the clean and corrupted runs are computed
+    once per sample and every chunk starts from them: the layers below its first patched layer
+    are skipped, in a causal decoder only the positions from its first patched one are
+    computed (on cached keys/values), and the image encoder runs once per distinct image.
+    Same results; local runs only (`tests/test_prefix_reuse.py`).
     """
     stack_name, stack = checked_stack(vlm, samples, grid, direction, verb="patch")
     if getattr(backend, "mode", None) == "submit":
