@@ -15,14 +15,14 @@ from ..sample import Sample
 from .question import (
     DEFAULT_TEMPLATE,
     DatasetError,
+    RawQuestion,
     SpanRequest,
-    _assemble,
-    _check_options,
-    _list_field,
-    _need,
-    _Question,
-    _read_json,
-    _require_dir,
+    assemble,
+    check_options,
+    list_field,
+    read_json,
+    require_dir,
+    required_field,
 )
 
 
@@ -39,28 +39,28 @@ def load_clevr(
     `image_dir` may be CLEVR_v1.0/images (a folder per split) or the split's folder itself.
     `meta` keeps `question_family_index`, `image_index` and `split`.
     """
-    _check_options(n, prompt_template, spans)
-    questions_json, image_dir = Path(questions_json), _require_dir(image_dir, "CLEVR image")
-    rows = _list_field(
-        _read_json(questions_json, "CLEVR questions"), "questions", questions_json, "a CLEVR file"
+    check_options(n, prompt_template, spans)
+    questions_json, image_dir = Path(questions_json), require_dir(image_dir, "CLEVR image")
+    rows = list_field(
+        read_json(questions_json, "CLEVR questions"), "questions", questions_json, "a CLEVR file"
     )
 
-    def read() -> Iterator[_Question]:
+    def read() -> Iterator[RawQuestion]:
         for index, row in enumerate(rows):
             if "answer" not in row:
                 raise DatasetError(
                     f"question {index} of {questions_json} has no answer; CLEVR's test questions are "
                     "unanswered, load the val (or train) questions."
                 )
-            filename = _need(row, "image_filename", questions_json, index)
+            filename = required_field(row, "image_filename", questions_json, index)
             split = row.get("split")
             image = image_dir / filename
             if not image.exists() and split and (image_dir / split / filename).exists():
                 image = image_dir / split / filename
             question_id = row.get("question_index", index)
-            yield _Question(
+            yield RawQuestion(
                 id=f"clevr-{question_id}",
-                question=_need(row, "question", questions_json, index),
+                question=required_field(row, "question", questions_json, index),
                 answer=str(row["answer"]),
                 image=image,
                 meta={
@@ -72,6 +72,6 @@ def load_clevr(
             )
 
     hint = "CLEVR images lie in images/{split}/; pass CLEVR_v1.0/images or the split's folder."
-    return _assemble(
+    return assemble(
         read(), source=questions_json, n=n, prompt_template=prompt_template, spans=spans, hint=hint
     )

@@ -2,9 +2,9 @@
 
 Releases name the files differently (COCO_val2014_{id:012d}.jpg in 2014, {id:012d}.jpg in 2017)
 and unpack them flat or into a folder per split, so a loader cannot build the path from the id.
-`_CocoImages` lists the image folder and the folders inside it once, on the first lookup.
+`CocoImages` lists the image folder and the folders inside it once, on the first lookup.
 
-    images = _CocoImages(Path("coco"), "val2014")  # prefers COCO_val2014_ when an id is found twice
+    images = CocoImages(Path("coco"), "val2014")  # prefers COCO_val2014_ when an id is found twice
     images.path(262148)                            # coco/val2014/COCO_val2014_000000262148.jpg
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 _COCO_IMAGE = re.compile(r"^(?:COCO_(\w+?)_)?(\d{12})\.(?:jpg|jpeg|png)$", re.IGNORECASE)
 
 
-class _CocoImages:
+class CocoImages:
     """COCO images by id, whichever split prefix (COCO_val2014_) or subfolder (val2014/) they have."""
 
     def __init__(self, image_dir: Path, subtype: str | None):

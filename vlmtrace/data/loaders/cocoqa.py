@@ -2,7 +2,7 @@
 
 COCO-QA has no JSON: DIR/{split}/ holds questions.txt, answers.txt, img_ids.txt and types.txt,
 whose lines belong together by position. This loader checks that the files agree in length and
-finds the COCO 2014 images through `_CocoImages`.
+finds the COCO 2014 images through `CocoImages`.
 
     samples = load_coco_qa("cocoqa", image_dir="coco", split="test", n=100)
 """
@@ -13,15 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..sample import Sample
-from .coco_images import _CocoImages
+from .coco_images import CocoImages
 from .question import (
     DEFAULT_TEMPLATE,
     DatasetError,
+    RawQuestion,
     SpanRequest,
-    _assemble,
-    _check_options,
-    _Question,
-    _require_dir,
+    assemble,
+    check_options,
+    require_dir,
 )
 
 _COCO_QA_FILES = ("questions", "answers", "img_ids", "types")
@@ -44,7 +44,7 @@ def load_coco_qa(
     "{split}-{line index}". `image_dir` holds the COCO 2014 images, directly or in train2014/
     and val2014/ inside it.
     """
-    _check_options(n, prompt_template, spans)
+    check_options(n, prompt_template, spans)
     split_dir = Path(directory) / split
     paths = {name: split_dir / f"{name}.txt" for name in _COCO_QA_FILES}
     missing = [path.name for path in paths.values() if not path.is_file()]
@@ -60,12 +60,12 @@ def load_coco_qa(
             f"COCO-QA files in {split_dir} must have one line per question each; got {lengths}. "
             "Re-extract the archive."
         )
-    images = _CocoImages(_require_dir(image_dir, "COCO image"), None)
+    images = CocoImages(require_dir(image_dir, "COCO image"), None)
 
-    def read() -> Iterator[_Question]:
+    def read() -> Iterator[RawQuestion]:
         rows = zip(*(columns[name] for name in _COCO_QA_FILES), strict=True)
         for index, (question, answer, image_id, kind) in enumerate(rows):
-            yield _Question(
+            yield RawQuestion(
                 id=f"coco_qa-{split}-{index}",
                 question=question.strip(),
                 answer=answer.strip(),
@@ -78,6 +78,6 @@ def load_coco_qa(
             )
 
     hint = "COCO-QA uses COCO 2014 images (COCO_train2014_/COCO_val2014_{image_id:012d}.jpg)."
-    return _assemble(
+    return assemble(
         read(), source=paths["questions"], n=n, prompt_template=prompt_template, spans=spans, hint=hint
     )

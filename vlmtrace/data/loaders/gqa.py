@@ -16,14 +16,14 @@ from ..sample import Sample
 from .question import (
     DEFAULT_TEMPLATE,
     DatasetError,
+    RawQuestion,
     SpanRequest,
-    _assemble,
-    _check_options,
-    _describe,
-    _need,
-    _Question,
-    _read_json,
-    _require_dir,
+    assemble,
+    check_options,
+    describe_json,
+    read_json,
+    require_dir,
+    required_field,
 )
 
 
@@ -39,26 +39,26 @@ def load_gqa(
 
     The short `answer` is the answer; `meta` keeps `full_answer` and the question `types`.
     """
-    _check_options(n, prompt_template, spans)
-    questions_json, image_dir = Path(questions_json), _require_dir(image_dir, "GQA image")
-    document = _read_json(questions_json, "GQA questions")
+    check_options(n, prompt_template, spans)
+    questions_json, image_dir = Path(questions_json), require_dir(image_dir, "GQA image")
+    document = read_json(questions_json, "GQA questions")
     if not isinstance(document, dict) or not all(isinstance(row, dict) for row in document.values()):
         raise DatasetError(
             f"{questions_json} is not a GQA questions file: expected a JSON object keyed by question "
-            'id, each {"imageId", "question", "answer", ...}; got ' + _describe(document) + "."
+            'id, each {"imageId", "question", "answer", ...}; got ' + describe_json(document) + "."
         )
 
-    def read() -> Iterator[_Question]:
+    def read() -> Iterator[RawQuestion]:
         for question_id, row in document.items():
             if "answer" not in row:
                 raise DatasetError(
                     f"question {question_id} of {questions_json} has no answer; GQA's test and "
                     "challenge questions are unanswered, load the val or testdev balanced questions."
                 )
-            image_id = _need(row, "imageId", questions_json, question_id)
-            yield _Question(
+            image_id = required_field(row, "imageId", questions_json, question_id)
+            yield RawQuestion(
                 id=f"gqa-{question_id}",
-                question=_need(row, "question", questions_json, question_id),
+                question=required_field(row, "question", questions_json, question_id),
                 answer=str(row["answer"]),
                 image=image_dir / f"{image_id}.jpg",
                 meta={
@@ -70,6 +70,6 @@ def load_gqa(
             )
 
     hint = "GQA images are named {imageId}.jpg; pass the folder images.zip unpacks to."
-    return _assemble(
+    return assemble(
         read(), source=questions_json, n=n, prompt_template=prompt_template, spans=spans, hint=hint
     )

@@ -1,15 +1,15 @@
 """What every loader shares: a dataset's question as read, and how it becomes a `Sample`.
 
-Each format module reads its own file layout into `_Question` records and hands them to
-`_assemble`, which applies the choices every loader makes the same way (see the package
+Each format module reads its own file layout into `RawQuestion` records and hands them to
+`assemble`, which applies the choices every loader makes the same way (see the package
 docstring): the prompt template, the requested constraint spans and the skip warning, `n`, and
 images opened only for the samples kept, with errors naming the image and the dataset file. The
 checks on options and the readers of JSON fields live here too, so that every format rejects bad
 input with the same messages.
 
-    _check_options(n, prompt_template, spans)           # before reading a large file
-    rows = _list_field(_read_json(path, "CLEVR questions"), "questions", path, "a CLEVR file")
-    return _assemble(read(), source=path, n=n, prompt_template=prompt_template, spans=spans, hint=hint)
+    check_options(n, prompt_template, spans)           # before reading a large file
+    rows = list_field(read_json(path, "CLEVR questions"), "questions", path, "a CLEVR file")
+    return assemble(read(), source=path, n=n, prompt_template=prompt_template, spans=spans, hint=hint)
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class SkippedSamplesWarning(UserWarning):
 
 
 @dataclass(frozen=True)
-class _Question:
+class RawQuestion:
     """One question as a dataset file states it, before its prompt is made and its image opened."""
 
     id: str
@@ -59,8 +59,8 @@ class _Question:
     foil: str | None = None
 
 
-def _assemble(
-    questions: Iterable[_Question],
+def assemble(
+    questions: Iterable[RawQuestion],
     *,
     source: Path,
     n: int | None,
@@ -169,7 +169,7 @@ def _open_image(path: Path, sample_id: str, source: Path, hint: str) -> Image.Im
         ) from error
 
 
-def _check_options(n: int | None, prompt_template: str, spans: SpanRequest | None) -> None:
+def check_options(n: int | None, prompt_template: str, spans: SpanRequest | None) -> None:
     """Reject bad arguments before reading a dataset file, which can take a while."""
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n is the number of samples to load, a positive int or None (all); got {n!r}.")
@@ -196,7 +196,7 @@ def _check_options(n: int | None, prompt_template: str, spans: SpanRequest | Non
             raise ValueError(f"spans {empty} are empty or not text; give each span the words it covers.")
 
 
-def _read_json(path: Path, what: str) -> Any:
+def read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist.")
     try:
@@ -206,15 +206,15 @@ def _read_json(path: Path, what: str) -> Any:
         raise DatasetError(f"{path} is not valid JSON ({error}); is it a {what} file?") from None
 
 
-def _list_field(document: Any, key: str, path: Path, what: str) -> list[dict[str, Any]]:
+def list_field(document: Any, key: str, path: Path, what: str) -> list[dict[str, Any]]:
     if not isinstance(document, dict) or not isinstance(document.get(key), list):
         raise DatasetError(
-            f"{path} is not {what}: expected a JSON object with a {key!r} list; got {_describe(document)}."
+            f"{path} is not {what}: expected a JSON object with a {key!r} list; got {describe_json(document)}."
         )
     return document[key]
 
 
-def _need(record: Any, key: str, path: Path, where: int | str) -> Any:
+def required_field(record: Any, key: str, path: Path, where: int | str) -> Any:
     if not isinstance(record, dict) or key not in record:
         raise DatasetError(
             f"entry {where} of {path} has no {key!r}; is this file in the format its loader reads?"
@@ -222,13 +222,13 @@ def _need(record: Any, key: str, path: Path, where: int | str) -> Any:
     return record[key]
 
 
-def _describe(document: Any) -> str:
+def describe_json(document: Any) -> str:
     if isinstance(document, dict):
         return f"an object with keys {sorted(document)[:5]}"
     return f"a JSON {type(document).__name__}"
 
 
-def _require_dir(path: str | Path, what: str) -> Path:
+def require_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{what} folder {path} does not exist; pass the folder holding the images.")

@@ -19,11 +19,11 @@ from ..sample import Sample
 from .question import (
     DEFAULT_TEMPLATE,
     DatasetError,
+    RawQuestion,
     SpanRequest,
-    _assemble,
-    _check_options,
-    _describe,
-    _Question,
+    assemble,
+    check_options,
+    describe_json,
 )
 
 _TABLE_FIELDS = {"image", "question", "prompt", "answer", "spans", "replacements", "image_pair", "foil", "id"}
@@ -53,7 +53,7 @@ def load_table(
         image,question,answer,span:visual,replacement:visual
         scene1.png,what colour is the left shape ?,red,the left shape,the right shape
     """
-    _check_options(n, prompt_template, spans)
+    check_options(n, prompt_template, spans)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"table {path} does not exist; pass a .jsonl or .csv file.")
@@ -67,12 +67,12 @@ def load_table(
             f"{path}: a table is a .jsonl or .csv file, not {suffix or 'a file without suffix'}."
         )
 
-    def read() -> Iterator[_Question]:
+    def read() -> Iterator[RawQuestion]:
         for index, (where, record) in enumerate(records):
             yield _table_question(record, path=path, where=where, index=index)
 
     hint = "image paths in a table are relative to the table's folder."
-    return _assemble(read(), source=path, n=n, prompt_template=prompt_template, spans=spans, hint=hint)
+    return assemble(read(), source=path, n=n, prompt_template=prompt_template, spans=spans, hint=hint)
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -86,7 +86,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise DatasetError(f"line {number} of {path} is not valid JSON ({error}).") from None
             if not isinstance(record, dict):
                 raise DatasetError(
-                    f"line {number} of {path} is {_describe(record)}; each line is one JSON object."
+                    f"line {number} of {path} is {describe_json(record)}; each line is one JSON object."
                 )
             yield f"line {number}", record
 
@@ -108,7 +108,7 @@ def _csv_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"line {reader.line_num}", record
 
 
-def _table_question(record: dict[str, Any], *, path: Path, where: str, index: int) -> _Question:
+def _table_question(record: dict[str, Any], *, path: Path, where: str, index: int) -> RawQuestion:
     def given(key: str) -> bool:
         return record.get(key) not in (None, "")
 
@@ -124,7 +124,7 @@ def _table_question(record: dict[str, Any], *, path: Path, where: str, index: in
         value = record.get(key, {})
         if not isinstance(value, dict) or not all(isinstance(text, str) for text in value.values()):
             raise DatasetError(f"{key} on {where} of {path} must be an object name -> text; got {value!r}.")
-    return _Question(
+    return RawQuestion(
         id=str(record["id"]) if given("id") else f"{path.stem}-{index}",
         question=str(record["question"] if given("question") else record["prompt"]),
         answer=str(record["answer"]),

@@ -2,7 +2,7 @@
 
 VQA v2 keeps the answers (ten human answers and a consensus) in an annotations file apart from the
 questions, and names images after their COCO split, so this loader joins the two files by question
-id and finds each image through `_CocoImages`.
+id and finds each image through `CocoImages`.
 
     samples = load_vqa_v2("v2_OpenEnded_mscoco_val2014_questions.json",
                           "v2_mscoco_val2014_annotations.json", "coco/val2014", n=100)
@@ -14,18 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..sample import Sample
-from .coco_images import _CocoImages
+from .coco_images import CocoImages
 from .question import (
     DEFAULT_TEMPLATE,
     DatasetError,
+    RawQuestion,
     SpanRequest,
-    _assemble,
-    _check_options,
-    _list_field,
-    _need,
-    _Question,
-    _read_json,
-    _require_dir,
+    assemble,
+    check_options,
+    list_field,
+    read_json,
+    require_dir,
+    required_field,
 )
 
 
@@ -44,23 +44,25 @@ def load_vqa_v2(
     (2014 release) or {id:012d}.jpg (2017 release), directly or in a folder inside it (val2014/).
     `meta` keeps the ten human `answers`, `answer_type`, `question_type` and the ids.
     """
-    _check_options(n, prompt_template, spans)
+    check_options(n, prompt_template, spans)
     questions_json, annotations_json = Path(questions_json), Path(annotations_json)
-    questions = _read_json(questions_json, "VQA v2 questions")
-    rows = _list_field(questions, "questions", questions_json, "a VQA v2 questions file")
-    annotations = _list_field(
-        _read_json(annotations_json, "VQA v2 annotations"),
+    questions = read_json(questions_json, "VQA v2 questions")
+    rows = list_field(questions, "questions", questions_json, "a VQA v2 questions file")
+    annotations = list_field(
+        read_json(annotations_json, "VQA v2 annotations"),
         "annotations",
         annotations_json,
         "a VQA v2 annotations file",
     )
-    by_question = {_need(a, "question_id", annotations_json, i): a for i, a in enumerate(annotations)}
+    by_question = {
+        required_field(a, "question_id", annotations_json, i): a for i, a in enumerate(annotations)
+    }
     subtype = questions.get("data_subtype")
-    images = _CocoImages(_require_dir(image_dir, "COCO image"), subtype)
+    images = CocoImages(require_dir(image_dir, "COCO image"), subtype)
 
-    def read() -> Iterator[_Question]:
+    def read() -> Iterator[RawQuestion]:
         for index, row in enumerate(rows):
-            question_id = _need(row, "question_id", questions_json, index)
+            question_id = required_field(row, "question_id", questions_json, index)
             annotation = by_question.get(question_id)
             if annotation is None:
                 raise DatasetError(
@@ -68,11 +70,11 @@ def load_vqa_v2(
                     f"{questions_json}; pass the annotations file of the same split (VQA v2 test "
                     "questions have no public answers)."
                 )
-            image_id = int(_need(row, "image_id", questions_json, index))
-            yield _Question(
+            image_id = int(required_field(row, "image_id", questions_json, index))
+            yield RawQuestion(
                 id=f"vqa_v2-{question_id}",
-                question=_need(row, "question", questions_json, index),
-                answer=_need(annotation, "multiple_choice_answer", annotations_json, index),
+                question=required_field(row, "question", questions_json, index),
+                answer=required_field(annotation, "multiple_choice_answer", annotations_json, index),
                 image=images.path(image_id),
                 meta={
                     "question_id": question_id,
@@ -88,6 +90,6 @@ def load_vqa_v2(
         f"VQA v2 images are named {prefix}{{image_id:012d}}.jpg or {{image_id:012d}}.jpg, in the "
         "image folder or a folder inside it; pass the COCO image folder of the questions' split."
     )
-    return _assemble(
+    return assemble(
         read(), source=questions_json, n=n, prompt_template=prompt_template, spans=spans, hint=hint
     )
