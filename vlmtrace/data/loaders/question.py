@@ -209,7 +209,8 @@ def read_json(path: Path, what: str) -> Any:
 def list_field(document: Any, key: str, path: Path, what: str) -> list[dict[str, Any]]:
     if not isinstance(document, dict) or not isinstance(document.get(key), list):
         raise DatasetError(
-            f"{path} is not {what}: expected a JSON object with a {key!r} list; got {describe_json(document)}."
+            f"{path} is not {what}: expected a JSON object with a {key!r} list; "
+            f"got {describe_json(document)}."
         )
     return document[key]
 
