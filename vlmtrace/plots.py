@@ -41,23 +41,28 @@ def _limits(values: np.ndarray) -> float:
     return float(finite.max()) if finite.size and finite.max() > 0 else 1.0
 
 
+def _diverging(ax, values: np.ndarray, columns, rows, *, limit: float | None = None, **extra) -> None:
+    """A heatmap centred on zero (restoring helps: red; hurts: blue), on a symmetric scale."""
+    limit = _limits(values) if limit is None else limit
+    sns.heatmap(
+        values,
+        ax=ax,
+        cmap=CMAP,
+        vmin=-limit,
+        vmax=limit,
+        xticklabels=list(columns),
+        yticklabels=list(rows),
+        **extra,
+    )
+
+
 def heatmap(da: xr.DataArray, *, path: str | Path, title: str = "") -> Path:
     """Layer x position for one sample, positions labelled with their tokens."""
     da = da.transpose("layer", ...)
     columns = da.dims[1]
     labels = [str(t) for t in (da["token"].values if "token" in da.coords else da[columns].values)]
     figure, ax = plt.subplots(figsize=(max(4, 0.45 * len(labels) + 2), 0.45 * da.sizes["layer"] + 1.8))
-    limit = _limits(da.values)
-    sns.heatmap(
-        da.values,
-        ax=ax,
-        cmap=CMAP,
-        vmin=-limit,
-        vmax=limit,
-        xticklabels=labels,
-        yticklabels=list(da["layer"].values),
-        cbar_kws={"label": str(da.name or "effect")},
-    )
+    _diverging(ax, da.values, labels, da["layer"].values, cbar_kws={"label": str(da.name or "effect")})
     ax.set_xlabel("token")
     ax.set_ylabel("layer")
     ax.set_title(title)
@@ -72,18 +77,14 @@ def segment_heatmap(summary: xr.Dataset, *, path: str | Path, title: str = "") -
     notes = np.vectorize(lambda m, lo, hi: f"{m:.2f}\n[{lo:.2f},{hi:.2f}]")(mean.values, low, high)
     width = 1.5 * mean.sizes["segment"] + 2
     figure, ax = plt.subplots(figsize=(width, 0.6 * mean.sizes["layer"] + 1.8))
-    limit = _limits(mean.values)
-    sns.heatmap(
+    _diverging(
+        ax,
         mean.values,
-        ax=ax,
-        cmap=CMAP,
-        vmin=-limit,
-        vmax=limit,
+        mean["segment"].values,
+        mean["layer"].values,
         annot=notes,
         fmt="",
         annot_kws={"fontsize": 7},
-        xticklabels=list(mean["segment"].values),
-        yticklabels=list(mean["layer"].values),
     )
     ax.set_xlabel("segment")
     ax.set_ylabel("layer")
@@ -98,15 +99,13 @@ def window_panels(da: xr.DataArray, *, path: str | Path, title: str = "", by: st
     limit = _limits(da.values)
     for ax, window in zip(axes[0], windows, strict=True):
         panel = da.sel({by: window}).transpose("layer", "segment")
-        sns.heatmap(
+        _diverging(
+            ax,
             panel.values,
-            ax=ax,
-            cmap=CMAP,
-            vmin=-limit,
-            vmax=limit,
+            panel["segment"].values,
+            panel["layer"].values,
+            limit=limit,  # one scale for all panels
             cbar=window == windows[-1],
-            xticklabels=list(panel["segment"].values),
-            yticklabels=list(panel["layer"].values),
         )
         ax.set_title(f"{by} {window}")
         ax.set_xlabel("")
@@ -119,18 +118,7 @@ def head_grid(da: xr.DataArray, *, path: str | Path, title: str = "") -> Path:
     """Layer x head effects (da: layer, head)."""
     da = da.transpose("layer", "head")
     figure, ax = plt.subplots(figsize=(0.5 * da.sizes["head"] + 2.5, 0.45 * da.sizes["layer"] + 1.8))
-    limit = _limits(da.values)
-    sns.heatmap(
-        da.values,
-        ax=ax,
-        cmap=CMAP,
-        vmin=-limit,
-        vmax=limit,
-        annot=da.sizes["head"] <= 16,
-        fmt=".2f",
-        xticklabels=list(da["head"].values),
-        yticklabels=list(da["layer"].values),
-    )
+    _diverging(ax, da.values, da["head"].values, da["layer"].values, annot=da.sizes["head"] <= 16, fmt=".2f")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(title)
