@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from .attribution import attribute
 from .corruptions import GaussianNoise, ImagePair, ReplaceSpan, SymmetricTokenReplacement
 from .data.sample import Sample
+from .errors import UserError
 from .knockout import knockout
 from .metrics import KL, LogitDiff, LogProb, Probability, normalised
 from .models.load import VLM, load, wrap
@@ -33,6 +34,7 @@ __all__ = [
     "Probability",
     "ReplaceSpan",
     "Sample",
+    "UserError",
     "SymmetricTokenReplacement",
     "knockout",
     "load",

@@ -21,11 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .data.sample import Sample
+from .errors import UserError
 from .inputs import Encoded, encode
 from .models.load import VLM
 
 
-class CorruptionError(ValueError):
+class CorruptionError(UserError):
     """A corruption that cannot be applied to a sample as given."""
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from .errors import UserError
+
 IMAGE = "image"
 QUESTION = "question"
 LAST = "last"
@@ -28,11 +30,11 @@ START = "start"
 ANSWER = "answer"
 
 
-class SpanNotFoundError(ValueError):
+class SpanNotFoundError(UserError):
     """A constraint span's text does not occur in the prompt."""
 
 
-class MissingImageTokenError(ValueError):
+class MissingImageTokenError(UserError):
     """A model that places image tokens in the prompt got a prompt without them."""
 
 

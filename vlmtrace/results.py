@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xarray as xr
 
+from .errors import UserError
+
 if TYPE_CHECKING:
     from .corruptions import Corruption
     from .data.sample import Sample
@@ -188,7 +190,7 @@ def position_coords(segments: list[Segments], grid: Grid, width: int) -> dict[st
     }
 
 
-class StoreError(ValueError):
+class StoreError(UserError):
     """A store that cannot be written or read as asked."""
 
 

@@ -19,12 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from .errors import UserError
 from .positions import Segments
 
 HEAD_SITES = ("attn_head", "cross_attn_head")
 
 
-class GridError(ValueError):
+class GridError(UserError):
     """A grid that does not fit the model (layer, window, head or site out of range)."""
 
 

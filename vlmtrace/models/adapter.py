@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import torch
 
+from ..errors import UserError
+
 SITE_KINDS = ("block", "attn", "mlp", "cross_attn", "attn_head", "cross_attn_head")
 """Every kind of site a stack may offer. `attn_head` / `cross_attn_head` are per-head slices of the
 input of the attention output projection; the others are whole module outputs."""
@@ -128,7 +130,7 @@ def register(adapter: Adapter) -> Adapter:
     return adapter
 
 
-class UnknownArchitectureError(ValueError):
+class UnknownArchitectureError(UserError):
     """Raised for a model class that no adapter describes."""
 
 

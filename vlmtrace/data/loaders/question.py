@@ -26,6 +26,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from ...errors import UserError
 from ..sample import Sample
 
 DEFAULT_TEMPLATE = "{question}"
@@ -35,7 +36,7 @@ SpanRequest = Mapping[str, str] | Callable[[str], Mapping[str, str] | None]
 """Constraint spans to mark: fixed texts by name, or a function of the raw question."""
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset file does not hold what its format promises, or yields no samples."""
 
 
