@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .models.load import VLM
-from .positions import Segments, decoder_segments, find_segments
+from .positions import Segments, UnknownWordsError, decoder_segments, find_segments
 
 
 class AnswerTokenWarning(UserWarning):
@@ -63,9 +63,11 @@ def scored_answer_ids(vlm: VLM, prompt: str, answer: str, *, whole: bool) -> tup
         raise ValueError(f"the answer {answer!r} tokenizes to nothing; give a non-empty answer.")
     unknown = vlm.tokenizer.unk_token_id
     if unknown is not None and unknown in ids:
-        raise ValueError(
-            f"the answer {answer!r} contains words outside the model's vocabulary (they map to "
-            f"{vlm.tokenizer.unk_token!r}); use an answer the model can produce."
+        words = [w for w in answer.split() if unknown in vlm.tokenizer(w, add_special_tokens=False).input_ids]
+        raise UnknownWordsError(
+            f"the answer {answer!r} holds words outside the model's vocabulary: {words or [answer]} "
+            f"map to {vlm.tokenizer.unk_token!r}, so the model cannot produce it. Use an answer the "
+            "model can produce (for the shipped organisms, any text: they fall back to bytes)."
         )
     if len(ids) > 1 and not whole:
         first = vlm.tokenizer.decode([ids[0]])

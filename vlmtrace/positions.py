@@ -10,13 +10,20 @@ rest of vlmtrace addresses positions by name and never by a hard-coded offset.
     segments.positions("visual")     # [581, 582]
     segments.labels[-1]              # "last"
 
-Spans are found in the decoded text of the tokens with whitespace removed, which works for
-word-level, SentencePiece and byte-level BPE tokenizers alike; a span covers every token
-that overlaps it (a word split into sub-words is covered whole).
+Spans match whole words: 'he' is never found inside "the", nor 'a' inside "year". The first
+occurrence of the span's text in the prompt that starts and ends on word boundaries is taken,
+and it covers every token whose characters overlap it (a word split into sub-words is covered
+whole). Character offsets come from the tokenizer itself (fast tokenizers), aligned with the
+processor's ids (which expand one `<image>` into many tokens); without offsets, the decoded
+tokens are matched instead, on token boundaries. A span that cannot be found is reported for
+what it is: text missing from the prompt, text only inside a longer word, or words the
+tokenizer cannot represent (they map to `<unk>`, which no intervention should trace).
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,7 +38,15 @@ ANSWER = "answer"
 
 
 class SpanNotFoundError(UserError):
-    """A constraint span's text does not occur in the prompt."""
+    """A constraint span's text does not occur in the prompt as whole words."""
+
+
+class UnknownWordsError(UserError):
+    """A span (or an answer) holds words the tokenizer cannot represent: they map to `<unk>`."""
+
+
+class UnknownWordsWarning(UserWarning):
+    """Some words of a prompt map to the tokenizer's `<unk>`: the model does not read them."""
 
 
 class MissingImageTokenError(UserError):
@@ -74,15 +89,10 @@ def find_segments(
 
     `answer_positions` trailing tokens are answer tokens appended for teacher forcing
     (whole-answer metrics); they are labelled "answer" and the token before them is "last".
+    Warns (`UnknownWordsWarning`) when prompt words map to `<unk>`, naming them.
     """
     ids = [int(i) for i in input_ids]
     specials = set(tokenizer.all_special_ids)
-    pieces = []
-    for i in ids:
-        if i == image_token_id or i in specials:
-            pieces.append("")
-        else:
-            pieces.append("".join(tokenizer.decode([i]).split()))
     tokens = tuple(tokenizer.decode([i]) if i != image_token_id else "<img>" for i in ids)
     labels = [QUESTION] * len(ids)
     for i, token_id in enumerate(ids):
@@ -97,11 +107,21 @@ def find_segments(
             "(e.g. '<image>') in the prompt."
         )
     n_prompt = len(ids) - answer_positions
-    for name, text in spans.items():
-        for position in _span_positions(pieces[:n_prompt], text, name, prompt):
+    text = TokenText.of(tokenizer, ids[:n_prompt], prompt=prompt, image_token_id=image_token_id)
+    unknown = text.unknown_words()
+    if unknown:
+        warnings.warn(
+            f"the prompt {prompt!r} holds words the tokenizer cannot represent: {unknown} map to "
+            f"{tokenizer.unk_token!r}, so the model does not read them. Use a model whose "
+            "vocabulary covers them, or rephrase.",
+            UnknownWordsWarning,
+            stacklevel=3,
+        )
+    for name, span in spans.items():
+        for position in text.span_positions(span, name):
             if labels[position] not in (QUESTION, LAST):
                 raise SpanNotFoundError(
-                    f"span {name!r} ({text!r}) overlaps segment {labels[position]!r} at position "
+                    f"span {name!r} ({span!r}) overlaps segment {labels[position]!r} at position "
                     f"{position}; constraint spans must not overlap each other or the image."
                 )
             labels[position] = name
@@ -111,27 +131,175 @@ def find_segments(
     return Segments(tokens=tokens, labels=tuple(labels))
 
 
+def word_occurrences(text: str, phrase: str) -> list[int]:
+    """Start offsets of `phrase` in `text` where it begins and ends on word boundaries."""
+    if not phrase:
+        return []
+    head = r"(?<!\w)" if re.match(r"\w", phrase[0]) else ""
+    tail = r"(?!\w)" if re.match(r"\w", phrase[-1]) else ""
+    return [m.start() for m in re.finditer(head + re.escape(phrase) + tail, text)]
+
+
+def replace_first(text: str, old: str, new: str) -> str:
+    """`text` with the first whole-word occurrence of `old` replaced by `new`.
+
+    `str.replace(old, new, 1)` would put a replacement for 'a' inside "year"; this does not.
+    """
+    found = word_occurrences(text, old)
+    if not found:
+        raise SpanNotFoundError(
+            f"{old!r} does not occur as whole words in {text!r}; a span is replaced only where it "
+            "stands as whole words. Copy the span verbatim from the prompt."
+        )
+    return text[: found[0]] + new + text[found[0] + len(old) :]
+
+
+@dataclass(frozen=True)
+class TokenText:
+    """The text of a prompt with the character range of every token (None: image, special).
+
+    Built from the tokenizer's offsets when the tokenizer gives them and its ids agree with the
+    processor's (image runs collapsed); else from the decoded tokens, whitespace removed, in
+    which case spans must start and end on token boundaries.
+    """
+
+    text: str
+    ranges: tuple[tuple[int, int] | None, ...]
+    exact: bool
+    """True: `text` is the prompt and ranges are the tokenizer's offsets into it."""
+    unknown_positions: tuple[int, ...]
+    unk_token: str | None
+    tokenizer: object
+
+    @classmethod
+    def of(cls, tokenizer, ids: Sequence[int], *, prompt: str, image_token_id: int | None) -> TokenText:
+        specials = set(tokenizer.all_special_ids)
+        unk = tokenizer.unk_token_id
+        unknown = tuple(i for i, t in enumerate(ids) if unk is not None and t == unk)
+        ranges = _offset_ranges(tokenizer, ids, prompt, image_token_id) if prompt else None
+        if ranges is not None:
+            return cls(prompt, ranges, True, unknown, tokenizer.unk_token, tokenizer)
+        pieces, built = [], []
+        offset = 0
+        for t in ids:
+            if t == image_token_id or (t in specials and t != unk):
+                built.append(None)
+                continue
+            piece = "".join(tokenizer.decode([t]).split())
+            built.append((offset, offset + len(piece)) if piece else None)
+            pieces.append(piece)
+            offset += len(piece)
+        return cls("".join(pieces), tuple(built), False, unknown, tokenizer.unk_token, tokenizer)
+
+    def unknown_words(self) -> list[str]:
+        """The prompt's words that map to `<unk>` (the tokens themselves without offsets)."""
+        if not self.unknown_positions:
+            return []
+        if not self.exact:
+            return [self.unk_token] * len(self.unknown_positions)
+        words = []
+        for position in self.unknown_positions:
+            r = self.ranges[position]
+            if r is not None and r[1] > r[0]:
+                words.append(self.text[r[0] : r[1]])
+        return list(dict.fromkeys(words))
+
+    def span_positions(self, span: str, name: str) -> list[int]:
+        """Token positions covering the first whole-word occurrence of `span`."""
+        key = span if self.exact else "".join(span.split())
+        starts = word_occurrences(self.text, key) if self.exact else self._token_aligned(key)
+        for start in starts:
+            end = start + len(key)
+            positions = [
+                i for i, r in enumerate(self.ranges) if r is not None and r[0] < end and r[1] > start
+            ]
+            if not positions:
+                continue
+            if self.exact:
+                lo, hi = self.ranges[positions[0]][0], self.ranges[positions[-1]][1]
+                if re.search(r"\w", self.text[lo:start] + self.text[end:hi]):
+                    continue  # the span is only part of a token here: 'he' of a token 'the'
+            unknown = [i for i in positions if i in self.unknown_positions]
+            if unknown:
+                raise UnknownWordsError(
+                    f"span {name!r} = {span!r} holds words the tokenizer cannot represent: "
+                    f"{self._words(unknown)} map to {self.unk_token!r}. Tracing them would trace "
+                    "the unknown-word token, not the words: use a model whose vocabulary covers "
+                    "them, or choose another span."
+                )
+            return positions
+        raise SpanNotFoundError(self._missing(span, name))
+
+    def _token_aligned(self, key: str) -> list[int]:
+        starts = {r[0] for r in self.ranges if r is not None}
+        ends = {r[1] for r in self.ranges if r is not None}
+        found, at = [], self.text.find(key) if key else -1
+        while at >= 0:
+            if at in starts and at + len(key) in ends:
+                found.append(at)
+            at = self.text.find(key, at + 1)
+        return found
+
+    def _words(self, positions: Sequence[int]) -> list[str]:
+        if not self.exact:
+            return [self.unk_token] * len(positions)
+        return list(dict.fromkeys(self.text[self.ranges[i][0] : self.ranges[i][1]] for i in positions))
+
+    def _missing(self, span: str, name: str) -> str:
+        text = self.text
+        if self.exact and span in text:
+            return (
+                f"span {name!r} = {span!r} occurs in the prompt {text!r} only inside a longer word "
+                "(spans match whole words: 'he' is not found in 'the'). Give the whole word(s)."
+            )
+        if not self.exact and self.unknown_positions:
+            return (
+                f"span {name!r} = {span!r} is not among the prompt's tokens, and the prompt holds "
+                f"{len(self.unknown_positions)} token(s) the tokenizer could not represent "
+                f"({self.unk_token!r}); the span's words are probably outside the vocabulary."
+            )
+        return (
+            f"span {name!r} = {span!r} does not occur in the prompt {text!r}. Copy the span "
+            "verbatim from the prompt (case and spelling matter), or fix the sample's spans."
+        )
+
+
+def _offset_ranges(tokenizer, ids: Sequence[int], prompt: str, image_token_id: int | None):
+    """Character ranges of `ids` in `prompt` from the tokenizer's offsets, or None if unavailable.
+
+    The processor may expand one image placeholder into many tokens and add special tokens, so
+    the tokenizer's own encoding of the prompt is aligned with `ids` after collapsing image runs;
+    any other disagreement gives None (the caller falls back to decoded tokens).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    try:
+        encoding = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return None
+    own, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
+    specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    ranges: list[tuple[int, int] | None] = []
+    j = 0
+    for i, t in enumerate(ids):
+        if t == image_token_id and i > 0 and ids[i - 1] == image_token_id:
+            ranges.append(None)
+            continue
+        while j < len(own) and own[j] != t and own[j] in specials and t not in specials:
+            j += 1  # a special token the tokenizer adds and the processor does not
+        if j >= len(own) or own[j] != t:
+            if t in specials:
+                ranges.append(None)  # a special token the processor adds
+                continue
+            return None
+        start, stop = offsets[j]
+        ranges.append(None if t in specials or t == image_token_id else (int(start), int(stop)))
+        j += 1
+    return tuple(ranges)
+
+
 def decoder_segments(tokenizer, decoder_ids: Sequence[int]) -> Segments:
     """Labels for an answer decoder's input: the start token, then teacher-forced answer."""
     tokens = tuple(tokenizer.decode([int(i)]) for i in decoder_ids)
     labels = (START, *([ANSWER] * (len(tokens) - 1)))
     return Segments(tokens=tokens, labels=labels)
-
-
-def _span_positions(pieces: Sequence[str], text: str, name: str, prompt: str) -> list[int]:
-    """Positions of the tokens that overlap the first occurrence of `text`."""
-    key = "".join(text.split())
-    joined = "".join(pieces)
-    start = joined.find(key) if key else -1
-    if start < 0:
-        raise SpanNotFoundError(
-            f"span {name!r} = {text!r} does not occur in the prompt {prompt!r}. Copy the span "
-            "verbatim from the prompt (case and spelling matter), or fix the sample's spans."
-        )
-    end = start + len(key)
-    positions, offset = [], 0
-    for i, piece in enumerate(pieces):
-        if piece and offset < end and offset + len(piece) > start:
-            positions.append(i)
-        offset += len(piece)
-    return positions
