@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import vlmtrace as vt
 from vlmtrace.corruptions import clean_side
 from vlmtrace.forward import Edits, run, stack_rows
 from vlmtrace.inputs import scored_answer_ids
+from vlmtrace.knockout import EmptyBlockError
 
 
 def attention_probabilities_under_knockout(vlm, sample, knocked_layers, queries, keys):
@@ -70,15 +72,15 @@ def test_attention_below_the_first_knocked_layer_is_unchanged(tiny_llava, llava_
 
 def test_knockout_of_image_to_last_at_every_layer_changes_the_answer_probability(tiny_llava, llava_sample):
     ds = vt.knockout(
-        tiny_llava,
-        [llava_sample],
-        blocks={"image->last": ("image", "last"), "nothing": ((), "last")},
-        windows=(3,),
-        progress=False,
+        tiny_llava, [llava_sample], blocks={"image->last": ("image", "last")}, windows=(3,), progress=False
     )
     clean = float(ds["clean"].squeeze())
-    assert float(ds["knockout"].sel(block="nothing", layer=1).squeeze()) == clean
     assert abs(float(ds["knockout"].sel(block="image->last", layer=1).squeeze()) - clean) > 1e-4
+
+
+def test_a_block_that_blocks_nothing_is_an_error_not_a_silent_zero(tiny_llava, llava_sample):
+    with pytest.raises(EmptyBlockError, match="blocks nothing for sample 'q0': its key side"):
+        vt.knockout(tiny_llava, [llava_sample], blocks={"nothing": ((), "last")}, progress=False)
 
 
 def test_knockout_results_carry_named_dims_and_provenance(tiny_llava, llava_sample):

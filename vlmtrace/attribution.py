@@ -45,9 +45,10 @@ import numpy as np
 import torch
 import xarray as xr
 
+from . import layouts
 from .corruptions import Corruption
 from .data.sample import Sample
-from .forward import _activation, _noise, driver, envoy_at, stack_rows
+from .forward import SEQUENCE_FIELDS, _activation, _noise, driver, envoy_at, stack_rows
 from .metrics import KL, Metric, Probability
 from .models.adapter import Stack
 from .models.load import VLM
@@ -220,10 +221,12 @@ def _gradient_terms(
     envoy = vlm.envoy
     layers = envoy_at(envoy, stack.layers)
     by_layer = {layer: [site for lay, site in wanted if lay == layer] for layer, _ in wanted}
+    rows, width = batch[SEQUENCE_FIELDS[stack.sequence][0]].shape
+    prompt_width = batch["input_ids"].shape[1]
     with torch.enable_grad(), _activation_gradients_only(vlm.model):
         with envoy.trace(fn=driver(vlm), **batch) as tracer:
             if edits.noise is not None:
-                _noise(edits.noise, _activation(envoy, edits.noise.hook))
+                _noise(edits.noise, _activation(envoy, edits.noise.hook), rows, prompt_width)
             if wanted:
                 first = layers[0].input
                 if not first.requires_grad:
@@ -232,7 +235,7 @@ def _gradient_terms(
             for layer in sorted(by_layer):
                 for site, hook in stack.sites.items():
                     if site in by_layer[layer]:
-                        captured.append(((layer, site), _activation(layers[layer], hook)))
+                        captured.append(((layer, site), hook, _activation(layers[layer], hook)))
             logits = tracer.result[:, answer_slice]
             # A detached copy of the clean row as row 0: metrics that score against the clean run
             # (KL) then treat it as a constant, so each row's gradient is that of its own score.
@@ -243,8 +246,10 @@ def _gradient_terms(
             terms = nnsight.save({})
             if captured:
                 with scored.sum().backward():
-                    for key, activation in reversed(captured):  # autograd reaches them latest first
-                        grad = activation.grad
+                    for key, hook, live in reversed(captured):  # autograd reaches them latest first
+                        name = hook.path or "<layer>"
+                        activation = layouts.rows_view(live, hook.layout, rows=rows, width=width, hook=name)
+                        grad = layouts.rows_view(live.grad, hook.layout, rows=rows, width=width, hook=name)
                         if direction == "denoise":  # gradient at the corrupted rows, towards clean
                             delta = activation[:1, clean_at] - activation[1:, corrupt_at]
                             product = grad[1:, corrupt_at].float() * delta.float()

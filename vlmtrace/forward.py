@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
+from . import layouts
 from .metrics import Metric
-from .models.adapter import Hook, Stack
+from .models.adapter import AdapterMismatchError, Hook, Stack
 from .models.load import VLM
 
 SEQUENCE_FIELDS = {
@@ -74,10 +75,12 @@ class NoisePlan:
     draws: tuple[int, ...]
     """Noise draw of each row in `rows` (rows with the same draw get identical noise)."""
     positions: tuple[int, ...] | None
-    """Padded positions to noise; None noises every position of the hook's output."""
+    """Padded positions to noise; None noises the whole image embedding of each row."""
     scale: float
     seed: int
     samples: int
+    units: tuple[int, ...] = ()
+    """Image tiles or tokens of every batch row, for `image_tiles` / `image_tokens` hooks."""
 
 
 @dataclass
@@ -86,41 +89,97 @@ class Edits:
 
     patches: dict[tuple[int, str], PatchIndex] = field(default_factory=dict)
     knockouts: dict[int, KnockIndex] = field(default_factory=dict)
+    """Self-attention knockouts by layer."""
+    cross_knockouts: dict[int, KnockIndex] = field(default_factory=dict)
+    """Cross-attention knockouts by layer (keys are positions of the cross-attended sequence)."""
     noise: NoisePlan | None = None
 
     def patch(self, layer: int, site: str) -> PatchIndex:
         return self.patches.setdefault((layer, site), PatchIndex())
 
-    def knock(self, layer: int) -> KnockIndex:
-        return self.knockouts.setdefault(layer, KnockIndex())
+    def knock(self, layer: int, *, cross: bool = False) -> KnockIndex:
+        table = self.cross_knockouts if cross else self.knockouts
+        return table.setdefault(layer, KnockIndex())
+
+    def layers(self) -> list[int]:
+        """Every layer an edit touches, in execution order."""
+        return sorted({layer for layer, _ in self.patches} | set(self.knockouts) | set(self.cross_knockouts))
 
 
 def stack_rows(vlm: VLM, rows: list[Mapping[str, torch.Tensor]], widths: Mapping[str, int]) -> dict:
-    """Left-pad each row's sequences to `widths` and stack rows into one batch.
+    """Batch rows of inputs as the adapter declares each input (`Adapter.inputs`).
 
-    Left padding puts every row's last prompt token at the same index, so answer logits are
-    `logits[:, -n]` for all rows. Position ids are computed from the attention mask so a
-    padded row computes exactly what it computes alone.
+    Per-token inputs are left-padded to `widths[sequence]`: left padding puts every row's last
+    prompt token at the same index, so answer logits are `logits[:, -n]` for all rows. Flat
+    inputs are concatenated, per-row inputs stacked. With `positions="engine"`, position ids
+    are counted from the attention mask, so a padded row computes exactly what it computes
+    alone; with `positions="model"` the model computes its own and none are passed.
     """
+    adapter = vlm.adapter
     pad_id = vlm.tokenizer.pad_token_id or 0
     batch: dict[str, torch.Tensor] = {}
     for name in rows[0]:
-        sequence = next((s for s, names in SEQUENCE_FIELDS.items() if name in names), None)
-        if sequence is None:
-            batch[name] = torch.stack([row[name] for row in rows])
-            continue
-        width = widths[sequence]
-        fill = pad_id if name.endswith("input_ids") else 0
-        padded = torch.full((len(rows), width), fill, dtype=rows[0][name].dtype)
-        for i, row in enumerate(rows):
-            values = row[name]
-            padded[i, width - len(values) :] = values
-        batch[name] = padded
-    for sequence, (_, mask_name) in SEQUENCE_FIELDS.items():
-        if mask_name in batch:
-            mask = batch[mask_name]
-            batch[POSITION_FIELD[sequence]] = (mask.cumsum(-1) - 1).clamp(min=0)
+        spec = adapter.inputs.get(name)
+        if spec is None:
+            raise AdapterMismatchError(
+                f"the {adapter.family} processor returned the input {name!r} "
+                f"{tuple(rows[0][name].shape)}, which the adapter does not declare: add it to "
+                "Adapter.inputs as token(...) (padded with its sequence), FLAT (concatenated) or "
+                "ROW (stacked). The engine never guesses how an input batches."
+            )
+        values = [row[name] for row in rows]
+        if spec.kind == "token":
+            batch[name] = _left_pad(
+                name,
+                values,
+                rows,
+                spec.sequence,
+                widths[spec.sequence],
+                pad_id if spec.pad == "pad_token" else spec.pad,
+            )
+        elif spec.kind == "flat":
+            batch[name] = torch.cat(values)
+        else:
+            batch[name] = _stack(name, values, spec.pad_rows)
+    if adapter.positions == "engine":
+        for sequence, (_, mask_name) in SEQUENCE_FIELDS.items():
+            if mask_name in batch:
+                mask = batch[mask_name]
+                batch[POSITION_FIELD[sequence]] = (mask.cumsum(-1) - 1).clamp(min=0)
     return batch
+
+
+def _left_pad(
+    name: str, values: list[torch.Tensor], rows, sequence: str, width: int, fill: int
+) -> torch.Tensor:
+    """Left-pad per-token values (positions on dim 0) to `width`; each must match its row's ids."""
+    ids = SEQUENCE_FIELDS[sequence][0]
+    padded = torch.full((len(values), width, *values[0].shape[1:]), fill, dtype=values[0].dtype)
+    for i, (row, value) in enumerate(zip(rows, values, strict=True)):
+        if len(value) != len(row[ids]):
+            raise AdapterMismatchError(
+                f"input {name!r} is declared per-token of the {sequence!r} sequence but has "
+                f"{len(value)} entries for {len(row[ids])} tokens; declare it FLAT or ROW instead."
+            )
+        padded[i, width - len(value) :] = value
+    return padded
+
+
+def _stack(name: str, values: list[torch.Tensor], pad_rows: bool) -> torch.Tensor:
+    """Stack per-row values; zero-pad their first dimension to the longest when declared."""
+    shapes = {tuple(v.shape) for v in values}
+    if len(shapes) == 1:
+        return torch.stack(values)
+    if not pad_rows or len({s[1:] for s in shapes}) != 1:
+        raise AdapterMismatchError(
+            f"per-row input {name!r} has rows of shapes {sorted(shapes)}, which do not stack; "
+            "declare it Input('row', pad_rows=True) if the family pads them, or FLAT."
+        )
+    longest = max(len(v) for v in values)
+    out = values[0].new_zeros((len(values), longest, *values[0].shape[1:]))
+    for i, value in enumerate(values):
+        out[i, : len(value)] = value
+    return out
 
 
 # nnsight serves `.input`/`.output` on every envoy, so a *submodule* with one of those names
@@ -142,48 +201,82 @@ def _activation(envoy, hook: Hook):
     return value[hook.index] if hook.index is not None else value
 
 
-def _apply_patch(x: torch.Tensor, index: PatchIndex, n_heads: int) -> None:
-    dst_row, dst_pos = torch.tensor(index.dst_row), torch.tensor(index.dst_pos)
-    src_row, src_pos = torch.tensor(index.src_row), torch.tensor(index.src_pos)
-    if index.head:
-        head = torch.tensor(index.head)
-        view = x.view(*x.shape[:-1], n_heads, x.shape[-1] // n_heads)
-        view[dst_row, dst_pos, head] = view[src_row, src_pos, head]
-    else:
-        x[dst_row, dst_pos] = x[src_row, src_pos]
+def _apply_patch(x: torch.Tensor, index: PatchIndex, hook: Hook, rows: int, width: int, n_heads: int) -> None:
+    layouts.patch(
+        x,
+        hook.layout,
+        rows=rows,
+        width=width,
+        hook=hook.path or "<layer>",
+        dst_row=index.dst_row,
+        dst_pos=index.dst_pos,
+        src_row=index.src_row,
+        src_pos=index.src_pos,
+        head=index.head,
+        n_heads=n_heads,
+    )
 
 
-def _knocked_mask(mask: torch.Tensor | None, index: KnockIndex, shape, causal: bool, dtype, device):
-    """A copy of the layer's attention mask with the knocked-out entries blocked.
+def _knocked_mask(mask, index: KnockIndex, rows: int, queries: int, keys: int, causal: bool, dtype, device):
+    """A copy of an attention mask [row, 1, query, key] with the knocked-out entries blocked.
 
     The mask object is shared by every layer of the model, so it is cloned, never edited.
     """
-    batch, width = shape
     if mask is None:  # no mask means "attend everywhere allowed": build it explicitly
-        mask = torch.zeros(batch, 1, width, width, dtype=dtype, device=device)
+        mask = torch.zeros(rows, 1, queries, keys, dtype=dtype, device=device)
         if causal:
-            future = torch.ones(width, width, dtype=torch.bool, device=device).triu(1)
+            future = torch.ones(queries, keys, dtype=torch.bool, device=device).triu(1)
             mask = mask.masked_fill(future, torch.finfo(dtype).min)
-    mask = mask.expand(batch, mask.shape[1], width, mask.shape[-1]).clone()
+    if mask.dim() != 4 or mask.shape[-1] != keys or mask.shape[0] not in (1, rows):
+        raise AdapterMismatchError(
+            f"the attention mask to knock out is {tuple(mask.shape)}, not [rows={rows}, heads, "
+            f"queries={queries}, keys={keys}]: load the model with attn_implementation='eager' "
+            "(the default of vlmtrace.load) so it receives a 4-D additive mask."
+        )
+    mask = mask.expand(rows, mask.shape[1], queries, keys).clone()
     blocked = torch.finfo(mask.dtype).min if mask.dtype.is_floating_point else False
     row, query, key = torch.tensor(index.row), torch.tensor(index.query), torch.tensor(index.key)
-    mask[row, :, query, key] = blocked
+    every = key < 0  # key -1: every key position (all image patches)
+    mask[row[~every], :, query[~every], key[~every]] = blocked
+    if every.any():
+        mask[row[every], :, query[every]] = blocked
     return mask
 
 
-def _noise(plan: NoisePlan, x: torch.Tensor) -> None:
-    """Add `scale * std(clean embeddings)` Gaussian noise to the corrupted rows in place."""
-    target = x[0] if plan.positions is None else x[0, list(plan.positions)]
-    sigma = plan.scale * target.float().std()
-    generator = torch.Generator().manual_seed(plan.seed)
-    draws = torch.randn(plan.samples, *target.shape, generator=generator)
-    noise = (sigma * draws[list(plan.draws)]).to(x.dtype).to(x.device)
-    rows = torch.tensor(plan.rows)
-    if plan.positions is None:
-        x[rows] += noise
-    else:
-        positions = torch.tensor(plan.positions)
-        x[rows[:, None], positions[None, :]] += noise
+def _noise(plan: NoisePlan, x: torch.Tensor, rows: int, width: int) -> None:
+    """Seeded Gaussian noise on the corrupted rows' embeddings, through the hook's layout."""
+    layouts.add_noise(
+        x,
+        plan.hook.layout,
+        rows=rows,
+        units=plan.units,
+        hook=plan.hook.path,
+        noised_rows=plan.rows,
+        draws=plan.draws,
+        positions=plan.positions,
+        scale=plan.scale,
+        seed=plan.seed,
+        samples=plan.samples,
+        width=width,
+    )
+
+
+def _knock(attention, index: KnockIndex, keyword: str, rows: int, queries: int, causal: bool, dtype) -> None:
+    """Replace the `keyword` mask of an attention module's call with a knocked-out copy."""
+    args, kwargs = attention.inputs
+    kwargs = dict(kwargs)
+    if keyword not in kwargs and len(args) > 1:
+        raise AdapterMismatchError(
+            f"the attention module receives its mask positionally, not as {keyword!r}; "
+            "point Stack.attention (or cross_attention) at a module that takes it by keyword."
+        )
+    states = args[0] if args else kwargs["hidden_states"]
+    keys_from = kwargs.get("encoder_hidden_states") if keyword != "attention_mask" else None
+    keys = (keys_from if keys_from is not None else states).shape[-2]
+    kwargs[keyword] = _knocked_mask(
+        kwargs.get(keyword), index, rows, queries, keys, causal, dtype, states.device
+    )
+    attention.inputs = (args, kwargs)
 
 
 def driver(vlm: VLM) -> Callable:
@@ -217,41 +310,42 @@ def run(
     envoy = vlm.envoy
     layers = envoy_at(envoy, stack.layers)
     n_heads = vlm.shape.heads[_stack_name(vlm, stack)]
-    width = batch[SEQUENCE_FIELDS[stack.sequence][0]].shape
-    touched = sorted({layer for layer, _ in edits.patches} | set(edits.knockouts))
+    rows, width = batch[SEQUENCE_FIELDS[stack.sequence][0]].shape
+    prompt_width = batch["input_ids"].shape[1] if "input_ids" in batch else width
     # Read before the trace: a remote trace ships every object its body names, and the VLM
     # (processor included) has no business on the server.
     dtype = vlm.model.dtype
     if vlm.adapter.keeps_last_logits and vlm.adapter.answer_sequence == "prompt":
         batch = {**batch, "logits_to_keep": len(answer)}  # logits of the answer positions only
     first, states = prefix if prefix is not None else (0, None)
-    image_encoder = vlm.adapter.image_encoder
+    encoder_path = None if vlm.adapter.image_encoder is None else vlm.adapter.image_encoder.path
+    sites = dict(stack.sites)
+    attention_path, cross_path = stack.attention, stack.cross_attention
+    cross_keyword, causal = stack.cross_mask_keyword, stack.causal
+    for layer_index in edits.cross_knockouts:
+        if any(layer == layer_index for layer, _ in edits.patches):
+            raise ValueError("cross-attention knockout and patching at the same layer in one forward")
     with torch.no_grad(), envoy.trace(fn=driver(vlm), backend=backend, **batch) as tracer:
         if image is not None:
-            envoy_at(envoy, image_encoder).skip(image)
+            envoy_at(envoy, encoder_path).skip(image)
         if edits.noise is not None:  # also when skipping: BLIP's layers read the image again
-            _noise(edits.noise, _activation(envoy, edits.noise.hook))
+            _noise(edits.noise, _activation(envoy, edits.noise.hook), rows, prompt_width)
         for skipped in range(first):  # only the last skipped layer's output is ever read
             layers[skipped].skip(states)
-        for layer_index in touched:
+        for layer_index in edits.layers():
             layer = layers[layer_index]
             if layer_index in edits.knockouts:
-                attention = envoy_at(layer, stack.attention)
-                args, kwargs = attention.inputs
-                kwargs = dict(kwargs)
-                kwargs["attention_mask"] = _knocked_mask(
-                    kwargs.get("attention_mask"),
-                    edits.knockouts[layer_index],
-                    width,
-                    stack.causal,
-                    dtype,
-                    (args[0] if args else kwargs["hidden_states"]).device,  # this layer's device
+                attention = envoy_at(layer, attention_path)
+                _knock(attention, edits.knockouts[layer_index], "attention_mask", rows, width, causal, dtype)
+            if layer_index in edits.cross_knockouts:
+                attention = envoy_at(layer, cross_path)
+                _knock(
+                    attention, edits.cross_knockouts[layer_index], cross_keyword, rows, width, False, dtype
                 )
-                attention.inputs = (args, kwargs)
-            for site, hook in stack.sites.items():
+            for site, hook in sites.items():
                 index = edits.patches.get((layer_index, site))
                 if index is not None:
-                    _apply_patch(_activation(layer, hook), index, n_heads)
+                    _apply_patch(_activation(layer, hook), index, hook, rows, width, n_heads)
         logits = tracer.result[:, answer_slice]
         values = metric(logits, answer.to(logits.device), None if foil is None else foil.to(logits.device))
         values = values.cpu().save()
@@ -301,19 +395,24 @@ def baseline_prefix(vlm: VLM, stack: Stack, batch: dict, edits: Edits, *, keys_v
     n_layers = vlm.shape.layers[_stack_name(vlm, stack)]
     fn = partial(_forward_keeping_cache, vlm.model) if keys_values else driver(vlm)
     cache = image = None  # only values saved in a trace come out of it: defaults outside
-    encoder = vlm.adapter.image_encoder if "pixel_values" in batch else None
+    encoder = vlm.adapter.image_encoder
+    if encoder is not None and (encoder.layout != "row_position" or "pixel_values" not in batch):
+        encoder = None  # tiles or flat tokens: its output is not one entry per row, not reusable by row
+    rows, prompt_width = batch["input_ids"].shape
     with torch.no_grad(), envoy.trace(fn=fn, **batch) as tracer:
         if encoder is not None:
-            image = envoy_at(envoy, encoder).output.save()
+            image = envoy_at(envoy, encoder.path).output.save()
         if edits.noise is not None:
-            _noise(edits.noise, _activation(envoy, edits.noise.hook))
+            _noise(edits.noise, _activation(envoy, edits.noise.hook), rows, prompt_width)
         outputs = [layers[i].output.clone() for i in range(n_layers - 1)]
         states = torch.stack(outputs).save() if outputs else torch.empty(0).save()
         if keys_values:
             cache = tracer.result.save()
-    rows = len(batch["pixel_values"]) if encoder is not None else 0
     if image is not None and not _one_row_per_image(image, rows):
-        image = None  # e.g. LLaVA-NeXT encodes several tiles per image: not reusable by row
+        raise AdapterMismatchError(
+            f"the image encoder {encoder.path!r} is declared row_position but its output does not "
+            f"hold one entry per row ({rows} rows); fix Adapter.image_encoder's layout."
+        )
     keys_values = None if cache is None else [(layer.keys, layer.values) for layer in cache.layers]
     return Prefix(states, keys_values, image)
 

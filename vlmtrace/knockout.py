@@ -15,6 +15,14 @@ A side of a block is a segment name, a tuple of names, or a function
 `(sample, segments) -> positions` (e.g. the image patches that cover one object).
 Rows: row 0 is the clean run; each (block, window, layer) is one more row of the clean
 input with its mask edited, all in one batched forward per chunk.
+
+`attention="cross"` knocks out cross-attention instead (BLIP: question tokens reading image
+patches; the answer decoder reading the question). Query sides are positions of the stack's
+own sequence; key sides are positions of what it cross-attends to: "image" means every
+image patch, and for a decoder that reads the prompt, prompt segments ("question", "visual").
+
+A block that blocks nothing for some sample (a side with no positions) is an error: a
+knockout that cuts no edge would report an unchanged probability as "no information flows".
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import xarray as xr
 
 from .corruptions import clean_side
 from .data.sample import Sample
+from .errors import UserError
 from .forward import SEQUENCE_FIELDS, Edits, run, stack_rows
 from .inputs import scored_answer_ids
 from .metrics import Metric, Probability
@@ -36,6 +45,9 @@ from .positions import Segments
 from .progress import progress_bar
 from .results import provenance, sample_ids
 from .sites import GridError, window_layers
+
+ALL_KEYS = -1
+"""Key index meaning every key position (every image patch of a cross-attention)."""
 
 PositionSet = str | Sequence[str] | Callable[[Sample, Segments], Sequence[int]]
 
@@ -46,12 +58,44 @@ DEFAULT_BLOCKS: dict[str, tuple[PositionSet, PositionSet]] = {
 }
 
 
-def resolve(side: PositionSet, sample: Sample, segments: Segments) -> list[int]:
-    """Positions of one side of a block."""
+class EmptyBlockError(UserError):
+    """A knockout block with no positions on one side: it would cut no attention edge."""
+
+
+def resolve(side: PositionSet, sample: Sample, segments: Segments | None) -> list[int]:
+    """Positions of one side of a block (`segments` None: the side is every image patch)."""
     if callable(side):
         return [int(p) for p in side(sample, segments)]
     names = (side,) if isinstance(side, str) else tuple(side)
+    if segments is None:
+        if names != ("image",):
+            raise UserError(f"cross-attention keys here are image patches: name them 'image', not {side!r}.")
+        return [ALL_KEYS]
     return [p for name in names if name in segments.names for p in segments.positions(name)]
+
+
+def block_sides(
+    blocks: Mapping[str, tuple[PositionSet, PositionSet]],
+    sample: Sample,
+    queries_in: Segments,
+    keys_in: Segments | None,
+) -> dict[str, tuple[list[int], list[int]]]:
+    """(key positions, query positions) of every block for one sample; refuses empty sides."""
+    sides = {}
+    for name, (keys, queries) in blocks.items():
+        key_positions = resolve(keys, sample, keys_in)
+        query_positions = resolve(queries, sample, queries_in)
+        for role, side, found in (("key", keys, key_positions), ("query", queries, query_positions)):
+            if not found:
+                present = list(queries_in.names if role == "query" or keys_in is None else keys_in.names)
+                raise EmptyBlockError(
+                    f"knockout block {name!r} blocks nothing for sample {sample.id!r}: its {role} side "
+                    f"{_describe(side)!r} has no positions (this prompt has {present}). Give the "
+                    "sample that segment (e.g. object regions from the data set's annotations) or "
+                    "drop the block."
+                )
+        sides[name] = (key_positions, query_positions)
+    return sides
 
 
 def knockout(
@@ -62,6 +106,7 @@ def knockout(
     windows: Sequence[int] = (1,),
     layers: Sequence[int] | None = None,
     stack: str | None = None,
+    attention: str = "self",
     metric: Metric = Probability(),
     max_batch: int = 64,
     progress: bool = True,
@@ -72,9 +117,13 @@ def knockout(
     if not samples:
         raise ValueError("no samples for attention knockout: the data set is empty.")
     stack_name = stack or vlm.adapter.default_stack
+    if stack_name not in vlm.adapter.stacks:
+        raise UserError(f"{vlm.name} has no stack {stack_name!r}; it has {list(vlm.adapter.stacks)}.")
     the_stack = vlm.adapter.stacks[stack_name]
-    if the_stack.sequence != "prompt":
-        raise ValueError("attention knockout runs on a stack over the prompt (e.g. LLaVA 'lm').")
+    if attention not in ("self", "cross"):
+        raise UserError(f"attention must be 'self' or 'cross', not {attention!r}.")
+    if attention == "cross" and the_stack.cross_attention is None:
+        raise UserError(f"{vlm.name}'s {stack_name!r} stack has no cross-attention to knock out.")
     n_layers = vlm.shape.layers[stack_name]
     for size in windows:
         if not 1 <= size <= n_layers:
@@ -93,19 +142,28 @@ def knockout(
         for s, sample in enumerate(samples):
             answer = scored_answer_ids(vlm, sample.prompt, sample.answer, whole=False)
             encoded = clean_side(vlm, sample, answer)
-            segments = encoded.prompt
-            sides = {
-                b: (resolve(keys, sample, segments), resolve(queries, sample, segments))
-                for b, (keys, queries) in blocks.items()
+            queries_in = encoded.segments(the_stack.sequence)
+            keys_in: Segments | None = queries_in
+            if attention == "cross":
+                keys_in = None if the_stack.cross_sequence == "image" else encoded.segments("prompt")
+            sides = block_sides(blocks, sample, queries_in, keys_in)
+            widths = {
+                sequence: len(encoded.inputs[ids])
+                for sequence, (ids, _) in SEQUENCE_FIELDS.items()
+                if ids in encoded.inputs
             }
-            widths = {"prompt": len(encoded.inputs[SEQUENCE_FIELDS["prompt"][0]])}
+            answer_at = (
+                slice(0, len(answer)) if the_stack.sequence == "decoder" else slice(-len(answer), None)
+            )
+            if vlm.adapter.answer_sequence == "decoder":
+                answer_at = slice(0, len(answer))
             for start in range(0, len(cells), per_chunk):
                 chunk = cells[start : start + per_chunk]
                 edits = Edits()
                 for offset, (b, w, c) in enumerate(chunk):
                     keys, queries = sides[b]
                     for layer in window_layers(c, w, n_layers):
-                        index = edits.knock(layer)
+                        index = edits.knock(layer, cross=attention == "cross")
                         for q in queries:
                             for k in keys:
                                 index.row.append(1 + offset)
@@ -120,7 +178,7 @@ def knockout(
                     metric=metric,
                     answer=torch.tensor(answer),
                     foil=None,
-                    answer_slice=slice(-len(answer), None),
+                    answer_slice=answer_at,
                     backend=backend,
                 )
                 clean[s] = float(out[0])
@@ -132,6 +190,7 @@ def knockout(
         recipe=recipe,
         experiment="knockout",
         stack=stack_name,
+        attention=attention,
         metric=metric.name,
         blocks={b: [_describe(k), _describe(q)] for b, (k, q) in blocks.items()},
     )

@@ -118,15 +118,29 @@ class Grid:
         names = [n for n in segments.names if any(segments.labels[p] == n for p in chosen)]
         return [(n, tuple(p for p in chosen if segments.labels[p] == n)) for n in names]
 
-    def cells(self, segments: Segments, *, n_layers: int, n_heads: int) -> list[Cell]:
-        """Every cell of the grid for one sample, in storage order."""
+    def cells(
+        self,
+        segments: Segments,
+        *,
+        n_layers: int,
+        n_heads: int,
+        site_layers: dict[str, tuple[int, ...]] | None = None,
+    ) -> list[Cell]:
+        """Every cell of the grid for one sample, in storage order.
+
+        `site_layers` says where each site exists (all layers by default). A cell patches its
+        site at the window's layers where it exists; a cell whose centre lacks the site has
+        no layers and stays NaN: Mllama's cross-attention exists in a few layers only.
+        """
         centres = list(self.layers) if self.layers is not None else list(range(n_layers))
         heads = list(self.heads) if self.heads is not None else list(range(n_heads))
         cells = []
         for site in self.sites:
+            exists = set(site_layers[site]) if site_layers and site in site_layers else set(range(n_layers))
             for size in self.windows:
                 for centre in centres:
                     covered = window_layers(centre, size, n_layers)
+                    covered = tuple(layer for layer in covered if layer in exists) if centre in exists else ()
                     for key, positions in self.keys(segments):
                         for head in heads if site in HEAD_SITES else [None]:
                             cells.append(Cell(site, size, centre, key, head, covered, positions))

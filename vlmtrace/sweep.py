@@ -134,16 +134,36 @@ def baseline_edits(vlm: VLM, prepared: Prepared, inputs: list[str], draws: list[
         if noise.positions is not None:
             pad = prepared.pad("corrupt", "prompt")
             positions = tuple(p + pad for p in noise.positions)
+        hook = vlm.adapter.embeddings[noise.embedding]
         edits.noise = NoisePlan(
-            hook=vlm.adapter.embeddings[noise.embedding],
+            hook=hook,
             rows=tuple(rows),
             draws=tuple(draws[r] for r in rows),
             positions=positions,
             scale=noise.scale,
             seed=noise.seed,
             samples=prepared.pair.samples,
+            units=image_units(vlm, prepared.rows(inputs)) if hook.layout.startswith("image_") else (),
         )
     return edits
+
+
+def image_units(vlm: VLM, rows: list[dict]) -> tuple[int, ...]:
+    """Image tiles or tokens each batch row contributes to an `image_tiles` / `image_tokens` hook.
+
+    From the adapter's `image_units`, or by default the row's count of image tokens, the
+    placeholders the model fills with exactly one image feature each.
+    """
+    units = vlm.adapter.image_units
+    if units is not None:
+        return tuple(units(row) for row in rows)
+    image_token = vlm.shape.image_token_id
+    if image_token is None:
+        raise ValueError(
+            f"{vlm.adapter.family}: an image_tiles/image_tokens hook needs Adapter.image_units "
+            "or an image token id (Adapter.image_token_config) to know which rows own which units."
+        )
+    return tuple(int((row["input_ids"] == image_token).sum()) for row in rows)
 
 
 def alignment(clean: Segments, corrupt: Segments) -> dict[int, int]:
@@ -165,11 +185,17 @@ def plan(vlm: VLM, stack_name: str, prepared: Prepared, grid: Grid) -> Plan:
     stack = vlm.adapter.stacks[stack_name]
     clean = prepared.pair.clean.segments(stack.sequence)
     aligned = alignment(clean, prepared.pair.corrupt.segments(stack.sequence))
-    cells = grid.cells(clean, n_layers=vlm.shape.layers[stack_name], n_heads=vlm.shape.heads[stack_name])
+    cells = grid.cells(
+        clean,
+        n_layers=vlm.shape.layers[stack_name],
+        n_heads=vlm.shape.heads[stack_name],
+        site_layers={site: vlm.shape.layers_with(stack_name, site) for site in grid.sites},
+    )
     work = [
         c
         for c, cell in enumerate(cells)
-        if any(p in aligned for p in cell.positions)
+        if cell.layers  # a site that exists at none of the window's layers stays NaN
+        and any(p in aligned for p in cell.positions)
         and (grid.positions != "tokens" or all(p in aligned for p in cell.positions))
     ]
     return Plan(prepared, cells, work, aligned)
@@ -523,7 +549,7 @@ def run_chunk(
         start = resumable_start(prepared, edits, prefix)
         if start > 0:
             cache = resume_cache(prefix, sources, start)
-            batch = suffix_batch(batch, stack, cache, start, cache_argument(vlm))
+            batch = suffix_batch(vlm, batch, stack, cache, start)
             edits = shifted(edits, start)
         first = min(layer for layer, _ in edits.patches)
         if first > 0:
@@ -546,8 +572,15 @@ def run_chunk(
 
 
 def resumes_keys_values(vlm: VLM, stack: Stack) -> bool:
-    """Whether the model can run a suffix on cached keys/values: a causal decoder-only stack."""
-    return stack.causal and stack.sequence == "prompt" and vlm.adapter.answer_sequence == "prompt"
+    """Whether the model can run a suffix on cached keys/values: a causal decoder-only stack
+    whose positions the engine makes (a model that computes its own, such as M-RoPE, would
+    number the suffix from 0)."""
+    return (
+        stack.causal
+        and stack.sequence == "prompt"
+        and vlm.adapter.answer_sequence == "prompt"
+        and vlm.adapter.positions == "engine"
+    )
 
 
 def prefix_of(vlm: VLM, stack: Stack, prepared: Prepared) -> Prefix:
@@ -585,19 +618,22 @@ def cache_argument(vlm: VLM) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def suffix_batch(batch: dict, stack: Stack, cache: Any, start: int, cache_keyword: str) -> dict:
+def suffix_batch(vlm: VLM, batch: dict, stack: Stack, cache: Any, start: int) -> dict:
     """The inputs of positions >= `start` only, on top of `cache` (the earlier positions).
 
-    Image inputs are dropped: the image tokens are all in the cached part.
+    Per-token inputs of the stack's sequence are cut at `start`, except the attention mask,
+    which covers cached and new positions; per-row and flat inputs (the image) are dropped:
+    the image tokens are all in the cached part.
     """
-    ids, mask = SEQUENCE_FIELDS[stack.sequence]
-    positions = POSITION_FIELD[stack.sequence]
-    return {
-        ids: batch[ids][:, start:],
-        mask: batch[mask],  # the mask covers cached and new positions
-        positions: batch[positions][:, start:],
-        cache_keyword: cache,
-    }
+    mask = SEQUENCE_FIELDS[stack.sequence][1]
+    suffix: dict[str, Any] = {cache_argument(vlm): cache, mask: batch[mask]}
+    for name, value in batch.items():
+        spec = vlm.adapter.inputs.get(name)
+        if name == POSITION_FIELD[stack.sequence] or (
+            spec is not None and spec.kind == "token" and spec.sequence == stack.sequence and name != mask
+        ):
+            suffix[name] = value[:, start:]
+    return suffix
 
 
 def shifted(edits: Edits, start: int) -> Edits:

@@ -1,17 +1,25 @@
-"""Where things are inside a model, described as data.
+"""Where things are inside a model, and how its inputs and tensors are shaped, described as data.
 
 The engine never asks "is this a LLaVA?". It asks the model's `Adapter`: where are the layers
 of the stack being traced, which module's output is "the MLP contribution" of a layer, which
-module's *input* holds the concatenated heads, where do image embeddings appear. A new HF
-architecture is supported by writing one `Adapter` value (plus how to encode a sample and
-read the answer logits), not by editing `sweep.py`.
+module's *input* holds the concatenated heads, where do image embeddings appear, how does each
+model input batch (padded with its sequence, concatenated, or stacked), who computes positions,
+and how each hooked tensor holds rows and positions (its layout). A new HF architecture is
+one adapter file of such values plus a few small functions, not an edit of the engine.
 
-    adapter = adapter_for(hf_model)           # looks the class name up in ADAPTERS
+    adapter = adapter_for(hf_model)           # vlmtrace.models.registry: class name -> Adapter
     adapter.stacks["lm"].layers               # "model.language_model.layers"
     adapter.stacks["lm"].sites["mlp"]         # Hook("mlp", "output")
+    adapter.inputs["pixel_values"]            # ROW: stacked, one entry per batch row
 
-Paths are relative to the HF model (the object `from_pretrained` returns). A `{}` in a path
-is replaced by nothing: layer paths are relative to one layer.
+Paths are relative to the HF model (the object `from_pretrained` returns); layer-site paths
+are relative to one layer (`""` is the layer itself).
+
+Every declaration is checked: at load time against the modules and the config (`check_shape`:
+each site is looked up in every layer, so a site that exists only in some layers is known to
+exist only there), and at run time against the live tensors (`vlmtrace.layouts`): a tensor
+whose shape does not match its declared layout stops the sweep with an error that names the
+hook and both shapes. Nothing is indexed on a guess.
 """
 
 from __future__ import annotations
@@ -28,17 +36,63 @@ SITE_KINDS = ("block", "attn", "mlp", "cross_attn", "attn_head", "cross_attn_hea
 """Every kind of site a stack may offer. `attn_head` / `cross_attn_head` are per-head slices of the
 input of the attention output projection; the others are whole module outputs."""
 
+LayoutName = Literal["row_position", "flat_rows", "image_tiles", "image_tokens"]
+"""How a hooked tensor holds the batch (`vlmtrace.layouts` checks and applies each):
+
+- `row_position`: [row, position, hidden] (or [row, units, hidden] for a per-row image), the default;
+- `flat_rows`: [row * position, hidden], rows and positions flattened (OPT's MLP);
+- `image_tiles`: [tile, patch, hidden], each row owning `Adapter.image_units(row)` consecutive tiles
+  (LLaVA-NeXT / OneVision projector, Idefics3 connector);
+- `image_tokens`: [token, hidden], each row owning its image tokens, consecutively (Qwen-VL merger).
+"""
+
 
 @dataclass(frozen=True)
 class Hook:
-    """One place to read or write an activation: a module and which side of it."""
+    """One place to read or write an activation: a module, which side of it, and its layout."""
 
     path: str
     """Module path, relative to the model (absolute hooks) or to one layer (layer sites)."""
     side: Literal["output", "input"] = "output"
     """`input` is the module's first positional input (used for heads: `o_proj`'s input)."""
-    index: int | None = None
-    """If the module returns a tuple, which element carries the hidden state."""
+    index: int | str | None = None
+    """If the module returns a tuple (or a ModelOutput), which element carries the tensor."""
+    layout: LayoutName = "row_position"
+    """How the tensor holds rows and positions; checked against the live shape on every use."""
+
+
+@dataclass(frozen=True)
+class Input:
+    """How one model input batches when rows of different samples share a forward.
+
+    Processors return one row's inputs; the engine builds a batch of many rows from them. How
+    is a property of the input, not of the engine: per-token inputs are left-padded with their
+    sequence, flat inputs (Qwen's pre-flattened patches) are concatenated, per-row inputs stacked.
+    """
+
+    kind: Literal["token", "flat", "row"]
+    sequence: Literal["prompt", "decoder"] = "prompt"
+    """For `token` inputs: the sequence whose length they share."""
+    pad: int | Literal["pad_token"] = 0
+    """For `token` inputs: the padding value (`"pad_token"`: the tokenizer's pad id)."""
+    pad_rows: bool = False
+    """For `row` inputs: rows may differ in their first dimension (tiles of images of other
+    sizes) and are zero-padded to the longest, as the family's processor pads them."""
+
+
+def token(sequence: Literal["prompt", "decoder"] = "prompt", pad: int | Literal["pad_token"] = 0) -> Input:
+    """A per-token input, left-padded with its sequence."""
+    return Input("token", sequence, pad)
+
+
+IDS = token(pad="pad_token")
+MASK = token()
+FLAT = Input("flat")
+ROW = Input("row")
+ROW_PADDED = Input("row", pad_rows=True)
+
+LLAVA_INPUTS: Mapping[str, Input] = {"input_ids": IDS, "attention_mask": MASK, "pixel_values": ROW}
+"""The inputs of a LLaVA-1.5-style processor: token ids and mask, one image per row."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +110,8 @@ class Stack:
     """Which token sequence the stack runs over: the prompt, or the decoder's input tokens."""
     sites: Mapping[str, Hook]
     """Site kind -> hook, in the order the modules run inside one layer (the engine must
-    touch them in execution order)."""
+    touch them in execution order). A site whose module is missing from some layers
+    (Mllama's cross-attention) exists only at the others: `Shape.site_layers` says where."""
     attention: str
     """Path (relative to a layer) of the self-attention module whose `attention_mask`
     keyword attention knockout edits."""
@@ -70,6 +125,12 @@ class Stack:
     causal: bool = True
     """Whether self-attention is causal (decoders) or bidirectional (BLIP's question encoder);
     needed to build a knockout mask where the model passes none."""
+    cross_attention: str | None = None
+    """Path (relative to a layer) of the module that receives the cross-attention mask as
+    its `cross_mask_keyword` keyword: cross-attention knockout (question -> image patches) edits it."""
+    cross_mask_keyword: str = "encoder_attention_mask"
+    cross_sequence: str | None = None
+    """What cross-attention keys are: "image" (patches) or "prompt" (BLIP's decoder reads the question)."""
 
 
 @dataclass(frozen=True)
@@ -83,15 +144,27 @@ class Adapter:
     """Named layer stacks; the first is the default one to trace."""
     embeddings: Mapping[str, Hook]
     """`"tokens"` and `"image"` embedding hooks (absolute), in execution order. Gaussian
-    noise corruptions edit these."""
+    noise corruptions edit these, through their layouts."""
     image_in_sequence: bool
     """True when image tokens sit inside the prompt (early fusion, LLaVA); False when the
-    image reaches the text only through cross-attention (BLIP)."""
+    image reaches the text only through cross-attention (BLIP, Mllama)."""
     encode: Callable[..., dict[str, torch.Tensor]]
-    """`encode(processor, prompt, image, decoder_ids) -> one row of model inputs` (1D tensors,
-    plus `pixel_values` [C, H, W] where there is an image)."""
+    """`encode(processor, prompt, image, decoder_ids) -> one row of model inputs` (token inputs
+    1D; per-row inputs without the batch dim; flat inputs as the processor returns them)."""
     forward: Callable[..., torch.Tensor]
     """`forward(model, **batch) -> logits [B, T, V]` of the sequence that predicts the answer."""
+    inputs: Mapping[str, Input] = field(default_factory=lambda: dict(LLAVA_INPUTS))
+    """How each input `encode` returns batches. An input not declared here is an error: the
+    engine never guesses whether a tensor is per token, per image or per row."""
+    positions: Literal["engine", "model"] = "engine"
+    """Who makes position ids. "engine": the engine passes `position_ids` counted from the
+    attention mask, so a left-padded row computes what it computes alone (1-D RoPE, learned
+    positions). "model": the model computes its own (Qwen's 3-D M-RoPE from `image_grid_thw`),
+    and the engine never overrides them; resuming from a KV cache is then refused."""
+    image_units: Callable[[Mapping[str, torch.Tensor]], int] | None = None
+    """For an `image_tiles` / `image_tokens` image hook: how many tiles or tokens one row's
+    image yields, from that row's encoded inputs. Default for `image_tokens`: the row's count
+    of image tokens in `input_ids`."""
     answer_sequence: Literal["prompt", "decoder"] = "prompt"
     """Where the answer is predicted: after the prompt (decoder-only LMs) or by the decoder."""
     keeps_last_logits: bool = False
@@ -99,9 +172,15 @@ class Adapter:
     positions: the answer positions, under left padding. Saves rows x positions x vocab."""
     image_token_config: str | None = None
     """Config path of the image token id, for models that place image tokens in the prompt."""
-    image_encoder: str | None = None
-    """Path of the module that encodes pixels (one output row per image). Its output depends
-    on the image alone, so prefix reuse computes it once per distinct image."""
+    image_encoder: Hook | None = None
+    """The module that encodes pixels. With a `row_position` layout (one output row per batch
+    row) prefix reuse computes it once per distinct image; other layouts are not reused."""
+    prompt_template: str | None = None
+    """The family's documented prompt, with `{image}` (the processor's image placeholder) and
+    `{question}`, used when the processor has no chat template."""
+    fixes: tuple[Callable[[torch.nn.Module], None], ...] = ()
+    """Corrections of known upstream bugs, installed once when the model is wrapped (BLIP's
+    cross-attention mask). Each is a function of the model that registers its own hooks."""
     notes: str = ""
 
     @property
@@ -116,39 +195,23 @@ class Shape:
     layers: Mapping[str, int]
     heads: Mapping[str, int]
     image_token_id: int | None = None
+    site_layers: Mapping[str, Mapping[str, tuple[int, ...]]] = field(default_factory=dict)
+    """Stack -> site -> the layers where the site exists (all layers for most models)."""
+    layer_kinds: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Stack -> the class name of each layer (Mllama interleaves two kinds)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-
-ADAPTERS: dict[str, Adapter] = {}
-"""Architecture class name -> adapter. Filled by the family modules on import."""
-
-
-def register(adapter: Adapter) -> Adapter:
-    """Make an adapter known to `adapter_for` (family modules call this at import)."""
-    for name in adapter.architectures:
-        ADAPTERS[name] = adapter
-    return adapter
+    def layers_with(self, stack: str, site: str) -> tuple[int, ...]:
+        """Layers of `stack` where `site` exists."""
+        return self.site_layers.get(stack, {}).get(site, tuple(range(self.layers[stack])))
 
 
 class UnknownArchitectureError(UserError):
     """Raised for a model class that no adapter describes."""
 
 
-def adapter_for(model: torch.nn.Module | str) -> Adapter:
-    """The adapter describing `model` (or an architecture class name), or an error that says
-    how to write one."""
-    from . import blip, llava, text  # noqa: F401  (importing registers the adapters)
-
-    name = model if isinstance(model, str) else type(model).__name__
-    if name in ADAPTERS:
-        return ADAPTERS[name]
-    fields = ", ".join(f.name for f in Adapter.__dataclass_fields__.values())
-    raise UnknownArchitectureError(
-        f"vlmtrace has no adapter for {name}. Known: {', '.join(sorted(ADAPTERS))}. "
-        f"Describe it with vlmtrace.models.adapter.Adapter(...) (fields: {fields}; each Stack "
-        "names its `layers` ModuleList path and site hooks: block, attn, mlp, cross_attn, head) "
-        "and call vlmtrace.models.adapter.register(adapter) before loading."
-    )
+class AdapterMismatchError(UserError):
+    """An adapter's declaration does not match the model or a live tensor."""
 
 
 def config_value(config: Any, path: str) -> Any:
@@ -170,31 +233,56 @@ def module_at(model: torch.nn.Module, path: str) -> torch.nn.Module:
         ) from None
 
 
+def _has_module(root: torch.nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 def check_shape(adapter: Adapter, model: torch.nn.Module) -> Shape:
     """Read layer/head counts from the config and check them against the real modules.
 
     Adapters encode assumptions about a family; a checkpoint that breaks one (a renamed
     module, a config that disagrees with the weights) should fail here with both values,
-    not later inside a trace.
+    not later inside a trace. Every layer is inspected: a site may exist in some layers only,
+    and `Shape.site_layers` records where; a site found in no layer is an error.
     """
     layers: dict[str, int] = {}
     heads: dict[str, int] = {}
+    site_layers: dict[str, dict[str, tuple[int, ...]]] = {}
+    layer_kinds: dict[str, tuple[str, ...]] = {}
     for name, stack in adapter.stacks.items():
         module_list = module_at(model, stack.layers)
         expected = int(config_value(model.config, stack.layers_config))
         if len(module_list) != expected:
-            raise UnknownArchitectureError(
+            raise AdapterMismatchError(
                 f"{adapter.family} adapter: config {stack.layers_config}={expected} but "
                 f"{stack.layers} holds {len(module_list)} layers."
             )
         layers[name] = expected
         heads[name] = int(config_value(model.config, stack.heads_config))
-        for hook in stack.sites.values():
-            module_at(module_list[0], hook.path)
-        module_at(module_list[0], stack.attention)
+        site_layers[name] = {}
+        for site, hook in stack.sites.items():
+            where = tuple(i for i, layer in enumerate(module_list) if _has_module(layer, hook.path))
+            if not where:
+                module_at(module_list[0], hook.path)  # raises, naming the missing path
+            site_layers[name][site] = where
+        if not any(_has_module(layer, stack.attention) for layer in module_list):
+            module_at(module_list[0], stack.attention)
+        layer_kinds[name] = tuple(type(layer).__name__ for layer in module_list)
     for hook in adapter.embeddings.values():
         module_at(model, hook.path)
+    if adapter.image_encoder is not None:
+        module_at(model, adapter.image_encoder.path)
     image_token_id = None
     if adapter.image_token_config is not None:
         image_token_id = int(config_value(model.config, adapter.image_token_config))
-    return Shape(layers=layers, heads=heads, image_token_id=image_token_id)
+    return Shape(
+        layers=layers,
+        heads=heads,
+        image_token_id=image_token_id,
+        site_layers=site_layers,
+        layer_kinds=layer_kinds,
+    )

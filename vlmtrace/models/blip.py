@@ -11,6 +11,12 @@ per-head slices are the inputs of those projections.
 
 `BlipForQuestionAnswering.forward` returns only a loss, so `forward` below drives the three
 parts the way `generate` does and returns the decoder's logits.
+
+transformers 5.x drops the answer decoder's cross-attention mask: `BlipTextAttention` hands
+it to `BlipTextSelfAttention` as `attention_mask`, which cross-attention ignores in favour of
+the absent `encoder_attention_mask`. The decoder then reads the question's left padding, and a
+padded row scores differently from the same row alone. `give_cross_attention_its_mask` (an
+adapter fix, installed when the model is wrapped) hands the mask over under the right name.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .adapter import Adapter, Hook, Stack, register
+from .adapter import IDS, MASK, ROW, Adapter, Hook, Stack, token
 
 TEXT_LAYER_SITES = {
     "attn_head": Hook("attention.output.dense", "input"),
@@ -29,6 +35,23 @@ TEXT_LAYER_SITES = {
     "mlp": Hook("output.dense"),
     "block": Hook(""),
 }
+
+
+def give_cross_attention_its_mask(model: torch.nn.Module) -> None:
+    """Forward pre-hooks on every cross-attention that pass its mask as `encoder_attention_mask`.
+
+    Idempotent: a model wrapped twice gets one hook per module.
+    """
+
+    def hand_over(module, args, kwargs):
+        if kwargs.get("encoder_hidden_states") is not None and kwargs.get("encoder_attention_mask") is None:
+            kwargs["encoder_attention_mask"] = kwargs.get("attention_mask")
+        return args, kwargs
+
+    for name, module in model.named_modules():
+        if name.endswith("crossattention.self") and not getattr(module, "_vlmtrace_mask_fix", False):
+            module.register_forward_pre_hook(hand_over, with_kwargs=True)
+            module._vlmtrace_mask_fix = True
 
 
 def encode(processor: Any, prompt: str, image: Any, decoder_ids: list[int] | None = None) -> dict:
@@ -73,38 +96,50 @@ def forward(
     ).logits
 
 
-BLIP = register(
-    Adapter(
-        family="blip",
-        architectures=("BlipForQuestionAnswering",),
-        stacks={
-            "encoder": Stack(
-                layers="text_encoder.encoder.layer",
-                sequence="prompt",
-                sites=TEXT_LAYER_SITES,
-                causal=False,
-                attention="attention",
-                patterns={"self": Hook("attention", index=1), "cross": Hook("crossattention", index=1)},
-                heads_config="text_config.num_attention_heads",
-                layers_config="text_config.num_hidden_layers",
-            ),
-            "decoder": Stack(
-                layers="text_decoder.bert.encoder.layer",
-                sequence="decoder",
-                sites=TEXT_LAYER_SITES,
-                attention="attention",
-                patterns={"self": Hook("attention", index=1), "cross": Hook("crossattention", index=1)},
-                heads_config="text_config.num_attention_heads",
-                layers_config="text_config.num_hidden_layers",
-            ),
-        },
-        embeddings={
-            "image": Hook("vision_model", index=0),
-            "tokens": Hook("text_encoder.embeddings"),
-        },
-        image_in_sequence=False,
-        encode=encode,
-        forward=forward,
-        answer_sequence="decoder",
+def stack(layers: str, *, sequence: str, causal: bool, cross_sequence: str) -> Stack:
+    """One BLIP text stack: the question encoder or the answer decoder."""
+    return Stack(
+        layers=layers,
+        sequence=sequence,
+        sites=TEXT_LAYER_SITES,
+        causal=causal,
+        attention="attention",
+        cross_attention="crossattention.self",
+        cross_sequence=cross_sequence,
+        patterns={"self": Hook("attention", index=1), "cross": Hook("crossattention", index=1)},
+        heads_config="text_config.num_attention_heads",
+        layers_config="text_config.num_hidden_layers",
     )
+
+
+BLIP = Adapter(
+    family="blip",
+    architectures=("BlipForQuestionAnswering",),
+    stacks={
+        "encoder": stack(
+            "text_encoder.encoder.layer", sequence="prompt", causal=False, cross_sequence="image"
+        ),
+        "decoder": stack(
+            "text_decoder.bert.encoder.layer", sequence="decoder", causal=True, cross_sequence="prompt"
+        ),
+    },
+    embeddings={
+        "image": Hook("vision_model", index=0),
+        "tokens": Hook("text_encoder.embeddings"),
+    },
+    inputs={
+        "input_ids": IDS,
+        "attention_mask": MASK,
+        "pixel_values": ROW,
+        "decoder_input_ids": token("decoder", pad="pad_token"),
+        "decoder_attention_mask": token("decoder"),
+    },
+    image_in_sequence=False,
+    encode=encode,
+    forward=forward,
+    answer_sequence="decoder",
+    prompt_template="{question}",
+    fixes=(give_cross_attention_its_mask,),
 )
+
+ADAPTERS = (BLIP,)

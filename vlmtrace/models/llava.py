@@ -1,8 +1,13 @@
-"""LLaVA-family adapter: early fusion, image tokens placed inside the prompt.
+"""LLaVA-family adapters: early fusion, image tokens placed inside the prompt.
 
 The projector's output replaces the `<image>` placeholder tokens (expanded by the processor
 to one token per patch), so image tokens are ordinary positions of the language model's
 sequence and every site (block, attention, MLP, heads) exists at them.
+
+LLaVA-1.5 encodes one 336 px view per image: its projector output is [row, patch, hidden].
+LLaVA-NeXT encodes a base view plus any-resolution tiles: `pixel_values` is [row, tile, 3, H, W]
+(tiles zero-padded across rows), and the projector returns [tile, patch, hidden] over the whole
+batch, each row owning as many tiles as its image has (`image_units`).
 
 Module paths are those of transformers 5.x (`model.model.language_model.layers[i]`).
 """
@@ -14,7 +19,7 @@ from typing import Any
 import torch
 
 from ..positions import MissingImageTokenError
-from .adapter import Adapter, Hook, Stack, register
+from .adapter import IDS, LLAVA_INPUTS, MASK, ROW, ROW_PADDED, Adapter, Hook, Stack
 
 
 def encode(processor: Any, prompt: str, image: Any, decoder_ids: list[int] | None = None) -> dict:
@@ -41,30 +46,60 @@ LANGUAGE_MODEL_SITES = {
     "block": Hook(""),
 }
 
-LLAVA = register(
-    Adapter(
-        family="llava",
-        architectures=("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"),
-        stacks={
-            "lm": Stack(
-                layers="model.language_model.layers",
-                sequence="prompt",
-                sites=LANGUAGE_MODEL_SITES,
-                attention="self_attn",
-                patterns={"self": Hook("self_attn", index=1)},
-                heads_config="text_config.num_attention_heads",
-                layers_config="text_config.num_hidden_layers",
-            )
-        },
-        embeddings={
-            "tokens": Hook("model.language_model.embed_tokens"),
-            "image": Hook("model.multi_modal_projector"),
-        },
-        keeps_last_logits=True,
-        image_in_sequence=True,
-        encode=encode,
-        forward=forward,
-        image_token_config="image_token_id",
-        image_encoder="model.vision_tower",
-    )
+LANGUAGE_MODEL = Stack(
+    layers="model.language_model.layers",
+    sequence="prompt",
+    sites=LANGUAGE_MODEL_SITES,
+    attention="self_attn",
+    patterns={"self": Hook("self_attn", index=1)},
+    heads_config="text_config.num_attention_heads",
+    layers_config="text_config.num_hidden_layers",
 )
+
+PROMPT = "USER: {image}\n{question} ASSISTANT:"
+"""LLaVA-1.5's documented prompt (llava-hf model cards)."""
+
+LLAVA = Adapter(
+    family="llava",
+    architectures=("LlavaForConditionalGeneration",),
+    stacks={"lm": LANGUAGE_MODEL},
+    embeddings={
+        "tokens": Hook("model.language_model.embed_tokens"),
+        "image": Hook("model.multi_modal_projector"),
+    },
+    inputs=LLAVA_INPUTS,
+    keeps_last_logits=True,
+    image_in_sequence=True,
+    encode=encode,
+    forward=forward,
+    image_token_config="image_token_id",
+    image_encoder=Hook("model.vision_tower"),
+    prompt_template=PROMPT,
+)
+
+
+def tiles(row: dict) -> int:
+    """Tiles of one row's image: the processor returns exactly its own tiles for one image."""
+    return int(row["pixel_values"].shape[0])
+
+
+LLAVA_NEXT = Adapter(
+    family="llava_next",
+    architectures=("LlavaNextForConditionalGeneration",),
+    stacks={"lm": LANGUAGE_MODEL},
+    embeddings={
+        "tokens": Hook("model.language_model.embed_tokens"),
+        "image": Hook("model.multi_modal_projector", layout="image_tiles"),
+    },
+    inputs={"input_ids": IDS, "attention_mask": MASK, "pixel_values": ROW_PADDED, "image_sizes": ROW},
+    image_units=tiles,
+    keeps_last_logits=True,
+    image_in_sequence=True,
+    encode=encode,
+    forward=forward,
+    image_token_config="image_token_id",
+    image_encoder=Hook("model.vision_tower", layout="image_tiles"),
+    prompt_template="[INST] {image}\n{question} [/INST]",
+)
+
+ADAPTERS = (LLAVA, LLAVA_NEXT)

@@ -21,7 +21,8 @@ import torch
 import transformers
 from nnsight import NNsight
 
-from .adapter import Adapter, Shape, UnknownArchitectureError, adapter_for, check_shape
+from .adapter import Adapter, Shape, UnknownArchitectureError, check_shape
+from .registry import adapter_for
 
 
 @dataclass
@@ -59,6 +60,8 @@ def wrap(model: torch.nn.Module, processor: Any, *, name: str, revision: str | N
     adapter = adapter_for(model)
     shape = check_shape(adapter, model)
     model.eval()
+    for fix in adapter.fixes:  # known upstream bugs, corrected before any trace
+        fix(model)
     with warnings.catch_warnings():  # BLIP's `*.output` submodules: handled by forward.envoy_at
         warnings.filterwarnings("ignore", message=".*which nnsight already serves")
         envoy = NNsight(model)
@@ -100,7 +103,7 @@ def describe(name: str, *, revision: str | None = None) -> tuple[str, Any, Any, 
             f"{name}: config names {architecture}, which this transformers "
             f"({transformers.__version__}) does not provide; upgrade transformers."
         )
-    if adapter.family in ("llama", "gpt2"):  # text-only: the tokenizer is the processor
+    if not adapter.image_in_sequence and "image" not in adapter.embeddings:  # text-only: tokenizer
         processor = transformers.AutoTokenizer.from_pretrained(path, revision=revision)
     else:
         processor = transformers.AutoProcessor.from_pretrained(path, revision=revision)

@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
-from .adapter import Adapter, Hook, Stack, register
+from .adapter import IDS, MASK, Adapter, Hook, Stack
+
+TEXT_INPUTS = {"input_ids": IDS, "attention_mask": MASK}
 
 
 def encode(processor: Any, prompt: str, image: Any, decoder_ids: list[int] | None = None) -> dict:
@@ -24,58 +26,60 @@ def forward(model: torch.nn.Module, **batch: torch.Tensor) -> torch.Tensor:
     return model(**batch).logits
 
 
-register(
-    Adapter(
-        family="llama",
-        architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
-        stacks={
-            "lm": Stack(
-                layers="model.layers",
-                sequence="prompt",
-                sites={
-                    "attn_head": Hook("self_attn.o_proj", "input"),
-                    "attn": Hook("self_attn", "output", index=0),
-                    "mlp": Hook("mlp"),
-                    "block": Hook(""),
-                },
-                attention="self_attn",
-                patterns={"self": Hook("self_attn", index=1)},
-                heads_config="num_attention_heads",
-                layers_config="num_hidden_layers",
-            )
-        },
-        embeddings={"tokens": Hook("model.embed_tokens")},
-        keeps_last_logits=True,
-        image_in_sequence=False,
-        encode=encode,
-        forward=forward,
-    )
+LLAMA = Adapter(
+    family="llama",
+    architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
+    stacks={
+        "lm": Stack(
+            layers="model.layers",
+            sequence="prompt",
+            sites={
+                "attn_head": Hook("self_attn.o_proj", "input"),
+                "attn": Hook("self_attn", "output", index=0),
+                "mlp": Hook("mlp"),
+                "block": Hook(""),
+            },
+            attention="self_attn",
+            patterns={"self": Hook("self_attn", index=1)},
+            heads_config="num_attention_heads",
+            layers_config="num_hidden_layers",
+        )
+    },
+    embeddings={"tokens": Hook("model.embed_tokens")},
+    keeps_last_logits=True,
+    image_in_sequence=False,
+    encode=encode,
+    forward=forward,
+    inputs=TEXT_INPUTS,
+    prompt_template="{question}",
 )
 
-register(
-    Adapter(
-        family="gpt2",
-        architectures=("GPT2LMHeadModel",),
-        stacks={
-            "lm": Stack(
-                layers="transformer.h",
-                sequence="prompt",
-                sites={
-                    "attn_head": Hook("attn.c_proj", "input"),
-                    "attn": Hook("attn", "output", index=0),
-                    "mlp": Hook("mlp"),
-                    "block": Hook("", index=None),
-                },
-                attention="attn",
-                patterns={"self": Hook("attn", index=1)},
-                heads_config="n_head",
-                layers_config="n_layer",
-            )
-        },
-        embeddings={"tokens": Hook("transformer.wte")},
-        keeps_last_logits=True,
-        image_in_sequence=False,
-        encode=encode,
-        forward=forward,
-    )
+GPT2 = Adapter(
+    family="gpt2",
+    architectures=("GPT2LMHeadModel",),
+    stacks={
+        "lm": Stack(
+            layers="transformer.h",
+            sequence="prompt",
+            sites={
+                "attn_head": Hook("attn.c_proj", "input"),
+                "attn": Hook("attn", "output", index=0),
+                "mlp": Hook("mlp"),
+                "block": Hook("", index=None),
+            },
+            attention="attn",
+            patterns={"self": Hook("attn", index=1)},
+            heads_config="n_head",
+            layers_config="n_layer",
+        )
+    },
+    embeddings={"tokens": Hook("transformer.wte")},
+    keeps_last_logits=True,
+    image_in_sequence=False,
+    encode=encode,
+    forward=forward,
+    inputs=TEXT_INPUTS,
+    prompt_template="{question}",
 )
+
+ADAPTERS = (LLAMA, GPT2)
