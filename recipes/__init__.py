@@ -7,15 +7,28 @@ module defines:
     run(vlm, samples, **options) -> xarray.Dataset
     default_samples(vlm, n, seed) -> list[Sample]   its synthetic data on the organisms
     DEFAULT_MODEL: str                   the shipped organism it runs on by default
+    ORGANISMS: tuple[str, ...]           the shipped organisms it runs on (tested at n = 8)
+    NEEDS: Needs                         what a sample must carry (replacement phrases, image pair)
     figures(ds, out_dir) -> list[Path]   PNGs (plotting stays out of `run`)
     summary(ds) -> str                   the headline finding, in a sentence or two
+
+`describe(name)` reads a recipe's DESCRIPTION from its source, so `vlmtrace recipe list` needs
+neither torch nor transformers. `fitting(recipe, samples)` splits samples into those a recipe
+can corrupt and the reasons the others cannot be used.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vlmtrace.data.sample import Sample
 
 
 def names() -> list[str]:
@@ -38,3 +51,74 @@ def get(name: str) -> ModuleType:
     if name not in names():
         raise KeyError(f"no recipe {name!r}; choose one of {names()} (see `vlmtrace recipe list`).")
     return importlib.import_module(f"{__name__}.{name}")
+
+
+def describe(name: str) -> str:
+    """A recipe's DESCRIPTION, read from its source without importing it (or torch)."""
+    if name not in names():
+        raise KeyError(f"no recipe {name!r}; choose one of {names()} (see `vlmtrace recipe list`).")
+    tree = ast.parse((Path(__file__).parent / f"{name}.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "DESCRIPTION" for t in node.targets
+        ):
+            return str(ast.literal_eval(node.value))
+    return ""
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a sample must carry for a recipe's corruptions to apply to it."""
+
+    replacements: tuple[str, ...] = ()  # spans whose replacement phrase a corruption swaps in
+    image_pair: bool = False  # semantic image pairs (SIP) need the counterfactual image
+
+    def missing(self, sample: Sample) -> str | None:
+        """Why `sample` does not fit, or None when it does."""
+        for span in self.replacements:
+            if span not in sample.spans:
+                return f"no span {span!r}"
+            if span not in sample.replacements:
+                return f"no replacement phrase for span {span!r}"
+        if self.image_pair and sample.image_pair is None:
+            return "no image_pair"
+        return None
+
+
+def fitting(recipe: ModuleType, samples: list[Sample]) -> tuple[list[Sample], str | None]:
+    """(samples the recipe can corrupt, a one-line note on those left out, or None)."""
+    needs: Needs = getattr(recipe, "NEEDS", Needs())
+    kept, reasons = [], {}
+    for sample in samples:
+        reason = needs.missing(sample)
+        if reason is None:
+            kept.append(sample)
+        else:
+            reasons.setdefault(reason, []).append(sample.id or "?")
+    if not reasons:
+        return kept, None
+    parts = []
+    for reason, ids in reasons.items():
+        shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+        parts.append(f"{len(ids)} with {reason} ({shown})")
+    left = len(samples) - len(kept)
+    return (
+        kept,
+        f"left out {left} of {len(samples)} samples that {recipe.__name__.split('.')[-1]} cannot corrupt: "
+        + "; ".join(parts),
+    )
+
+
+def draw(needs: Needs, draw_samples, n: int) -> list[Sample]:
+    """The first `n` samples that meet `needs`, from `draw_samples(count)` drawing ever more.
+
+    Synthetic families mix question kinds ("how many shapes" has no phrase to replace), so a
+    recipe's default data asks for more than `n` and keeps those that fit, in order.
+    """
+    count = n
+    while True:
+        drawn = draw_samples(count)
+        kept = [sample for sample in drawn if needs.missing(sample) is None]
+        if len(kept) >= n or len(drawn) < count:
+            return kept[:n]
+        count *= 2

@@ -27,12 +27,15 @@ import vlmtrace as vt
 from vlmtrace import plots
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
+from vlmtrace.recipes import Needs
 from vlmtrace.stats import bootstrap_mean
 
 DESCRIPTION = (
     "Palit et al.: Gaussian noise on BLIP's image embeddings; restore every encoder and decoder state"
 )
 DEFAULT_MODEL = "shapes-blip"
+ORGANISMS = ("shapes-blip",)
+NEEDS = Needs()
 FAMILY = "visual"
 STACKS = {"encoder": "question_position", "decoder": "answer_position"}
 
@@ -107,7 +110,7 @@ def summary(ds: xr.Dataset) -> str:
     for stack, position in STACKS.items():
         mean = effect(ds, stack)["mean"]
         by_layer = mean.max(position)
-        best = int(by_layer.argmax())
+        best = int(np.nanargmax(by_layer.values))
         lines.append(
             f"{stack}: strongest restoration at layer {int(mean['layer'][best])} "
             f"({float(by_layer[best]):+.3f}); per layer max: "

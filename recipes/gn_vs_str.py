@@ -29,6 +29,7 @@ import vlmtrace as vt
 from vlmtrace import plots
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
+from vlmtrace.recipes import Needs
 from vlmtrace.results import combine
 from vlmtrace.stats import bootstrap_mean, by_segment
 
@@ -36,6 +37,8 @@ DESCRIPTION = (
     "Zhang & Nanda: Gaussian noise vs symmetric token replacement, scored by probability, logit diff, KL"
 )
 DEFAULT_MODEL = "shapes-llava"
+ORGANISMS = ("shapes-llava", "shapes-blip")
+NEEDS = Needs(replacements=("visual",))
 FAMILY = "fact"
 METRICS = {"probability": vt.Probability(), "logit_diff": vt.LogitDiff(), "kl": vt.KL()}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import xarray as xr
 
 import vlmtrace as vt
@@ -25,10 +26,13 @@ from vlmtrace import plots
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
 from vlmtrace.positions import Segments
+from vlmtrace.recipes import Needs
 from vlmtrace.stats import bootstrap_mean
 
 DESCRIPTION = "Zhang et al.: attention knockout image->question, object->question, image+question->last"
 DEFAULT_MODEL = "shapes-llava"
+ORGANISMS = ("shapes-llava",)
+NEEDS = Needs()
 FAMILY = "fact"
 WINDOWS = (1, 3)
 QUESTION = ("question", "visual", "textual")
@@ -98,7 +102,7 @@ def summary(ds: xr.Dataset) -> str:
     lines = [f"clean P = {float(ds['clean'].mean()):.3f}; relative change in P, window {window}:"]
     for block in mean["block"].values:
         curve = mean.sel(block=block, window=window)
-        worst = int(curve.argmin())
+        worst = int(np.nanargmin(curve.values))
         lines.append(
             f"  {block}: largest drop {float(curve[worst]):+.2f} at layer {int(curve['layer'][worst])}; "
             + " ".join(

@@ -27,6 +27,7 @@ import xarray as xr
 import vlmtrace as vt
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
+from vlmtrace.recipes import Needs
 from vlmtrace.report import headline, patching_figures
 from vlmtrace.results import combine
 
@@ -34,6 +35,8 @@ DESCRIPTION = (
     "Basu et al.: visual + textual constraints, each corrupted; windows 1..6 show where each is retrieved"
 )
 DEFAULT_MODEL = "shapes-llava"
+ORGANISMS = ("shapes-llava", "shapes-blip")
+NEEDS = Needs(replacements=("visual", "textual"))
 FAMILY = "multi"
 CONSTRAINTS = ("visual", "textual")
 SITES = ("mlp", "attn")

@@ -32,6 +32,7 @@ from vlmtrace import plots
 from vlmtrace.attention import attention_pattern
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
+from vlmtrace.recipes import Needs, draw
 from vlmtrace.report import headline, patching_figures
 from vlmtrace.results import combine
 
@@ -40,11 +41,14 @@ DESCRIPTION = (
 )
 DEFAULT_MODEL = "shapes-llava"
 FAMILY = "visual"
+ORGANISMS = ("shapes-llava", "shapes-blip")
+NEEDS = Needs(replacements=("visual",), image_pair=True)  # STR swaps the phrase; SIP the image
 MODULES = ("mlp", "attn", "cross_attn")
 
 
 def default_samples(vlm: vt.VLM, n: int, seed: int) -> list[vt.Sample]:
-    return synthetic_samples(vlm, FAMILY, n, seed=seed)
+    """Visual questions that name a shape ("how many shapes" has no phrase to swap)."""
+    return draw(NEEDS, lambda count: synthetic_samples(vlm, FAMILY, count, seed=seed), n)
 
 
 def plan(vlm: vt.VLM) -> tuple[tuple[str, ...], vt.Grid]:

@@ -27,16 +27,24 @@ import vlmtrace as vt
 from vlmtrace import plots
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
+from vlmtrace.recipes import Needs, draw
 from vlmtrace.results import combine
 
 DESCRIPTION = "NOTICE: heads with high patching effect across tasks and both corruption kinds; their overlap"
 DEFAULT_MODEL = "shapes-llava"
 TASKS = ("visual", "fact", "multi")
 TOP_K = 3
+ORGANISMS = ("shapes-llava", "shapes-blip")
+NEEDS = Needs(replacements=("visual",), image_pair=True)  # STR swaps the phrase; SIP the image
 
 
 def default_samples(vlm: vt.VLM, n: int, seed: int) -> list[vt.Sample]:
-    return [s for task in TASKS for s in synthetic_samples(vlm, task, n, seed=seed)]
+    """`n` questions of each task that name a shape ("how many shapes" has no phrase to swap)."""
+    return [
+        sample
+        for task in TASKS
+        for sample in draw(NEEDS, lambda count, task=task: synthetic_samples(vlm, task, count, seed=seed), n)
+    ]
 
 
 def head_grid(vlm: vt.VLM) -> vt.Grid:
@@ -107,7 +115,7 @@ def summary(ds: xr.Dataset) -> str:
         (int(layer), int(head)) for layer, head in zip(*np.nonzero(ds["universal"].values), strict=True)
     ]
     overlap = ds["top"].sum(["task", "corruption"])
-    best = np.unravel_index(int(overlap.argmax()), overlap.shape)
+    best = np.unravel_index(int(np.argmax(overlap.values)), overlap.shape)
     names = ", ".join(f"L{ds['layer'].values[la]}.H{ds['head'].values[h]}" for la, h in universal) or "none"
     return (
         f"universal heads (top-{ds.attrs['top_k']} in all {ds.sizes['task'] * ds.sizes['corruption']} "

@@ -26,12 +26,15 @@ import xarray as xr
 import vlmtrace as vt
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
+from vlmtrace.recipes import Needs
 from vlmtrace.report import headline, patching_figures
 
 DESCRIPTION = (
     "Basu et al.: corrupt the visual-constraint phrase; restore MLP / attention per (token, layer, window)"
 )
 DEFAULT_MODEL = "shapes-llava"
+ORGANISMS = ("shapes-llava", "shapes-blip")
+NEEDS = Needs(replacements=("visual",))
 FAMILY = "fact"
 SITES = ("mlp", "attn")
 WINDOWS = (1, 3, 5)

@@ -25,6 +25,41 @@ def blip() -> vt.VLM:
     return vt.load("shapes-blip")
 
 
+@pytest.fixture(scope="module")
+def organisms(llava, blip) -> dict[str, vt.VLM]:
+    return {"shapes-llava": llava, "shapes-blip": blip}
+
+
+SUPPORTED = [(name, organism) for name in registry.names() for organism in registry.get(name).ORGANISMS]
+
+
+@pytest.mark.parametrize(("name", "organism"), SUPPORTED)
+def test_every_recipe_runs_on_its_default_data_of_8_samples_and_draws_and_summarises_it(
+    name, organism, organisms, tmp_path
+):
+    recipe = registry.get(name)
+    vlm = organisms[organism]
+    samples = recipe.default_samples(vlm, 8, 0)
+    small = {"windows": (1, 3)} if "windows" in recipe.run.__code__.co_varnames else {}  # a small grid
+    ds = recipe.run(vlm, samples, options=QUIET, **small)
+    assert ds.sizes.get("sample", 8) == 8  # universal_heads averages its samples away
+    assert recipe.figures(ds, tmp_path) and recipe.summary(ds)
+
+
+def test_default_samples_of_the_head_recipes_all_carry_a_replacement_phrase_and_an_image_pair(llava):
+    for name in ("notice", "universal_heads"):
+        recipe = registry.get(name)
+        for sample in recipe.default_samples(llava, 8, 0):
+            assert "visual" in sample.replacements and sample.image_pair is not None, (name, sample.id)
+
+
+def test_samples_a_recipe_cannot_corrupt_are_left_out_with_a_one_line_note(llava):
+    drawn = synthetic_samples(llava, "visual", 6, seed=0)  # every third asks "how many shapes"
+    kept, note = registry.fitting(registry.get("notice"), drawn)
+    assert len(kept) == 4
+    assert note.count("\n") == 0 and "left out 2 of 6" in note and "no replacement phrase" in note
+
+
 def test_every_recipe_is_listed_with_its_paper():
     assert registry.names() == [
         "visual_constraint",
