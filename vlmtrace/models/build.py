@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     BlipConfig,
     BlipForQuestionAnswering,
@@ -73,6 +73,110 @@ def word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     )
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return tokenizer
+
+
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+"""Byte tokens appended after the words by `add_byte_fallback`, in byte order."""
+
+
+def byte_fallback_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """The same word-level vocabulary, ids unchanged, plus 256 byte tokens for everything else.
+
+    A known word (the pre-tokenizer splits on whitespace and punctuation) is one token with its
+    old id; any other word is spelled in UTF-8 bytes (`<0x57>` ...), so the tokenizer never
+    produces `<unk>`: an organism trained on 60 words reads real questions end to end (what it
+    makes of them is meaningless). Byte tokens decode back to the text (`ByteFallback`).
+    """
+    vocab = dict(tokenizer.get_vocab())
+    specials = {t: vocab[t] for t in SPECIAL_TOKENS if t in vocab}
+    words = {t: i for t, i in vocab.items() if t not in specials}
+    for token in BYTE_TOKENS:
+        vocab.setdefault(token, len(vocab))
+    core = Tokenizer(
+        models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True, ignore_merges=True)
+    )
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split(IMAGE_TOKEN, behavior="isolated"),
+            pre_tokenizers.Punctuation("isolated"),
+        ]
+    )
+    core.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    extended = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="[SEP]",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side=tokenizer.padding_side,
+    )
+    extended.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    moved = {w: extended.convert_tokens_to_ids(w) for w in [*specials, *words]}
+    changed = {w: (vocab[w], i) for w, i in moved.items() if i != vocab[w]}
+    if changed:
+        raise RuntimeError(f"byte fallback moved token ids {changed}; the weights would no longer match.")
+    return extended
+
+
+def add_byte_fallback(model: torch.nn.Module, processor, *, seed: int = 0) -> None:
+    """Give a trained organism `byte_fallback_tokenizer` and grow its vocabulary to match, in place.
+
+    Every parameter with one entry per token gains 256. Input rows (embeddings) are seeded
+    normal draws with the trained rows' std, so different bytes read differently. A head with a bias
+    (BLIP's answer decoder, tied to its embeddings) gets a bias of -1e4 for them: their
+    probability is exactly zero and every known token's probability is bit-identical. A head
+    without a bias (LLaVA's `lm_head`) gets zero rows, a logit of 0, far below a trained
+    answer's (>= 9 on held-out questions): accuracies are unchanged, but each probability is
+    divided by 1 + 256 exp(-logsumexp) (shipped organism: at most 0.014 lower). Known words keep
+    their ids and rows, so prompts of known words compute bit-identical hidden states and logits.
+    """
+    tokenizer = processor.tokenizer
+    old = len(tokenizer)
+    extended = byte_fallback_tokenizer(tokenizer)
+    extra = len(extended) - old
+    generator = torch.Generator().manual_seed(seed)
+    grown: dict[int, torch.nn.Parameter] = {}  # id(old parameter) -> its grown copy (keeps ties)
+
+    def grow(parameter: torch.nn.Parameter, rows: torch.Tensor) -> torch.nn.Parameter:
+        if id(parameter) not in grown:
+            grown[id(parameter)] = torch.nn.Parameter(torch.cat([parameter.data, rows.to(parameter)]))
+        return grown[id(parameter)]
+
+    with torch.no_grad():
+        modules = list(model.modules())
+        for module in modules:  # embeddings first, so a tied head reuses their grown rows
+            if isinstance(module, torch.nn.Embedding) and module.num_embeddings == old:
+                rows = torch.randn(extra, module.embedding_dim, generator=generator)
+                module.weight = grow(module.weight, rows * module.weight.std() + module.weight.mean())
+                module.num_embeddings = old + extra
+        for module in modules:
+            if isinstance(module, torch.nn.Linear) and module.out_features == old:
+                module.weight = grow(module.weight, torch.zeros(extra, module.in_features))
+                module.out_features = old + extra
+            for name, parameter in list(module.named_parameters(recurse=False)):
+                if parameter.ndim == 1 and parameter.shape[0] == old:  # output biases
+                    setattr(module, name, grow(parameter, torch.full((extra,), -1e4)))
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None and getattr(config, "vocab_size", None) == old:
+            config.vocab_size = old + extra
+    processor.tokenizer = extended
+
+
+def organism_chat_template(architecture: str) -> str | None:
+    """The prompt an organism was trained on, as a chat template: "<image> question" (LLaVA).
+
+    BLIP reads the bare question (the image enters by cross-attention) and needs none.
+    """
+    if architecture != "llava":
+        return None
+    return (
+        "{% for message in messages %}{% for content in message['content'] %}"
+        "{% if content['type'] == 'image' %}" + IMAGE_TOKEN + " {% elif content['type'] == 'text' %}"
+        "{{ content['text'] }}{% endif %}{% endfor %}{% endfor %}"
+    )
 
 
 def build_llava(

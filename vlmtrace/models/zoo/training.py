@@ -33,7 +33,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from vlmtrace.data.drawing import IMAGE_SIZE, TEST_FRACTION
 from vlmtrace.data.scenes import OBJECTS, VOCABULARY, Question, ask
-from vlmtrace.models.build import build_blip, build_llava, word_tokenizer
+from vlmtrace.models.build import (
+    add_byte_fallback,
+    build_blip,
+    build_llava,
+    organism_chat_template,
+    word_tokenizer,
+)
 
 from .answering import batch_logits, unpadded_groups
 from .batches import IGNORE, Encoder
@@ -194,6 +200,8 @@ def train(
         accuracies = held_out_accuracy(model, processor, n=held_out) if held_out else {}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    add_byte_fallback(model, processor)  # reads any text; known words keep their ids and rows
+    processor.chat_template = organism_chat_template(spec.architecture)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     record = {
