@@ -1,0 +1,247 @@
+"""Every family vlmtrace supports equals an independent plain-torch reference on a tiny model.
+
+For each family module in `tests/families/`, the engine patches every site the family has,
+under the three corruptions (symmetric token replacement of the visual phrase, a semantic
+image pair, Gaussian noise on the image features), in both directions, with windows of 1 and
+2 layers, over image, constraint and last positions, and knocks out image -> last attention.
+A seeded sample of the cells (always including an image position and the last position) is
+recomputed by `tests/reference.py`, one unbatched row at a time with plain hooks, and must
+agree to 1e-5. The clean and corrupted baselines are compared too.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+import random
+
+import families
+import numpy as np
+import pytest
+import reference as ref
+import torch
+from families.spec import Family
+from PIL import Image
+
+import vlmtrace as vt
+
+FAMILIES: dict[str, Family] = {}
+for info in pkgutil.iter_modules(families.__path__):
+    if info.name != "spec":
+        module = importlib.import_module(f"families.{info.name}")
+        FAMILIES[module.FAMILY.name] = module.FAMILY
+
+CORRUPTIONS = {
+    "str": lambda: vt.SymmetricTokenReplacement("visual"),
+    "image_pair": lambda: vt.ImagePair(),
+    "noise": lambda: vt.GaussianNoise("image", scale=3.0, samples=2, seed=5),
+}
+CELLS_PER_SITE = 6
+TOLERANCE = 1e-5
+
+
+def picture(seed: int, size: tuple[int, int]) -> Image.Image:
+    pixels = np.random.RandomState(seed).randint(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@functools.cache
+def loaded(name: str) -> vt.VLM:
+    family = FAMILIES[name]
+    model, processor = family.build()
+    return vt.wrap(model, processor, name=f"tiny-{name}")
+
+
+def sample_of(family: Family) -> vt.Sample:
+    return vt.Sample(
+        prompt=family.prompt,
+        answer=family.answer,
+        image=picture(0, family.image_size),
+        image_pair=picture(1, family.pair_size or family.image_size),
+        spans={"visual": "this shape", "textual": "year 2006"},
+        replacements={"visual": family.replacement},
+        id=family.name,
+    )
+
+
+def encode(vlm: vt.VLM, prompt: str, image) -> dict:
+    return dict(vlm.processor(text=[prompt], images=[image], return_tensors="pt"))
+
+
+def answer_id(vlm: vt.VLM, family: Family) -> int:
+    """The answer's first token id, as the model would produce it after the prompt."""
+    alone = vlm.tokenizer(family.prompt).input_ids
+    joined = vlm.tokenizer(family.prompt + " " + family.answer).input_ids
+    assert joined[: len(alone)] == alone
+    return joined[len(alone)]
+
+
+def positions_of(vlm: vt.VLM, tokens: list[int], segment: str, family: Family) -> list[int]:
+    """Positions of a segment, found by the reference itself: image tokens by id, "last", or
+    the tokens of "this shape" / "year 2006"."""
+    if segment == "image":
+        return [i for i, t in enumerate(tokens) if t == vlm.shape.image_token_id]
+    if segment == "last":
+        return [len(tokens) - 1]
+    words = {"visual": "this shape", "textual": "year 2006"}[segment]
+    ids = vlm.tokenizer(" " + words, add_special_tokens=False).input_ids
+    for start in range(len(tokens)):
+        if tokens[start : start + len(ids)] == ids:
+            return list(range(start, start + len(ids)))
+    raise AssertionError(f"{words!r} ({ids}) not found in {tokens}")
+
+
+class Reference:
+    """The reference's view of one (family, corruption): clean and corrupted runs of one row."""
+
+    def __init__(self, vlm: vt.VLM, family: Family, corruption: str):
+        self.model, self.family, self.corruption = vlm.model, family, corruption
+        sample = sample_of(family)
+        self.clean = encode(vlm, sample.prompt, sample.image)
+        self.draws = 1
+        if corruption == "str":
+            self.corrupt = encode(vlm, sample.prompt.replace("this shape", family.replacement), sample.image)
+        elif corruption == "image_pair":
+            self.corrupt = encode(vlm, sample.prompt, sample.image_pair)
+        else:
+            self.corrupt = self.clean
+            self.draws = 2
+        self.width = self.clean["input_ids"].shape[-1]
+        self.answer = answer_id(vlm, family)
+        self.n_heads = vlm.shape.heads["lm"]
+
+    def noise(self, draw: int):
+        if self.corruption != "noise":
+            return lambda hooks: None
+        return lambda hooks: ref.add_noise(
+            hooks, self.model, self.family.image, scale=3.0, seed=5, samples=2, draw=draw
+        )
+
+    def score(self, inputs, hooks) -> float:
+        return ref.log_prob(self.model, self.family.score, inputs, self.answer, hooks)
+
+    def baselines(self) -> tuple[float, float]:
+        clean = self.score(self.clean, lambda h: None)
+        corrupt = np.mean([self.score(self.corrupt, self.noise(d)) for d in range(self.draws)])
+        return clean, float(corrupt)
+
+    def cell(self, site: str, layers, position: int, head, direction: str) -> float:
+        at = self.family.sites[site]
+        values = []
+        for draw in range(self.draws):
+            if direction == "denoise":  # corrupted run, clean activation restored
+                source = ref.record(self.model, self.family.score, self.clean, at, layers)
+                run_inputs, run_extra = self.corrupt, self.noise(draw)
+            else:  # clean run, corrupted activation patched in
+                source = ref.record(self.model, self.family.score, self.corrupt, at, layers, self.noise(draw))
+                run_inputs, run_extra = self.clean, lambda h: None
+
+            def hooks(registered, source=source, run_extra=run_extra):
+                run_extra(registered)
+                for layer in layers:
+                    ref.replace(
+                        registered,
+                        self.model,
+                        at,
+                        layer,
+                        position,
+                        self.width,
+                        source[layer],
+                        head,
+                        self.n_heads,
+                    )
+
+            values.append(self.score(run_inputs, hooks))
+        return float(np.mean(values))
+
+
+def chosen_cells(da, labels, rng) -> list[dict]:
+    """A seeded sample of one site's computed cells, always with an image and the last position."""
+    cells = []
+    for index in np.argwhere(~np.isnan(da.values)):
+        cells.append(dict(zip(da.dims, index, strict=True)))
+    must = [c for c in cells if labels[c["position"]] == "image"][:1]
+    must += [c for c in cells if labels[c["position"]] == "last"][:1]
+    rest = rng.sample(cells, min(CELLS_PER_SITE, len(cells)))
+    return must + rest
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_site_equals_the_plain_torch_reference(name, direction, corruption):
+    family = FAMILIES[name]
+    if corruption in family.skip:
+        pytest.skip(family.skip[corruption])
+    vlm = loaded(name)
+    sites = tuple(site for site in family.sites if site in vlm.adapter.stacks["lm"].sites)
+    ds = vt.patch(
+        vlm,
+        [sample_of(family)],
+        corruption=CORRUPTIONS[corruption](),
+        grid=vt.Grid(sites=sites, windows=(1, 2), segments=family.segments),
+        metric=vt.LogProb(),
+        direction=direction,
+        progress=False,
+    )
+    reference = Reference(vlm, family, corruption)
+    clean, corrupt = reference.baselines()
+    assert float(ds["clean"][0]) == pytest.approx(clean, abs=TOLERANCE)
+    assert float(ds["corrupt"][0]) == pytest.approx(corrupt, abs=TOLERANCE)
+    assert abs(clean - corrupt) > 1e-3, "the corruption does not move the answer: nothing would be tested"
+    labels = list(ds["label"].values[0])
+    rng = random.Random(0)
+    n_layers = vlm.shape.layers["lm"]
+    checked = 0
+    for site in sites:
+        da = ds[site].isel(sample=0)
+        for cell in chosen_cells(da, labels, rng):
+            window = int(da["window"][cell["window"]])
+            centre = int(da["layer"][cell["layer"]])
+            low, high = max(0, centre - window // 2), min(n_layers, centre - (-window // 2))
+            layers = [layer for layer in range(low, high) if layer in vlm.shape.layers_with("lm", site)]
+            position = int(ds["index"].values[0][cell["position"]])
+            head = int(da["head"][cell["head"]]) if "head" in cell else None
+            expected = reference.cell(site, layers, position, head, direction)
+            got = float(da.values[tuple(cell.values())])
+            assert got == pytest.approx(expected, abs=TOLERANCE), (site, window, centre, position, head)
+            checked += 1
+    assert checked >= len(sites) * 2
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_knockout_of_image_to_last_equals_the_plain_torch_reference(name):
+    family = FAMILIES[name]
+    if family.attention is None or "knockout" in family.skip:
+        pytest.skip(family.skip.get("knockout", "no self-attention knockout"))
+    vlm = loaded(name)
+    sample = sample_of(family)
+    n_layers = vlm.shape.layers["lm"]
+    keys_segment, queries_segment = family.knockout
+    blocks = {"block": (keys_segment, queries_segment)}
+    ds = vt.knockout(vlm, [sample], blocks=blocks, windows=(1, 2), progress=False, metric=vt.LogProb())
+    reference = Reference(vlm, family, "image_pair")
+    tokens = reference.clean["input_ids"][0].tolist()
+    keys = positions_of(vlm, tokens, keys_segment, family)
+    queries = positions_of(vlm, tokens, queries_segment, family)
+    assert keys and queries, "the knockout block has no positions"
+    for window in (1, 2):
+        for centre in range(n_layers):
+            layers = range(max(0, centre - window // 2), min(n_layers, centre - (-window // 2)))
+
+            def hooks(registered, layers=layers):
+                for layer in layers:
+                    ref.knock_out(
+                        registered, vlm.model, family.attention, layer, "attention_mask", queries, keys
+                    )
+
+            expected = reference.score(reference.clean, hooks)
+            got = float(ds["knockout"].sel(block="block", window=window, layer=centre).squeeze())
+            assert got == pytest.approx(expected, abs=TOLERANCE), (window, centre)
+    assert float(ds["clean"][0]) == pytest.approx(
+        reference.score(reference.clean, lambda h: None), abs=TOLERANCE
+    )
+
+
+torch.set_num_threads(1)
