@@ -45,6 +45,8 @@ def load_clevr(
         read_json(questions_json, "CLEVR questions"), "questions", questions_json, "a CLEVR file"
     )
 
+    scenes = _scenes(questions_json)
+
     def read() -> Iterator[RawQuestion]:
         for index, row in enumerate(rows):
             if "answer" not in row:
@@ -68,6 +70,8 @@ def load_clevr(
                     "image_index": row.get("image_index"),
                     "split": split,
                     "question_family_index": row.get("question_family_index"),
+                    "program": row.get("program"),
+                    **_regions(scenes, row),
                 },
             )
 
@@ -75,3 +79,45 @@ def load_clevr(
     return assemble(
         read(), source=questions_json, n=n, prompt_template=prompt_template, spans=spans, hint=hint
     )
+
+
+OBJECT_RADIUS = 0.06
+"""Half the side of the box drawn around a CLEVR object's `pixel_coords`, as a fraction of the
+image width (CLEVR objects are about 30-70 px across in 480 px images)."""
+
+
+def _scenes(questions_json: Path) -> dict:
+    """{image_index: scene} from CLEVR's scenes/CLEVR_{split}_scenes.json, if it was unpacked."""
+    split = questions_json.stem.removeprefix("CLEVR_").removesuffix("_questions")
+    root = questions_json.parent
+    root = root.parent if root.name == "questions" else root
+    for path in (root / "scenes" / f"CLEVR_{split}_scenes.json", root / f"CLEVR_{split}_scenes.json"):
+        if path.is_file():
+            scenes = read_json(path, "CLEVR scenes").get("scenes", [])
+            return {scene.get("image_index"): scene for scene in scenes}
+    return {}
+
+
+def _regions(scenes: dict, row: dict) -> dict:
+    """`regions`: a box around each object the program's first filter chain selects."""
+    scene = scenes.get(row.get("image_index"))
+    if not scene:
+        return {}
+    filters = {}
+    for step in row.get("program") or []:
+        function = step.get("function") or step.get("type") or ""
+        if function.startswith("filter_") and step.get("value_inputs"):
+            filters.setdefault(function.removeprefix("filter_"), step["value_inputs"][0])
+        elif filters and function in ("unique", "relate", "same_shape", "same_color"):
+            break
+    if not filters:
+        return {}
+    chosen = [o for o in scene.get("objects", []) if all(o.get(k) == v for k, v in filters.items())]
+    if not chosen:
+        return {}
+    boxes = []
+    for obj in chosen:
+        x, y = obj["pixel_coords"][0], obj["pixel_coords"][1]
+        r = OBJECT_RADIUS * 480
+        boxes.append((x - r, y - r, x + r, y + r))
+    return {"regions": boxes}

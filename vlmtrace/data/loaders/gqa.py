@@ -48,6 +48,8 @@ def load_gqa(
             'id, each {"imageId", "question", "answer", ...}; got ' + describe_json(document) + "."
         )
 
+    scene_graphs = _scene_graphs(questions_json)
+
     def read() -> Iterator[RawQuestion]:
         for question_id, row in document.items():
             if "answer" not in row:
@@ -66,6 +68,9 @@ def load_gqa(
                     "image_id": image_id,
                     "full_answer": row.get("fullAnswer"),
                     "types": row.get("types", {}),
+                    "annotations": row.get("annotations", {}),  # question word index -> object id
+                    "semantic": row.get("semantic", []),
+                    **_regions(scene_graphs, image_id, row),
                 },
             )
 
@@ -73,3 +78,30 @@ def load_gqa(
     return assemble(
         read(), source=questions_json, n=n, prompt_template=prompt_template, spans=spans, hint=hint
     )
+
+
+def _scene_graphs(questions_json: Path) -> dict:
+    """{imageId: scene graph} from the split's `{split}_sceneGraphs.json` beside the questions, if any."""
+    split = questions_json.name.split("_")[0]
+    for folder in (questions_json.parent, questions_json.parent.parent):
+        path = folder / f"{split}_sceneGraphs.json"
+        if path.is_file():
+            document = read_json(path, "GQA scene graphs")
+            return document if isinstance(document, dict) else {}
+    return {}
+
+
+def _regions(scene_graphs: dict, image_id: str, row: dict) -> dict:
+    """`regions`: boxes (x0, y0, x1, y1) in image pixels of the objects the question is about."""
+    graph = scene_graphs.get(str(image_id))
+    if not graph:
+        return {}
+    annotated = (row.get("annotations") or {}).get("question") or {}
+    objects = graph.get("objects", {})
+    boxes = []
+    for object_id in dict.fromkeys(annotated.values()):
+        found = objects.get(str(object_id).split(",")[0])
+        if found is not None:
+            x, y, w, h = (float(found[k]) for k in ("x", "y", "w", "h"))
+            boxes.append((x, y, x + w, y + h))
+    return {"regions": boxes} if boxes else {}

@@ -110,7 +110,12 @@ def assemble(
                 else _open_image(question.image_pair, question.id, source, hint),
                 foil=question.foil,
                 id=question.id,
-                meta={"question": question.question, "image": str(question.image), **question.meta},
+                meta={
+                    "question": question.question,
+                    "image": str(question.image),
+                    **({"verbatim_prompt": True} if question.prompt is not None else {}),
+                    **question.meta,
+                },
             )
         )
     if skipped:

@@ -10,6 +10,7 @@ id and finds each image through `CocoImages`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from .question import (
     required_field,
 )
 
+_SPLIT = re.compile(r"(?:train|val|test-dev|test)\d{4}")
+
 
 def load_vqa_v2(
     questions_json: str | Path,
@@ -42,7 +45,10 @@ def load_vqa_v2(
 
     `image_dir` holds the COCO images of the questions' split, named COCO_{split}_{id:012d}.jpg
     (2014 release) or {id:012d}.jpg (2017 release), directly or in a folder inside it (val2014/).
-    `meta` keeps the ten human `answers`, `answer_type`, `question_type` and the ids.
+    `meta` keeps the ten human `answers`, `answer_type`, `question_type` and the ids. A
+    `*_complementary_pairs.json` beside the questions (a list of [question id, question id]: the
+    same question on a similar image with another answer) gives each paired question its partner's
+    image as `image_pair` and the partner's answer as `foil` (NOTICE's semantic image pairs).
     """
     check_options(n, prompt_template, spans)
     questions_json, annotations_json = Path(questions_json), Path(annotations_json)
@@ -60,6 +66,9 @@ def load_vqa_v2(
     subtype = questions.get("data_subtype")
     images = CocoImages(require_dir(image_dir, "COCO image"), subtype)
 
+    partners = _complementary_pairs(questions_json)
+    by_id = {row.get("question_id"): row for row in rows if isinstance(row, dict)}
+
     def read() -> Iterator[RawQuestion]:
         for index, row in enumerate(rows):
             question_id = required_field(row, "question_id", questions_json, index)
@@ -71,6 +80,8 @@ def load_vqa_v2(
                     "questions have no public answers)."
                 )
             image_id = int(required_field(row, "image_id", questions_json, index))
+            partner = by_id.get(partners.get(question_id))
+            partner_answer = by_question.get(partners.get(question_id), {}).get("multiple_choice_answer")
             yield RawQuestion(
                 id=f"vqa_v2-{question_id}",
                 question=required_field(row, "question", questions_json, index),
@@ -82,7 +93,10 @@ def load_vqa_v2(
                     "answers": [a["answer"] for a in annotation.get("answers", [])],
                     "answer_type": annotation.get("answer_type"),
                     "question_type": annotation.get("question_type"),
+                    **({"pair_question_id": partners[question_id]} if partner is not None else {}),
                 },
+                image_pair=images.path(int(partner["image_id"])) if partner is not None else None,
+                foil=partner_answer if partner is not None else None,
             )
 
     prefix = f"COCO_{subtype}_" if subtype else "COCO_{split}_"
@@ -93,3 +107,23 @@ def load_vqa_v2(
     return assemble(
         read(), source=questions_json, n=n, prompt_template=prompt_template, spans=spans, hint=hint
     )
+
+
+def _complementary_pairs(questions_json: Path) -> dict[int, int]:
+    """question id -> its complementary question's id, from VQA v2's `*_complementary_pairs.json`."""
+    subtype = _SPLIT.search(questions_json.name)
+    files = sorted(questions_json.parent.glob("*_complementary_pairs.json"))
+    if subtype is not None and len(files) > 1:
+        files = [f for f in files if subtype.group(0) in f.name] or files
+    partners: dict[int, int] = {}
+    for path in files[:1]:
+        pairs = read_json(path, "VQA v2 complementary pairs")
+        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            raise DatasetError(
+                f"{path} is not a VQA v2 complementary pairs file: expected a JSON list of "
+                "[question_id, question_id] pairs."
+            )
+        for a, b in pairs:
+            partners.setdefault(a, b)
+            partners.setdefault(b, a)
+    return partners

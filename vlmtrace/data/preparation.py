@@ -1,0 +1,256 @@
+"""From files on disk to samples one model can trace, with every sample left out accounted for.
+
+A published dataset is not ready for causal tracing: its questions carry no constraint spans and
+no counterfactual phrases, its prompts are not the model's, some answers are words the model
+cannot produce, and some questions have no image pair. `prepare` makes every sample ready for
+one model and one recipe *before any forward*, and says what it left out and why, so a long run
+never dies on sample 137 and a shorter data set never goes unnoticed:
+
+    prepared = prepare(vlm, "data/vqa", needs=recipe.NEEDS, n=8,
+                       spans=["visual=@demonstrative"], replace=[], template=None, seed=0)
+    print(prepared.report())          # a table: kept, and each reason with a count and examples
+    recipe.run(vlm, prepared.samples)
+
+Steps, per sample, in order: find the `--span`s in the question (`vlmtrace.data.spans`);
+replacement phrases (`--replace NAME=PHRASE`, else the file's own, else one drawn from the
+data set: another sample's span of the same name, of the same token count, with a different
+answer, as NOTICE builds STR pairs; the donor is recorded in `meta["replaced_from"]` and its
+answer becomes the foil); an image pair if the recipe needs one (another image with the same
+question and a different answer; VQA v2's complementary pairs are read by the loader); object
+regions mapped to the model's patch grid; the model's prompt (`vlmtrace.prompts`); and finally
+the encoding the engine will do (answer ids, segments, both sides of each span replacement),
+whose errors become reasons. `prepare` fails only when nothing is left.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from .loaders import load_dataset
+from .loaders.question import DatasetError
+from .sample import Sample
+from .spans import find_spans, parse_pairs, parse_span_options
+
+LOAD_FACTOR = 4
+"""Questions read per sample wanted: samples are left out after reading (no span, no pair...)."""
+
+
+@dataclass
+class Prepared:
+    """Samples ready for a recipe, and those left out, by reason."""
+
+    samples: list[Sample]
+    read: int
+    left_out: dict[str, list[str]] = field(default_factory=dict)
+    """reason -> ids of the samples left out for it."""
+
+    def report(self) -> str:
+        """A small table: how many samples were read, kept, and left out for each reason."""
+        lines = [f"data: read {self.read} questions, kept {len(self.samples)}"]
+        if self.left_out:
+            width = max(len(reason) for reason in self.left_out)
+            lines.append(f"  {'left out because':<{width}}  count  e.g.")
+            for reason, ids in sorted(self.left_out.items(), key=lambda item: -len(item[1])):
+                lines.append(f"  {reason:<{width}}  {len(ids):>5}  {', '.join(ids[:3])}")
+        return "\n".join(lines)
+
+
+def prepare(
+    vlm,
+    path: str | Path,
+    *,
+    needs: Any = None,
+    n: int = 8,
+    spans: Sequence[str] = (),
+    replace: Sequence[str] = (),
+    template: str | None = None,
+    seed: int = 0,
+    regions: bool = False,
+) -> Prepared:
+    """Load `path` and make up to `n` samples ready for `vlm` and a recipe that `needs` them.
+
+    `needs` is a recipe's `NEEDS` (`replacements`: spans a corruption replaces; `image_pair`).
+    `regions=True` keeps only samples with an object region on the model's patch grid.
+    """
+    finders = parse_span_options(spans)
+    phrases = parse_pairs(replace, "--replace")
+    loaded = load_dataset(path, n=max(n * LOAD_FACTOR, n + 32))
+    left_out: dict[str, list[str]] = {}
+
+    def leave(sample: Sample, reason: str) -> None:
+        left_out.setdefault(reason, []).append(sample.id)
+
+    with_spans = []
+    for sample in loaded:
+        question = sample.meta.get("question", sample.prompt)
+        found, reason = find_spans(finders, question, sample.meta)
+        if reason is not None:
+            leave(sample, reason)
+            continue
+        with_spans.append(sample.with_(spans={**sample.spans, **found}))
+    wanted = tuple(getattr(needs, "replacements", ()) or ())
+    ready = _replacements(vlm, with_spans, wanted, phrases, seed, leave)
+    if getattr(needs, "image_pair", False):
+        ready = _image_pairs(ready, leave)
+    if regions:
+        ready = _regions(vlm, ready, leave)
+    from ..prompts import PromptTemplateError, for_model
+
+    kept = []
+    for sample in ready:
+        try:
+            sample = for_model(vlm, [sample], template=template)[0]
+        except PromptTemplateError as error:
+            if "before the question" not in str(error):
+                raise  # a template that fails every sample: the user must fix it
+            leave(sample, "a span's words also occur in the prompt template before the question")
+            continue
+        reason = _untraceable(vlm, sample, wanted)
+        if reason is not None:
+            leave(sample, reason)
+            continue
+        kept.append(sample)
+        if len(kept) == n:
+            break
+    prepared = Prepared(samples=kept, read=len(loaded), left_out=left_out)
+    if not kept:
+        raise DatasetError(
+            f"no sample of {path} can be traced by this recipe on {vlm.name}:\n{prepared.report()}\n"
+            "Give spans that occur in the questions (--span NAME=PATTERN), replacements (--replace), "
+            "or data with what the recipe needs."
+        )
+    return prepared
+
+
+def _first_clause(error: BaseException) -> str:
+    return str(error).split(";")[0][:100]
+
+
+def _token_count(vlm, text: str) -> int:
+    return len(vlm.tokenizer(" " + text, add_special_tokens=False).input_ids)
+
+
+def _replacements(vlm, samples, wanted, phrases, seed, leave) -> list[Sample]:
+    """Give every sample a replacement for each wanted span: --replace, its own, or a donor's."""
+    rng = random.Random(seed)
+    pools: dict[str, list[Sample]] = {name: [s for s in samples if name in s.spans] for name in wanted}
+    out = []
+    for sample in samples:
+        replacements, meta, foil = dict(sample.replacements), dict(sample.meta), sample.foil
+        missing = None
+        for name in wanted:
+            if name not in sample.spans:
+                missing = f"no span {name!r} to replace"
+                break
+            if name in phrases:
+                replacements[name] = phrases[name]
+            if name in replacements:
+                continue
+            count = _token_count(vlm, sample.spans[name])
+            donors = [
+                d
+                for d in pools[name]
+                if d.answer != sample.answer
+                and d.spans[name] != sample.spans[name]
+                and _token_count(vlm, d.spans[name]) == count
+            ]
+            if not donors:
+                missing = f"no other {name!r} phrase of {count} tokens with another answer (STR)"
+                break
+            donor = rng.choice(donors)
+            replacements[name] = donor.spans[name]
+            meta.setdefault("replaced_from", {})[name] = donor.id
+            foil = foil or donor.answer
+        if missing is not None:
+            leave(sample, missing)
+            continue
+        out.append(sample.with_(replacements=replacements, meta=meta, foil=foil))
+    return out
+
+
+def _image_pairs(samples: list[Sample], leave) -> list[Sample]:
+    """An image pair for each sample without one: an image with the same question, another answer."""
+    by_question: dict[str, list[Sample]] = {}
+    for sample in samples:
+        by_question.setdefault(_normal(sample), []).append(sample)
+    out = []
+    for sample in samples:
+        if sample.image_pair is None:
+            partners = [
+                p for p in by_question[_normal(sample)] if p.answer != sample.answer and p.image is not None
+            ]
+            if not partners:
+                leave(sample, "no image pair (no other image with this question and another answer)")
+                continue
+            partner = partners[0]
+            meta = {**sample.meta, "pair_id": partner.id}
+            sample = sample.with_(image_pair=partner.image, foil=sample.foil or partner.answer, meta=meta)
+        out.append(sample)
+    return out
+
+
+def _normal(sample: Sample) -> str:
+    return " ".join(str(sample.meta.get("question", sample.prompt)).lower().split())
+
+
+def _regions(vlm, samples: list[Sample], leave) -> list[Sample]:
+    from .regions import PatchGrid, RegionError, region_cells
+
+    out = []
+    for sample in samples:
+        try:
+            cells = region_cells(vlm, sample)
+        except RegionError as error:
+            if "no grid" in str(error) or "tiles" in str(error):
+                raise
+            leave(sample, "no object region" if "no object region" in str(error) else "region outside crop")
+            continue
+        side = PatchGrid.of(vlm).side
+        out.append(sample.with_(meta={**sample.meta, "region_cells": cells, "region_grid": side}))
+    return out
+
+
+def _untraceable(vlm, sample: Sample, wanted: Sequence[str]) -> str | None:
+    """Why the engine would refuse `sample`, found by encoding it as the engine will; or None."""
+    from ..corruptions import ReplaceSpan, clean_side
+    from ..inputs import scored_answer_ids
+
+    if sample.image is None and vlm.adapter.image_in_sequence:
+        return "image missing"
+    try:
+        answer = scored_answer_ids(vlm, sample.prompt, sample.answer, whole=False)
+    except UserError as error:
+        return "answer: " + _reason(error)
+    except ValueError as error:
+        return "answer: " + _first_clause(error)
+    try:
+        clean_side(vlm, sample, answer)
+        for name in wanted:
+            ReplaceSpan(name).pair(vlm, sample, answer)
+    except UserError as error:
+        return _reason(error)
+    return None
+
+
+def _reason(error: BaseException) -> str:
+    """A short reason for the table, from an error's class and message."""
+    name = type(error).__name__
+    text = str(error)
+    if name == "UnknownWordsError":
+        return "words outside the vocabulary (<unk>)"
+    if "only inside a longer word" in text:
+        return "span only inside a longer word"
+    if name == "SpanNotFoundError":
+        return "span not in the prompt"
+    return _first_clause(error)
+
+
+def count_reasons(prepared: Prepared) -> Counter:
+    """reason -> number of samples left out for it."""
+    return Counter({reason: len(ids) for reason, ids in prepared.left_out.items()})
