@@ -104,7 +104,8 @@ def image_blocks(x: torch.Tensor, layout: str, *, rows: int, units: Sequence[int
         return [slice(r, r + 1) for r in range(rows)]
     if layout in ("image_tiles", "image_tokens"):
         if len(units) != rows or sum(units) != x.shape[0]:
-            raise _mismatch(hook, layout, f"[{sum(units)}, ...] ({list(units)} per row)", x)
+            shown = list(units) if len(units) <= 8 else f"{list(units[:8])}..."
+            raise _mismatch(hook, layout, f"[{sum(units)}, ...] ({shown} per row)", x)
         blocks, start = [], 0
         for count in units:
             blocks.append(slice(start, start + count))

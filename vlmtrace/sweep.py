@@ -28,7 +28,7 @@ import hashlib
 import inspect
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +50,7 @@ from .forward import (
     stack_rows,
 )
 from .inputs import scored_answer_ids
+from .invariants import verify_baselines
 from .metrics import Metric, Probability
 from .models.adapter import Stack
 from .models.load import VLM
@@ -277,6 +278,7 @@ def patch(
     backend: Any = None,
     screen: int | None = None,
     reuse_prefix: bool = False,
+    verify: bool = True,
 ) -> xr.Dataset:
     """Patch every cell of `grid` for every sample; return the metric of every patched run.
 
@@ -289,7 +291,10 @@ def patch(
     once per sample and every chunk starts from them: the layers below its first patched layer
     are skipped, in a causal decoder only the positions from its first patched one are
     computed (on cached keys/values), and the image encoder runs once per distinct image.
-    Same results; local runs only (`tests/test_prefix_reuse.py`).
+    Same results; local runs only (`tests/test_prefix_reuse.py`). With `verify` (the default),
+    the first chunk's batched clean and corrupted rows are checked against unbatched forwards
+    of the same inputs (`vlmtrace.invariants.verify_baselines`, two forwards) and the sweep
+    stops with `SelfCheckError` if they differ.
     """
     stack_name, stack = checked_stack(vlm, samples, grid, direction, verb="patch")
     if getattr(backend, "mode", None) == "submit":
@@ -348,6 +353,9 @@ def patch(
                 start=int(done_cells[i]),
                 reuse_prefix=reuse_prefix,
             ):
+                if verify:
+                    verify_baselines(vlm, stack, plans[i].prepared, finished.baselines, metric, backend)
+                    verify = False
                 record(ds, layout, i, plans[i], finished)
                 if sweep_store is not None:
                     sweep_store.write(ds, i)
@@ -417,6 +425,8 @@ class Finished:
     complete: bool
     cells: int
     """Cells this chunk completed (for the progress bar)."""
+    baselines: list[float] = field(default_factory=list)
+    """The chunk's baseline rows: clean, then one per noise draw (the self-check reads them)."""
 
 
 def record(ds: xr.Dataset, layout: Layout, sample: int, plan: Plan, finished: Finished) -> None:
@@ -495,6 +505,7 @@ def patch_sample(
             progress=position,
             complete=position >= len(plan.work),
             cells=len(chunk_cells),
+            baselines=values[: 1 + k].tolist(),
         )
         if position >= len(plan.work):
             return

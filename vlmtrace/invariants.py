@@ -1,0 +1,320 @@
+"""The engine's invariants, checked on whatever model is loaded: trust, but verify.
+
+A batched, padded, layout-indexed forward can be wrong in ways no error reveals: a model that
+recomputes positions, a mask the family drops, a tensor whose first dimension is not the batch.
+Each such bug makes some invariant fail that holds for any correct engine on any model:
+
+- a padded row scores exactly what it scores alone;
+- restoring every position at the first layer gives the clean score;
+- an empty patch gives the corrupted score;
+- all heads together equal the attention site;
+- noise leaves the clean row untouched.
+
+    report = vt.check(vlm)          # or: vlmtrace check llava-hf/llava-1.5-7b-hf
+    print(report)                   # one line per invariant: ok / FAILED, with both values
+
+Every sweep also runs the cheapest of them (`verify_baselines`) on its first chunk: its
+batched clean and corrupted rows must equal plain unbatched forwards of the same inputs, to a
+tolerance set by the dtype. It costs two forwards per sweep (`benchmarks/self_check.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .corruptions import GaussianNoise, ReplaceSpan
+from .data.sample import Sample
+from .forward import Edits, NoisePlan, PatchIndex, run, stack_rows
+from .metrics import LogProb, Metric
+from .models.load import VLM
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+"""Relative and absolute tolerance of a batched row against the unbatched forward, by dtype."""
+
+
+class SelfCheckError(RuntimeError):
+    """An engine invariant failed on this model: its numbers would be wrong."""
+
+
+def tolerance(vlm: VLM) -> float:
+    return TOLERANCE.get(vlm.model.dtype, 1e-5)
+
+
+def close(a: float, b: float, tol: float) -> bool:
+    return abs(a - b) <= tol * (1 + abs(b))
+
+
+def unbatched(vlm: VLM, stack, prepared, side: str, metric: Metric, backend: Any, draw: int = 0) -> float:
+    """The metric of one side of a sample, alone in its batch: no padding, no other rows."""
+    from .sweep import image_units
+
+    encoded = prepared.pair.clean if side == "clean" else prepared.pair.corrupt
+    widths = {s: len(encoded.inputs[ids]) for s, (ids, _) in _sequences().items() if ids in encoded.inputs}
+    batch = stack_rows(vlm, [encoded.inputs], widths)
+    edits = Edits()
+    noise = prepared.pair.noise
+    if side == "corrupt" and noise is not None:
+        hook = vlm.adapter.embeddings[noise.embedding]
+        edits.noise = NoisePlan(
+            hook=hook,
+            rows=(0,),
+            draws=(draw,),
+            positions=noise.positions,
+            scale=noise.scale,
+            seed=noise.seed,
+            samples=prepared.pair.samples,
+            units=image_units(vlm, [encoded.inputs]) if hook.layout.startswith("image_") else (),
+        )
+    values = run(
+        vlm,
+        stack,
+        batch,
+        edits,
+        metric=metric,
+        answer=prepared.answer,
+        foil=prepared.foil,
+        answer_slice=prepared.answer_slice(vlm),
+        backend=backend,
+    )
+    return float(values[0])
+
+
+def _sequences() -> dict:
+    from .forward import SEQUENCE_FIELDS
+
+    return SEQUENCE_FIELDS
+
+
+def verify_baselines(vlm: VLM, stack, prepared, baselines: list[float], metric: Metric, backend: Any) -> None:
+    """Stop a sweep whose batched clean / corrupted rows differ from unbatched forwards.
+
+    `baselines` are the first chunk's row values: clean, then one per noise draw. Only the
+    clean row and the first corrupted row are recomputed (two forwards).
+    """
+    tol = tolerance(vlm)
+    for side, got in (("clean", baselines[0]), ("corrupt", baselines[1])):
+        expected = unbatched(vlm, stack, prepared, side, metric, backend)
+        if not close(got, expected, tol):
+            raise SelfCheckError(
+                f"self-check failed on {vlm.name} ({vlm.adapter.family}), sample {prepared.sample.id!r}: "
+                f"the batched {side} row scores {got:.6g} but the same input alone scores "
+                f"{expected:.6g} (tolerance {tol:g} for {vlm.model.dtype}). The invariant 'a padded, "
+                "batched row scores what it scores alone' broke, so every cell would be wrong: an "
+                "input the adapter declares wrongly (Adapter.inputs, positions) or a layout. Run "
+                f"`vlmtrace check {vlm.name}` for every invariant; pass verify=False only to debug."
+            )
+
+
+@dataclass(frozen=True)
+class Invariant:
+    """One invariant's outcome on one model."""
+
+    name: str
+    ok: bool
+    got: float
+    expected: float
+    detail: str = ""
+
+    def __str__(self) -> str:
+        status = "ok" if self.ok else "FAILED"
+        return f"{status:6} {self.name}: {self.got:.6g} vs {self.expected:.6g} {self.detail}".rstrip()
+
+
+@dataclass(frozen=True)
+class Report:
+    model: str
+    family: str
+    invariants: tuple[Invariant, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(invariant.ok for invariant in self.invariants)
+
+    def __str__(self) -> str:
+        lines = [f"vlmtrace check {self.model} ({self.family})"]
+        lines += [f"  {invariant}" for invariant in self.invariants]
+        lines.append(
+            "all invariants hold" if self.ok else "SOME INVARIANTS FAILED: do not trust this model's traces"
+        )
+        return "\n".join(lines)
+
+
+def probe_sample(vlm: VLM, *, image_size: int = 64, seed: int = 0) -> Sample:
+    """A sample any model can run: its own prompt format, a random image, a span to replace."""
+    from .prompts import build_prompt
+
+    pixels = np.random.RandomState(seed).randint(0, 256, size=(image_size, image_size, 3), dtype=np.uint8)
+    question = "which city did this shape represent in year 2006 ?"
+    return Sample(
+        prompt=build_prompt(vlm, question),
+        answer="paris",
+        image=Image.fromarray(pixels),
+        spans={"visual": "this shape"},
+        replacements={"visual": "the red circle"},  # one token longer: the clean row is padded
+        id="probe",
+    )
+
+
+def check(
+    vlm: VLM, sample: Sample | None = None, *, metric: Metric = LogProb(), backend: Any = None
+) -> Report:
+    """Run every invariant on `vlm` with `sample` (a probe sample by default); return the report."""
+    from .sweep import prepare
+
+    sample = sample or probe_sample(vlm)
+    stack_name = vlm.adapter.default_stack
+    stack = vlm.adapter.stacks[stack_name]
+    tol = tolerance(vlm)
+    results = []
+
+    prepared = prepare(vlm, sample, ReplaceSpan("visual"), metric, False)
+    values = _rows(vlm, stack, prepared, Edits(), metric, backend)
+    for side, got in (("clean", values[0]), ("corrupt", values[1])):
+        expected = unbatched(vlm, stack, prepared, side, metric, backend)
+        padded = prepared.pad(side, stack.sequence) > 0
+        results.append(
+            Invariant(
+                f"a {'padded ' if padded else ''}{side} row scores what it scores alone",
+                close(got, expected, tol),
+                got,
+                expected,
+            )
+        )
+
+    same = _same_length_replacement(vlm, sample)
+    if same is None:
+        results.append(
+            Invariant(
+                "restoring every position at the first layer gives the clean score",
+                False,
+                float("nan"),
+                float("nan"),
+                "(no same-length replacement found)",
+            )
+        )
+    else:
+        aligned = prepare(
+            vlm, sample.with_(replacements={"visual": same}), ReplaceSpan("visual"), metric, False
+        )
+        restore = Edits()
+        for position in range(_width(aligned, stack)):
+            restore.patch(0, "block").add(2, position, 0, position, None)
+        values = _rows(vlm, stack, aligned, restore, metric, backend, patched="corrupt")
+        results.append(
+            Invariant(
+                "restoring every position at the first layer gives the clean score",
+                close(values[2], values[0], tol),
+                values[2],
+                values[0],
+            )
+        )
+
+    empty = Edits()
+    empty.patches[(0, "block")] = PatchIndex()
+    last = _width(prepared, stack) - 1
+    empty.patch(0, "block").add(2, last, 2, last, None)  # a row's own activation: changes nothing
+    values = _rows(vlm, stack, prepared, empty, metric, backend, patched="corrupt")
+    results.append(
+        Invariant(
+            "an empty patch gives the corrupted score", close(values[2], values[1], tol), values[2], values[1]
+        )
+    )
+
+    if "attn_head" in stack.sites and "attn" in stack.sites:
+        heads, whole = Edits(), Edits()
+        n_heads = vlm.shape.heads[stack_name]
+        layer = vlm.shape.layers_with(stack_name, "attn")[0]
+        for head in range(n_heads):
+            heads.patch(layer, "attn_head").add(2, last, 0, last, head)
+        whole.patch(layer, "attn").add(2, last, 0, last, None)
+        with_heads = _rows(vlm, stack, prepared, heads, metric, backend, patched="corrupt")
+        with_site = _rows(vlm, stack, prepared, whole, metric, backend, patched="corrupt")
+        results.append(
+            Invariant(
+                f"all heads together equal the attention site (layer {layer})",
+                close(with_heads[2], with_site[2], tol),
+                with_heads[2],
+                with_site[2],
+                ""
+                if abs(with_site[2] - with_site[1]) > tol
+                else "(warning: the patch did not move the score)",
+            )
+        )
+
+    if "image" in vlm.adapter.embeddings and sample.image is not None:
+        noised = prepare(vlm, sample, GaussianNoise("image", samples=2), metric, False)
+        from .sweep import baseline_edits
+
+        inputs = ["clean", "corrupt", "corrupt"]
+        edits = baseline_edits(vlm, noised, inputs, [0, 0, 1])
+        batch = stack_rows(vlm, noised.rows(inputs), noised.widths)
+        values = run(
+            vlm,
+            stack,
+            batch,
+            edits,
+            metric=metric,
+            answer=noised.answer,
+            foil=None,
+            answer_slice=noised.answer_slice(vlm),
+            backend=backend,
+        ).tolist()
+        expected = unbatched(vlm, stack, noised, "clean", metric, backend)
+        moved = abs(values[1] - values[0]) > tol * (1 + abs(values[0]))
+        results.append(
+            Invariant(
+                "noise leaves the clean row untouched",
+                close(values[0], expected, tol),
+                values[0],
+                expected,
+                "" if moved else "(warning: the noise did not move the corrupted rows)",
+            )
+        )
+    return Report(vlm.name, vlm.adapter.family, tuple(results))
+
+
+def _all_positions_grid(stack_name: str):
+    from .sites import Grid
+
+    return Grid(sites=("block",), layers=(0,), positions="all", stack=stack_name)
+
+
+def _width(prepared, stack) -> int:
+    return prepared.widths[stack.sequence]
+
+
+def _same_length_replacement(vlm: VLM, sample: Sample) -> str | None:
+    """A phrase with as many tokens as the sample's visual span, so every position aligns."""
+
+    def ids(text: str) -> list[int]:
+        return vlm.tokenizer(" " + text, add_special_tokens=False).input_ids
+
+    wanted = len(ids(sample.spans["visual"]))
+    for candidate in ("that shape", "the circle", "this thing", "that thing", "the shape", "a shape"):
+        found = ids(candidate)
+        if len(found) == wanted and vlm.tokenizer.unk_token_id not in found:
+            return candidate
+    return None
+
+
+def _rows(vlm, stack, prepared, edits, metric, backend, *, patched: str | None = None):
+    """Metric of rows [clean, corrupt(, patched)] in one batched forward with `edits`."""
+    inputs = ["clean", "corrupt"] + ([patched] if patched else [])
+    batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
+    values = run(
+        vlm,
+        stack,
+        batch,
+        edits,
+        metric=metric,
+        answer=prepared.answer,
+        foil=prepared.foil,
+        answer_slice=prepared.answer_slice(vlm),
+        backend=backend,
+    )
+    return values.tolist()
