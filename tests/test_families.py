@@ -108,8 +108,23 @@ class Reference:
             self.corrupt = self.clean
             self.draws = 2
         self.width = self.clean["input_ids"].shape[-1]
+        self.corrupt_width = self.corrupt["input_ids"].shape[-1]
         self.answer = answer_id(vlm, family)
         self.n_heads = vlm.shape.heads["lm"]
+        self.vlm = vlm
+
+    def partner(self, position: int) -> int:
+        """The corrupted run's position paired with clean `position`: itself when both runs have
+        the same length, else the same index within its segment (an image pair split into other
+        numbers of sub-images has other numbers of image tokens: the k-th pairs with the k-th)."""
+        if self.corrupt_width == self.width:
+            return position
+        clean, corrupt = self.clean["input_ids"][0].tolist(), self.corrupt["input_ids"][0].tolist()
+        for segment in self.family.segments:
+            ours = positions_of(self.vlm, clean, segment, self.family)
+            if position in ours:
+                return positions_of(self.vlm, corrupt, segment, self.family)[ours.index(position)]
+        raise AssertionError(f"clean position {position} is in none of {self.family.segments}")
 
     def noise(self, draw: int):
         if self.corruption != "noise":
@@ -129,15 +144,18 @@ class Reference:
     def cell(self, site: str, layers, position: int, head, direction: str) -> float:
         at = self.family.sites[site]
         values = []
+        partner = self.partner(position)
         for draw in range(self.draws):
             if direction == "denoise":  # corrupted run, clean activation restored
                 source = ref.record(self.model, self.family.score, self.clean, at, layers)
                 run_inputs, run_extra = self.corrupt, self.noise(draw)
+                write = (partner, self.corrupt_width, position, self.width)
             else:  # clean run, corrupted activation patched in
                 source = ref.record(self.model, self.family.score, self.corrupt, at, layers, self.noise(draw))
                 run_inputs, run_extra = self.clean, lambda h: None
+                write = (position, self.width, partner, self.corrupt_width)
 
-            def hooks(registered, source=source, run_extra=run_extra):
+            def hooks(registered, source=source, run_extra=run_extra, write=write):
                 run_extra(registered)
                 for layer in layers:
                     ref.replace(
@@ -145,11 +163,13 @@ class Reference:
                         self.model,
                         at,
                         layer,
-                        position,
-                        self.width,
+                        write[0],
+                        write[1],
                         source[layer],
                         head,
                         self.n_heads,
+                        source_position=write[2],
+                        source_width=write[3],
                     )
 
             values.append(self.score(run_inputs, hooks))
@@ -232,6 +252,8 @@ def test_knockout_of_image_to_last_equals_the_plain_torch_reference(name):
 
             def hooks(registered, layers=layers):
                 for layer in layers:
+                    if family.attention_layers is not None and layer not in family.attention_layers:
+                        continue
                     ref.knock_out(
                         registered, vlm.model, family.attention, layer, "attention_mask", queries, keys
                     )
@@ -245,3 +267,38 @@ def test_knockout_of_image_to_last_equals_the_plain_torch_reference(name):
 
 
 torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_attention_patterns_are_probabilities_over_the_prompt(name):
+    family = FAMILIES[name]
+    if "patterns" in family.skip:
+        pytest.skip(family.skip["patterns"])
+    from vlmtrace.attention import attention_pattern
+
+    vlm = loaded(name)
+    pattern = attention_pattern(vlm, sample_of(family), kind="self", query="last")
+    assert pattern.sizes["layer"] == vlm.shape.layers["lm"]
+    sums = pattern.sum("key").values
+    np.testing.assert_allclose(sums[~np.isnan(sums)], 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_prefix_reuse_equals_the_plain_sweep(name):
+    family = FAMILIES[name]
+    if "prefix_reuse" in family.skip:
+        pytest.skip(family.skip["prefix_reuse"])
+    vlm = loaded(name)
+    stack = vlm.adapter.stacks["lm"]
+    sites = tuple(site for site in ("block", "attn") if site in stack.sites)
+    kwargs = dict(
+        corruption=vt.SymmetricTokenReplacement("visual"),
+        grid=vt.Grid(sites=sites, windows=(1, 2), segments=family.segments),
+        progress=False,
+    )
+    plain = vt.patch(vlm, [sample_of(family)], **kwargs)
+    reused = vt.patch(vlm, [sample_of(family)], reuse_prefix=True, **kwargs)
+    for variable in (*sites, "clean", "corrupt"):
+        np.testing.assert_allclose(
+            reused[variable].values, plain[variable].values, atol=1e-6, err_msg=variable
+        )
