@@ -9,7 +9,7 @@ import vlmtrace as vt
 from vlmtrace.corruptions import clean_side
 from vlmtrace.forward import Edits, run, stack_rows
 from vlmtrace.inputs import scored_answer_ids
-from vlmtrace.knockout import EmptyBlockError
+from vlmtrace.engine.knockout import EmptyBlockError
 
 
 def attention_probabilities_under_knockout(vlm, sample, knocked_layers, queries, keys):

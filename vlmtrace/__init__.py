@@ -5,24 +5,47 @@ vlm = vt.load("shapes-llava")
 ds = vt.patch(vlm, samples, corruption=vt.ReplaceSpan("visual"),
               grid=vt.Grid(sites=("mlp", "attn"), windows=(1, 3, 6)))
 vt.save(ds, "trace.zarr")
+
+The public names are imported on first use (PEP 562), so `import vlmtrace.cli` and
+`vlmtrace --help` start without torch, transformers or nnsight.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .attribution import attribute
-from .corruptions import GaussianNoise, ImagePair, ReplaceSpan, SymmetricTokenReplacement
-from .data.sample import Sample
-from .errors import UserError
-from .knockout import knockout
-from .metrics import KL, LogitDiff, LogProb, Probability, normalised
-from .models.load import VLM, load, wrap
-from .options import Options
-from .results import open_result, save
-from .sites import Grid
-from .sweep import patch
+# public name -> the module that defines it
+_HOMES = {
+    "attribute": ".attribution",
+    "GaussianNoise": ".corruptions",
+    "ImagePair": ".corruptions",
+    "ReplaceSpan": ".corruptions",
+    "SymmetricTokenReplacement": ".corruptions",
+    "Sample": ".data.sample",
+    "UserError": ".errors",
+    "check": ".invariants",
+    "knockout": ".engine.knockout",
+    "KL": ".metrics",
+    "LogitDiff": ".metrics",
+    "LogProb": ".metrics",
+    "Probability": ".metrics",
+    "normalised": ".metrics",
+    "VLM": ".models.load",
+    "load": ".models.load",
+    "wrap": ".models.load",
+    "Options": ".options",
+    "open_result": ".results",
+    "save": ".results",
+    "Grid": ".sites",
+    "patch": ".sweep",
+}
 
 __all__ = [
     "attribute",
+    "check",
     "KL",
     "VLM",
     "GaussianNoise",
@@ -44,3 +67,30 @@ __all__ = [
     "save",
     "wrap",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'vlmtrace' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:
+    from .attribution import attribute
+    from .corruptions import GaussianNoise, ImagePair, ReplaceSpan, SymmetricTokenReplacement
+    from .data.sample import Sample
+    from .errors import UserError
+    from .invariants import check
+    from .engine.knockout import knockout
+    from .metrics import KL, LogitDiff, LogProb, Probability, normalised
+    from .models.load import VLM, load, wrap
+    from .options import Options
+    from .results import open_result, save
+    from .sites import Grid
+    from .sweep import patch

@@ -1,0 +1,1 @@
+"""The engine: batched forwards with interventions, and the experiments built on them."""
