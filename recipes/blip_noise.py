@@ -27,7 +27,9 @@ import vlmtrace as vt
 from vlmtrace import plots
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
+from vlmtrace.progress import sweeping
 from vlmtrace.recipes import Needs
+from vlmtrace.results import joint_attrs
 from vlmtrace.stats import bootstrap_mean
 
 DESCRIPTION = (
@@ -56,15 +58,16 @@ def run(
     corruption = vt.GaussianNoise("image", scale=scale, samples=noise_samples, seed=seed)
     parts = []
     for stack, position in STACKS.items():
-        ds = vt.patch(
-            vlm,
-            samples,
-            corruption=corruption,
-            grid=vt.Grid(sites=("block",), stack=stack),
-            metric=vt.Probability(),
-            **options.sweep(stack),
-            recipe="blip_noise",
-        )
+        with sweeping(f"blip_noise: image noised, restore {stack} states, P(answer)"):
+            ds = vt.patch(
+                vlm,
+                samples,
+                corruption=corruption,
+                grid=vt.Grid(sites=("block",), stack=stack),
+                metric=vt.Probability(),
+                **options.sweep(stack),
+                recipe="blip_noise",
+            )
         renamed = {
             "block": stack,
             "position": position,
@@ -81,7 +84,8 @@ def run(
                 f"the encoder and decoder sweeps scored different {name} runs; they should agree to "
                 "float rounding (same samples, noise seed and model). Please report this."
             )
-    return xr.merge(parts, compat="override", join="outer", combine_attrs="drop_conflicts")
+    merged = xr.merge(parts, compat="override", join="outer", combine_attrs="drop_conflicts")
+    return merged.assign_attrs(joint_attrs(dict(zip(STACKS, parts, strict=True))))
 
 
 def effect(ds: xr.Dataset, stack: str) -> xr.DataArray:

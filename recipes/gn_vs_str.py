@@ -29,6 +29,7 @@ import vlmtrace as vt
 from vlmtrace import plots
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
+from vlmtrace.progress import sweeping
 from vlmtrace.recipes import Needs
 from vlmtrace.results import combine
 from vlmtrace.stats import bootstrap_mean, by_segment
@@ -61,21 +62,26 @@ def run(
     grid = vt.Grid(sites=("block",), skip=("image",))
     by_corruption = {}
     for name, corruption in corruptions.items():
-        by_metric = {
-            metric_name: vt.patch(
-                vlm,
-                samples,
-                corruption=corruption,
-                grid=grid,
-                metric=metric,
-                **options.sweep(f"{name}.{metric_name}"),
-                recipe="gn_vs_str",
-            )
-            for metric_name, metric in METRICS.items()
-        }
+        by_metric = {}
+        for metric_name, metric in METRICS.items():
+            with sweeping(f"gn_vs_str: {name}, restore block outputs, {metric_name}"):
+                by_metric[metric_name] = vt.patch(
+                    vlm,
+                    samples,
+                    corruption=corruption,
+                    grid=grid,
+                    metric=metric,
+                    **options.sweep(f"{name}.{metric_name}"),
+                    recipe="gn_vs_str",
+                )
         by_corruption[name] = combine(by_metric, dim="metric")
     ds = combine(by_corruption, dim="corruption")
     ds["normalised"] = vt.normalised(ds, "block")
+    ds["normalised"].attrs = {
+        "description": "normalised effect of restoring the block output: "
+        "(patched - corrupt) / (clean - corrupt)",
+        "units": "fraction of the clean-corrupted gap (0 = corrupted, 1 = clean)",
+    }
     return ds
 
 

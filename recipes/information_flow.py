@@ -26,6 +26,7 @@ from vlmtrace import plots
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
 from vlmtrace.positions import Segments
+from vlmtrace.progress import sweeping
 from vlmtrace.recipes import Needs
 from vlmtrace.stats import bootstrap_mean
 
@@ -72,15 +73,21 @@ def run(
     seed: int = 0,
     options: Options = Options(),
 ) -> xr.Dataset:
-    ds = vt.knockout(
-        vlm,
-        samples,
-        blocks=BLOCKS,
-        windows=windows,
-        **options.knockout(),
-        recipe="information_flow",
-    )
+    with sweeping(f"information_flow: knock out {', '.join(BLOCKS)}"):
+        ds = vt.knockout(
+            vlm,
+            samples,
+            blocks=BLOCKS,
+            windows=windows,
+            **options.knockout(),
+            recipe="information_flow",
+        )
     ds["relative"] = (ds["knockout"] - ds["clean"]) / ds["clean"]
+    ds["relative"].attrs = {
+        "description": "relative change in P(answer) when the block is knocked out: "
+        "(knockout - clean) / clean",
+        "units": "fraction of the clean probability (-1 = answer lost)",
+    }
     return ds
 
 

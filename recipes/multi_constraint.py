@@ -27,6 +27,7 @@ import xarray as xr
 import vlmtrace as vt
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
+from vlmtrace.progress import sweeping
 from vlmtrace.recipes import Needs
 from vlmtrace.report import headline, patching_figures
 from vlmtrace.results import combine
@@ -57,18 +58,18 @@ def run(
 ) -> xr.Dataset:
     layers = vlm.shape.layers[vlm.adapter.default_stack]
     grid = vt.Grid(sites=SITES, windows=tuple(w for w in windows if w <= layers), skip=("image",))
-    traces = {
-        constraint: vt.patch(
-            vlm,
-            samples,
-            corruption=vt.ReplaceSpan(constraint),
-            grid=grid,
-            metric=vt.Probability(),
-            **options.sweep(constraint),
-            recipe="multi_constraint",
-        )
-        for constraint in CONSTRAINTS
-    }
+    traces = {}
+    for constraint in CONSTRAINTS:
+        with sweeping(f"multi_constraint: {constraint} constraint replaced, restore mlp / attn, P(answer)"):
+            traces[constraint] = vt.patch(
+                vlm,
+                samples,
+                corruption=vt.ReplaceSpan(constraint),
+                grid=grid,
+                metric=vt.Probability(),
+                **options.sweep(constraint),
+                recipe="multi_constraint",
+            )
     return combine(traces, dim="constraint")
 
 

@@ -32,6 +32,7 @@ from vlmtrace import plots
 from vlmtrace.attention import attention_pattern
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
+from vlmtrace.progress import sweeping
 from vlmtrace.recipes import Needs, draw
 from vlmtrace.report import headline, patching_figures
 from vlmtrace.results import combine
@@ -74,14 +75,16 @@ def run(
     parts = {}
     for name, corruption in corruptions.items():
         common = dict(corruption=corruption, metric=vt.LogitDiff(), recipe="notice")
-        modular = vt.patch(
-            vlm,
-            samples,
-            grid=vt.Grid(sites=modules, skip=("image",)),
-            **common,
-            **options.sweep(f"{name}.modules"),
-        )
-        heads = vt.patch(vlm, samples, grid=head_grid, **common, **options.sweep(f"{name}.heads"))
+        with sweeping(f"notice: {name}, restore {' / '.join(modules)}, logit difference"):
+            modular = vt.patch(
+                vlm,
+                samples,
+                grid=vt.Grid(sites=modules, skip=("image",)),
+                **common,
+                **options.sweep(f"{name}.modules"),
+            )
+        with sweeping(f"notice: {name}, restore single {head_grid.sites[0]}s, logit difference"):
+            heads = vt.patch(vlm, samples, grid=head_grid, **common, **options.sweep(f"{name}.heads"))
         heads = heads.squeeze("segment", drop=True)
         parts[name] = xr.merge(
             [modular, heads.drop_vars(["clean", "corrupt"])], compat="no_conflicts", combine_attrs="override"
@@ -89,7 +92,17 @@ def run(
     ds = combine(parts, dim="corruption")
     head_site = head_grid.sites[0]
     ds["head_effect"] = vt.normalised(ds, head_site).sel(window=1)
+    ds["head_effect"].attrs = {
+        "description": f"normalised logit difference of restoring one {head_site} at the answer position: "
+        "(patched - corrupt) / (clean - corrupt)",
+        "units": "fraction of the clean-corrupted gap (0 = corrupted, 1 = clean)",
+    }
     ds["attention"], ds["image"] = image_attention(vlm, samples, backend=options.backend)
+    ds["attention"].attrs = {
+        "description": "attention weight of the answer position on each image patch (clean run)",
+        "units": "softmax weight (0 to 1)",
+    }
+    ds["image"].attrs = {"description": "the sample's image, RGB", "units": "8-bit intensity (0 to 255)"}
     return ds
 
 

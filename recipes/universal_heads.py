@@ -27,6 +27,7 @@ import vlmtrace as vt
 from vlmtrace import plots
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
+from vlmtrace.progress import sweeping
 from vlmtrace.recipes import Needs, draw
 from vlmtrace.results import combine
 
@@ -69,21 +70,35 @@ def run(
     for task, group in tasks.items():
         by_corruption = {}
         for name, corruption in corruptions.items():
-            ds = vt.patch(
-                vlm,
-                group,
-                corruption=corruption,
-                grid=grid,
-                metric=vt.LogitDiff(),
-                **options.sweep(f"{task}.{name}"),
-                recipe="universal_heads",
-            )
+            with sweeping(f"universal_heads: {task} questions, {name}, restore single heads"):
+                ds = vt.patch(
+                    vlm,
+                    group,
+                    corruption=corruption,
+                    grid=grid,
+                    metric=vt.LogitDiff(),
+                    **options.sweep(f"{task}.{name}"),
+                    recipe="universal_heads",
+                )
             effect = vt.normalised(ds, grid.sites[0]).squeeze(["segment", "window"], drop=True)
             by_corruption[name] = effect.mean("sample").to_dataset(name="head_effect").assign_attrs(ds.attrs)
         by_task[task] = combine(by_corruption, dim="corruption")
     ds = combine(by_task, dim="task")
+    ds["head_effect"].attrs = {
+        "description": "normalised logit difference of restoring one head at the answer position, "
+        "mean over the task's samples: (patched - corrupt) / (clean - corrupt)",
+        "units": "fraction of the clean-corrupted gap (0 = corrupted, 1 = clean)",
+    }
     ds["top"] = top_mask(ds["head_effect"], TOP_K)
+    ds["top"].attrs = {
+        "description": f"True where the head is among the {TOP_K} strongest of its (task, corruption)",
+        "units": "boolean",
+    }
     ds["universal"] = ds["top"].all(["task", "corruption"])
+    ds["universal"].attrs = {
+        "description": "True where the head is top in every condition",
+        "units": "boolean",
+    }
     ds.attrs["top_k"] = TOP_K
     return ds
 

@@ -26,6 +26,7 @@ import xarray as xr
 import vlmtrace as vt
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
+from vlmtrace.progress import sweeping
 from vlmtrace.recipes import Needs
 from vlmtrace.report import headline, patching_figures
 
@@ -53,15 +54,16 @@ def run(
     options: Options = Options(),
 ) -> xr.Dataset:
     layers = vlm.shape.layers[vlm.adapter.default_stack]
-    return vt.patch(
-        vlm,
-        samples,
-        corruption=vt.ReplaceSpan("visual"),
-        grid=vt.Grid(sites=SITES, windows=tuple(w for w in windows if w <= layers), skip=("image",)),
-        metric=vt.Probability(),
-        **options.sweep("visual"),
-        recipe="visual_constraint",
-    )
+    with sweeping("visual_constraint: visual phrase replaced, restore mlp / attn, P(answer)"):
+        return vt.patch(
+            vlm,
+            samples,
+            corruption=vt.ReplaceSpan("visual"),
+            grid=vt.Grid(sites=SITES, windows=tuple(w for w in windows if w <= layers), skip=("image",)),
+            metric=vt.Probability(),
+            **options.sweep("visual"),
+            recipe="visual_constraint",
+        )
 
 
 def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import xarray as xr
 from typer.testing import CliRunner
 
 from vlmtrace.cli import app
 
 runner = CliRunner()
+
+
+def _text(result) -> str:
+    """A command's output as one line of words (rich wraps error boxes at the terminal width)."""
+    return " ".join(result.output.replace("│", " ").split())
 
 
 def test_help_lists_the_commands():
@@ -51,3 +61,119 @@ def test_sharding_without_a_shared_store_is_refused():
 
     with pytest.raises(ValueError, match="sharding needs a store"):
         vt.Options(shard=(0, 2))
+
+
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`vlmtrace ARGS` in a fresh process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "vlmtrace.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def test_help_and_recipe_list_import_neither_torch_nor_transformers():
+    script = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from vlmtrace.cli import app\n"
+        "for args in (['--help'], ['recipe', 'list'], ['recipe', '--help'], ['zoo', '--help']):\n"
+        "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'nnsight') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_user_error_prints_one_short_paragraph_and_exits_2():
+    result = runner.invoke(app, ["plot", "no_such_store.zarr"])
+    assert result.exit_code == 2
+    assert "no result store at no_such_store.zarr" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
+
+
+def test_debug_shows_a_user_errors_traceback():
+    from vlmtrace.results import StoreError
+
+    result = runner.invoke(app, ["--debug", "plot", "no_such_store.zarr"])
+    assert isinstance(result.exception, StoreError)
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+    store = tmp_path / "broken.zarr"  # claims a recipe but holds none of its variables
+    xr.Dataset({"x": ("a", [1.0])}, attrs={"recipe": "multi_constraint"}).to_zarr(
+        store, zarr_format=2, consolidated=True
+    )
+    result = runner.invoke(app, ["plot", str(store)])
+    assert result.exit_code == 1 and isinstance(result.exception, KeyError)
+
+
+def test_an_uncached_model_with_the_hub_offline_fails_at_once_naming_the_ways_around(tmp_path):
+    done = _run(
+        "recipe",
+        "visual_constraint",
+        "--model",
+        "nobody/no-such-vlm-in-any-cache",
+        "--out",
+        str(tmp_path / "x.zarr"),
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
+    assert done.returncode == 2, done.stderr
+    for hint in ("HF_HUB_OFFLINE", "--remote", "HF_HOME", "shapes-llava"):
+        assert hint in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_unreachable_hub_fails_at_once_naming_the_ways_around(tmp_path):
+    done = _run(
+        "recipe",
+        "visual_constraint",
+        "--model",
+        "nobody/no-such-vlm-in-any-cache",
+        "--out",
+        str(tmp_path / "x.zarr"),
+        env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "unreachable" in done.stderr and "--remote" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_missing_data_path_is_refused_before_the_model_is_looked_up(tmp_path):
+    result = runner.invoke(
+        app,
+        ["recipe", "visual_constraint", "--model", "nobody/x", "--data", str(tmp_path / "none.jsonl")]
+        + ["--out", str(tmp_path / "x.zarr")],
+    )
+    assert result.exit_code == 2 and "none.jsonl does not exist" in _text(result)
+
+
+def test_an_out_path_that_is_not_a_zarr_name_or_in_a_missing_folder_is_refused(tmp_path):
+    for out, message in ((tmp_path / "x.txt", "NAME.zarr"), (tmp_path / "nope" / "x.zarr", "does not exist")):
+        result = runner.invoke(app, ["recipe", "visual_constraint", "--out", str(out)])
+        assert result.exit_code == 2 and message in _text(result)
+
+
+def test_a_grid_option_out_of_range_is_refused_before_any_work():
+    result = runner.invoke(app, ["recipe", "visual_constraint", "--n-samples", "0"])
+    assert result.exit_code == 2 and "--n-samples" in _text(result)
+
+
+def test_a_recipe_on_an_organism_it_does_not_support_is_refused_before_loading(tmp_path):
+    out = str(tmp_path / "x.zarr")
+    result = runner.invoke(app, ["recipe", "blip_noise", "--model", "shapes-llava", "--out", out])
+    assert result.exit_code == 2 and "runs on shapes-blip" in _text(result)
+
+
+def test_zoo_eval_takes_n_samples_like_the_recipes_and_train_help_shows_its_default():
+    assert "--n-samples" in runner.invoke(app, ["zoo", "eval", "--help"]).output
+    assert "[default: (./NAME)]" in runner.invoke(app, ["zoo", "train", "--help"]).output
+
+
+def test_the_public_api_names_each_resolve_to_an_object():
+    import vlmtrace as vt
+
+    for name in vt.__all__:
+        assert getattr(vt, name) is not None

@@ -1,16 +1,23 @@
-"""From a patching result to what a reader needs: effects, a headline, standard figures.
+"""From a patching result to what a reader needs: effects, a headline, figures, one HTML page.
 
 Every patching recipe ends the same way: indirect effects (patched - corrupted), averaged
 by segment with bootstrap intervals, drawn per window size, and one sentence naming the
-strongest cell. This module does that once for all recipes.
+strongest cell. This module does that once for all recipes, and writes the page a reader
+opens first: `write_report` puts the headline, every figure (embedded, so the file opens
+offline and travels alone), the configuration and provenance, and the command that
+reproduces the run into one self-contained HTML file next to the store.
 
     effect = indirect_effect(ds, "mlp")            # dims as ds["mlp"]
     print(headline(ds, sites=("mlp", "attn")))
     paths = patching_figures(ds, "out/trace", sites=("mlp", "attn"))
+    write_report(ds, "trace.html", summary=..., figures=paths, command="vlmtrace recipe ...")
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -96,3 +103,74 @@ def patching_figures(
             )
         )
     return paths
+
+
+def describe_run(ds: xr.Dataset) -> str:
+    """'model, corruption, metric' of a result, for figure titles."""
+    parts = [str(ds.attrs.get("model", "?"))]
+    corruption = ds.attrs.get("corruption")
+    if corruption:
+        try:
+            spec = json.loads(corruption)
+            kind = spec.pop("kind", "corruption").replace("_", " ")
+            detail = ", ".join(f"{k}={v}" for k, v in spec.items() if v not in (None, "", [], {}))
+            parts.append(f"{kind} ({detail})" if detail else kind)
+        except (TypeError, ValueError):
+            parts.append(str(corruption))
+    if ds.attrs.get("metric"):
+        parts.append(f"metric {ds.attrs['metric']}")
+    return ", ".join(parts)
+
+
+def write_report(
+    ds: xr.Dataset, path: str | Path, *, summary: str, figures: Sequence[Path], command: str
+) -> Path:
+    """One self-contained HTML page: headline, figures (inline PNG), variables, provenance."""
+    path = Path(path)
+    esc = html.escape
+    recipe = ds.attrs.get("recipe", "result")
+    images = "\n".join(
+        f'<figure><img alt="{esc(Path(f).stem)}" src="data:image/png;base64,'
+        f'{base64.b64encode(Path(f).read_bytes()).decode()}"><figcaption>{esc(Path(f).name)}</figcaption></figure>'
+        for f in figures
+    )
+    variables = "\n".join(
+        f"<tr><td><code>{esc(str(n))}</code></td><td>{esc(', '.join(map(str, v.dims)))}</td>"
+        f"<td>{esc(str(v.attrs.get('description', '')))}</td>"
+        f"<td>{esc(str(v.attrs.get('units', '')))}</td></tr>"
+        for n, v in ds.data_vars.items()
+    )
+    attrs = "\n".join(
+        f"<tr><td><code>{esc(str(k))}</code></td><td><code>{esc(str(v))}</code></td></tr>"
+        for k, v in ds.attrs.items()
+    )
+    sizes = ", ".join(f"{d}={n}" for d, n in ds.sizes.items())
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>vlmtrace {esc(recipe)}: {esc(str(ds.attrs.get("model", "")))}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 70em; margin: 2em auto; padding: 0 1em; color: #222; }}
+pre {{ background: #f4f4f4; padding: 0.8em; overflow-x: auto; white-space: pre-wrap; }}
+figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
+img {{ max-width: 100%; border: 1px solid #ddd; }}
+table {{ border-collapse: collapse; }}
+td, th {{ border: 1px solid #ddd; padding: 0.2em 0.5em; text-align: left; }}
+</style></head>
+<body>
+<h1>{esc(recipe)} on {esc(str(ds.attrs.get("model", "?")))}</h1>
+<h2 id="headline">Headline</h2>
+<p>Means over samples with 95% percentile-bootstrap intervals in brackets, where given.</p>
+<pre>{esc(summary)}</pre>
+<h2 id="figures">Figures</h2>
+{images}
+<h2 id="data">Data ({esc(sizes)})</h2>
+<table><tr><th>variable</th><th>dims</th><th>description</th><th>units</th></tr>
+{variables}</table>
+<h2 id="provenance">Configuration and provenance</h2>
+<table>{attrs}</table>
+<h2 id="reproduce">Reproduce</h2>
+<pre id="command">{esc(command)}</pre>
+</body></html>
+"""
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -17,7 +17,13 @@ Dimension vocabulary, used everywhere in vlmtrace:
 
 Data variables: one per site kind (the patched runs' metric), plus `clean` and `corrupt`
 (per sample). Attrs record the model, corruption, metric, direction, grid and versions;
-zarr attrs must be JSON, so structured attrs are stored as JSON strings.
+zarr attrs must be JSON, so structured attrs are stored as JSON strings. Every data variable
+of a saved store carries `description` and `units` attrs (`describe`).
+
+Format. `save` writes zarr format 2 with consolidated metadata: every zarr reader (Python,
+JavaScript, Julia, R) opens it, and plain `xr.open_zarr(path)` neither warns nor lists the
+folder. Strings are kept as Python objects (variable-length UTF-8) in memory and in sweep
+stores, because zarr format 3 has no specification yet for fixed-width numpy strings.
 """
 
 from __future__ import annotations
@@ -72,12 +78,12 @@ def provenance(vlm: VLM, **fields: Any) -> dict[str, Any]:
     return attrs
 
 
-def sample_ids(samples: list[Sample]) -> list[str]:
-    """The `sample` coordinate: Sample.id, made unique."""
+def sample_ids(samples: list[Sample]) -> np.ndarray:
+    """The `sample` coordinate: Sample.id, made unique (strings as objects: see Format)."""
     ids = [sample.id or f"sample{i}" for i, sample in enumerate(samples)]
     if len(set(ids)) != len(ids):  # duplicate ids would make `sel(sample=...)` ambiguous
         ids = [f"{sid}#{i}" for i, sid in enumerate(ids)]
-    return ids
+    return np.array(ids, dtype=object)
 
 
 class Layout:
@@ -138,7 +144,8 @@ class Layout:
             "sample": sample_ids(self.samples),
             "window": self.windows,
             "layer": self.layers,
-            self.place: self.keys,
+            # segment names as objects (see Format); positions are ints
+            self.place: np.array(self.keys, dtype=object if not self.by_token else None),
         }
         if self.heads:
             coords["head"] = self.heads
@@ -183,24 +190,81 @@ def position_coords(segments: list[Segments], grid: Grid, width: int) -> dict[st
             labels[s, k] = sample_segments.labels[p]
             index[s, k] = p
     dims = ("sample", "position")
-    return {
-        "token": (dims, tokens.astype(str)),
-        "label": (dims, labels.astype(str)),
-        "index": (dims, index),
-    }
+    return {"token": (dims, tokens), "label": (dims, labels), "index": (dims, index)}  # objects: see Format
 
 
 class StoreError(UserError):
     """A store that cannot be written or read as asked."""
 
 
+METRIC_UNITS = {
+    "probability": "probability (0 to 1)",
+    "log_prob": "nats (log probability)",
+    "logit_diff": "logits (answer minus foil)",
+    "kl": "nats (KL divergence from the clean run)",
+}
+SITE_VARIABLES = ("block", "attn", "mlp", "cross_attn", "attn_head", "cross_attn_head", "encoder", "decoder")
+
+
+def metric_units(ds: xr.Dataset) -> str:
+    """Units of the metric a result holds; per coordinate when a `metric` dim mixes them."""
+    if "metric" in ds.dims:
+        return "; ".join(f"{m}: {METRIC_UNITS.get(str(m), str(m))}" for m in ds["metric"].values)
+    metric = str(ds.attrs.get("metric", ""))
+    return METRIC_UNITS.get(metric, metric or "as the metric")
+
+
+def describe(ds: xr.Dataset) -> xr.Dataset:
+    """Give every data variable `description` and `units` attrs (those it lacks), in place.
+
+    Engine variables (site traces, clean, corrupt, done, knockout) are described here;
+    a recipe describes the variables it derives. A variable nobody described is an error, so
+    a store never leaves a reader guessing.
+    """
+    units = metric_units(ds)
+    restored = "patched in from the corrupted run" if ds.attrs.get("direction") == "noise" else "restored"
+    known = {
+        "clean": ("metric of the clean run (no corruption, no patch)", units),
+        "corrupt": ("metric of the corrupted run (no patch)", units),
+        "done": ("True once every cell of the sample has been computed", "boolean"),
+        "knockout": ("metric with attention from the block's keys to its queries cut over the window", units),
+    }
+    for site in SITE_VARIABLES:
+        known[site] = (
+            f"metric of the corrupted run with the {site} output {restored} at one cell "
+            "(window of layers centred on `layer`, at the position, segment or head)",
+            units,
+        )
+    missing = []
+    for name, var in ds.data_vars.items():
+        description, unit = known.get(str(name), (None, None))
+        if description is not None:
+            var.attrs.setdefault("description", description)
+            var.attrs.setdefault("units", unit)
+        if "description" not in var.attrs or "units" not in var.attrs:
+            missing.append(str(name))
+    if missing:
+        raise ValueError(
+            f"data variables {missing} have no description/units attrs; set "
+            "ds[name].attrs['description'] and ds[name].attrs['units'] before saving."
+        )
+    return ds
+
+
 def save(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write a Dataset to a zarr store; refuses to replace an existing store unless asked."""
+    """Write a Dataset to a zarr store; refuses to replace an existing store unless asked.
+
+    The store is zarr format 2 with consolidated metadata (see Format), and every data
+    variable is described (`describe`).
+    """
     path = Path(path)
     if path.exists() and not overwrite:
         raise StoreError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    ds = describe(ds.copy())
+    for variable in ds.variables.values():
+        variable.encoding = {}  # a sweep store's zarr-3 codecs do not apply to format 2
     try:
-        ds.to_zarr(path, mode="w", consolidated=False)
+        ds.to_zarr(path, mode="w", zarr_format=2, consolidated=True)
     except OSError as error:
         raise StoreError(
             f"could not write {path}: {error.strerror or error}. Choose a writable path with free space."
@@ -213,26 +277,37 @@ def open_result(path: str | Path) -> xr.Dataset:
     path = Path(path)
     if not path.exists():
         raise StoreError(f"no result store at {path}.")
-    return xr.open_zarr(path, consolidated=False).load()
+    consolidated = (path / ".zmetadata").exists()  # older stores were written without
+    return xr.open_zarr(path, consolidated=consolidated).load()
 
 
 def combine(datasets: dict[str, xr.Dataset], *, dim: str) -> xr.Dataset:
     """Stack results of several conditions (corruptions, constraints, metrics) along `dim`.
 
-    Each condition's own attrs (its corruption, metric) are kept under `conditions`, since
-    xarray would otherwise keep only the first condition's.
+    Each condition's own attrs (its corruption, metric, config hash) are kept under
+    `conditions`, since xarray would otherwise keep only the attrs all conditions share. The
+    combined result is `created` when its last condition was, and its `config_hash` is a
+    hash of the conditions' hashes.
     """
     names = list(datasets)
     combined = xr.concat([datasets[n] for n in names], dim=dim, combine_attrs="drop_conflicts")
-    combined = combined.assign_coords({dim: names})
-    combined.attrs["conditions"] = json.dumps(
-        {
-            n: {
-                k: v
-                for k, v in datasets[n].attrs.items()
-                if k in ("corruption", "metric", "direction", "grid")
-            }
-            for n in names
-        }
-    )
+    combined = combined.assign_coords({dim: np.array(names, dtype=object)})
+    combined.attrs.update(joint_attrs(datasets))
     return combined
+
+
+def joint_attrs(datasets: dict[str, xr.Dataset]) -> dict[str, Any]:
+    """Attrs of a result built from several: each part's own under `conditions`, and the
+    `created` time (the last part's) and `config_hash` (of the parts' hashes) of the whole."""
+    import hashlib
+
+    kept = ("corruption", "metric", "direction", "grid", "config_hash", "created")
+    conditions = {n: {k: v for k, v in ds.attrs.items() if k in kept} for n, ds in datasets.items()}
+    attrs: dict[str, Any] = {"conditions": json.dumps(conditions)}
+    created = [c["created"] for c in conditions.values() if "created" in c]
+    if created:
+        attrs["created"] = max(created)  # ISO 8601 in UTC: text order is time order
+    hashes = [f"{n}={c['config_hash']}" for n, c in conditions.items() if "config_hash" in c]
+    if hashes:
+        attrs["config_hash"] = hashlib.sha256(";".join(hashes).encode()).hexdigest()[:16]
+    return attrs

@@ -13,12 +13,11 @@ a reader can tell a finding from the noise of eight examples.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
-
-from vlmtrace.metrics import normalised
 
 
 def by_segment(da: xr.DataArray, *, how: str = "mean") -> xr.DataArray:
@@ -40,7 +39,9 @@ def by_segment(da: xr.DataArray, *, how: str = "mean") -> xr.DataArray:
         for k, name in enumerate(names):
             chosen = labels[s] == name
             if chosen.any():
-                with np.errstate(all="ignore"):
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+                    warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
                     out[s, ..., k] = reduce(moved.values[s][..., chosen], axis=-1)
     dims = [d for d in moved.dims if d != "position"] + ["segment"]
     coords = {d: moved[d] for d in dims if d in moved.coords and d != "segment"}
@@ -55,7 +56,10 @@ def bootstrap_mean(
     rng = np.random.default_rng(seed)
     count = values.shape[0]
     draws = rng.integers(0, count, size=(n, count))
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        # a cell with no value in any sample (a position one stack lacks) stays NaN, silently
+        warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+        warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
         means = np.nanmean(values[draws], axis=1)
         low, high = np.nanpercentile(means, [(1 - level) / 2 * 100, (1 + level) / 2 * 100], axis=0)
         mean = np.nanmean(values, axis=0)
@@ -92,6 +96,8 @@ def spread(ds: xr.Dataset, site: str, *, threshold: float = 0.05, window: int | 
     Samples must share one token layout (one question template), because position k must
     mean the same token in all of them; otherwise average by segment (`by_segment`).
     """
+    from vlmtrace.metrics import normalised  # imports torch: only when a trace is read
+
     labels = ds["label"].values
     if (labels != labels[:1]).any():
         raise ValueError(

@@ -4,32 +4,68 @@ vlmtrace recipe list
 vlmtrace recipe multi_constraint --n-samples 8 --out trace.zarr
 vlmtrace zoo list
 vlmtrace plot trace.zarr
+
+A user's mistake (any `vlmtrace.UserError`: a bad path, a span not in the prompt, an
+unreachable hub) prints one short paragraph and exits with status 2; `--debug` (or
+VLMTRACE_DEBUG=1) shows its traceback. Anything else is a bug and keeps its traceback.
+Modules that need torch are imported inside the commands, so `--help` starts at once.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperGroup
 
+from ..errors import UserError
+from .models import check, models
 from .recipe import recipe
 from .serve import serve
+from .zoo import app as zoo_app
+
+USER_ERROR_EXIT = 2  # the status click gives a bad option, too
+
+
+class Commands(TyperGroup):
+    """vlmtrace's command group: user errors become one paragraph and exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            if ctx.params.get("debug") or os.environ.get("VLMTRACE_DEBUG", "") not in ("", "0"):
+                raise
+            typer.echo(f"Error ({type(error).__name__}): {error}", err=True)
+            typer.echo("(Run with `vlmtrace --debug ...` to see the traceback.)", err=True)
+            ctx.exit(USER_ERROR_EXIT)
+
 
 app = typer.Typer(
+    cls=Commands,
     help="Causal tracing, activation patching and attention knockout for vision-language models.",
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+@app.callback()
+def main(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the full traceback of a user error (bad input).")
+    ] = False,
+) -> None:
+    """Causal tracing, activation patching and attention knockout for vision-language models."""
+
+
 app.command(help="Run a recipe (one per seed paper); `vlmtrace recipe list` names them.")(recipe)
 app.command()(serve)
-
-try:  # the organism zoo's commands (train, list, eval)
-    from .zoo import app as zoo_app
-
-    app.add_typer(zoo_app, name="zoo", help="The shipped model organisms: list, train, eval.")
-except ImportError:  # pragma: no cover - only while the zoo is absent
-    pass
+app.command()(models)
+app.command()(check)
+app.add_typer(zoo_app, name="zoo", help="The shipped model organisms: list, train, eval.")
 
 
 @app.command()

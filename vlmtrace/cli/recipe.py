@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from ..errors import UserError
 from ..options import Options
 
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -43,14 +46,15 @@ def parse_bytes(text: str | None) -> float | None:
 
 
 def recipe(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Recipe name, or 'list' to list them.")],
     model: Annotated[str | None, typer.Option(help="HF repo id, directory or organism name.")] = None,
     data: Annotated[Path | None, typer.Option(help="A dataset file or directory (see README).")] = None,
-    n_samples: Annotated[int, typer.Option(help="Samples to trace.")] = 8,
+    n_samples: Annotated[int, typer.Option(min=1, help="Samples to trace.")] = 8,
     out: Annotated[Path | None, typer.Option(help="Zarr store to write (default: NAME.zarr).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of data sampling and noise.")] = 0,
-    max_batch: Annotated[int, typer.Option(help="Rows per batched forward.")] = 64,
+    max_batch: Annotated[int, typer.Option(min=1, help="Rows per batched forward.")] = 64,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
     remote: Annotated[
         bool, typer.Option(help="Run every trace on a server (NDIF or `vlmtrace serve`); key: $NDIF_API_KEY.")
@@ -65,7 +69,7 @@ def recipe(
         str | None, typer.Option(help="Memory a forward may use, e.g. 20GB; chunks shrink to fit.")
     ] = None,
     screen: Annotated[
-        int | None, typer.Option(help="Patch only the top-K cells by attribution-patching estimate.")
+        int | None, typer.Option(min=1, help="Patch only the top-K cells by attribution-patching estimate.")
     ] = None,
     reuse_prefix: Annotated[
         bool,
@@ -73,22 +77,44 @@ def recipe(
             help="Skip the layers and positions below each cell's first patch (same results; local runs)."
         ),
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="torch CPU threads. Default: $VLMTRACE_THREADS, else 1 for a shipped organism "
+            "(tiny matrices gain nothing from more), else torch's default.",
+        ),
+    ] = None,
 ) -> None:
     from .. import recipes as registry
-    from ..models.load import load
-    from ..results import save
 
     if name == "list":
         for recipe_name in registry.names():
-            typer.echo(f"{recipe_name:<20} {registry.get(recipe_name).DESCRIPTION}")
+            typer.echo(f"{recipe_name:<20} {registry.describe(recipe_name)}")
         return
-    try:
-        module = registry.get(name)
-    except KeyError as error:
-        raise typer.BadParameter(str(error.args[0]), param_hint="NAME") from None
-    out = out or Path(f"{name}.zarr")
-    if out.exists() and not overwrite:
-        raise typer.BadParameter(f"{out} exists; pass --overwrite to replace it.", param_hint="--out")
+    if name not in registry.names():
+        raise typer.BadParameter(f"no recipe {name!r}; choose one of {registry.names()}.", param_hint="NAME")
+    out = check_out(out or Path(f"{name}.zarr"), overwrite=overwrite)
+    if data is not None and not data.exists():
+        raise typer.BadParameter(
+            f"{data} does not exist; give a dataset file or folder.", param_hint="--data"
+        )
+    # Everything below the checks imports torch; the checks above answer at once.
+    from ..models.load import load
+    from ..report import write_report
+    from ..results import save
+    from .hub import check_model_source
+
+    module = registry.get(name)
+    model_name = model or module.DEFAULT_MODEL
+    check_organism(module, name, model_name)
+    if data is not None:  # read (and check) the data before any weights load
+        from ..data.loaders import load_dataset
+
+        samples = load_dataset(data, n=n_samples)
+    check_model_source(model_name)
+    set_threads(threads, model_name)
+    quiet_transformers()
     options = Options(
         max_batch=max_batch,
         max_memory=parse_bytes(max_memory),
@@ -103,16 +129,20 @@ def recipe(
         from ..remote import backend as remote_backend
         from ..remote import skeleton
 
-        vlm = skeleton(model or module.DEFAULT_MODEL)
+        vlm = skeleton(model_name)
         backend = remote_backend(vlm, host=host)
     else:
-        vlm = load(model or module.DEFAULT_MODEL, device=device)
-    if data is not None:
-        from ..data.loaders import load_dataset
-
-        samples = load_dataset(data, n=n_samples)
-    else:
+        vlm = load(model_name, device=device)
+    if data is None:
         samples = module.default_samples(vlm, n=n_samples, seed=seed)
+    samples, note = registry.fitting(module, samples)
+    if note:
+        typer.echo(note)
+    if not samples:
+        raise DataMismatch(
+            f"none of the samples in {data} fits recipe {name} ({note}). Give samples with the spans, "
+            "replacement phrases and image pairs it corrupts (README, Recipes)."
+        )
     ds = module.run(vlm, samples, seed=seed, options=replace(options, backend=backend))
     if "done" in ds and not bool(ds["done"].all()):
         typer.echo(
@@ -123,7 +153,84 @@ def recipe(
         return
     save(ds, out, overwrite=overwrite)
     figures = module.figures(ds, out.with_suffix(""))
+    summary = module.summary(ds)
+    report = write_report(
+        ds, out.with_suffix(".html"), summary=summary, figures=figures, command=command_of(ctx)
+    )
     typer.echo(f"store: {out}")
     for figure in figures:
         typer.echo(f"figure: {figure}")
-    typer.echo(module.summary(ds))
+    typer.echo(f"report: {report}")
+    typer.echo(summary)
+
+
+class DataMismatch(UserError):
+    """Samples that a recipe cannot corrupt (no replacement phrase, no image pair)."""
+
+
+def check_out(out: Path, *, overwrite: bool) -> Path:
+    """The store path, checked before any work: a .zarr name in a writable folder, not taken."""
+    if out.suffix != ".zarr":
+        raise typer.BadParameter(
+            f"{out}: name the store NAME.zarr (figures go to NAME/, the report to NAME.html).",
+            param_hint="--out",
+        )
+    folder = out.parent.resolve()
+    if not folder.is_dir():
+        raise typer.BadParameter(f"folder {folder} does not exist; create it first.", param_hint="--out")
+    if not os.access(folder, os.W_OK):
+        raise typer.BadParameter(
+            f"folder {folder} is not writable; choose another --out.", param_hint="--out"
+        )
+    if out.exists() and not overwrite:
+        raise typer.BadParameter(f"{out} exists; pass --overwrite to replace it.", param_hint="--out")
+    return out
+
+
+def check_organism(module, name: str, model: str) -> None:
+    """A shipped organism that the recipe does not support is refused before it loads."""
+    from .hub import organism_names
+
+    if model in organism_names() and model not in module.ORGANISMS:
+        raise typer.BadParameter(
+            f"recipe {name} runs on {', '.join(module.ORGANISMS)}, not {model} (README: recipe table).",
+            param_hint="--model",
+        )
+
+
+def set_threads(threads: int | None, model: str) -> int | None:
+    """Cap torch's CPU threads: given, else $VLMTRACE_THREADS, else 1 for an organism.
+
+    Measured on a busy 2-core machine (README, "Threads"): the organisms' 64-wide matrices
+    gain nothing from a second thread and lose much when a core is shared.
+    """
+    from .hub import organism_names
+
+    if threads is None and os.environ.get("VLMTRACE_THREADS"):
+        threads = int(os.environ["VLMTRACE_THREADS"])
+    if threads is None and model in organism_names():
+        threads = 1
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    return threads
+
+
+def quiet_transformers() -> None:
+    """transformers' own "Loading weights" bar would interleave with vlmtrace's bars."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def command_of(ctx: typer.Context) -> str:
+    """The command line that reproduces this run (options that differ from their defaults)."""
+    words = ["vlmtrace", "recipe", ctx.params["name"]]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name == "name" or value is None or value == param.default or value is False:
+            continue
+        flag = max(param.opts, key=len)
+        words += [flag] if value is True else [flag, str(value)]
+    return shlex.join(words)

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoProcessor, BlipForQuestionAnswering, LlavaForConditionalGeneration
 
 from vlmtrace.data.scenes import FAMILIES, make_samples
+from vlmtrace.progress import progress_bar
 
 from .answering import accuracy
 from .organisms import ORGANISMS, organism_dir
@@ -41,15 +42,25 @@ def load_organism(name_or_dir: str | Path) -> tuple[torch.nn.Module, Any]:
     return model, AutoProcessor.from_pretrained(path)
 
 
-def held_out_accuracy(model: torch.nn.Module, processor: Any, *, n: int = 400) -> dict[str, float]:
-    """Accuracy on `n` held-out questions of each family (argmax over the whole vocabulary)."""
-    return {
-        family: accuracy(model, processor, make_samples(family, n, seed=EVAL_SEED, split="test"))
-        for family in FAMILIES
-    }
+def held_out_accuracy(
+    model: torch.nn.Module, processor: Any, *, n: int = 400, progress: bool = False
+) -> dict[str, float]:
+    """Accuracy on `n` held-out questions of each family (argmax over the whole vocabulary).
+
+    With `progress`, a bar advances once per family (each is scored in the same batches as
+    without it, so the numbers do not change).
+    """
+    accuracies = {}
+    with progress_bar(progress, "held-out accuracy") as bar:
+        task = bar.add_task(f"{n} questions per family", total=len(FAMILIES))
+        for family in FAMILIES:
+            samples = make_samples(family, n, seed=EVAL_SEED, split="test")
+            accuracies[family] = accuracy(model, processor, samples)
+            bar.advance(task)
+    return accuracies
 
 
-def evaluate(name_or_dir: str | Path, *, n: int = 400) -> dict[str, float]:
+def evaluate(name_or_dir: str | Path, *, n: int = 400, progress: bool = False) -> dict[str, float]:
     """Load an organism (shipped name or directory) and measure its held-out accuracy."""
     model, processor = load_organism(name_or_dir)
-    return held_out_accuracy(model, processor, n=n)
+    return held_out_accuracy(model, processor, n=n, progress=progress)

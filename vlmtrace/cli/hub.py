@@ -1,0 +1,71 @@
+"""Fail at once, with what to do, when a model named on the command line cannot be fetched.
+
+transformers retries an unreachable Hugging Face Hub for about 30 s and then raises an error
+that says nothing about vlmtrace's ways around it. The command line asks first, in well under
+a second: a shipped organism or a local directory needs no hub; a repo id in the local cache
+loads offline; otherwise one metadata request with a short timeout says whether the hub
+answers.
+
+    check_model_source("llava-hf/llava-1.5-7b-hf")   # returns, or raises HubError
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from ..errors import UserError
+
+WAYS_AROUND = (
+    "Either connect to the internet once so that the weights are cached, point HF_HOME at a "
+    "cache that holds them (then HF_HUB_OFFLINE=1 keeps every later run offline), pass a local "
+    "directory as --model, or run on a server that has them with --remote (NDIF or `vlmtrace "
+    "serve`; this machine then needs only the config and processor). A shipped organism "
+    "(--model shapes-llava or shapes-blip) needs no hub."
+)
+
+
+def organism_names() -> list[str]:
+    """The shipped organisms' names, read from the package's folders (importing no torch)."""
+    spec = importlib.util.find_spec("vlmtrace.models.zoo")
+    folder = Path(spec.submodule_search_locations[0])
+    return sorted(path.parent.name for path in folder.glob("*/config.json"))
+
+
+class HubError(UserError):
+    """A model that is neither shipped, local nor reachable on the Hugging Face Hub."""
+
+
+def check_model_source(name: str, *, timeout: float = 5.0) -> None:
+    """Return if `name` can be loaded here; raise HubError naming the ways around otherwise."""
+    if name in organism_names() or Path(name).expanduser().is_dir():
+        return
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # cached: transformers reads it without the network
+    if constants.HF_HUB_OFFLINE:
+        raise HubError(
+            f"model {name!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+            f"HF_HUB_OFFLINE is set, so it cannot be downloaded. {WAYS_AROUND}"
+        )
+    try:
+        HfApi().model_info(name, timeout=timeout)
+    except GatedRepoError:
+        raise HubError(
+            f"model {name!r} is gated on the Hugging Face Hub: accept its licence on its page and "
+            "log in (`hf auth login`, or set HF_TOKEN)."
+        ) from None
+    except RepositoryNotFoundError:
+        raise HubError(
+            f"no model {name!r} on the Hugging Face Hub (nor a local directory of that name). Check "
+            "the repo id's spelling; a private repo needs HF_TOKEN."
+        ) from None
+    except HfHubHTTPError as error:
+        raise HubError(f"the Hugging Face Hub refused {name!r}: {error}. {WAYS_AROUND}") from None
+    except Exception as error:  # DNS, refused connection, timeout, proxy: the hub is unreachable
+        raise HubError(
+            f"model {name!r} is not cached here and the Hugging Face Hub "
+            f"({constants.ENDPOINT}) is unreachable ({type(error).__name__}: {error}). {WAYS_AROUND}"
+        ) from None
