@@ -18,6 +18,7 @@ being noised, measured in the same forward.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .data.sample import Sample
@@ -151,8 +152,13 @@ class GaussianNoise(Corruption):
     name = "gaussian_noise"
 
     def pair(self, vlm: VLM, sample: Sample, answer_ids: tuple[int, ...]) -> Pair:
-        if self.samples < 1:
-            raise CorruptionError(f"GaussianNoise needs samples >= 1, got {self.samples}.")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise CorruptionError(f"GaussianNoise needs an integer samples >= 1, got {self.samples!r}.")
+        if not (isinstance(self.scale, int | float) and math.isfinite(self.scale) and self.scale > 0):
+            raise CorruptionError(
+                f"GaussianNoise needs a finite scale > 0 (a multiple of the embeddings' std), got "
+                f"{self.scale!r}; ROME and Palit et al. use 3.0."
+            )
         clean = clean_side(vlm, sample, answer_ids)
         if self.target == "image":
             if "image" not in vlm.adapter.embeddings:

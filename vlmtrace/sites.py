@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from .errors import UserError
 from .positions import Segments
 
@@ -72,6 +74,29 @@ class Grid:
     """Segments to leave out (e.g. ("image",): LLaVA-1.5's 576 image tokens)."""
     heads: Sequence[int] | None = None
     """Heads for head sites; None means every head."""
+
+    def __post_init__(self) -> None:
+        """Refuse what no model could run: a string where a sequence is meant, empty or
+        repeated choices, layers and heads that are not integers."""
+        for name in ("sites", "windows", "segments", "skip", "layers", "heads"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise GridError(
+                    f"Grid({name}={value!r}) is a string, read as the characters {list(value)}; "
+                    f"write a tuple: {name}=({value!r},)."
+                )
+            if value is None:
+                continue
+            if name in ("sites", "windows") and len(value) == 0:
+                raise GridError(
+                    f"Grid({name}=()) is empty: the result would have no cells; give at least one."
+                )
+            if len(set(value)) != len(value):
+                raise GridError(f"Grid({name}={tuple(value)!r}) repeats a value; each must appear once.")
+            if name in ("windows", "layers", "heads"):
+                for item in value:
+                    if isinstance(item, bool) or not isinstance(item, int | np.integer):
+                        raise GridError(f"Grid({name}=...) must hold integers; got {item!r}.")
 
     def check(self, *, available_sites: Sequence[str], n_layers: int, n_heads: int) -> None:
         """Refuse a grid that does not fit the model, naming the valid range."""

@@ -1,0 +1,172 @@
+"""Generate the support matrix from test results: `python tests/support_matrix.py`.
+
+Runs the family reference tests (and BLIP's, and the remote tests), reads each test's outcome
+from pytest's JUnit XML, and writes `vlmtrace/models/support.json` (printed by `vlmtrace
+models`) and the README table between its markers. Nothing in the matrix is written by hand:
+a family whose test fails shows "FAILS", one whose check is skipped shows the skip reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = [
+    "tests/test_families.py",
+    "tests/test_blip.py",
+    "tests/test_sites_match_torch_hooks.py",
+    "tests/test_prefix_reuse.py",
+    "tests/test_remote.py",
+]
+COMMAND = "python tests/support_matrix.py"
+START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
+CORRUPTION_NAMES = {"str": "STR", "image_pair": "image pair", "noise": "noise"}
+
+
+def outcomes(xml: Path) -> dict[str, tuple[str, str]]:
+    """Test node name -> (status, message): pass, fail or skip."""
+    found = {}
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        name = f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}"
+        status, message = "pass", ""
+        for child in case:
+            if child.tag in ("failure", "error"):
+                status, message = "fail", (child.get("message") or "")[:80]
+            elif child.tag == "skipped":
+                status, message = "skip", (child.get("message") or "").removeprefix("Skipped: ")
+        found[name] = (status, message)
+    return found
+
+
+def summarise(results: dict[str, tuple[str, str]]) -> dict:
+    """Per family, each column's text from the outcomes of the tests behind it."""
+    checks: dict[str, dict[str, list[tuple[str, str]]]] = defaultdict(lambda: defaultdict(list))
+    pattern = re.compile(r"test_families::(?P<test>\w+)\[(?P<params>[^\]]+)\]")
+    for name, outcome in results.items():
+        match = pattern.match(name)
+        if not match:
+            continue
+        params = match["params"].split("-")
+        family = params[0]
+        test = match["test"]
+        if test.startswith("test_every_site"):
+            _, direction, corruption = params
+            checks[family]["corruptions:" + corruption].append(outcome)
+            checks[family]["directions:" + direction].append(outcome)
+            checks[family]["sites"].append(outcome)
+        elif "knockout" in test:
+            checks[family]["knockout"].append(outcome)
+        elif "patterns" in test:
+            checks[family]["patterns"].append(outcome)
+        elif "prefix_reuse" in test:
+            checks[family]["prefix reuse"].append(outcome)
+    blip = {key: value for key, value in results.items() if "blip" in key.lower()}
+    if blip:
+        for name, outcome in blip.items():
+            if "site_equals" in name:
+                checks["blip"]["sites"].append(outcome)
+                checks["blip"]["corruptions:image_pair"].append(outcome)
+                checks["blip"]["directions:denoise"].append(outcome)
+            elif "knockout" in name:
+                checks["blip"]["knockout"].append(outcome)
+            elif "prefix" in name or "reuse" in name:
+                checks["blip"]["prefix reuse"].append(outcome)
+    remote = [outcome for name, outcome in results.items() if name.startswith("test_remote::")]
+    return checks, remote
+
+
+def text(outcomes_: list[tuple[str, str]]) -> str:
+    statuses = {status for status, _ in outcomes_}
+    if not outcomes_:
+        return "untested"
+    if "fail" in statuses:
+        return "FAILS"
+    if statuses == {"skip"}:
+        return "no: " + outcomes_[0][1]
+    return "yes"
+
+
+def columns(family: str, checks: dict, remote: list, sites: list[str]) -> dict[str, str]:
+    family_checks = checks[family]
+    corruptions = [
+        CORRUPTION_NAMES[c]
+        for c in CORRUPTION_NAMES
+        if text(family_checks.get("corruptions:" + c, [])) == "yes"
+    ]
+    directions = [d for d in ("denoise", "noise") if text(family_checks.get("directions:" + d, [])) == "yes"]
+    remote_text = "yes (tested)" if family in ("llava", "blip") and text(remote) == "yes" else "untested"
+    site_text = text(family_checks.get("sites", []))
+    return {
+        "sites": ", ".join(sites) if site_text == "yes" else site_text,
+        "corruptions": ", ".join(corruptions) or "untested",
+        "directions": ", ".join(directions) or "untested",
+        "knockout": text(family_checks.get("knockout", [])),
+        "patterns": text(family_checks.get("patterns", [])),
+        "prefix reuse": text(family_checks.get("prefix reuse", [])),
+        "remote": remote_text,
+    }
+
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT))
+    with tempfile.TemporaryDirectory() as folder:
+        xml = Path(folder) / "results.xml"
+        subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *TESTS],
+            cwd=ROOT,
+            check=False,
+        )
+        results = outcomes(xml)
+    checks, remote = summarise(results)
+    from vlmtrace.models.registry import ADAPTERS
+
+    families: dict[str, dict] = {}
+    for adapter in {id(a): a for a in ADAPTERS.values()}.values():
+        sites = sorted({site for stack in adapter.stacks.values() for site in stack.sites})
+        families[adapter.family] = {
+            "architectures": list(adapter.architectures),
+            "columns": columns(adapter.family, checks, remote, sites),
+        }
+    import transformers
+
+    data = {
+        "generated": date.today().isoformat(),
+        "command": COMMAND,
+        "transformers": transformers.__version__,
+        "families": families,
+    }
+    (ROOT / "vlmtrace/models/support.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    write_readme(data)
+    print(json.dumps({f: e["columns"] for f, e in families.items()}, indent=1))
+    return 0
+
+
+def write_readme(data: dict) -> None:
+    sys.path.insert(0, str(ROOT))
+    from vlmtrace.cli.models import COLUMNS, matrix_rows
+
+    lines = ["| family | " + " | ".join(COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in matrix_rows(data)]
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    if START in content and END in content:
+        before, rest = content.split(START, 1)
+        _, after = rest.split(END, 1)
+        table = "\n".join(lines)
+        note = (
+            f"\n\nGenerated by `{data['command']}` on {data['generated']} "
+            f"(transformers {data['transformers']}).\n"
+        )
+        readme.write_text(f"{before}{START}\n{table}{note}{END}{after}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""The support matrix covers every family, and `vlmtrace models` / `vlmtrace check` work."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import families
+from typer.testing import CliRunner
+
+from vlmtrace.cli import app
+from vlmtrace.cli.models import support
+from vlmtrace.models.registry import ADAPTERS
+
+
+def test_the_shipped_matrix_lists_every_registered_family():
+    listed = set(support()["families"])
+    registered = {adapter.family for adapter in ADAPTERS.values()}
+    assert registered <= listed, f"regenerate with `python tests/support_matrix.py`: {registered - listed}"
+
+
+def test_every_family_with_a_reference_test_is_in_the_matrix_with_its_results():
+    matrix = support()["families"]
+    for info in pkgutil.iter_modules(families.__path__):
+        if info.name == "spec":
+            continue
+        family = importlib.import_module(f"families.{info.name}").FAMILY.name
+        assert family in matrix, f"{family}: regenerate with `python tests/support_matrix.py`"
+        assert matrix[family]["columns"]["sites"] != "untested", family
+
+
+def test_vlmtrace_models_prints_one_row_per_family():
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    for family in support()["families"]:
+        assert any(line.startswith(family + " ") for line in result.output.splitlines()), family
+
+
+def test_vlmtrace_check_passes_on_the_shipped_organism():
+    result = CliRunner().invoke(app, ["check", "shapes-llava"])
+    assert result.exit_code == 0, result.output
+    assert "all invariants hold" in result.output
+    assert result.output.count("ok ") == 6
