@@ -109,19 +109,28 @@ def replace(
     source: torch.Tensor,
     head: int | None = None,
     n_heads: int = 1,
+    *,
+    source_position: int | None = None,
+    source_width: int | None = None,
 ) -> None:
-    """Write `source`'s values at `position` (one head's slice if `head`) into `at` in `layer`."""
+    """Write `source`'s values at `position` (one head's slice if `head`) into `at` in `layer`.
+
+    `source_position` / `source_width`: where the value sits in `source` when the source run has
+    another length (an image pair with other numbers of image tokens); default: the same place.
+    """
     module = model.get_submodule(at.path.format(i=layer))
+    origin_position = position if source_position is None else source_position
+    origin_width = width if source_width is None else source_width
 
     def write(value):
         target = _positions_of(value, width)
-        origin = _positions_of(source, width)
+        origin = _positions_of(source, origin_width)
         if head is None:
-            target[position] = origin[position]
+            target[position] = origin[origin_position]
         else:
             size = target.shape[-1] // n_heads
             target[position, head * size : (head + 1) * size] = origin[
-                position, head * size : (head + 1) * size
+                origin_position, head * size : (head + 1) * size
             ]
 
     if at.side == "input":
