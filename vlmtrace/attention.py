@@ -54,20 +54,34 @@ def attention_pattern(
     n_layers = vlm.shape.layers[stack_name]
     envoy = vlm.envoy
     layers = envoy_at(envoy, the_stack.layers)
+    # Layers that have this attention (Mllama interleaves self- and cross-attention layers);
+    # the others get NaN rows.
+    paths = [".".join(p for p in (the_stack.layers, str(i), hook.path) if p) for i in range(n_layers)]
+    present = [i for i, path in enumerate(paths) if _has_module(vlm.model, path)]
     with torch.no_grad(), envoy.trace(fn=driver(vlm), backend=backend, **batch):
         rows = []
-        for index in range(n_layers):
+        for index in present:
             value = envoy_at(layers[index], hook.path).output[hook.index]
             if value is None:
                 raise ValueError(
                     "attention weights are None: load the model with attn_implementation='eager'."
                 )
             rows.append(value[0, :, queries].float().mean(1).cpu())
-        weights = torch.stack(rows).save()
-    weights = weights.numpy()
+        found = torch.stack(rows).save()
+    found = found.numpy()
+    weights = np.full((n_layers, *found.shape[1:]), np.nan, dtype=found.dtype)
+    weights[present] = found
     keys = np.arange(weights.shape[-1])
     coords = {"layer": np.arange(n_layers), "head": np.arange(weights.shape[1]), "key": keys}
     if kind == "self":
         coords["token"] = ("key", np.array(segments.tokens, dtype=str))
         coords["label"] = ("key", np.array(segments.labels, dtype=str))
     return xr.DataArray(weights, dims=("layer", "head", "key"), coords=coords, name=f"{kind}_attention")
+
+
+def _has_module(model: torch.nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True

@@ -34,6 +34,9 @@ class Family:
     """The image features the engine noises (absolute path)."""
     attention: str | None
     """Self-attention module path (with `{i}`) whose `attention_mask` keyword knockout edits."""
+    attention_layers: tuple[int, ...] | None = None
+    """Layers that have that self-attention module (None: every layer). Mllama's cross-attention
+    layers have none: a knockout window over them cuts no edge there."""
     replacement: str = "the circle"
     """Same token count as "this shape" under this family's tokenizer (STR)."""
     answer: str = "paris"
