@@ -1,0 +1,94 @@
+"""Qwen-VL adapters (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): early fusion with flat image tokens and M-RoPE.
+
+The Qwen-VL models place their image tokens in the prompt like LLaVA, but three things differ,
+and each gives a plausible wrong trace if LLaVA's assumptions are reused:
+
+- Positions are 3-D (M-RoPE: time, height, width), computed by the model from `image_grid_thw`
+  and `mm_token_type_ids` (0 text, 1 image). The engine must never pass `position_ids`
+  (`positions="model"`); the model counts positions from the attention mask itself, so a
+  left-padded row computes what it computes alone.
+- `pixel_values` are pre-flattened patches [patch, 3 * t * p * p] with no batch dimension, and
+  `image_grid_thw` one (t, h, w) per image: both are concatenated over rows (FLAT).
+- The merger returns [image token, hidden] for the whole batch (`image_tokens` layout): row r
+  owns its own image tokens, consecutively, one per `<|image_pad|>` of its prompt.
+
+Qwen3-VL adds DeepStack: the vision tower's intermediate blocks feed extra mergers whose outputs
+are *added* to the hidden states at the image positions after each of the first language-model
+layers (outside the layer modules). Noise on the main merger would leave those paths clean and
+corrupt the image only partly, so Qwen3-VL's image hook is the vision tower's patch embedding,
+upstream of every path: [patch, hidden], each row owning t * h * w patches. Its `block` site is
+the layer's output *before* the DeepStack addition.
+
+    vlm = vlmtrace.load("Qwen/Qwen2-VL-2B-Instruct")    # AutoProcessor needs torchvision
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..positions import MissingImageTokenError
+from .adapter import FLAT, IDS, MASK, Adapter, Hook
+from .llava import LANGUAGE_MODEL, forward
+
+INPUTS = {
+    "input_ids": IDS,
+    "attention_mask": MASK,
+    "mm_token_type_ids": MASK,  # 0 text, 1 image: per token, padded with 0 like the mask
+    "pixel_values": FLAT,
+    "image_grid_thw": FLAT,
+}
+
+PROMPT = (
+    "<|im_start|>user\n<|vision_start|>{image}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+)
+"""The Qwen-VL chat markup (model cards), for processors saved without a chat template."""
+
+
+def encode(processor: Any, prompt: str, image: Any, decoder_ids: list[int] | None = None) -> dict:
+    """One row of inputs: per-token inputs lose the batch dimension, flat ones stay as they are."""
+    if processor.image_token not in prompt:
+        raise MissingImageTokenError(
+            f"the prompt {prompt!r} has no {processor.image_token!r}; Qwen-VL reads the image only where "
+            f"the prompt says. Put '<|vision_start|>{processor.image_token}<|vision_end|>' in the prompt."
+        )
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    return {name: value[0] if INPUTS[name].kind == "token" else value for name, value in inputs.items()}
+
+
+def patches(row: dict) -> int:
+    """Patches of one row's image(s), as the vision tower's patch embedding holds them."""
+    return int(row["image_grid_thw"].prod(-1).sum())
+
+
+def qwen_adapter(family: str, architecture: str, image: Hook, **extra: Any) -> Adapter:
+    return Adapter(
+        family=family,
+        architectures=(architecture,),
+        stacks={"lm": LANGUAGE_MODEL},
+        embeddings={"tokens": Hook("model.language_model.embed_tokens"), "image": image},
+        inputs=INPUTS,
+        positions="model",
+        keeps_last_logits=True,
+        image_in_sequence=True,
+        encode=encode,
+        forward=forward,
+        image_token_config="image_token_id",
+        image_encoder=Hook("model.visual", layout="image_tokens"),  # flat: never reused by row
+        prompt_template=PROMPT,
+        **extra,
+    )
+
+
+MERGER = Hook("model.visual.merger", layout="image_tokens")
+QWEN2_VL = qwen_adapter("qwen2_vl", "Qwen2VLForConditionalGeneration", MERGER)
+QWEN2_5_VL = qwen_adapter("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", MERGER)
+QWEN3_VL = qwen_adapter(
+    "qwen3_vl",
+    "Qwen3VLForConditionalGeneration",
+    Hook("model.visual.patch_embed", layout="image_tokens"),
+    image_units=patches,
+    notes="DeepStack adds image features after the first layers, outside `block`; image noise is "
+    "on the patch embedding so that it reaches every path.",
+)
+
+ADAPTERS = (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)
