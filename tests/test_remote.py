@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,68 +32,16 @@ from vlmtrace.remote import RemoteError, ServerBackend, ServerUnavailableError, 
 from vlmtrace.remote.client import shipped_by_value
 from vlmtrace.remote.keys import served_name
 
+sys.path.insert(0, str(Path(__file__).parent))
+from served import Server  # noqa: E402
+
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 KEY = "k3y-that-must-never-leak"
-START_TIMEOUT = 90.0
-TEST_TIMEOUT = 120
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Server:
-    """`vlmtrace serve` as a subprocess; its output goes to a log file (read by the tests)."""
-
-    def __init__(self, models: list[str], log: Path, api_key: str | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = {k: v for k, v in os.environ.items() if k != "NDIF_API_KEY"}
-        env["OMP_NUM_THREADS"] = "1"
-        if api_key:
-            env["NDIF_API_KEY"] = api_key  # read by --api-key's envvar; kept out of `ps`
-        command = "from vlmtrace.cli import app; app()"
-        with open(log, "w") as out:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    command,
-                    "serve",
-                    *models,
-                    "--port",
-                    str(self.port),
-                    "--device",
-                    "cpu",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-
-    def wait_ready(self) -> Server:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited:\n{self.log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/ping", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"the server did not start in {START_TIMEOUT} s:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
+OPEN_KEY = "key-of-the-open-servers"
+"""Every server requires a key; the tests' clients hold OPEN_KEY unless a test says otherwise."""
+TEST_TIMEOUT = 180
 
 
 @pytest.fixture(autouse=True)
@@ -109,6 +56,12 @@ def bounded():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(autouse=True)
+def client_key(monkeypatch):
+    """The key of the open servers, where nnsight's client reads it (NDIF_API_KEY)."""
+    monkeypatch.setenv("NDIF_API_KEY", OPEN_KEY)
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +81,9 @@ def servers(model_dirs, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     llava, blip = model_dirs["llava"], model_dirs["blip"]
     started = {
-        "open": Server([llava, blip], logs / "open.log"),
+        "open": Server([llava, blip], logs / "open.log", api_key=OPEN_KEY),
         "keyed": Server([llava], logs / "keyed.log", api_key=KEY),
-        "doomed": Server([llava], logs / "doomed.log"),
+        "doomed": Server([llava], logs / "doomed.log", api_key=OPEN_KEY),
     }
     try:
         yield {name: server.wait_ready() for name, server in started.items()}
@@ -358,9 +311,16 @@ def test_the_server_going_away_mid_sweep_is_a_clear_error_and_a_rerun_resumes(
 
 
 def test_serve_refuses_a_public_address_without_an_api_key(no_key_configured):
-    result = CliRunner().invoke(app, ["serve", "any-model", "--host", "0.0.0.0"])
+    args = ["serve", "any-model", "--host", "0.0.0.0", "--public-url", "http://box:8000"]
+    result = CliRunner().invoke(app, [*args, "--insecure-no-key"])
     assert result.exit_code != 0
     assert "refusing to listen on 0.0.0.0 without an API key" in result.output
+
+
+def test_serve_on_every_address_needs_the_public_url_clients_use():
+    result = CliRunner().invoke(app, ["serve", "any-model", "--host", "0.0.0.0"])
+    assert result.exit_code != 0
+    assert "needs --public-url" in " ".join(result.output.replace("│", " ").split())
 
 
 def test_the_recipe_command_runs_remotely_from_a_model_without_weights(

@@ -47,6 +47,7 @@ from nnsight.schema.config import CONFIG
 from nnsight.schema.response import Status
 
 from ..models.load import VLM
+from ..models.registry import FAMILY_MODULES
 from .keys import model_key as key_for
 
 Mode = Literal["stream", "poll", "submit"]
@@ -63,11 +64,10 @@ class RemoteOutOfMemoryError(RemoteError, RuntimeError):
 
 ENGINE_MODULES = (
     "vlmtrace.forward",
+    "vlmtrace.layouts",
     "vlmtrace.metrics",
     "vlmtrace.models.adapter",
-    "vlmtrace.models.blip",
-    "vlmtrace.models.llava",
-    "vlmtrace.models.text",
+    *(module.__name__ for module in FAMILY_MODULES),
 )
 """Modules whose code a sweep's trace runs on the server. Not the package `vlmtrace`: a module
 registered by value is itself pickled by value wherever it is named, so a user's metric that
@@ -111,6 +111,7 @@ class ServerBackend(RemoteBackend):
         mode: Mode = "stream",
         poll_interval: float = 0.5,
         timeout: float | None = None,
+        busy_wait: float = 300.0,
         verbose: bool = False,
     ) -> None:
         if mode not in ("stream", "poll", "submit"):
@@ -126,6 +127,8 @@ class ServerBackend(RemoteBackend):
         self.poll_interval = poll_interval
         self.timeout = timeout
         """Seconds a polled job may take before `wait` gives up (None: no limit)."""
+        self.busy_wait = busy_wait
+        """Seconds to keep retrying a request that a busy server refused (503 + Retry-After)."""
         # nnsight's live status line rewrites stdout once per chunk; the sweep's progress bar
         # already advances per chunk, so the line is shown only when asked for.
         self.display = StatusDisplay(enabled=verbose, verbose=verbose)
@@ -184,14 +187,26 @@ class ServerBackend(RemoteBackend):
             raise self._unavailable(error) from None
 
     def _post(self, request: Any, blob: bytes) -> Any:
+        """POST the request; a busy server (503) is asked again after its Retry-After."""
         import httpx
 
-        try:
-            return super()._post(request, blob)
-        except RemoteError as error:
-            if isinstance(error.__cause__, httpx.TransportError):
-                raise self._unavailable(error.__cause__) from None
-            raise
+        deadline = time.monotonic() + self.busy_wait
+        while True:
+            try:
+                return super()._post(request, blob)
+            except RemoteError as error:
+                cause = error.__cause__
+                if isinstance(cause, httpx.TransportError):
+                    raise self._unavailable(cause) from None
+                busy = isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 503
+                left = deadline - time.monotonic()
+                if not busy or left <= 0:
+                    raise
+                try:
+                    pause = float(cause.response.headers.get("Retry-After", "1"))
+                except ValueError:
+                    pause = 1.0
+                time.sleep(max(0.05, min(pause, left)))
 
     def poll(self, tracer: Any = None) -> Any:
         import httpx
@@ -232,6 +247,7 @@ def backend(
     mode: Mode = "stream",
     poll_interval: float = 0.5,
     timeout: float | None = None,
+    busy_wait: float = 300.0,
     verbose: bool = False,
 ) -> ServerBackend:
     """A backend that runs `vlm`'s traces on a server; pass it as `backend=` to a sweep.
@@ -241,6 +257,7 @@ def backend(
     `model_key`: what the server calls the model (default: from `vlm.name`, see
     `vlmtrace.remote.keys`); needed when the client loaded it under another name.
     `mode`, `poll_interval`, `timeout`: how the client waits (module docstring).
+    `busy_wait`: seconds to keep re-sending a request that a busy server turned away.
     `verbose`: show nnsight's live status line and payload sizes.
     """
     name = vlm if isinstance(vlm, str) else vlm.name
@@ -251,5 +268,6 @@ def backend(
         mode=mode,
         poll_interval=poll_interval,
         timeout=timeout,
+        busy_wait=busy_wait,
         verbose=verbose,
     )

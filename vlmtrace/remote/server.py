@@ -5,49 +5,64 @@ with one GPU server needs one process that speaks the same protocol to nnsight's
 `RemoteBackend`, so a laptop runs `vt.patch(..., backend=vlmtrace.remote.backend(vlm, host=...))`
 against it exactly as it would against NDIF:
 
-    vlmtrace serve shapes-llava --port 8000                      # loopback only, no key
-    vlmtrace serve llava-hf/llava-1.5-7b-hf --host 0.0.0.0 --api-key "$KEY"
+    vlmtrace serve shapes-llava --port 8000       # loopback; writes a new key to a 0600 file
+    vlmtrace serve llava-hf/llava-1.5-7b-hf --host 0.0.0.0 --public-url https://gpu-box.lab
 
 The protocol (what nnsight 0.8.1's client expects):
 
 - `GET /subscribe` (websocket): the first text frame is `{"session_id": ...}`; status frames of
   that session's requests follow (QUEUED, RUNNING, then COMPLETED or ERROR). A COMPLETED
   frame carries the result inline (a binary `ResponseModel.pickle()` frame) when it is small,
-  else a URL to fetch it from.
+  else a URL to fetch it from. Requests still waiting when their session closes are dropped.
 - `POST /request` (multipart: `data` = the RequestModel JSON, `blob` = the payload) answers
-  RECEIVED with the request id; the request then waits for its model (one at a time per
-  model: QUEUED while another runs) and runs with nnsight's own `RequestModel.deserialize`.
+  RECEIVED with the request id, or 503 when `max_queue` requests already wait; the request
+  then waits for its model (one at a time per model: QUEUED while another runs) and runs in
+  the model's process (`vlmtrace.remote.worker`), stopped after `max_runtime` seconds.
 - `GET /response/{id}`: the latest status, for clients that poll instead of subscribing
-  (404 until the request is known). A COMPLETED status carries a result URL.
-- `GET /result/{token}`: a result blob. The token is unguessable (a presigned URL, as NDIF's
-  object store hands out), since nnsight downloads results without its key.
+  (404 until the request is known, and again once it expired). A COMPLETED status carries a
+  result URL, built from the server's configured address (`--public-url`), never from the
+  request's Host header.
+- `GET /result/{token}`: a result blob, served once and then deleted. The token is
+  unguessable (a presigned URL, as NDIF's object store hands out), since nnsight downloads
+  results without its key. Results nobody downloads are deleted `result_ttl` seconds after
+  the request finished, by a timer.
 
-Security: this server runs whatever code a client sends. It binds 127.0.0.1 unless given an
-API key, and with a key it checks the `ndif-api-key` header on every HTTP request and on the
-websocket handshake alike. Keys are compared in constant time and never logged or echoed.
+Who may reach the server at all (Host, Origin, key, client header, body size) is decided by
+`vlmtrace.remote.access` before a body is read; docs/remote.md has the threat model. The
+access log is off: a result URL is a credential, and uvicorn's access log would print it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
+import contextlib
 import json
 import logging
 import secrets
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import version
+from pathlib import Path
 
-from fastapi import FastAPI, File, Form, Header, HTTPException, Request, UploadFile, WebSocket
+from fastapi import FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from nnsight.schema.request import RequestModel
 from nnsight.schema.response import ResponseModel, Status
 from starlette.websockets import WebSocketDisconnect
 
+from .access import (
+    WILDCARDS,
+    Access,
+    Guard,
+    allowed_hosts,
+    default_key_file,
+    is_loopback,
+    new_key,
+    write_key_file,
+)
 from .keys import served_name
 from .worker import RequestFailed, Worker
 
@@ -84,47 +99,73 @@ _import_anyio_with_save_unmounted()
 
 INLINE_LIMIT = 8 * 2**20
 """Results up to this many bytes ride the COMPLETED websocket frame; larger ones go by URL."""
-KEEP_SECONDS = 3600.0
-"""How long statuses and results stay fetchable after a request finished."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may cost the server."""
+
+    max_runtime: float | None = 600.0
+    """Seconds a request may run before its model process is killed and reloaded."""
+    max_body: int = 256 * 2**20
+    """Bytes a request body may have; counted while it is read."""
+    max_queue: int = 16
+    """Requests received and not finished, all models together; more get a 503 busy reply."""
+    result_ttl: float = 600.0
+    """Seconds a finished request's status and result stay fetchable (downloads delete sooner)."""
+    inline_limit: int = INLINE_LIMIT
+
+    def __post_init__(self) -> None:
+        for name in ("max_body", "max_queue", "result_ttl", "inline_limit"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}.")
+        if self.max_runtime is not None and not self.max_runtime > 0:
+            raise ValueError(f"max_runtime must be positive seconds, got {self.max_runtime!r}.")
 
 
 class BindRefused(ValueError):
-    """A non-loopback address was asked for without an API key."""
+    """The address asked for would expose the server in a way it refuses."""
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name other than localhost: it may resolve anywhere
-        return False
+def check_bind(host: str, *, insecure_no_key: bool = False, public_url: str | None = None) -> None:
+    """Refuse an exposure before minutes of model loading, not after."""
+    if insecure_no_key and not is_loopback(host):
+        raise BindRefused(
+            f"refusing to listen on {host} without an API key: this server runs the code clients send, "
+            "so anyone who can reach it could run anything as you. Drop --insecure-no-key: the server "
+            "then generates a key (or takes --api-key / NDIF_API_KEY) for your clients."
+        )
+    if host in WILDCARDS and not public_url:
+        raise BindRefused(
+            f"listening on every address ({host or 'all'}) needs --public-url, the address clients use "
+            "(e.g. http://gpu-box:8000, or https://... behind a TLS proxy): it is the only Host the "
+            "server answers to, and the base of the result URLs it hands out."
+        )
 
 
-def check_bind(host: str, api_key: str | None) -> None:
-    """Refuse to expose the server beyond this machine without a key (it runs clients' code)."""
-    if api_key or is_loopback(host):
-        return
-    raise BindRefused(
-        f"refusing to listen on {host} without an API key: this server runs the code clients send, "
-        "so anyone who can reach it could run anything as you. Pass --api-key (or set NDIF_API_KEY) "
-        "and give the key to your clients, or keep the default --host 127.0.0.1 and tunnel to it "
-        "(ssh -L 8000:127.0.0.1:8000 gpu-box)."
-    )
+def base_url(host: str, port: int, public_url: str | None) -> str:
+    """The server's address as clients should use it (result URLs start with it)."""
+    if public_url:
+        return public_url.rstrip("/")
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
 
 
 @dataclass
 class Job:
-    """One request from the moment it is received until its result expires."""
+    """One request from the moment it is received until its status expires."""
 
     id: str
     worker: Worker
-    session_id: str
+    session_id: str | None
     compress: bool
-    base_url: str
-    """Where this client reached the server, for result URLs it can fetch."""
+    payload: bytes | None
+    """Held until the request runs, then dropped."""
+    state: str = "queued"
+    """queued -> running -> done."""
     finished: float | None = None
     result_token: str | None = None
+    task: asyncio.Task | None = None
 
 
 @dataclass
@@ -132,29 +173,17 @@ class State:
     """What the server keeps between requests."""
 
     workers: dict[str, Worker]
-    api_key: str | None
-    inline_limit: int = INLINE_LIMIT
+    limits: Limits
+    base_url: str
     sessions: dict[str, WebSocket] = field(default_factory=dict)
     jobs: dict[str, Job] = field(default_factory=dict)
     latest: dict[str, ResponseModel] = field(default_factory=dict)
     """Request id -> its latest status, for `GET /response/{id}`."""
     results: dict[str, bytes] = field(default_factory=dict)
-    """Result token -> blob, for `GET /result/{token}`."""
-    tasks: set[asyncio.Task] = field(default_factory=set)
-    """Running requests (the event loop holds tasks weakly)."""
+    """Result token -> blob, for `GET /result/{token}` (deleted on download)."""
 
-    def refusal(self, provided: str | None) -> str | None:
-        """Why a request's key is refused, or None to let it in. Never quotes a key."""
-        if not self.api_key:
-            return None
-        if not provided:
-            return (
-                "this server requires an API key and the request carried none: set NDIF_API_KEY "
-                "(or pass api_key=) to the key the server was started with."
-            )
-        if not hmac.compare_digest(provided.encode(), self.api_key.encode()):
-            return "the API key was refused: it is not the key this server was started with."
-        return None
+    def pending(self) -> int:
+        return sum(1 for job in self.jobs.values() if job.state != "done")
 
     def worker_for(self, key: str) -> Worker:
         name = served_name(key)
@@ -169,9 +198,9 @@ class State:
             ),
         )
 
-    def forget_old(self) -> None:
-        """Drop statuses and results of requests that finished more than KEEP_SECONDS ago."""
-        cutoff = time.time() - KEEP_SECONDS
+    def forget_old(self, now: float | None = None) -> None:
+        """Drop statuses and results of requests that finished more than `result_ttl` ago."""
+        cutoff = (now if now is not None else time.time()) - self.limits.result_ttl
         for job_id in [j for j, job in self.jobs.items() if job.finished and job.finished < cutoff]:
             token = self.jobs.pop(job_id).result_token
             self.latest.pop(job_id, None)
@@ -186,8 +215,8 @@ class State:
         that polls, or one whose websocket is gone) it is kept for `GET /result/{token}` and
         the status carries that URL.
         """
-        socket = self.sessions.get(job.session_id)
-        if socket is not None and blob is not None and len(blob) <= self.inline_limit:
+        socket = self.sessions.get(job.session_id or "")
+        if socket is not None and blob is not None and len(blob) <= self.limits.inline_limit:
             inline = ResponseModel(id=job.id, status=status, description=description, data=blob)
             if await self.send(job, socket, inline.pickle()):
                 self.latest[job.id] = ResponseModel(id=job.id, status=status, description=description)
@@ -196,7 +225,7 @@ class State:
         if blob is not None:
             token = job.result_token = secrets.token_urlsafe(32)
             self.results[token] = blob
-            url = f"{job.base_url}/result/{token}"
+            url = f"{self.base_url}/result/{token}"
         self.latest[job.id] = ResponseModel(id=job.id, status=status, description=description, data=url)
         if socket is not None:
             await self.send(job, socket, self.latest[job.id].model_dump_json())
@@ -210,52 +239,83 @@ class State:
                 await socket.send_text(message)
             return True
         except Exception:  # a closed socket: the status stays fetchable by polling
-            self.sessions.pop(job.session_id, None)
+            self.sessions.pop(job.session_id or "", None)
             return False
 
-    async def run(self, job: Job, payload: bytes) -> None:
+    async def run(self, job: Job) -> None:
         """Wait for the model, run the request on it, and report how it went."""
         worker = job.worker
         try:
             if worker.lock.locked():
-                await self.publish(job, Status.QUEUED, f"waiting for {worker.vlm.name}")
+                await self.publish(job, Status.QUEUED, f"waiting for {worker.name}")
             async with worker.lock:
+                job.state = "running"  # from here on the request is never cancelled
+                payload, job.payload = job.payload, None
                 await self.publish(job, Status.RUNNING)
                 started = time.perf_counter()
                 try:
-                    blob = await asyncio.to_thread(worker.execute, payload, compress=job.compress)
+                    blob = await asyncio.to_thread(
+                        worker.execute, payload, compress=job.compress, max_runtime=self.limits.max_runtime
+                    )
                 except RequestFailed as error:
                     logger.info("request %s failed after %.2f s", job.id, time.perf_counter() - started)
                     await self.publish(job, Status.ERROR, str(error))
                     return
             logger.info("request %s ran in %.2f s", job.id, time.perf_counter() - started)
             await self.publish(job, Status.COMPLETED, blob=blob)
+        except asyncio.CancelledError:  # its client left while it waited: nobody wants it
+            logger.info("request %s dropped: its client disconnected while it waited", job.id)
+            self.latest[job.id] = ResponseModel(
+                id=job.id, status=Status.ERROR, description="dropped: the client disconnected before it ran"
+            )
         except Exception as error:  # a bug here must still end the client's wait
             logger.exception("request %s broke the server", job.id)
             await self.publish(job, Status.ERROR, f"the server failed: {type(error).__name__}: {error}")
         finally:
+            job.payload = None
+            job.state = "done"
             job.finished = time.time()
+
+    def drop_waiting(self, session_id: str) -> None:
+        """Cancel the requests of a closed session that have not started."""
+        for job in self.jobs.values():
+            if job.session_id == session_id and job.state == "queued" and job.task is not None:
+                job.task.cancel()
+
+    async def purge_forever(self) -> None:
+        """The TTL timer: expire old statuses and results even when no request arrives."""
+        period = min(max(self.limits.result_ttl / 4, 0.2), 30.0)
+        while True:
+            await asyncio.sleep(period)
+            self.forget_old()
 
 
 def create_app(
-    workers: dict[str, Worker], *, api_key: str | None = None, inline_limit: int = INLINE_LIMIT
-) -> FastAPI:
-    """The ASGI app serving `workers` (served name -> worker)."""
-    state = State(workers=workers, api_key=api_key, inline_limit=inline_limit)
-    app = FastAPI(title="vlmtrace serve", docs_url=None, redoc_url=None, openapi_url=None)
+    workers: dict[str, Worker],
+    *,
+    access: Access,
+    limits: Limits = Limits(),
+    base: str,
+    on_shutdown: Callable[[], None] | None = None,
+) -> Guard:
+    """The ASGI app serving `workers` (served name -> worker), behind its guard."""
+    state = State(workers=workers, limits=limits, base_url=base)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        timer = asyncio.create_task(state.purge_forever())
+        try:
+            yield
+        finally:
+            timer.cancel()
+            for worker in workers.values():  # ends running requests, so their threads return
+                worker.stopping = True
+            await asyncio.gather(*(asyncio.to_thread(w.stop) for w in workers.values()))
+            if on_shutdown is not None:
+                on_shutdown()
+
+    app = FastAPI(title="vlmtrace serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.vlmtrace = state
-
-    @app.middleware("http")
-    async def require_key(http: Request, call_next: Callable) -> Response:
-        """Every HTTP route but the health check and result downloads (whose unguessable URL is
-        the credential, as NDIF's presigned URLs are) needs the key, checked before the body
-        is read."""
-        public = http.url.path == "/ping" or http.url.path.startswith("/result/")
-        reason = None if public else state.refusal(http.headers.get("ndif-api-key"))
-        if reason is not None:
-            return JSONResponse({"detail": reason}, status_code=401)
-        return await call_next(http)
-
     server_nnsight = version("nnsight")
     server_python = ".".join(map(str, sys.version_info[:2]))
 
@@ -269,13 +329,6 @@ def create_app(
 
     @app.websocket("/subscribe")
     async def subscribe(socket: WebSocket) -> None:
-        reason = state.refusal(socket.headers.get("ndif-api-key"))
-        if reason is not None:
-            if "websocket.http.response" in socket.scope.get("extensions", {}):
-                await socket.send_denial_response(JSONResponse({"detail": reason}, status_code=401))
-            else:
-                await socket.close(code=1008, reason=reason)
-            return
         await socket.accept()
         session_id = uuid.uuid4().hex
         state.sessions[session_id] = socket
@@ -287,15 +340,10 @@ def create_app(
             pass
         finally:
             state.sessions.pop(session_id, None)
+            state.drop_waiting(session_id)
 
-    @app.post("/request")
-    async def request(
-        http: Request,
-        data: str = Form(...),
-        blob: UploadFile = File(...),
-        nnsight_version: str | None = Header(None, alias="nnsight-version"),
-        python_version: str | None = Header(None, alias="python-version"),
-    ) -> JSONResponse:
+    def check_versions(http: Request) -> None:
+        nnsight_version = http.headers.get("nnsight-version")
         if nnsight_version and nnsight_version != server_nnsight:
             raise HTTPException(
                 status_code=400,
@@ -304,7 +352,8 @@ def create_app(
                     f"remote protocol is tied to the version: install nnsight=={server_nnsight}."
                 ),
             )
-        client_python = ".".join((python_version or "").split()[0].split(".")[:2]) if python_version else ""
+        python_version = http.headers.get("python-version") or ""
+        client_python = ".".join(python_version.split()[0].split(".")[:2]) if python_version.strip() else ""
         if client_python and client_python != server_python:
             raise HTTPException(
                 status_code=400,
@@ -313,31 +362,56 @@ def create_app(
                     "ships some code as bytecode, which only loads on the same Python minor version."
                 ),
             )
-        try:
-            envelope = RequestModel.model_validate_json(data)
-        except ValueError as error:
-            raise HTTPException(status_code=400, detail=f"malformed request envelope: {error}") from None
-        if envelope.env:
-            raise HTTPException(
-                status_code=400,
-                detail=f"this server applies no per-request environment (the request sent {envelope.env}).",
+
+    @app.post("/request")
+    async def request(http: Request) -> JSONResponse:
+        check_versions(http)  # all from headers: nothing of the body is read yet
+        if state.pending() >= limits.max_queue:
+            return JSONResponse(
+                {
+                    "detail": (
+                        f"the server is busy: {limits.max_queue} requests are already waiting or running "
+                        "(its --max-queue). Retry in a few seconds; vlmtrace's client retries by itself."
+                    )
+                },
+                status_code=503,
+                headers={"Retry-After": "2"},
             )
-        worker = state.worker_for(envelope.model_key)
-        state.forget_old()
+        async with http.form(max_files=1, max_fields=1) as form:
+            data, blob = form.get("data"), form.get("blob")
+            if not isinstance(data, str) or blob is None or isinstance(blob, str):
+                raise HTTPException(
+                    status_code=400,
+                    detail=(
+                        "a request is multipart with a 'data' field (the RequestModel JSON) and a "
+                        "'blob' file."
+                    ),
+                )
+            try:
+                envelope = RequestModel.model_validate_json(data)
+            except ValueError as error:
+                raise HTTPException(status_code=400, detail=f"malformed request envelope: {error}") from None
+            if envelope.env:
+                raise HTTPException(
+                    status_code=400,
+                    detail=(
+                        f"this server applies no per-request environment (the request sent {envelope.env})."
+                    ),
+                )
+            worker = state.worker_for(envelope.model_key)
+            payload = await blob.read()
         job = Job(
             id=uuid.uuid4().hex,
             worker=worker,
             session_id=envelope.session_id,
             compress=envelope.compress,
-            base_url=str(http.base_url).rstrip("/"),
+            payload=payload,
         )
         state.jobs[job.id] = job
-        payload = await blob.read()
-        received = ResponseModel(id=job.id, status=Status.RECEIVED, description=f"for {worker.vlm.name}")
+        logger.info("request %s for %s: %d bytes", job.id, worker.name, len(payload))
+        received = ResponseModel(id=job.id, status=Status.RECEIVED, description=f"for {worker.name}")
         state.latest[job.id] = received
-        task = asyncio.create_task(state.run(job, payload))
-        state.tasks.add(task)
-        task.add_done_callback(state.tasks.discard)
+        job.task = asyncio.create_task(state.run(job))
         return JSONResponse(json.loads(received.model_dump_json()))
 
     @app.get("/response/{job_id}")
@@ -348,11 +422,14 @@ def create_app(
 
     @app.get("/result/{token}")
     async def result(token: str) -> Response:
-        if token not in state.results:
-            raise HTTPException(status_code=404, detail="no such result (or it expired).")
-        return Response(state.results[token], media_type="application/octet-stream")
+        blob = state.results.pop(token, None)  # served once: a second download finds nothing
+        if blob is None:
+            raise HTTPException(
+                status_code=404, detail="no such result (it was downloaded already, or expired)."
+            )
+        return Response(blob, media_type="application/octet-stream")
 
-    return app
+    return Guard(app, access, max_body=limits.max_body)
 
 
 def serve(
@@ -361,25 +438,78 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
+    key_file: Path | None = None,
+    insecure_no_key: bool = False,
+    public_url: str | None = None,
+    allow_hosts: Iterable[str] = (),
+    limits: Limits = Limits(),
     device: str | None = None,
     dtype: str | None = None,
     announce: Callable[[str], None] = logger.warning,
 ) -> None:
-    """Load `models` and serve them until interrupted (what `vlmtrace serve` runs).
+    """Load `models` and serve them until SIGINT or SIGTERM (what `vlmtrace serve` runs).
 
-    `announce` receives one line saying what is served where (the CLI prints it).
+    Without `api_key`, a new key is generated and written to `key_file` (0600; default
+    `default_key_file(port)`), deleted again when the server stops; `insecure_no_key=True`
+    (loopback only) serves without any key. `announce` receives what is served where and
+    where the key is, never the key itself (the CLI prints it).
     """
     import torch
     import uvicorn
 
-    from ..models.load import load
-
-    check_bind(host, api_key)  # before minutes of loading, not after
+    check_bind(host, insecure_no_key=insecure_no_key, public_url=public_url)
+    if not logger.handlers:  # one line per request, beside uvicorn's own lines (never a URL)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     if not models:
         raise ValueError("name at least one model to serve (HF repo id, directory or organism name).")
+    if insecure_no_key and api_key:
+        raise ValueError("--insecure-no-key and an API key contradict each other: choose one.")
+    generated: Path | None = None
+    if not insecure_no_key and not api_key:
+        api_key = new_key()
+        generated = write_key_file(Path(key_file) if key_file else default_key_file(port), api_key)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    workers = {name: Worker(load(name, device=device, dtype=dtype)) for name in models}
-    app = create_app(workers, api_key=api_key)
-    access = "an API key" if api_key else "no key (loopback only)"
-    announce(f"vlmtrace serve: {', '.join(models)} on {device} at http://{host}:{port}, requiring {access}")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    workers: dict[str, Worker] = {}
+    try:
+        for name in models:
+            workers[name] = Worker(name, device=device, dtype=dtype)
+    except BaseException:
+        for worker in workers.values():
+            worker.stop()
+        if generated is not None:
+            generated.unlink(missing_ok=True)
+        raise
+    access = Access(api_key=api_key, hosts=allowed_hosts(host, public_url=public_url, extra=allow_hosts))
+    base = base_url(host, port, public_url)
+    app = create_app(
+        workers,
+        access=access,
+        limits=limits,
+        base=base,
+        on_shutdown=(lambda: generated.unlink(missing_ok=True)) if generated is not None else None,
+    )
+    if generated is not None:
+        access_line = (
+            f'the key written to {generated} (mode 0600); clients: export NDIF_API_KEY="$(cat {generated})"'
+        )
+    elif insecure_no_key:
+        access_line = (
+            "NO KEY (--insecure-no-key): any program of any user on this machine can run code as you "
+            "through it"
+        )
+    else:
+        access_line = "the API key it was given"
+    announce(f"vlmtrace serve: {', '.join(models)} on {device} at {base}, requiring {access_line}")
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,  # a result URL is a credential; the access log would print it
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,298 @@
+"""Who may reach `vlmtrace serve`, decided before a request's body is read.
+
+The server runs the code its clients send, so reaching it is running code as its owner. A
+key alone is not enough: a web page the owner visits can POST a multipart form to
+`http://127.0.0.1:8000/request` (a CORS-"simple" request, sent without asking), and DNS
+rebinding lets a page's own host name resolve to 127.0.0.1. So every HTTP request and every
+websocket handshake passes four checks, in this order, before any byte of its body is read:
+
+1. **Host**: the `Host` header names this server (its bound address, the host of
+   `--public-url`, an `--allow-host`, or a loopback name when it listens on loopback);
+   anything else is DNS rebinding or a misrouted request: 403.
+2. **Origin**: a request that carries `Origin` (browsers always send it on cross-origin
+   POSTs and websockets) must come from this server's own origin: 403 otherwise.
+3. **Key**: the `ndif-api-key` header equals the server's key (compared in constant time),
+   except for `/ping` and result downloads, whose URL holds an unguessable token: 401.
+4. **Client**: `POST /request` must carry nnsight's `nnsight-version` header, which no
+   browser sends without a CORS preflight that this server never grants: 400.
+
+The body of `POST /request` is then read with a size limit that counts bytes as they arrive
+(413 past it, whatever `Content-Length` claimed). Keys are never logged or echoed.
+
+    access = Access(api_key=key, hosts=allowed_hosts("127.0.0.1", public_url=None, extra=()))
+    app = Guard(app, access, max_body=256 * 2**20)
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+import secrets
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+WILDCARDS = ("0.0.0.0", "::", "")
+PUBLIC_PATHS = ("/ping",)
+PUBLIC_PREFIXES = ("/result/",)
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback IP literals (a name that may resolve anywhere: False)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def new_key() -> str:
+    """A fresh API key: 32 random bytes, URL-safe."""
+    return secrets.token_urlsafe(32)
+
+
+def default_key_file(port: int) -> Path:
+    """Where a generated key is written unless `--key-file` says otherwise."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "vlmtrace" if runtime else Path.home() / ".vlmtrace"
+    return base / f"serve-{port}.key"
+
+
+def write_key_file(path: Path, key: str) -> Path:
+    """Write `key` to `path`, readable by its owner only (0600 in a 0700 directory if new)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)  # an existing file keeps its mode through O_CREAT
+        os.write(descriptor, (key + "\n").encode())
+    finally:
+        os.close(descriptor)
+    return path
+
+
+def split_host(netloc: str) -> tuple[str, str | None]:
+    """'Host' header or netloc -> (lower-case host name, port or None); IPv6 in brackets."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        host, _, rest = netloc[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else None
+    host, colon, port = netloc.rpartition(":")
+    if not colon or not port.isdigit():
+        return netloc, None
+    return host, port
+
+
+def allowed_hosts(bind: str, *, public_url: str | None, extra: Iterable[str]) -> frozenset[str]:
+    """The host names this server answers to (see the module docstring)."""
+    names = {name.lower().strip("[]") for name in extra}
+    if bind not in WILDCARDS:
+        names.add(bind.lower().strip("[]"))
+    if public_url:
+        names.add((urlsplit(public_url).hostname or "").lower())
+    return frozenset(names - {""})
+
+
+@dataclass(frozen=True)
+class Access:
+    """The policy the guard enforces."""
+
+    api_key: str | None
+    """None only in the explicitly insecure keyless mode."""
+    hosts: frozenset[str]
+    """Host names (no port) a request's `Host` may name, besides loopback names."""
+    loopback_names: bool = True
+    """Accept `localhost` / 127.0.0.1 / [::1] as Host (a client on the server's own machine)."""
+
+    def host_refusal(self, host_header: str | None) -> str | None:
+        if not host_header:
+            return "the request has no Host header; this server answers only requests addressed to it."
+        host, _ = split_host(host_header)
+        if host in self.hosts or (self.loopback_names and is_loopback(host)):
+            return None
+        return (
+            f"this server does not answer to Host {host_header!r} (DNS rebinding is refused). If that is "
+            "the name your clients use, start the server with --public-url http://NAME:PORT or "
+            "--allow-host NAME."
+        )
+
+    def origin_refusal(self, origin: str | None, host_header: str | None) -> str | None:
+        """A cross-site Origin is refused: a browser page must not drive this server."""
+        if origin is None:
+            return None
+        parts = urlsplit(origin)
+        if parts.scheme in ("http", "https", "ws", "wss") and parts.netloc:
+            default = "443" if parts.scheme in ("https", "wss") else "80"
+            theirs = split_host(parts.netloc)
+            theirs = (theirs[0], theirs[1] or default)
+            ours = split_host(host_header or "")
+            if theirs == (ours[0], ours[1] or default):
+                return None
+        return (
+            f"requests from the web page at {origin!r} are refused: this server runs the code it is "
+            "sent, so only nnsight clients (which send no cross-site Origin) may use it."
+        )
+
+    def key_refusal(self, provided: str | None) -> str | None:
+        """Why a request's key is refused, or None to let it in. Never quotes a key."""
+        if self.api_key is None:
+            return None
+        if not provided:
+            return (
+                "this server requires an API key and the request carried none: set NDIF_API_KEY "
+                "(or pass api_key=) to the key the server was started with (it printed where it "
+                "wrote a generated key)."
+            )
+        if not hmac.compare_digest(provided.encode(), self.api_key.encode()):
+            return "the API key was refused: it is not the key this server was started with."
+        return None
+
+
+class BodyTooLarge(Exception):
+    """A request body grew past the limit while it was read."""
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+class Guard:
+    """ASGI middleware enforcing `Access` and the body limit (module docstring)."""
+
+    def __init__(self, app: Any, access: Access, *, max_body: int) -> None:
+        self.app = app
+        self.access = access
+        self.max_body = max_body
+
+    def refusal(self, scope: Scope) -> tuple[int, str] | None:
+        """(status, reason) for a request that may not proceed, else None."""
+        host = _header(scope, b"host")
+        reason = self.access.host_refusal(host)
+        if reason:
+            return 403, reason
+        reason = self.access.origin_refusal(_header(scope, b"origin"), host)
+        if reason:
+            return 403, reason
+        path = scope.get("path", "")
+        if path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
+            reason = self.access.key_refusal(_header(scope, b"ndif-api-key"))
+            if reason:
+                return 401, reason
+        if (
+            scope["type"] == "http"
+            and scope.get("method") == "POST"
+            and not _header(scope, b"nnsight-version")
+        ):
+            return 400, (
+                "a request must come from nnsight's client (the nnsight-version header is missing); "
+                "use vlmtrace.remote.backend(...) or nnsight's RemoteBackend."
+            )
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        refused = self.refusal(scope)
+        if refused is not None:
+            status, reason = refused
+            if scope["type"] == "websocket":
+                await self._deny_websocket(scope, receive, send, status, reason)
+            else:
+                await _reply(send, status, reason)
+            return
+        if scope["type"] == "websocket" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            await _reply(send, 413, self._too_large())
+            return
+        await self._limited(scope, receive, send)
+
+    def _too_large(self) -> str:
+        return (
+            f"the request body is larger than this server's limit of {self.max_body:,} bytes "
+            "(--max-body): send fewer rows per request (a smaller max_batch), or ask the server's "
+            "owner to raise --max-body."
+        )
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app with a `receive` that stops reading past `max_body` bytes."""
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise BodyTooLarge
+            return message
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, watching_send)
+        except BodyTooLarge:
+            if not started:
+                await _reply(send, 413, self._too_large())
+
+    async def _deny_websocket(
+        self, scope: Scope, receive: Receive, send: Send, status: int, reason: str
+    ) -> None:
+        message = await receive()  # websocket.connect
+        if message["type"] != "websocket.connect":
+            return
+        if "websocket.http.response" in scope.get("extensions", {}):
+            body = json.dumps({"detail": reason}).encode()
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": status,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
+
+
+async def _reply(
+    send: Send, status: int, reason: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = json.dumps({"detail": reason}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
