@@ -37,8 +37,8 @@ def serve(
         Path | None,
         typer.Option(
             show_default=False,
-            help="Where a generated key is written, mode 0600 (default: $XDG_RUNTIME_DIR/vlmtrace or "
-            "~/.vlmtrace, serve-PORT.key). Deleted when the server stops.",
+            help="Where a generated key is written, mode 0600 (default: ~/.vlmtrace/serve-PORT.key). "
+            "Deleted when the server stops.",
         ),
     ] = None,
     insecure_no_key: Annotated[

@@ -63,10 +63,9 @@ def new_key() -> str:
 
 
 def default_key_file(port: int) -> Path:
-    """Where a generated key is written unless `--key-file` says otherwise."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "vlmtrace" if runtime else Path.home() / ".vlmtrace"
-    return base / f"serve-{port}.key"
+    """Where a generated key is written unless `--key-file` says otherwise: one fixed place,
+    so a client can fetch it (`ssh gpu-box cat ~/.vlmtrace/serve-8000.key`)."""
+    return Path.home() / ".vlmtrace" / f"serve-{port}.key"
 
 
 def write_key_file(path: Path, key: str) -> Path:
