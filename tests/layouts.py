@@ -11,6 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+PLACES = ["city", "town", "land", "area", "spot"]  # same length: same byte count on the organisms
 COLOURS = ["red", "blue", "green", "yellow", "purple", "brown", "gray", "cyan"]
 
 
@@ -105,7 +106,7 @@ def gqa(root: Path) -> Path:
             "groups": {"global": "color", "local": "10q-color"},
             "answer": colour,
             "types": {"detailed": "objAttr", "semantic": "attr", "structural": "query"},
-            "annotations": {"answer": {}, "question": {"3": str(i)}, "fullAnswer": {"1": str(i)}},
+            "annotations": {"answer": {}, "question": {"4": str(i)}, "fullAnswer": {"1": str(i)}},
             "fullAnswer": f"The {name} is {colour}.",
         }
         graphs[image_id] = {
@@ -134,8 +135,8 @@ CLEVR_SHAPES = ["cube", "sphere", "cylinder"]
 def clevr(root: Path) -> Path:
     """CLEVR_v1.0 val: questions/ with programs, scenes/ with objects, images/val/."""
     questions, scenes = [], []
-    for i in range(10):
-        colour, shape = COLOURS[i % 6], CLEVR_SHAPES[i % 3]
+    for i in range(12):  # colours the organisms know: phrases of one shape have one token count
+        colour, shape = ("red", "blue", "green")[i % 3], CLEVR_SHAPES[(i // 3) % 3]
         filename = f"CLEVR_val_{i:06d}.png"
         image(root / "images" / "val" / filename, i, size=(96, 64))
         scenes.append(
@@ -223,7 +224,7 @@ def table(root: Path) -> Path:
         rows.append(
             {
                 "image": f"img{i}.jpg",
-                "question": f"Who directed a movie in this place in {year}?",
+                "question": f"Who directed a movie in this {PLACES[i % 5]} in {year}?",
                 "answer": ["Nolan", "Lee", "Varda", "Kurosawa", "Bong"][i % 5],
             }
         )

@@ -50,6 +50,25 @@ class Prepared:
     left_out: dict[str, list[str]] = field(default_factory=dict)
     """reason -> ids of the samples left out for it."""
 
+    def provenance(self) -> dict[str, Any]:
+        """What to store with the results: counts, reasons, and each sample's spans and counterfactuals."""
+        return {
+            "read": self.read,
+            "kept": len(self.samples),
+            "left_out": {reason: len(ids) for reason, ids in self.left_out.items()},
+            "samples": [
+                {
+                    "id": s.id,
+                    "spans": dict(s.spans),
+                    "replacements": dict(s.replacements),
+                    "replaced_from": dict(s.meta.get("replaced_from", {})),
+                    "image_pair_from": s.meta.get("pair_id") or s.meta.get("pair_question_id"),
+                    "foil": s.foil,
+                }
+                for s in self.samples
+            ],
+        }
+
     def report(self) -> str:
         """A small table: how many samples were read, kept, and left out for each reason."""
         lines = [f"data: read {self.read} questions, kept {len(self.samples)}"]
