@@ -16,8 +16,8 @@ from vlmtrace.attribution import (
     screen,
     spearman,
 )
+from vlmtrace.planning import plan, prepare
 from vlmtrace.results import Layout
-from vlmtrace.sweep import plan, prepare
 
 SMALL_NOISE = vt.GaussianNoise("image", scale=0.01, samples=2, seed=0)
 

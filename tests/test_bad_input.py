@@ -95,7 +95,7 @@ def test_a_span_replacement_without_a_phrase_says_where_to_put_one(tiny_llava, l
 
 
 def test_a_corruption_that_changes_nothing_is_reported_by_sample(tiny_llava, llava_sample):
-    from vlmtrace.sweep import NoEffectWarning
+    from vlmtrace.planning import NoEffectWarning
 
     unchanged = llava_sample.with_(image_pair=llava_sample.image)
     with pytest.warns(NoEffectWarning, match="q0.*normalised effects are NaN"):

@@ -85,9 +85,9 @@ if TYPE_CHECKING:
     from .attribution import attribute
     from .corruptions import GaussianNoise, ImagePair, ReplaceSpan, SymmetricTokenReplacement
     from .data.sample import Sample
+    from .engine.knockout import knockout
     from .errors import UserError
     from .invariants import check
-    from .engine.knockout import knockout
     from .metrics import KL, LogitDiff, LogProb, Probability, normalised
     from .models.load import VLM, load, wrap
     from .options import Options

@@ -52,10 +52,7 @@ from .forward import SEQUENCE_FIELDS, _activation, _noise, driver, envoy_at, sta
 from .metrics import KL, Metric, Probability
 from .models.adapter import Stack
 from .models.load import VLM
-from .progress import progress_bar
-from .results import Layout
-from .sites import HEAD_SITES, Cell, Grid
-from .sweep import (
+from .planning import (
     Direction,
     Plan,
     Prepared,
@@ -63,7 +60,11 @@ from .sweep import (
     checked_stack,
     lay_out,
     warn_if_corruption_did_nothing,
+    with_layer_kinds,
 )
+from .progress import progress_bar
+from .results import Layout
+from .sites import HEAD_SITES, Cell, Grid
 
 __all__ = [
     "AttributionWarning",
@@ -120,7 +121,7 @@ def attribute(
         "",
         {"experiment": "attribution"},
     )
-    ds = layout.empty(attrs)
+    ds = with_layer_kinds(layout.empty(attrs), vlm, stack_name)
     estimate(ds, layout, plans, vlm, stack, direction=direction, metric=metric, progress=progress)
     warn_if_corruption_did_nothing(ds)
     return ds.drop_vars("progress")

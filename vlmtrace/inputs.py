@@ -81,6 +81,26 @@ def scored_answer_ids(vlm: VLM, prompt: str, answer: str, *, whole: bool) -> tup
     return tuple(ids)
 
 
+def with_forced_tokens(row: dict, forced: list[int], inputs) -> dict:
+    """Append teacher-forced answer tokens to every per-token input of the prompt.
+
+    `input_ids` get the tokens; every other per-token input repeats its last position's value
+    (the attention mask's 1, a text token type, Mllama's last cross-attention row), so each
+    input keeps one entry per token, as the adapter declares.
+    """
+    row = dict(row)
+    for name, spec in inputs.items():
+        if spec.kind != "token" or spec.sequence != "prompt" or name not in row:
+            continue
+        value = row[name]
+        if name == "input_ids":
+            extra = torch.tensor(forced, dtype=value.dtype)
+        else:
+            extra = value[-1:].expand(len(forced), *value.shape[1:])
+        row[name] = torch.cat([value, extra.to(value.dtype)])
+    return row
+
+
 def encode(
     vlm: VLM,
     *,
@@ -99,9 +119,7 @@ def encode(
     in_decoder = adapter.answer_sequence == "decoder"
     row = adapter.encode(vlm.processor, prompt, image, forced if in_decoder else None)
     if forced and not in_decoder:
-        extra = torch.tensor(forced, dtype=row["input_ids"].dtype)
-        row["input_ids"] = torch.cat([row["input_ids"], extra])
-        row["attention_mask"] = torch.cat([row["attention_mask"], torch.ones_like(extra)])
+        row = with_forced_tokens(row, forced, adapter.inputs)
     prompt_segments = find_segments(
         vlm.tokenizer,
         row["input_ids"].tolist(),

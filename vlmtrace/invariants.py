@@ -51,7 +51,7 @@ def close(a: float, b: float, tol: float) -> bool:
 
 def unbatched(vlm: VLM, stack, prepared, side: str, metric: Metric, backend: Any, draw: int = 0) -> float:
     """The metric of one side of a sample, alone in its batch: no padding, no other rows."""
-    from .sweep import image_units
+    from .planning import image_units
 
     encoded = prepared.pair.clean if side == "clean" else prepared.pair.corrupt
     widths = {s: len(encoded.inputs[ids]) for s, (ids, _) in _sequences().items() if ids in encoded.inputs}
@@ -164,7 +164,7 @@ def check(
     vlm: VLM, sample: Sample | None = None, *, metric: Metric = LogProb(), backend: Any = None
 ) -> Report:
     """Run every invariant on `vlm` with `sample` (a probe sample by default); return the report."""
-    from .sweep import prepare
+    from .planning import prepare
 
     sample = sample or probe_sample(vlm)
     stack_name = vlm.adapter.default_stack
@@ -248,7 +248,7 @@ def check(
 
     if "image" in vlm.adapter.embeddings and sample.image is not None:
         noised = prepare(vlm, sample, GaussianNoise("image", samples=2), metric, False)
-        from .sweep import baseline_edits
+        from .planning import baseline_edits
 
         inputs = ["clean", "corrupt", "corrupt"]
         edits = baseline_edits(vlm, noised, inputs, [0, 0, 1])

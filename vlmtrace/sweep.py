@@ -24,239 +24,44 @@ out-of-memory error a chunk is halved and retried.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import xarray as xr
 
-from .corruptions import Corruption, Pair
+from . import attribution
+from .corruptions import Corruption
 from .data.sample import Sample
-from .forward import (
-    POSITION_FIELD,
-    SEQUENCE_FIELDS,
-    Edits,
-    NoisePlan,
-    Prefix,
-    baseline_prefix,
-    resume_cache,
-    run,
-    stack_rows,
-)
-from .inputs import scored_answer_ids
+from .forward import Prefix, resume_cache, run, stack_rows
 from .invariants import verify_baselines
 from .metrics import Metric, Probability
 from .models.adapter import Stack
 from .models.load import VLM
-from .positions import Segments
+from .planning import (
+    Direction,
+    Plan,
+    Prepared,
+    baseline_edits,
+    checked_stack,
+    lay_out,
+    warn_if_corruption_did_nothing,
+    with_layer_kinds,
+)
+from .prefix_reuse import (
+    check_prefix_reuse,
+    prefix_of,
+    resumable_start,
+    shifted,
+    suffix_batch,
+)
 from .progress import progress_bar
-from .results import Layout, patching_attrs
+from .results import Layout
 from .sites import Cell, Grid
-from .store import SweepStore, config_hash
-
-Direction = Literal["denoise", "noise"]
-
-
-@dataclass
-class Plan:
-    """One sample's work: its cells, which of them can be patched, and how positions align."""
-
-    prepared: Prepared
-    cells: list[Cell]
-    work: list[int]
-    """Indices of cells that have positions to patch (others stay NaN), in execution order."""
-    aligned: dict[int, int]
-    """Clean position -> corrupted position."""
-
-
-@dataclass
-class Prepared:
-    """A sample made ready for batching: its pair, answer ids and padding widths."""
-
-    sample: Sample
-    pair: Pair
-    answer: torch.Tensor
-    foil: torch.Tensor | None
-    widths: dict[str, int]
-
-    @property
-    def baseline_rows(self) -> int:
-        return 1 + self.pair.samples
-
-    def pad(self, side: str, sequence: str) -> int:
-        """Left padding of the clean or corrupted row in `sequence`."""
-        encoded = self.pair.clean if side == "clean" else self.pair.corrupt
-        return self.widths[sequence] - len(encoded.inputs[SEQUENCE_FIELDS[sequence][0]])
-
-    def rows(self, inputs: Sequence[str]) -> list[dict]:
-        encoded = {"clean": self.pair.clean, "corrupt": self.pair.corrupt}
-        return [encoded[side].inputs for side in inputs]
-
-    def answer_slice(self, vlm: VLM) -> slice:
-        n = len(self.answer)
-        return slice(0, n) if vlm.adapter.answer_sequence == "decoder" else slice(-n, None)
-
-
-def prepare(vlm: VLM, sample: Sample, corruption: Corruption, metric: Metric, whole_answer: bool) -> Prepared:
-    """Encode both sides of a sample and the ids the metric scores."""
-    if whole_answer and not metric.whole_answer_ok:
-        raise ValueError(f"the {metric.name} metric scores first tokens only; use whole_answer=False.")
-    answer = scored_answer_ids(vlm, sample.prompt, sample.answer, whole=whole_answer)
-    foil = None
-    if metric.needs_foil:
-        if not sample.foil:
-            raise ValueError(
-                f"the {metric.name} metric needs a foil answer, but sample {sample.id!r} has none: "
-                "set Sample.foil (usually the answer on the corrupted side)."
-            )
-        foil = torch.tensor(scored_answer_ids(vlm, sample.prompt, sample.foil, whole=False))
-    pair = corruption.pair(vlm, sample, answer)
-    widths = {
-        sequence: max(len(pair.clean.inputs[ids]), len(pair.corrupt.inputs[ids]))
-        for sequence, (ids, _) in SEQUENCE_FIELDS.items()
-        if ids in pair.clean.inputs
-    }
-    return Prepared(sample, pair, torch.tensor(answer), foil, widths)
-
-
-def baseline_edits(vlm: VLM, prepared: Prepared, inputs: list[str], draws: list[int]) -> Edits:
-    """Edits every chunk starts with: the Gaussian noise of the corrupted-input rows."""
-    edits = Edits()
-    noise = prepared.pair.noise
-    if noise is not None:
-        rows = [r for r, side in enumerate(inputs) if side == "corrupt"]
-        positions = None
-        if noise.positions is not None:
-            pad = prepared.pad("corrupt", "prompt")
-            positions = tuple(p + pad for p in noise.positions)
-        hook = vlm.adapter.embeddings[noise.embedding]
-        edits.noise = NoisePlan(
-            hook=hook,
-            rows=tuple(rows),
-            draws=tuple(draws[r] for r in rows),
-            positions=positions,
-            scale=noise.scale,
-            seed=noise.seed,
-            samples=prepared.pair.samples,
-            units=image_units(vlm, prepared.rows(inputs)) if hook.layout.startswith("image_") else (),
-        )
-    return edits
-
-
-def image_units(vlm: VLM, rows: list[dict]) -> tuple[int, ...]:
-    """Image tiles or tokens each batch row contributes to an `image_tiles` / `image_tokens` hook.
-
-    From the adapter's `image_units`, or by default the row's count of image tokens, the
-    placeholders the model fills with exactly one image feature each.
-    """
-    units = vlm.adapter.image_units
-    if units is not None:
-        return tuple(units(row) for row in rows)
-    image_token = vlm.shape.image_token_id
-    if image_token is None:
-        raise ValueError(
-            f"{vlm.adapter.family}: an image_tiles/image_tokens hook needs Adapter.image_units "
-            "or an image token id (Adapter.image_token_config) to know which rows own which units."
-        )
-    return tuple(int((row["input_ids"] == image_token).sum()) for row in rows)
-
-
-def alignment(clean: Segments, corrupt: Segments) -> dict[int, int]:
-    """Clean position -> corrupted position, matched segment by segment, index by index.
-
-    Identical layouts map every position to itself; a replacement phrase of another length
-    leaves the surplus span positions without a partner.
-    """
-    mapping: dict[int, int] = {}
-    for name in clean.names:
-        partners = [i for i, label in enumerate(corrupt.labels) if label == name]
-        for a, b in zip(clean.positions(name), partners, strict=False):
-            mapping[a] = b
-    return mapping
-
-
-def plan(vlm: VLM, stack_name: str, prepared: Prepared, grid: Grid) -> Plan:
-    """Cells of one sample and which of them have positions to patch."""
-    stack = vlm.adapter.stacks[stack_name]
-    clean = prepared.pair.clean.segments(stack.sequence)
-    aligned = alignment(clean, prepared.pair.corrupt.segments(stack.sequence))
-    cells = grid.cells(
-        clean,
-        n_layers=vlm.shape.layers[stack_name],
-        n_heads=vlm.shape.heads[stack_name],
-        site_layers={site: vlm.shape.layers_with(stack_name, site) for site in grid.sites},
-    )
-    work = [
-        c
-        for c, cell in enumerate(cells)
-        if cell.layers  # a site that exists at none of the window's layers stays NaN
-        and any(p in aligned for p in cell.positions)
-        and (grid.positions != "tokens" or all(p in aligned for p in cell.positions))
-    ]
-    return Plan(prepared, cells, work, aligned)
-
-
-def checked_stack(
-    vlm: VLM, samples: Sequence[Sample], grid: Grid, direction: str, *, verb: str
-) -> tuple[str, Stack]:
-    """The grid's stack, after refusing inputs no sweep can run (before any forward)."""
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}.")
-    if not samples:
-        raise ValueError(f"no samples to {verb}: the data set is empty.")
-    stack_name = grid.stack or vlm.adapter.default_stack
-    if stack_name not in vlm.adapter.stacks:
-        raise ValueError(f"{vlm.name} has no stack {stack_name!r}; it has {list(vlm.adapter.stacks)}.")
-    stack = vlm.adapter.stacks[stack_name]
-    grid.check(
-        available_sites=list(stack.sites),
-        n_layers=vlm.shape.layers[stack_name],
-        n_heads=vlm.shape.heads[stack_name],
-    )
-    return stack_name, stack
-
-
-def lay_out(
-    vlm: VLM,
-    samples: Sequence[Sample],
-    stack_name: str,
-    grid: Grid,
-    corruption: Corruption,
-    metric: Metric,
-    direction: Direction,
-    whole_answer: bool,
-    recipe: str,
-    extra_attrs: dict[str, Any],
-) -> tuple[list[Plan], Layout, dict[str, Any]]:
-    """Plans of every sample, where their cells go, and the result's attrs with its hash.
-
-    Shared by exact patching and attribution patching, so both lay results out identically.
-    """
-    stack = vlm.adapter.stacks[stack_name]
-    plans = [plan(vlm, stack_name, prepare(vlm, s, corruption, metric, whole_answer), grid) for s in samples]
-    segments = [p.prepared.pair.clean.segments(stack.sequence) for p in plans]
-    layout = Layout(list(samples), segments, [p.cells for p in plans], grid)
-    attrs = patching_attrs(
-        vlm,
-        grid=grid,
-        stack=stack_name,
-        corruption=corruption,
-        metric=metric,
-        direction=direction,
-        whole_answer=whole_answer,
-        recipe=recipe,
-    )
-    attrs.update(extra_attrs)
-    attrs["config_hash"] = config_hash(
-        {**attrs, "created": None, "samples": [fingerprint(s) for s in samples]}
-    )
-    return plans, layout, attrs
+from .store import SweepStore
 
 
 def patch(
@@ -314,7 +119,7 @@ def patch(
     plans, layout, attrs = lay_out(
         vlm, samples, stack_name, grid, corruption, metric, direction, whole_answer, recipe, extra
     )
-    ds = layout.empty(attrs)
+    ds = with_layer_kinds(layout.empty(attrs), vlm, stack_name)
     sweep_store = SweepStore.open_or_create(store, ds, overwrite=overwrite) if store is not None else None
     if sweep_store is not None:
         ds = sweep_store.read()  # resume from what is on disk: chunks write whole samples back
@@ -322,10 +127,8 @@ def patch(
     else:
         done_cells, done = np.zeros(len(samples), dtype=np.int64), np.zeros(len(samples), dtype=bool)
     if screen is not None:
-        from . import attribution  # imports this module: import here, not at the top
-
         todo = [i for i in mine if not done[i]]
-        estimates = layout.empty(attrs)
+        estimates = with_layer_kinds(layout.empty(attrs), vlm, stack_name)
         attribution.estimate(
             estimates, layout, plans, vlm, stack, direction=direction, metric=metric, indices=todo
         )
@@ -365,24 +168,6 @@ def patch(
     return result.drop_vars("progress")  # bookkeeping of the store; `done` says what is finished
 
 
-class NoEffectWarning(UserWarning):
-    """The corruption left the metric unchanged for some samples."""
-
-
-def warn_if_corruption_did_nothing(ds: xr.Dataset) -> None:
-    """Say which samples have clean == corrupted: their normalised effects are undefined (NaN)."""
-    same = (ds["clean"].values == ds["corrupt"].values) & ds["done"].values
-    if same.any():
-        ids = [str(i) for i in ds["sample"].values[same]]
-        warnings.warn(
-            f"{len(ids)} sample(s) score the same clean and corrupted ({', '.join(ids[:5])}"
-            f"{', ...' if len(ids) > 5 else ''}): the corruption did not change the output, so "
-            "normalised effects are NaN there. Use a stronger corruption or drop these samples.",
-            NoEffectWarning,
-            stacklevel=3,
-        )
-
-
 def shard_indices(n: int, shard: tuple[int, int] | None) -> list[int]:
     """Sample indices of shard i of n (i = 0..n-1): every n-th sample, starting at i."""
     if shard is None:
@@ -393,24 +178,6 @@ def shard_indices(n: int, shard: tuple[int, int] | None) -> list[int]:
             f"shard must be (i, n) with 0 <= i < n, got {shard}; e.g. --shard 0/2 and --shard 1/2."
         )
     return list(range(index, n, count))
-
-
-def fingerprint(sample: Sample) -> dict[str, Any]:
-    """What of a sample determines its results (images by content hash)."""
-
-    def image_hash(image) -> str | None:
-        return None if image is None else hashlib.sha256(image.tobytes()).hexdigest()[:16]
-
-    return {
-        "id": sample.id,
-        "prompt": sample.prompt,
-        "answer": sample.answer,
-        "foil": sample.foil,
-        "spans": dict(sample.spans),
-        "replacements": dict(sample.replacements),
-        "image": image_hash(sample.image),
-        "image_pair": image_hash(sample.image_pair),
-    }
 
 
 @dataclass
@@ -580,100 +347,6 @@ def run_chunk(
         prefix=skip,
         image=image,
     )
-
-
-def resumes_keys_values(vlm: VLM, stack: Stack) -> bool:
-    """Whether the model can run a suffix on cached keys/values: a causal decoder-only stack
-    whose positions the engine makes (a model that computes its own, such as M-RoPE, would
-    number the suffix from 0)."""
-    return (
-        stack.causal
-        and stack.sequence == "prompt"
-        and vlm.adapter.answer_sequence == "prompt"
-        and vlm.adapter.positions == "engine"
-    )
-
-
-def prefix_of(vlm: VLM, stack: Stack, prepared: Prepared) -> Prefix:
-    """The baseline rows' layer outputs (and keys/values), computed once per sample."""
-    k = prepared.pair.samples
-    inputs = ["clean"] + ["corrupt"] * k
-    edits = baseline_edits(vlm, prepared, inputs, [0] + list(range(k)))
-    batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
-    return baseline_prefix(vlm, stack, batch, edits, keys_values=resumes_keys_values(vlm, stack))
-
-
-def resumable_start(prepared: Prepared, edits: Edits, prefix: Prefix) -> int:
-    """The first position the chunk must compute: its first patched one, 0 if it cannot resume.
-
-    Everything before it equals the baseline rows' computation. A suffix must hold no image
-    token (the image is read only where its tokens are) and no noised token embedding.
-    """
-    if prefix.keys_values is None:
-        return 0
-    if edits.noise is not None and edits.noise.positions is not None:
-        return 0
-    start = min(min(index.dst_pos + index.src_pos) for index in edits.patches.values())
-    for side, encoded in (("clean", prepared.pair.clean), ("corrupt", prepared.pair.corrupt)):
-        segments = encoded.segments("prompt")
-        if "image" in segments.names:
-            last_image = max(segments.positions("image")) + prepared.pad(side, "prompt")
-            if start <= last_image:
-                return 0
-    return start
-
-
-def cache_argument(vlm: VLM) -> str:
-    """The forward's keyword for a KV cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
-    parameters = inspect.signature(vlm.model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-def suffix_batch(vlm: VLM, batch: dict, stack: Stack, cache: Any, start: int) -> dict:
-    """The inputs of positions >= `start` only, on top of `cache` (the earlier positions).
-
-    Per-token inputs of the stack's sequence are cut at `start`, except the attention mask,
-    which covers cached and new positions; per-row and flat inputs (the image) are dropped:
-    the image tokens are all in the cached part.
-    """
-    mask = SEQUENCE_FIELDS[stack.sequence][1]
-    suffix: dict[str, Any] = {cache_argument(vlm): cache, mask: batch[mask]}
-    for name, value in batch.items():
-        spec = vlm.adapter.inputs.get(name)
-        if name == POSITION_FIELD[stack.sequence] or (
-            spec is not None and spec.kind == "token" and spec.sequence == stack.sequence and name != mask
-        ):
-            suffix[name] = value[:, start:]
-    return suffix
-
-
-def shifted(edits: Edits, start: int) -> Edits:
-    """The same edits with positions counted from `start`, the suffix's first position.
-
-    Image noise is dropped: the noised image embeddings are in the cached part.
-    """
-    moved = Edits(knockouts=edits.knockouts)
-    for (layer, site), index in edits.patches.items():
-        target = moved.patch(layer, site)
-        target.dst_row, target.src_row, target.head = index.dst_row, index.src_row, index.head
-        target.dst_pos = [p - start for p in index.dst_pos]
-        target.src_pos = [p - start for p in index.src_pos]
-    return moved
-
-
-def check_prefix_reuse(vlm: VLM, stack: Stack, backend: Any) -> None:
-    """Refuse prefix reuse where it is not implemented, saying what to do instead."""
-    if backend is not None:
-        raise ValueError(
-            "reuse_prefix runs locally only (the cached states would have to travel); "
-            "drop reuse_prefix for a remote sweep."
-        )
-    block = stack.sites.get("block")
-    if block is None or block.path or block.index is not None:
-        raise ValueError(
-            f"reuse_prefix needs layers that return their hidden states as one tensor; "
-            f"{vlm.name}'s {stack.layers} do not. Drop reuse_prefix for this model."
-        )
 
 
 def rows_per_chunk(vlm: VLM, prepared: Prepared, max_batch: int, max_memory: float | None) -> int:

@@ -1,0 +1,114 @@
+"""Prefix reuse: start each chunk where it first differs from the baseline rows.
+
+Rows of a chunk compute exactly what their baseline row (clean, or corrupted draw d) computed
+below the chunk's first patched layer and, in a causal decoder, before its first patched
+position. `vlmtrace.sweep.run_chunk` skips those layers (nnsight `skip`, from the states
+`forward.baseline_prefix` kept) and runs only the suffix on cached keys and values.
+
+    if resumes_keys_values(vlm, stack):      # a causal decoder whose positions the engine makes
+        start = resumable_start(prepared, edits, prefix)
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .forward import POSITION_FIELD, SEQUENCE_FIELDS, Edits, Prefix, baseline_prefix, stack_rows
+from .models.adapter import Stack
+from .models.load import VLM
+from .planning import Prepared, baseline_edits
+
+
+def resumes_keys_values(vlm: VLM, stack: Stack) -> bool:
+    """Whether the model can run a suffix on cached keys/values: a causal decoder-only stack
+    whose positions the engine makes (a model that computes its own, such as M-RoPE, would
+    number the suffix from 0)."""
+    return (
+        stack.causal
+        and stack.sequence == "prompt"
+        and vlm.adapter.answer_sequence == "prompt"
+        and vlm.adapter.positions == "engine"
+    )
+
+
+def prefix_of(vlm: VLM, stack: Stack, prepared: Prepared) -> Prefix:
+    """The baseline rows' layer outputs (and keys/values), computed once per sample."""
+    k = prepared.pair.samples
+    inputs = ["clean"] + ["corrupt"] * k
+    edits = baseline_edits(vlm, prepared, inputs, [0] + list(range(k)))
+    batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
+    return baseline_prefix(vlm, stack, batch, edits, keys_values=resumes_keys_values(vlm, stack))
+
+
+def resumable_start(prepared: Prepared, edits: Edits, prefix: Prefix) -> int:
+    """The first position the chunk must compute: its first patched one, 0 if it cannot resume.
+
+    Everything before it equals the baseline rows' computation. A suffix must hold no image
+    token (the image is read only where its tokens are) and no noised token embedding.
+    """
+    if prefix.keys_values is None:
+        return 0
+    if edits.noise is not None and edits.noise.positions is not None:
+        return 0
+    start = min(min(index.dst_pos + index.src_pos) for index in edits.patches.values())
+    for side, encoded in (("clean", prepared.pair.clean), ("corrupt", prepared.pair.corrupt)):
+        segments = encoded.segments("prompt")
+        if "image" in segments.names:
+            last_image = max(segments.positions("image")) + prepared.pad(side, "prompt")
+            if start <= last_image:
+                return 0
+    return start
+
+
+def cache_argument(vlm: VLM) -> str:
+    """The forward's keyword for a KV cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    parameters = inspect.signature(vlm.model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def suffix_batch(vlm: VLM, batch: dict, stack: Stack, cache: Any, start: int) -> dict:
+    """The inputs of positions >= `start` only, on top of `cache` (the earlier positions).
+
+    Per-token inputs of the stack's sequence are cut at `start`, except the attention mask,
+    which covers cached and new positions; per-row and flat inputs (the image) are dropped:
+    the image tokens are all in the cached part.
+    """
+    mask = SEQUENCE_FIELDS[stack.sequence][1]
+    suffix: dict[str, Any] = {cache_argument(vlm): cache, mask: batch[mask]}
+    for name, value in batch.items():
+        spec = vlm.adapter.inputs.get(name)
+        if name == POSITION_FIELD[stack.sequence] or (
+            spec is not None and spec.kind == "token" and spec.sequence == stack.sequence and name != mask
+        ):
+            suffix[name] = value[:, start:]
+    return suffix
+
+
+def shifted(edits: Edits, start: int) -> Edits:
+    """The same edits with positions counted from `start`, the suffix's first position.
+
+    Image noise is dropped: the noised image embeddings are in the cached part.
+    """
+    moved = Edits(knockouts=edits.knockouts)
+    for (layer, site), index in edits.patches.items():
+        target = moved.patch(layer, site)
+        target.dst_row, target.src_row, target.head = index.dst_row, index.src_row, index.head
+        target.dst_pos = [p - start for p in index.dst_pos]
+        target.src_pos = [p - start for p in index.src_pos]
+    return moved
+
+
+def check_prefix_reuse(vlm: VLM, stack: Stack, backend: Any) -> None:
+    """Refuse prefix reuse where it is not implemented, saying what to do instead."""
+    if backend is not None:
+        raise ValueError(
+            "reuse_prefix runs locally only (the cached states would have to travel); "
+            "drop reuse_prefix for a remote sweep."
+        )
+    block = stack.sites.get("block")
+    if block is None or block.path or block.index is not None:
+        raise ValueError(
+            f"reuse_prefix needs layers that return their hidden states as one tensor; "
+            f"{vlm.name}'s {stack.layers} do not. Drop reuse_prefix for this model."
+        )
