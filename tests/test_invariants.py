@@ -100,3 +100,16 @@ def test_wrap_installs_the_adapter_fixes_once(tiny_blip):
     hooks_before = sum(len(m._forward_pre_hooks) for m in model.modules())
     wrap(model, processor, name="again")
     assert sum(len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
+
+
+def test_the_self_check_scores_kl_sweeps_by_log_probability_and_passes(tiny_llava, llava_sample):
+    # KL scores each row against row 0; alone, a corrupted row would be its own reference (KL 0)
+    ds = vt.patch(
+        tiny_llava,
+        [llava_sample],
+        corruption=vt.GaussianNoise("visual", samples=3),
+        grid=vt.Grid(layers=(0,)),
+        metric=vt.KL(),
+        progress=False,
+    )
+    assert float(ds["clean"][0]) == 0.0 and float(ds["corrupt"][0]) > 0.0

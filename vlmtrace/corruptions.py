@@ -25,6 +25,7 @@ from .data.sample import Sample
 from .errors import UserError
 from .inputs import Encoded, encode
 from .models.load import VLM
+from .positions import replace_first
 
 
 class CorruptionError(UserError):
@@ -106,7 +107,7 @@ class ReplaceSpan(Corruption):
         clean = clean_side(vlm, sample, answer_ids)
         text = self.replacement(sample)
         original = sample.spans[self.span]
-        prompt = sample.prompt.replace(original, text, 1)
+        prompt = replace_first(sample.prompt, original, text)
         spans = {**sample.spans, self.span: text}
         corrupt = encode(vlm, prompt=prompt, image=sample.image, spans=spans, answer_ids=answer_ids)
         self.check(clean, corrupt, original, text)

@@ -84,6 +84,29 @@ def unbatched(vlm: VLM, stack, prepared, side: str, metric: Metric, backend: Any
     return float(values[0])
 
 
+def _baseline_rows(vlm: VLM, stack, prepared, metric: Metric, backend: Any) -> list[float]:
+    """The sweep's baseline rows (clean, then every noise draw), batched and padded as a chunk
+    pads them, scored by `metric`."""
+    from .planning import baseline_edits
+
+    k = prepared.pair.samples
+    inputs = ["clean"] + ["corrupt"] * k
+    edits = baseline_edits(vlm, prepared, inputs, [0, *range(k)])
+    batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
+    values = run(
+        vlm,
+        stack,
+        batch,
+        edits,
+        metric=metric,
+        answer=prepared.answer,
+        foil=prepared.foil,
+        answer_slice=prepared.answer_slice(vlm),
+        backend=backend,
+    )
+    return values.tolist()
+
+
 def _sequences() -> dict:
     from .forward import SEQUENCE_FIELDS
 
@@ -94,9 +117,13 @@ def verify_baselines(vlm: VLM, stack, prepared, baselines: list[float], metric: 
     """Stop a sweep whose batched clean / corrupted rows differ from unbatched forwards.
 
     `baselines` are the first chunk's row values: clean, then one per noise draw. Only the
-    clean row and the first corrupted row are recomputed (two forwards).
+    clean row and the first corrupted row are recomputed (two forwards; three for a metric that
+    scores rows against the clean row, such as KL, which cannot score a row alone).
     """
     tol = tolerance(vlm)
+    if metric.scores_against_row_0:  # e.g. KL to the clean row: re-score the batched rows by log P
+        metric = LogProb()
+        baselines = _baseline_rows(vlm, stack, prepared, metric, backend)
     for side, got in (("clean", baselines[0]), ("corrupt", baselines[1])):
         expected = unbatched(vlm, stack, prepared, side, metric, backend)
         if not close(got, expected, tol):

@@ -30,6 +30,9 @@ class Metric:
     name: ClassVar[str] = "metric"
     needs_foil: ClassVar[bool] = False
     whole_answer_ok: ClassVar[bool] = True
+    scores_against_row_0: ClassVar[bool] = False
+    """True when a row's value depends on row 0 (the clean run) of the same forward: such a
+    metric cannot score a row alone, so the self-check scores baselines with `LogProb`."""
 
     def __call__(self, logits: torch.Tensor, answer: torch.Tensor, foil: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -79,6 +82,7 @@ class KL(Metric):
     """KL(P_clean || P_row) at the answer positions, summed over them. 0 for the clean run."""
 
     name: ClassVar[str] = "kl"
+    scores_against_row_0: ClassVar[bool] = True
 
     def __call__(self, logits, answer, foil):
         log_probs = torch.log_softmax(logits.float(), dim=-1)
