@@ -1,6 +1,10 @@
 """A sweep run as its own process, for kill -9 / resume and sharding tests.
 
-    python tests/sweep_job.py STORE [--shard I/N] [--slow SECONDS]
+    python tests/sweep_job.py STORE [--shard I/N] [--slow SECONDS] [--die-at-write K] [--count-writes]
+
+`--die-at-write K` kills the process (SIGKILL, from inside) as zarr starts its K-th file
+write: the kill lands exactly there, at the write the test names. `--count-writes` prints
+how many file writes a whole run made.
 
 Builds the same seeded tiny LLaVA and samples every time, so runs are comparable.
 """
@@ -8,7 +12,10 @@ Builds the same seeded tiny LLaVA and samples every time, so runs are comparable
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,7 +50,10 @@ def main() -> None:
     parser.add_argument("store")
     parser.add_argument("--shard", default=None)
     parser.add_argument("--slow", type=float, default=0.0, help="sleep after each chunk (to be killed)")
+    parser.add_argument("--die-at-write", type=int, default=None)
+    parser.add_argument("--count-writes", action="store_true")
     args = parser.parse_args()
+    writes = count_writes(die_at=args.die_at_write)
     torch.set_num_threads(1)
     model, processor = build_llava(word_tokenizer(WORDS), layers=3, seed=1)
     vlm = vt.wrap(model, processor, name="tiny-llava")
@@ -68,6 +78,25 @@ def main() -> None:
         shard=shard,
         progress=False,
     )
+    if args.count_writes:
+        print(writes["n"])
+
+
+def count_writes(die_at: int | None) -> dict[str, int]:
+    """Count zarr's file writes; SIGKILL this process as write number `die_at` starts."""
+    import zarr.storage._local as local
+
+    original, writes, lock = local._put, {"n": 0}, threading.Lock()
+
+    def put(*args, **kwargs):
+        with lock:
+            writes["n"] += 1
+            if writes["n"] == die_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    local._put = put
+    return writes
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_kill_9_at_a_random_chunk_then_rerun_equals_the_uninterrupted_store(unin
     wanted = random.Random(0).randint(1, 12)  # chunks to let finish before the kill
     deadline = time.time() + 120
     while time.time() < deadline:
-        if store.exists() and (store / "progress").exists():
+        if store.exists():  # a store appears complete, never half laid out
             try:
                 if int(vt.open_result(store)["progress"].sum()) >= wanted:
                     break
@@ -141,3 +141,88 @@ def test_an_error_that_is_not_out_of_memory_is_not_retried(tiny_llava, llava_sam
 def test_a_bad_shard_specification_names_the_form(tiny_llava, llava_sample, tmp_path):
     with pytest.raises(ValueError, match="0 <= i < n"):
         vt.patch(tiny_llava, [llava_sample], shard=(2, 2), **sweep_kwargs(tmp_path))
+
+
+def writes_of_a_whole_run(tmp_path: Path) -> int:
+    store = tmp_path / "counted.zarr"
+    out = subprocess.run(
+        [sys.executable, str(JOB), str(store), "--count-writes"], check=True, timeout=300, capture_output=True
+    )
+    return int(out.stdout.split()[-1])
+
+
+def killed_at_write_then_rerun(store: Path, write: int) -> xr.Dataset:
+    """Run the job until zarr starts file write number `write`, kill it there, rerun it."""
+    killed = subprocess.run([sys.executable, str(JOB), str(store), "--die-at-write", str(write)], timeout=300)
+    assert killed.returncode == -signal.SIGKILL, "the job ended before the write it was to die at"
+    run_job(store)
+    return vt.open_result(store)
+
+
+def test_kill_at_seeded_writes_of_layout_and_chunks_then_rerun_equals_the_uninterrupted_store(
+    uninterrupted, tmp_path
+):
+    total = writes_of_a_whole_run(tmp_path)  # benchmarks/store_soak.py kills at every one
+    picks = sorted({1, 2, total, *random.Random(13).sample(range(3, total), 3)})
+    unequal = [
+        w
+        for w in picks
+        if not values_equal(killed_at_write_then_rerun(tmp_path / f"w{w}.zarr", w), uninterrupted)
+    ]
+    assert unequal == []
+
+
+def test_kill_9_at_random_instants_then_rerun_equals_the_uninterrupted_store(uninterrupted, tmp_path):
+    rng = random.Random(7)
+    for attempt in range(3):
+        store = tmp_path / f"instant{attempt}.zarr"
+        process = subprocess.Popen([sys.executable, str(JOB), str(store)])
+        time.sleep(rng.uniform(0.0, 8.0))  # anywhere from start-up through layout and chunks
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        run_job(store)
+        assert values_equal(vt.open_result(store), uninterrupted), f"instant {attempt}"
+
+
+def test_a_samples_progress_and_done_are_one_chunk_file(uninterrupted, tmp_path):
+    store = tmp_path / "t.zarr"
+    run_job(store)
+    ledger_chunks = sorted(
+        p.relative_to(store / "ledger") for p in (store / "ledger" / "c").rglob("*") if p.is_file()
+    )
+    assert ledger_chunks == [Path(f"c/{i}/0") for i in range(4)] and not (store / "progress").exists()
+
+
+def test_a_deleted_chunk_file_of_a_finished_sample_is_named(uninterrupted, tmp_path):
+    store = tmp_path / "t.zarr"
+    run_job(store)
+    (store / "mlp" / "c" / "2" / "0" / "0" / "0").unlink()
+    with pytest.raises(StoreError, match=r"mlp/c/2/0/0/0 is missing"):
+        vt.open_result(store)
+
+
+def test_a_truncated_chunk_file_is_named(uninterrupted, tmp_path):
+    store = tmp_path / "t.zarr"
+    run_job(store)
+    chunk = store / "mlp" / "c" / "1" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:5])
+    with pytest.raises(StoreError, match=r"mlp/c/1/0/0/0 cannot be read"):
+        vt.open_result(store)
+
+
+def test_an_incompletely_laid_out_store_of_an_older_version_is_replaced_with_overwrite(
+    tiny_llava, llava_sample, tmp_path
+):
+    store = tmp_path / "t.zarr"
+    store.mkdir()
+    (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    ds = vt.patch(tiny_llava, [llava_sample], store=store, overwrite=True, **sweep_kwargs(tmp_path))
+    assert bool(ds["done"].all())
+
+
+def test_a_broken_store_names_overwrite_as_the_fix(tiny_llava, llava_sample, tmp_path):
+    store = tmp_path / "t.zarr"
+    store.mkdir()
+    (store / "zarr.json").write_text("{not json")
+    with pytest.raises(StoreError, match="overwrite=True"):
+        vt.patch(tiny_llava, [llava_sample], store=store, **sweep_kwargs(tmp_path))

@@ -257,28 +257,28 @@ def save(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Path:
     The store is zarr format 2 with consolidated metadata (see Format), and every data
     variable is described (`describe`).
     """
+    from .store import path_lock, write_whole  # store imports this module
+
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise StoreError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     ds = describe(ds.copy())
     for variable in ds.variables.values():
         variable.encoding = {}  # a sweep store's zarr-3 codecs do not apply to format 2
-    try:
-        ds.to_zarr(path, mode="w", zarr_format=2, consolidated=True)
-    except OSError as error:
-        raise StoreError(
-            f"could not write {path}: {error.strerror or error}. Choose a writable path with free space."
-        ) from None
+    # one writer per path; the store appears complete or not at all (`vlmtrace.store`)
+    with path_lock(path, purpose="saving a result"):
+        if path.exists() and not overwrite:
+            raise StoreError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+        write_whole(ds, path, replace=overwrite, zarr_format=2, consolidated=True)
     return path
 
 
 def open_result(path: str | Path) -> xr.Dataset:
-    """Read a store written by `save`, loaded into memory."""
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(f"no result store at {path}.")
-    consolidated = (path / ".zmetadata").exists()  # older stores were written without
-    return xr.open_zarr(path, consolidated=consolidated).load()
+    """Read a store written by `save` (or a sweep's store), loaded into memory.
+
+    A missing or truncated chunk file is a StoreError naming the file (`vlmtrace.store`).
+    """
+    from .store import read_store  # store imports this module
+
+    return read_store(path)
 
 
 def combine(datasets: dict[str, xr.Dataset], *, dim: str) -> xr.Dataset:
