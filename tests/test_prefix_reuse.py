@@ -133,3 +133,26 @@ def test_the_vision_tower_encodes_each_image_once_per_sample(tiny_llava, llava_s
     assert encoded_rows == [2]  # the clean and the paired image, once; every patched row reuses them
     assert plain_rows > 100  # without reuse, every row of every chunk encodes its image
     np.testing.assert_allclose(reused["block"].values, full["block"].values, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("corruption", ["replace_span", "image_pair", "noise"])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_image_position_sweeps_resume_inside_the_image_block_from_merged_embeddings(
+    tiny_llava, llava_sample, corruption, direction, monkeypatch
+):
+    import vlmtrace.sweep as sweep
+
+    starts = []
+    original = sweep.resumable_start
+    monkeypatch.setattr(sweep, "resumable_start", lambda *a: starts.append(original(*a)) or starts[-1])
+    grid = vt.Grid(sites=SITES, windows=(1, 2), segments=("image",))
+    kwargs = dict(
+        corruption=CORRUPTIONS[corruption], grid=grid, direction=direction, progress=False, max_batch=8
+    )
+    full = vt.patch(tiny_llava, [llava_sample], **kwargs)
+    reused = vt.patch(tiny_llava, [llava_sample], reuse_prefix=True, **kwargs)
+    ids = tiny_llava.processor(text=[llava_sample.prompt], images=[llava_sample.image])["input_ids"][0]
+    image = [i for i, t in enumerate(ids) if t == tiny_llava.shape.image_token_id]
+    assert any(image[0] < start <= image[-1] for start in starts)  # chunks start inside the image block
+    for name in (*SITES, "clean", "corrupt"):
+        np.testing.assert_allclose(reused[name].values, full[name].values, atol=1e-6, rtol=0, err_msg=name)

@@ -279,6 +279,15 @@ def _knock(attention, index: KnockIndex, keyword: str, rows: int, queries: int, 
     attention.inputs = (args, kwargs)
 
 
+def batch_geometry(batch: Mapping[str, Any], sequence: str) -> tuple[int, int]:
+    """(rows, positions) of a batch's `sequence`: from its token ids, or from `inputs_embeds`
+    where a resumed prompt is given as embeddings."""
+    ids = SEQUENCE_FIELDS[sequence][0]
+    if ids in batch:
+        return tuple(batch[ids].shape[:2])
+    return tuple(batch["inputs_embeds"].shape[:2])
+
+
 def driver(vlm: VLM) -> Callable:
     """The callable the trace runs: the adapter's forward bound to the model."""
     return partial(vlm.adapter.forward, vlm.model)
@@ -310,8 +319,8 @@ def run(
     envoy = vlm.envoy
     layers = envoy_at(envoy, stack.layers)
     n_heads = vlm.shape.heads[_stack_name(vlm, stack)]
-    rows, width = batch[SEQUENCE_FIELDS[stack.sequence][0]].shape
-    prompt_width = batch["input_ids"].shape[1] if "input_ids" in batch else width
+    rows, width = batch_geometry(batch, stack.sequence)
+    prompt_width = batch_geometry(batch, "prompt")[1]
     # Read before the trace: a remote trace ships every object its body names, and the VLM
     # (processor included) has no business on the server.
     dtype = vlm.model.dtype
@@ -359,12 +368,15 @@ class Prefix:
     `states[l]` is the [row, position, hidden] output of layer l (every layer but the last);
     `keys_values[l]` the (keys, values) of layer l's self-attention, [row, head, position,
     dim], or None where the stack's model cannot resume from them (not a causal decoder);
-    `image` the image encoder's output (one row per baseline row), or None.
+    `image` the image encoder's output (one row per baseline row), or None; `embeddings` the
+    language model's merged input embeddings [row, position, hidden] (image features placed,
+    noise added), or None where the adapter names no `language_model`.
     """
 
     states: torch.Tensor
     keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None
     image: Any = None
+    embeddings: torch.Tensor | None = None
 
     def image_rows(self, rows: list[int]) -> Any:
         """The image encoder's output for rows that see baseline row `rows[r]`'s image."""
@@ -399,11 +411,15 @@ def baseline_prefix(vlm: VLM, stack: Stack, batch: dict, edits: Edits, *, keys_v
     if encoder is not None and (encoder.layout != "row_position" or "pixel_values" not in batch):
         encoder = None  # tiles or flat tokens: its output is not one entry per row, not reusable by row
     rows, prompt_width = batch["input_ids"].shape
+    language_model = vlm.adapter.language_model if keys_values else None
+    embeddings = None
     with torch.no_grad(), envoy.trace(fn=fn, **batch) as tracer:
         if encoder is not None:
             image = envoy_at(envoy, encoder.path).output.save()
         if edits.noise is not None:
             _noise(edits.noise, _activation(envoy, edits.noise.hook), rows, prompt_width)
+        if language_model is not None:
+            embeddings = envoy_at(envoy, language_model).inputs[1]["inputs_embeds"].clone().save()
         outputs = [layers[i].output.clone() for i in range(n_layers - 1)]
         states = torch.stack(outputs).save() if outputs else torch.empty(0).save()
         if keys_values:
@@ -414,7 +430,12 @@ def baseline_prefix(vlm: VLM, stack: Stack, batch: dict, edits: Edits, *, keys_v
             f"hold one entry per row ({rows} rows); fix Adapter.image_encoder's layout."
         )
     keys_values = None if cache is None else [(layer.keys, layer.values) for layer in cache.layers]
-    return Prefix(states, keys_values, image)
+    if embeddings is not None and tuple(embeddings.shape[:2]) != (rows, prompt_width):
+        raise AdapterMismatchError(
+            f"{language_model!r} received inputs_embeds {tuple(embeddings.shape)}, not [{rows}, "
+            f"{prompt_width}, hidden]; fix Adapter.language_model."
+        )
+    return Prefix(states, keys_values, image, embeddings)
 
 
 def _one_row_per_image(output: Any, rows: int) -> bool:

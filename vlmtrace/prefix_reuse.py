@@ -44,14 +44,18 @@ def prefix_of(vlm: VLM, stack: Stack, prepared: Prepared) -> Prefix:
 def resumable_start(prepared: Prepared, edits: Edits, prefix: Prefix) -> int:
     """The first position the chunk must compute: its first patched one, 0 if it cannot resume.
 
-    Everything before it equals the baseline rows' computation. A suffix must hold no image
-    token (the image is read only where its tokens are) and no noised token embedding.
+    Everything before it equals the baseline rows' computation. With the baseline rows' merged
+    input embeddings (`Prefix.embeddings`: image features placed, noise added) a suffix may
+    start anywhere, inside the image block included. Without them, a suffix must hold no image
+    token (the model places image features only from `pixel_values`) and no noised embedding.
     """
     if prefix.keys_values is None:
         return 0
+    start = min(min(index.dst_pos + index.src_pos) for index in edits.patches.values())
+    if prefix.embeddings is not None:
+        return start
     if edits.noise is not None and edits.noise.positions is not None:
         return 0
-    start = min(min(index.dst_pos + index.src_pos) for index in edits.patches.values())
     for side, encoded in (("clean", prepared.pair.clean), ("corrupt", prepared.pair.corrupt)):
         segments = encoded.segments("prompt")
         if "image" in segments.names:
@@ -67,15 +71,24 @@ def cache_argument(vlm: VLM) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def suffix_batch(vlm: VLM, batch: dict, stack: Stack, cache: Any, start: int) -> dict:
+def suffix_batch(
+    vlm: VLM, batch: dict, stack: Stack, cache: Any, start: int, embeddings: Any = None
+) -> dict:
     """The inputs of positions >= `start` only, on top of `cache` (the earlier positions).
 
     Per-token inputs of the stack's sequence are cut at `start`, except the attention mask,
-    which covers cached and new positions; per-row and flat inputs (the image) are dropped:
-    the image tokens are all in the cached part.
+    which covers cached and new positions; per-row and flat inputs (the image) are dropped.
+    With `embeddings` (each row's baseline merged input embeddings), the suffix is given as
+    `inputs_embeds` instead of token ids: image features and noise are already in them.
     """
     mask = SEQUENCE_FIELDS[stack.sequence][1]
     suffix: dict[str, Any] = {cache_argument(vlm): cache, mask: batch[mask]}
+    if embeddings is not None:
+        return {
+            **suffix,
+            "inputs_embeds": embeddings[:, start:],
+            POSITION_FIELD[stack.sequence]: batch[POSITION_FIELD[stack.sequence]][:, start:],
+        }
     for name, value in batch.items():
         spec = vlm.adapter.inputs.get(name)
         if name == POSITION_FIELD[stack.sequence] or (

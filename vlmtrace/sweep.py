@@ -327,7 +327,8 @@ def run_chunk(
         start = resumable_start(prepared, edits, prefix)
         if start > 0:
             cache = resume_cache(prefix, sources, start)
-            batch = suffix_batch(vlm, batch, stack, cache, start)
+            embeddings = None if prefix.embeddings is None else prefix.embeddings[sources]
+            batch = suffix_batch(vlm, batch, stack, cache, start, embeddings)
             edits = shifted(edits, start)
         first = min(layer for layer, _ in edits.patches)
         if first > 0:

@@ -175,6 +175,11 @@ class Adapter:
     image_encoder: Hook | None = None
     """The module that encodes pixels. With a `row_position` layout (one output row per batch
     row) prefix reuse computes it once per distinct image; other layouts are not reused."""
+    language_model: str | None = None
+    """The module that receives the merged input embeddings (image features placed among the
+    token embeddings) as its `inputs_embeds` keyword. Prefix reuse keeps them and resumes a
+    chunk at its first patched position even inside the image block; without it a chunk that
+    patches an image position starts at 0."""
     prompt_template: str | None = None
     """The family's documented prompt, with `{image}` (the processor's image placeholder) and
     `{question}`, used when the processor has no chat template."""

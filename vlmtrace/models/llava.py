@@ -74,6 +74,7 @@ LLAVA = Adapter(
     forward=forward,
     image_token_config="image_token_id",
     image_encoder=Hook("model.vision_tower"),
+    language_model="model.language_model",
     prompt_template=PROMPT,
 )
 
@@ -99,6 +100,7 @@ LLAVA_NEXT = Adapter(
     forward=forward,
     image_token_config="image_token_id",
     image_encoder=Hook("model.vision_tower", layout="image_tiles"),
+    language_model="model.language_model",
     prompt_template="[INST] {image}\n{question} [/INST]",
 )
 
