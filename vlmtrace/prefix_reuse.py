@@ -23,12 +23,16 @@ from .planning import Prepared, baseline_edits
 def resumes_keys_values(vlm: VLM, stack: Stack) -> bool:
     """Whether the model can run a suffix on cached keys/values: a causal decoder-only stack
     whose positions the engine makes (a model that computes its own, such as M-RoPE, would
-    number the suffix from 0)."""
+    number the suffix from 0), with no cross-attention (its cached keys are another sequence's,
+    which a cut at a prompt position would truncate), and a forward that resumes from a cache.
+    Otherwise prefix reuse skips layers only."""
     return (
         stack.causal
         and stack.sequence == "prompt"
         and vlm.adapter.answer_sequence == "prompt"
         and vlm.adapter.positions == "engine"
+        and vlm.adapter.resumes_from_cache
+        and "cross_attn" not in stack.sites
     )
 
 

@@ -28,11 +28,6 @@ from vlmtrace.models.build import CLIP_MEAN, CLIP_STD, SPECIAL_TOKENS
 WORDS = "question : which city did this shape represent in year 2006 ? answer the circle paris rome".split()
 LAYER = "language_model.model.decoder.layers.{i}"
 QUERIES = 4
-PREFIX_REUSE = (
-    "engine: prefix reuse reads the KV cache as the model output's `past_key_values`, which "
-    "Blip2/InstructBlipForConditionalGeneration keep in `language_model_outputs`, and resumes "
-    "without `pixel_values`, which their forward requires"
-)
 
 
 def tokenizer(words=WORDS) -> PreTrainedTokenizerFast:
@@ -126,5 +121,4 @@ FAMILY = Family(
     },
     image=At("language_projection"),
     attention=LAYER + ".self_attn",
-    skip={"prefix_reuse": PREFIX_REUSE},
 )

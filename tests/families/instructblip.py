@@ -19,7 +19,6 @@ from transformers import (
 )
 
 from families.blip2 import (
-    PREFIX_REUSE,
     QUERIES,
     WORDS,
     distinct_queries,
@@ -83,5 +82,4 @@ FAMILY = Family(
     },
     image=At("language_projection"),
     attention=LAYER + ".self_attn",
-    skip={"prefix_reuse": PREFIX_REUSE},
 )

@@ -96,8 +96,4 @@ FAMILY = Family(
     pair_size=(64, 32),
     segments=("visual", "last"),
     knockout=("visual", "last"),
-    skip={
-        "prefix_reuse": "engine: resuming from cached keys/values cuts every layer's cache at the first "
-        "patched position, including the cross-attention layers' cached image keys (crashes)",
-    },
 )

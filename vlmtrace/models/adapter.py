@@ -175,6 +175,10 @@ class Adapter:
     image_encoder: Hook | None = None
     """The module that encodes pixels. With a `row_position` layout (one output row per batch
     row) prefix reuse computes it once per distinct image; other layouts are not reused."""
+    resumes_from_cache: bool = True
+    """The model's forward returns `past_key_values` and runs a suffix on them without its
+    image inputs. False for models that keep the cache elsewhere or need pixels on every call
+    (BLIP-2's `language_model_outputs`): prefix reuse then skips layers only."""
     language_model: str | None = None
     """The module that receives the merged input embeddings (image features placed among the
     token embeddings) as its `inputs_embeds` keyword. Prefix reuse keeps them and resumes a

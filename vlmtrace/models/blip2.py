@@ -82,6 +82,7 @@ BLIP2 = Adapter(
     },
     inputs={"input_ids": IDS, "attention_mask": MASK, "pixel_values": ROW},
     keeps_last_logits=True,
+    resumes_from_cache=False,  # the cache is in language_model_outputs; every call needs pixels
     image_in_sequence=True,
     encode=encode,
     forward=forward,
@@ -118,6 +119,7 @@ INSTRUCTBLIP = Adapter(
         "qformer_attention_mask": ROW_PADDED,
     },
     keeps_last_logits=True,
+    resumes_from_cache=False,  # the cache is in language_model_outputs; every call needs pixels
     image_in_sequence=True,
     encode=encode,
     forward=forward,
