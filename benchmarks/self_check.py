@@ -21,7 +21,7 @@ import time
 import torch
 
 import vlmtrace as vt
-from vlmtrace.data.scenes import question_samples
+from vlmtrace.data.scenes import make_samples
 
 
 def sweep(vlm: vt.VLM, samples, verify: bool):
@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     vlm = vt.load(args.model)
-    samples = question_samples("multi", args.samples, seed=0, split="test")
+    samples = make_samples("multi", args.samples, seed=0, split="test")
     on, off = count_forwards(vlm, samples, True), count_forwards(vlm, samples, False)
     t_on, t_off = best_time(vlm, samples, True, args.repeats), best_time(vlm, samples, False, args.repeats)
     print(f"model {args.model}, {args.samples} samples, grid mlp+attn x windows 1,3 x every position")
