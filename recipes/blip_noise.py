@@ -97,13 +97,20 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
     paths = []
     for stack, position in STACKS.items():
         summary = effect(ds, stack)["mean"].dropna(position, how="all")
-        tokens = ds[f"{stack}_token"].isel(sample=0).sel({position: summary[position]})
-        summary = summary.assign_coords(token=(position, tokens.values))
+        tokens = ds[f"{stack}_token"].sel({position: summary[position]}).values  # (sample, position)
+        # a position is labelled with its token only where every sample has the same token there
+        labels = [
+            str(column[0]) if (column == column[0]).all() else f"#{k} (varies)"
+            for k, column in enumerate(tokens.T)
+        ]
+        summary = summary.assign_coords(token=(position, labels))
         paths.append(
             plots.heatmap(
                 summary,
                 path=Path(out_dir) / f"{stack}.png",
-                title=f"BLIP {stack}: restored state, mean over {ds.sizes['sample']} samples",
+                title=f"{ds.attrs.get('model', 'BLIP')} {stack}: each state restored (window 1) under image "
+                f"noise,\nmean over {ds.sizes['sample']} samples",
+                label="indirect effect, P(answer) patched - corrupted",
             )
         )
     return paths

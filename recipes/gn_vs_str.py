@@ -99,7 +99,9 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
                 summary.sel(corruption=corruption),
                 by="metric",
                 path=Path(out_dir) / f"{corruption}.png",
-                title=f"{corruption}: normalised effect by segment",
+                title=f"{ds.attrs.get('model', '')}, {corruption}: block output restored (window 1), "
+                f"mean over {ds.sizes['sample']} samples, by metric",
+                label="normalised effect (0 = corrupted, 1 = clean)",
             )
         )
     return paths

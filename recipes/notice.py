@@ -153,10 +153,12 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
             plots.head_grid(
                 part["head_effect"].mean("sample"),
                 path=out_dir / f"{corruption}_heads.png",
-                title=f"{corruption}: normalised head effect at the answer position",
+                title=f"{ds.attrs.get('model', '')}, {corruption}: single heads restored at the answer "
+                f"position, mean over {ds.sizes['sample']} samples",
+                label="normalised logit difference (0 = corrupted, 1 = clean)",
             )
         )
-    _, layer, head, _ = top_heads(ds, k=1)[0]
+    corruption, layer, head, _ = top_heads(ds, k=1)[0]
     side = int(np.sqrt(ds.sizes["patch"]))
     from PIL import Image
 
@@ -168,7 +170,8 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
             weights,
             grid=(side, side),
             path=out_dir / "top_head_attention.png",
-            title=f"L{layer}.H{head}: answer position over image patches",
+            title=f"{ds.attrs.get('model', '')} L{layer}.H{head} (top head under {corruption}): clean-run\n"
+            f"attention of the answer position over image patches, sample {ds['sample'].values[0]}",
         )
     )
     return paths

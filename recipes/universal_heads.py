@@ -120,7 +120,10 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
         plots.head_grid(
             overlap,
             path=Path(out_dir) / "head_overlap.png",
-            title=f"conditions (of {conditions}) where a head is top-{ds.attrs['top_k']}",
+            title=f"{ds.attrs.get('model', '')}: conditions (of {conditions} task x corruption) where a head "
+            f"is top-{ds.attrs['top_k']}",
+            label=f"conditions (0 to {conditions})",
+            counts=True,
         )
     ]
 

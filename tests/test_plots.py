@@ -44,3 +44,12 @@ def test_a_positive_effect_is_drawn_red_and_a_negative_one_blue(tmp_path):
     columns_red, columns_blue = np.nonzero(red)[1], np.nonzero(blue)[1]
     assert red.sum() > 500 and blue.sum() > 500
     assert columns_red.mean() < columns_blue.mean()  # position 0 (+1) left of position 1 (-1)
+
+
+def test_counts_are_drawn_on_a_sequential_scale_from_zero_with_no_blue_for_a_negative_range(tmp_path):
+    da = xr.DataArray([[0.0, 3.0]], dims=("layer", "head"), coords={"layer": [0], "head": [0, 1]})
+    pixels = _pixels(plots.head_grid(da, path=tmp_path / "c.png", counts=True, label="conditions"))
+    red = (pixels[..., 0] > 150) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
+    assert red.sum() == 0  # a diverging scale would draw 3 in red
+    dark_blue = (pixels[..., 2] > 90) & (pixels[..., 0] < 40)
+    assert dark_blue.sum() > 500  # the largest count in the sequential map's darkest blue

@@ -69,6 +69,12 @@ __all__ = [
 ]
 
 
+# nnsight mounts a `save` method on every object while a trace runs, and a module attribute
+# found that way never reaches `__getattr__`: `vt.save` would be nnsight's. So the names that
+# can collide are bound now (results imports numpy and xarray only).
+from .results import open_result, save  # noqa: E402
+
+
 def __getattr__(name: str) -> Any:
     if name not in _HOMES:
         raise AttributeError(f"module 'vlmtrace' has no attribute {name!r}")
@@ -91,6 +97,5 @@ if TYPE_CHECKING:
     from .metrics import KL, LogitDiff, LogProb, Probability, normalised
     from .models.load import VLM, load, wrap
     from .options import Options
-    from .results import open_result, save
     from .sites import Grid
     from .sweep import patch

@@ -31,7 +31,7 @@ def _save(figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")  # long titles and labels are never cut off
     plt.close(figure)
     return path
 
@@ -56,20 +56,26 @@ def _diverging(ax, values: np.ndarray, columns, rows, *, limit: float | None = N
     )
 
 
-def heatmap(da: xr.DataArray, *, path: str | Path, title: str = "") -> Path:
-    """Layer x position for one sample, positions labelled with their tokens."""
+def heatmap(da: xr.DataArray, *, path: str | Path, title: str = "", label: str = "") -> Path:
+    """Layer x position for one sample, positions labelled with their tokens.
+
+    `label` names the colour bar's quantity and unit (default: the DataArray's name).
+    """
     da = da.transpose("layer", ...)
     columns = da.dims[1]
     labels = [str(t) for t in (da["token"].values if "token" in da.coords else da[columns].values)]
     figure, ax = plt.subplots(figsize=(max(4, 0.45 * len(labels) + 2), 0.45 * da.sizes["layer"] + 1.8))
-    _diverging(ax, da.values, labels, da["layer"].values, cbar_kws={"label": str(da.name or "effect")})
+    cbar = {"label": label or str(da.name or "effect")}
+    _diverging(ax, da.values, labels, da["layer"].values, cbar_kws=cbar)
     ax.set_xlabel("token")
     ax.set_ylabel("layer")
     ax.set_title(title)
     return _save(figure, path)
 
 
-def segment_heatmap(summary: xr.Dataset, *, path: str | Path, title: str = "") -> Path:
+def segment_heatmap(
+    summary: xr.Dataset, *, path: str | Path, title: str = "", label: str = "mean effect"
+) -> Path:
     """Layer x segment of a bootstrap summary: the mean, annotated with its interval."""
     mean = summary["mean"].transpose("layer", "segment")
     low = summary["low"].transpose("layer", "segment").values
@@ -85,6 +91,7 @@ def segment_heatmap(summary: xr.Dataset, *, path: str | Path, title: str = "") -
         annot=notes,
         fmt="",
         annot_kws={"fontsize": 7},
+        cbar_kws={"label": label},
     )
     ax.set_xlabel("segment")
     ax.set_ylabel("layer")
@@ -92,7 +99,9 @@ def segment_heatmap(summary: xr.Dataset, *, path: str | Path, title: str = "") -
     return _save(figure, path)
 
 
-def window_panels(da: xr.DataArray, *, path: str | Path, title: str = "", by: str = "window") -> Path:
+def window_panels(
+    da: xr.DataArray, *, path: str | Path, title: str = "", by: str = "window", label: str = "mean effect"
+) -> Path:
     """One layer x segment heatmap per value of `by` (default: window size)."""
     windows = list(da[by].values)
     figure, axes = plt.subplots(1, len(windows), figsize=(3.2 * len(windows), 3.6), squeeze=False)
@@ -106,6 +115,7 @@ def window_panels(da: xr.DataArray, *, path: str | Path, title: str = "", by: st
             panel["layer"].values,
             limit=limit,  # one scale for all panels
             cbar=window == windows[-1],
+            cbar_kws={"label": label} if window == windows[-1] else None,
         )
         ax.set_title(f"{by} {window}")
         ax.set_xlabel("")
@@ -114,11 +124,29 @@ def window_panels(da: xr.DataArray, *, path: str | Path, title: str = "", by: st
     return _save(figure, path)
 
 
-def head_grid(da: xr.DataArray, *, path: str | Path, title: str = "") -> Path:
-    """Layer x head effects (da: layer, head)."""
+def head_grid(
+    da: xr.DataArray, *, path: str | Path, title: str = "", label: str = "effect", counts: bool = False
+) -> Path:
+    """Layer x head values (da: layer, head): signed effects on a diverging scale, or, with
+    `counts`, non-negative counts on a sequential one from 0."""
     da = da.transpose("layer", "head")
-    figure, ax = plt.subplots(figsize=(0.5 * da.sizes["head"] + 2.5, 0.45 * da.sizes["layer"] + 1.8))
-    _diverging(ax, da.values, da["head"].values, da["layer"].values, annot=da.sizes["head"] <= 16, fmt=".2f")
+    figure, ax = plt.subplots(figsize=(0.5 * da.sizes["head"] + 3.5, 0.45 * da.sizes["layer"] + 1.8))
+    annotate = {"annot": da.sizes["head"] <= 16, "cbar_kws": {"label": label}}
+    if counts:
+        top = max(1.0, float(np.nanmax(da.values)) if np.isfinite(da.values).any() else 1.0)
+        sns.heatmap(
+            da.values,
+            ax=ax,
+            cmap="Blues",
+            vmin=0,
+            vmax=top,
+            xticklabels=list(da["head"].values),
+            yticklabels=list(da["layer"].values),
+            fmt=".0f",
+            **annotate,
+        )
+    else:
+        _diverging(ax, da.values, da["head"].values, da["layer"].values, fmt=".2f", **annotate)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(title)
@@ -136,6 +164,14 @@ def knockout_curves(summary: xr.Dataset, *, path: str | Path, title: str = "") -
             layers, summary["low"].sel(block=block).values, summary["high"].sel(block=block).values, alpha=0.2
         )
     ax.axhline(0, color="grey", lw=0.8)
+    ax.text(
+        0.01,
+        0.02,
+        "lines: mean over samples; bands: 95% bootstrap interval",
+        transform=ax.transAxes,
+        fontsize=7,
+        color="grey",
+    )
     ax.set_xlabel("layer (window centre)")
     ax.set_ylabel("relative change in P(answer)")
     ax.legend(fontsize=8)
@@ -144,7 +180,13 @@ def knockout_curves(summary: xr.Dataset, *, path: str | Path, title: str = "") -
 
 
 def image_attention(
-    image, weights: np.ndarray, *, grid: tuple[int, int], path: str | Path, title: str = ""
+    image,
+    weights: np.ndarray,
+    *,
+    grid: tuple[int, int],
+    path: str | Path,
+    title: str = "",
+    label: str = "attention weight (0 to 1)",
 ) -> Path:
     """Attention over image patches (weights: one per patch, row-major) drawn on the image."""
     picture = np.asarray(image.convert("RGB"))
@@ -152,7 +194,8 @@ def image_attention(
     figure, ax = plt.subplots(figsize=(3.6, 3.6))
     ax.imshow(picture)
     height, width = picture.shape[:2]
-    ax.imshow(heat, cmap="magma", alpha=0.55, extent=(0, width, height, 0), interpolation="nearest")
+    shown = ax.imshow(heat, cmap="magma", alpha=0.55, extent=(0, width, height, 0), interpolation="nearest")
+    figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label=label)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
     return _save(figure, path)

@@ -77,8 +77,13 @@ def patching_figures(
     ds: xr.Dataset, out_dir: str | Path, *, sites: Sequence[str], tag: str = ""
 ) -> list[Path]:
     """Per site: window panels by segment, a CI-annotated heatmap, and sample 0's token map."""
+    from .results import metric_units
+
     out_dir = Path(out_dir)
     paths = []
+    run = describe_run(ds)
+    label = f"indirect effect, patched - corrupted [{metric_units(ds)}]"
+    n = ds.sizes["sample"]
     for site in sites:
         summary = segment_summary(ds, site)
         name = f"{tag}{site}"
@@ -86,12 +91,18 @@ def patching_figures(
             plots.window_panels(
                 summary["mean"],
                 path=out_dir / f"{name}_windows.png",
-                title=f"{name}: mean indirect effect by segment",
+                title=f"{site} restored, mean over {n} samples by segment, per window\n{run}",
+                label=label,
             )
         )
         window = int(summary["window"].values[len(summary["window"]) // 2])
         paths.append(
-            plots.segment_heatmap(summary.sel(window=window), path=out_dir / f"{name}_segments_w{window}.png")
+            plots.segment_heatmap(
+                summary.sel(window=window),
+                path=out_dir / f"{name}_segments_w{window}.png",
+                title=f"{site} restored, window {window}: mean over {n} samples [95% CI]\n{run}",
+                label=label,
+            )
         )
         first = indirect_effect(ds, site).isel(sample=0).sel(window=window)
         first = first.dropna("position", how="all")
@@ -99,7 +110,8 @@ def patching_figures(
             plots.heatmap(
                 first,
                 path=out_dir / f"{name}_sample0_w{window}.png",
-                title=f"{name}, sample {ds['sample'].values[0]}, window {window}",
+                title=f"{site} restored, window {window}, one sample: {ds['sample'].values[0]}\n{run}",
+                label=label,
             )
         )
     return paths
