@@ -97,7 +97,8 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
         plots.knockout_curves(
             summary.sel(window=w),
             path=Path(out_dir) / f"knockout_w{w}.png",
-            title=f"attention knockout, window {w}",
+            title=f"{ds.attrs.get('model', '')}: attention knockout over a window of {w} layers, "
+            f"{ds.sizes['sample']} samples",
         )
         for w in summary["window"].values
     ]

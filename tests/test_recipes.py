@@ -65,6 +65,14 @@ def test_every_recipe_is_listed_with_its_paper():
         "visual_constraint",
         "multi_constraint",
         "blip_noise",
+def test_vt_save_is_vlmtraces_own_after_a_trace_ran(llava):
+    from vlmtrace import results
+
+    samples = synthetic_samples(llava, "fact", 1, seed=0)
+    vt.patch(llava, samples, corruption=vt.ReplaceSpan("visual"), grid=vt.Grid(layers=(0,)), progress=False)
+    assert vt.save is results.save  # nnsight mounts a `save` on every object during a trace
+
+
         "gn_vs_str",
         "notice",
         "information_flow",
