@@ -19,6 +19,7 @@ import socket
 import stat
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
@@ -38,7 +39,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 TEST_TIMEOUT = 240
-NNSIGHT_HEADERS = {"nnsight-version": vt.results.versions()["nnsight"], "python-version": sys.version}
+NNSIGHT_HEADERS = {"nnsight-version": version("nnsight"), "python-version": sys.version}
 
 
 class RunsACommand:

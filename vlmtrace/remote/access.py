@@ -230,21 +230,30 @@ class Guard:
         )
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the app with a `receive` that stops reading past `max_body` bytes."""
+        """Run the app with a `receive` that stops reading past `max_body` bytes.
+
+        Past the limit the 413 is sent from inside `receive`, before the app's own error
+        handling turns the interruption into a 500; whatever the app sends after is dropped.
+        """
         seen = 0
-        started = False
+        started = refused = False
 
         async def counting_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, refused
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
+                    if not started and not refused:
+                        refused = True
+                        await _reply(send, 413, self._too_large())
                     raise BodyTooLarge
             return message
 
         async def watching_send(message: Message) -> None:
             nonlocal started
+            if refused:
+                return  # the 413 is the reply
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
@@ -252,8 +261,7 @@ class Guard:
         try:
             await self.app(scope, counting_receive, watching_send)
         except BodyTooLarge:
-            if not started:
-                await _reply(send, 413, self._too_large())
+            pass
 
     async def _deny_websocket(
         self, scope: Scope, receive: Receive, send: Send, status: int, reason: str
