@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import xarray as xr
 
@@ -237,7 +238,8 @@ def with_layer_kinds(ds: xr.Dataset, vlm: VLM, stack_name: str) -> xr.Dataset:
     kinds = vlm.shape.layer_kinds.get(stack_name)
     if not kinds:
         return ds
-    return ds.assign_coords(layer_kind=("layer", [kinds[int(layer)] for layer in ds["layer"].values]))
+    names = np.array([kinds[int(layer)] for layer in ds["layer"].values], dtype=object)  # zarr-safe strings
+    return ds.assign_coords(layer_kind=("layer", names))
 
 
 class NoEffectWarning(UserWarning):
