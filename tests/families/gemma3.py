@@ -1,0 +1,120 @@
+"""Gemma 3: SigLIP tower, pooled projector, per-token token_type_ids, sliding and full layers.
+
+Layer 0 slides (window 12, shorter than the prompt: the last token cannot see the image
+there), layer 1 attends fully. Pan-and-scan is on: the square image stays one entry, the 64x32
+image pair becomes the image plus two crops, so rows own unequal numbers of projector entries.
+The projector's weight initialises to zero (the image would have no effect): drawn here.
+"""
+
+from __future__ import annotations
+
+import torch
+from reference import At
+from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
+    Gemma3TextConfig,
+    PreTrainedTokenizerFast,
+    SiglipVisionConfig,
+)
+
+from families.spec import Family
+from vlmtrace.models.build import word_tokenizer
+
+SPECIAL = {
+    "boi_token": "<start_of_image>",
+    "image_token": "<image_soft_token>",
+    "eoi_token": "<end_of_image>",
+}
+WORDS = "which city did this shape represent in year 2006 ? the circle paris rome".split()
+PAN_AND_SCAN = "Here here is original image and are some crops to help you see better".split()
+LAYER = "model.language_model.layers.{i}"
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    """The word tokenizer with Gemma 3's image tokens as named special tokens."""
+    words = word_tokenizer([*SPECIAL.values(), "<start_of_turn>", "<end_of_turn>", *WORDS, *PAN_AND_SCAN])
+    named = PreTrainedTokenizerFast(
+        tokenizer_object=words.backend_tokenizer,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens=SPECIAL,
+        padding_side="left",
+    )
+    named.add_special_tokens({"additional_special_tokens": list(SPECIAL.values())})
+    return named
+
+
+def build(seed: int = 2):
+    tokens = tokenizer()
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=4,
+    )
+    text = Gemma3TextConfig(
+        vocab_size=len(tokens),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=12,
+        max_position_embeddings=512,
+        pad_token_id=tokens.pad_token_id,
+        bos_token_id=tokens.bos_token_id,
+        eos_token_id=tokens.eos_token_id,
+    )
+    config = Gemma3Config(
+        vision_config=vision,
+        text_config=text,
+        mm_tokens_per_image=16,  # 8x8 patches pooled 2x2
+        boi_token_index=tokens.boi_token_id,
+        eoi_token_index=tokens.convert_tokens_to_ids(SPECIAL["eoi_token"]),
+        image_token_index=tokens.image_token_id,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.5)
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": 32, "width": 32},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokens, image_seq_length=16)
+    # Pan-and-scan is a call option of the processor (off by default); its instance defaults
+    # turn it on for every call, which is how a vlmtrace user enables it.
+    processor.images_kwargs = {
+        **Gemma3Processor.images_kwargs,
+        "do_pan_and_scan": True,
+        "pan_and_scan_min_crop_size": 16,
+    }
+    return model, processor
+
+
+FAMILY = Family(
+    name="gemma3",
+    build=build,
+    prompt="<start_of_image> which city did this shape represent in year 2006 ?",
+    sites={
+        "block": At(LAYER),
+        "attn": At(LAYER + ".self_attn", index=0),
+        "mlp": At(LAYER + ".mlp"),
+        "attn_head": At(LAYER + ".self_attn.o_proj", side="input"),
+    },
+    image=At("model.multi_modal_projector"),
+    attention=LAYER + ".self_attn",
+    pair_size=(64, 32),
+)
