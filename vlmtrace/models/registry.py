@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from . import blip, blip2, gemma, idefics, internvl, llava, mllama, onevision, qwen_vl, text
+from . import blip, blip2, gemma, idefics, internvl, llava, mistral3, mllama, onevision, qwen_vl, text
 from .adapter import Adapter, UnknownArchitectureError
 
-FAMILY_MODULES = (llava, blip, blip2, idefics, internvl, mllama, qwen_vl, onevision, gemma, text)
+FAMILY_MODULES = (llava, blip, blip2, idefics, internvl, mllama, qwen_vl, onevision, gemma, mistral3, text)
 """Every module that defines adapters, in the order `vlmtrace models` lists them."""
 
 ADAPTERS: dict[str, Adapter] = {}

@@ -1,0 +1,39 @@
+"""Mistral3 (Mistral Small 3.x, Pixtral vision): flat image tokens from a patch merger.
+
+The Pixtral tower encodes all images of the batch as one sequence of patches [1, patch,
+hidden], and the projector's patch merger folds each 2x2 block of patches into one token:
+its output is [image token, hidden] over the whole batch, each row owning its image's tokens
+in row order (`image_tokens`; a row's count is its number of `[IMG]` tokens, the engine's
+default). The processor writes `[IMG]` per merged patch, `[IMG_BREAK]` after each row of
+patches and `[IMG_END]` last; features land on `[IMG]` only. `image_sizes` (one per row) tell
+the tower which part of the padded `pixel_values` is the image.
+
+The tower's output is one sequence for the batch, not one entry per row, so it is not declared
+as the image encoder: prefix reuse recomputes it.
+
+    vlm = vt.load("mistralai/Mistral-Small-3.1-24B-Instruct-2503")
+"""
+
+from __future__ import annotations
+
+from .adapter import IDS, MASK, ROW, Adapter, Hook
+from .llava import LANGUAGE_MODEL, encode, forward
+
+MISTRAL3 = Adapter(
+    family="mistral3",
+    architectures=("Mistral3ForConditionalGeneration",),
+    stacks={"lm": LANGUAGE_MODEL},
+    embeddings={
+        "tokens": Hook("model.language_model.embed_tokens"),
+        "image": Hook("model.multi_modal_projector", layout="image_tokens"),
+    },
+    inputs={"input_ids": IDS, "attention_mask": MASK, "pixel_values": ROW, "image_sizes": ROW},
+    keeps_last_logits=True,
+    image_in_sequence=True,
+    encode=encode,
+    forward=forward,
+    image_token_config="image_token_id",
+    prompt_template="[INST]{image}{question}[/INST]",
+)
+
+ADAPTERS = (MISTRAL3,)
