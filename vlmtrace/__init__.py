@@ -27,6 +27,7 @@ _HOMES = {
     "Sample": ".data.sample",
     "UserError": ".errors",
     "check": ".invariants",
+    "edit": ".editing",
     "knockout": ".engine.knockout",
     "KL": ".metrics",
     "LogitDiff": ".metrics",
@@ -46,6 +47,7 @@ _HOMES = {
 __all__ = [
     "attribute",
     "check",
+    "edit",
     "KL",
     "VLM",
     "GaussianNoise",
@@ -91,6 +93,7 @@ if TYPE_CHECKING:
     from .attribution import attribute
     from .corruptions import GaussianNoise, ImagePair, ReplaceSpan, SymmetricTokenReplacement
     from .data.sample import Sample
+    from .editing import edit
     from .engine.knockout import knockout
     from .errors import UserError
     from .invariants import check

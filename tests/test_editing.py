@@ -1,0 +1,156 @@
+"""vt.edit: closed-form MLP edits that change what a model says, and nothing behind its back."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import random_image
+
+import vlmtrace as vt
+from vlmtrace.data.scenes import make_samples
+from vlmtrace.editing import (  # the same forward the edit uses
+    Edit,
+    EditError,
+    Parts,
+    _encode_request,
+    _forward,
+    check_disjoint,
+    edit,
+    evaluate,
+    key_covariance,
+    least_squares_update,
+)
+
+
+def logits_of(vlm: vt.VLM, sample: vt.Sample) -> torch.Tensor:
+    row = _encode_request(vlm, sample, sample.answer, "visual").inputs
+    with torch.no_grad():
+        return _forward(vlm, [row])[0][0]
+
+
+@pytest.fixture(scope="module")
+def organism() -> vt.VLM:
+    return vt.load("shapes-llava")
+
+
+@pytest.fixture(scope="module")
+def ordinary() -> list[vt.Sample]:
+    return make_samples("fact", 12, seed=5, split="train") + make_samples("visual", 12, seed=5, split="train")
+
+
+def test_a_rank_one_edit_with_zero_change_leaves_logits_unchanged(tiny_llava, llava_sample):
+    parts = Parts.of(tiny_llava)
+    keys = torch.randn(1, parts.weight(1).shape[1], generator=torch.Generator().manual_seed(0))
+    delta = least_squares_update(keys, torch.zeros(1, parts.weight(1).shape[0]), torch.eye(keys.shape[1]))
+    before = logits_of(tiny_llava, llava_sample)
+    with Edit(tiny_llava, {1: delta}):
+        after = logits_of(tiny_llava, llava_sample)
+    assert torch.equal(before, after)
+
+
+def test_the_closed_form_equals_a_direct_least_squares_solve(tiny_llava, llava_sample):
+    """ΔW = R Kᵀ (C + K Kᵀ)⁻¹ with C = λ mean k kᵀ is the lstsq solution over stacked keys."""
+    parts = Parts.of(tiny_llava)
+    weight = parts.weight(0).detach().double()
+    ordinary_keys = []
+    hook = parts.projections[0].register_forward_pre_hook(lambda m, a: ordinary_keys.append(a[0][0]))
+    with torch.no_grad():
+        for seed in range(12):  # more ordinary keys than the projection has inputs
+            logits_of(tiny_llava, llava_sample.with_(image=random_image(seed)))
+    hook.remove()
+    k0 = torch.cat(ordinary_keys).double()  # [N, in]
+    weight_of_preserving = 7.0
+    covariance = weight_of_preserving * k0.T @ k0 / len(k0)
+    generator = torch.Generator().manual_seed(1)
+    keys = torch.randn(3, weight.shape[1], generator=generator, dtype=torch.float64)
+    values = torch.randn(3, weight.shape[0], generator=generator, dtype=torch.float64)
+    closed = least_squares_update(keys, values - keys @ weight.T, covariance).double()
+    # min |W' [K, s K0] - [V, s W K0]|² over W' (s² = λ / N), solved directly
+    scale = (weight_of_preserving / len(k0)) ** 0.5
+    inputs = torch.cat([keys, scale * k0])
+    targets = torch.cat([values, scale * k0 @ weight.T])
+    direct = torch.linalg.lstsq(inputs, targets).solution.T - weight
+    torch.testing.assert_close(closed, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_restoring_the_weights_returns_the_exact_original_logits(organism, ordinary):
+    sample = make_samples("fact", 1, seed=3)[0]
+    before = logits_of(organism, sample)
+    changed = edit(organism, [(sample, "avalor")], layers=(4,), preserve=ordinary, span="last", steps=5)
+    changed.apply()
+    assert not torch.equal(logits_of(organism, sample), before)
+    changed.restore()
+    assert torch.equal(logits_of(organism, sample), before)
+
+
+def test_edit_does_not_change_the_weights_until_applied(organism, ordinary):
+    sample = make_samples("fact", 1, seed=3)[0]
+    original = Parts.of(organism).weight(4).detach().clone()
+    edit(organism, [(sample, "avalor")], layers=(3, 4), preserve=ordinary, span="last", steps=5)
+    assert torch.equal(Parts.of(organism).weight(4), original)
+
+
+def test_an_edit_at_the_traced_layers_makes_the_organism_give_the_new_answers(organism, ordinary):
+    samples = make_samples("fact", 3, seed=11)
+    new = ["avalor" if s.answer != "avalor" else "brenmoor" for s in samples]
+    changed = edit(
+        organism, list(zip(samples, new, strict=True)), layers=(3, 4, 5), preserve=ordinary, span="last"
+    )
+    with changed:
+        said = [
+            organism.tokenizer.decode([int(logits_of(organism, s)[-1].argmax())]).strip() for s in samples
+        ]
+    assert said == new
+
+
+def test_an_edit_round_trips_through_zarr_with_its_provenance(organism, ordinary, tmp_path):
+    sample = make_samples("fact", 1, seed=3)[0]
+    changed = edit(organism, [(sample, "avalor")], layers=(4, 5), preserve=ordinary, span="last", steps=3)
+    vt.save(changed.to_dataset(), tmp_path / "edit.zarr")
+    loaded = Edit.from_dataset(organism, vt.open_result(tmp_path / "edit.zarr"))
+    assert loaded.layers == (4, 5) and all(torch.equal(loaded.deltas[x], changed.deltas[x]) for x in (4, 5))
+
+
+def test_the_recipes_specificity_set_is_disjoint_from_the_edit_set(organism):
+    from vlmtrace.recipes.multimodal_edit import default_samples, unrelated
+
+    samples = default_samples(organism, 8, seed=0)
+    entities = {s.meta["entity"] for s in samples}
+    specificity = unrelated(entities, 8, seed=0)
+    in_view = {(x["colour"], x["kind"]) for s in specificity for x in s.meta["scene"]}
+    assert specificity and not in_view & entities
+
+
+def test_evaluate_refuses_a_specificity_set_that_shares_an_edited_entity(organism, ordinary):
+    samples = make_samples("fact", 2, seed=3)
+    changed = Edit(organism, {4: torch.zeros_like(Parts.of(organism).weight(4))})
+    changed.attrs["requests"] = [{"prompt": "x", "image": None, "entity": list(samples[0].meta["entity"])}]
+    with pytest.raises(EditError, match="overlap the edit"):
+        check_disjoint(changed, [samples[1], samples[0]])
+
+
+def test_evaluate_reports_scores_side_by_side_with_the_unedited_model(organism, ordinary):
+    samples = make_samples("fact", 2, seed=11)
+    others = [s for s in make_samples("fact", 10, seed=12) if s.meta["entity"] != samples[0].meta["entity"]]
+    changed = edit(organism, [(samples[0], "avalor")], layers=(4, 5), preserve=ordinary, span="last")
+    ds = evaluate(organism, changed, efficacy=[samples[0].with_(answer="avalor")], generalisation=[],
+                  specificity=others[:4], seed=random.Random(0).randrange(10))  # fmt: skip
+    assert ds["score"].sel(metric="efficacy").values.tolist() == [0.0, 1.0]
+
+
+def test_edit_refuses_blip_style_models_naming_the_families_it_edits(tiny_blip, blip_sample):
+    with pytest.raises(EditError, match="BLIP-style"):
+        edit(tiny_blip, [(blip_sample, "rome")], layers=(0,), preserve=[blip_sample])
+
+
+def test_key_covariance_averages_over_every_token_of_the_ordinary_inputs(tiny_llava, llava_sample):
+    parts = Parts.of(tiny_llava)
+    covariance = key_covariance(tiny_llava, parts, [llava_sample, llava_sample], [0])[0]
+    seen = []
+    hook = parts.projections[0].register_forward_pre_hook(lambda m, a: seen.append(a[0][0]))
+    logits_of(tiny_llava, llava_sample)
+    hook.remove()
+    keys = seen[0].double()
+    torch.testing.assert_close(covariance, keys.T @ keys / len(keys))
