@@ -42,6 +42,7 @@ def names() -> list[str]:
         "notice",
         "information_flow",
         "universal_heads",
+        "multimodal_edit",
     ]
     return sorted(found, key=lambda n: (order.index(n) if n in order else len(order), n))
 
