@@ -65,6 +65,12 @@ WRITERS = {
     "CLEVR_v1.0/": layouts.clevr,
     "cocoqa/": layouts.coco_qa,
     "questions.jsonl": lambda root: layouts.table(root.parent / "table"),
+    "iconqa_data/": layouts.iconqa,
+    "finecops/annotations/test_coco_format.json": layouts.finecops,
+    "data_constraints/multimodal_known.csv": lambda csv: layouts.basu(csv.parent),
+    "zhang/GQA_val_correct_question_with_choose_ChooseAttr.csv": layouts.zhang_gqa,
+    "Datasets/color_coco_qa.csv": layouts.palit_coco_qa,
+    "Datasets/clevr_vqa_dataset_3.csv": layouts.palit_clevr,
 }
 
 
@@ -88,7 +94,7 @@ def test_every_readme_data_command_writes_a_store_with_traced_cells(tmp_path, co
     rest[rest.index("--data") + 1] = str(written)
     ds, output = run_recipe(tmp_path, recipe, *rest)
     assert ds.attrs["data"]["kept"] >= 8 and "data: read" in output
-    values = [v for v in ("mlp", "block", "knockout", "encoder", "decoder") if v in ds]
+    values = [v for v in ("mlp", "block", "knockout", "encoder", "decoder") if v in ds.data_vars]
     assert values and all(traced(ds, v) > 0 for v in values)
 
 
@@ -121,3 +127,46 @@ def test_replace_option_sets_the_phrase_of_every_sample(tmp_path):
         "visual=the red shape",
     )
     assert {s["replacements"]["visual"] for s in ds.attrs["data"]["samples"]} == {"the red shape"}
+
+
+def test_readme_has_a_command_for_every_layout():
+    assert {command[command.index("--data") + 1] for command in readme_commands()} == set(WRITERS)
+
+
+def test_missing_images_are_left_out_before_the_run_and_counted(tmp_path):
+    data = layouts.gqa(tmp_path / "gqa")
+    for image_id in ("n16003", "n16007"):
+        (data / "images" / f"{image_id}.jpg").unlink()
+    ds, output = run_recipe(tmp_path, "information_flow", "--data", str(data))
+    assert (
+        ds.attrs["data"]["left_out"] == {"image missing": 2} and traced(ds, "knockout") == ds["knockout"].size
+    )
+
+
+def test_a_run_whose_every_image_is_missing_fails_naming_the_reason(tmp_path):
+    data = layouts.gqa(tmp_path / "gqa")
+    for picture in (data / "images").iterdir():
+        picture.unlink()
+    result = CliRunner().invoke(
+        app, ["recipe", "information_flow", "--data", str(data), "--out", str(tmp_path / "x.zarr")]
+    )
+    assert result.exit_code != 0 and "image missing" in result.output
+
+
+@pytest.fixture(scope="module")
+def basu_visual_constraint(tmp_path_factory):
+    """visual_constraint on Basu et al.'s multimodal_known.csv (no answers in the file): the store."""
+    root = tmp_path_factory.mktemp("basu")
+    data = layouts.basu(root / "data_constraints")
+    return run_recipe(root, "visual_constraint", "--data", str(data), "--replace", "visual=this thing")[0]
+
+
+def test_basu_questions_are_traced_on_the_models_own_answers(basu_visual_constraint):
+    recorded = basu_visual_constraint.attrs["data"]["samples"]
+    assert {s["answer_source"] for s in recorded} == {"the model's prediction"} and all(
+        s["answer"] for s in recorded
+    )
+
+
+def test_basu_row_whose_constraint_is_not_in_its_question_is_left_out(basu_visual_constraint):
+    assert basu_visual_constraint.attrs["data"]["left_out"] == {"no span 'visual' to replace": 1}

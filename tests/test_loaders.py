@@ -7,6 +7,7 @@ import json
 import warnings
 from pathlib import Path
 
+import layouts
 import pytest
 from PIL import Image
 
@@ -616,3 +617,157 @@ def test_the_skip_warning_points_at_the_callers_line_not_inside_the_loaders(tmp_
             load_dataset(questions, spans={"s": "cube"})
     (warning,) = [w for w in caught if w.category is SkippedSamplesWarning]
     assert warning.filename == __file__
+
+
+# --- The seed papers' data and the datasets they used: IconQA, FineCops-Ref, Basu, Zhang, Palit ---
+
+
+def _by_id(samples):
+    return {s.id: s for s in samples}
+
+
+def test_iconqa_choice_question_shows_its_choices_and_answers_with_the_right_one(tmp_path):
+    sample = _by_id(load_dataset(layouts.iconqa(tmp_path / "iconqa_data")))["iconqa-101"]
+    assert (sample.prompt, sample.answer, sample.foil) == (
+        "How likely is it that you will pick a black one? Choices: certain, unlikely, impossible.",
+        "unlikely",
+        "certain",
+    )
+
+
+def test_iconqa_fill_in_blank_answer_is_its_text(tmp_path):
+    assert _by_id(load_dataset(layouts.iconqa(tmp_path / "iconqa_data")))["iconqa-202"].answer == "5"
+
+
+def test_iconqa_image_choice_problems_are_not_read(tmp_path):
+    assert "iconqa-300" not in _by_id(load_dataset(layouts.iconqa(tmp_path / "iconqa_data")))
+
+
+def test_iconqa_loads_from_the_inner_iconqa_folder_too(tmp_path):
+    layouts.iconqa(tmp_path / "iconqa_data")
+    assert len(load_dataset(tmp_path / "iconqa_data" / "iconqa")) == 12
+
+
+def test_finecops_positive_is_a_yes_question_with_its_expression_as_visual_span(tmp_path):
+    sample = _by_id(load_dataset(layouts.finecops(tmp_path / "f" / "annotations" / "test_coco_format.json")))
+    assert (sample["finecops-0"].prompt, sample["finecops-0"].answer, dict(sample["finecops-0"].spans)) == (
+        "Is there the red box on the left in the image?",
+        "yes",
+        {"visual": "the red box on the left"},
+    )
+
+
+def test_finecops_text_negative_is_the_positives_replacement(tmp_path):
+    sample = _by_id(load_dataset(layouts.finecops(tmp_path / "f" / "annotations" / "test_coco_format.json")))
+    assert sample["finecops-0"].replacements == {"visual": "the blue box on the left"}
+
+
+def test_finecops_image_negative_is_the_positives_image_pair(tmp_path):
+    sample = _by_id(load_dataset(layouts.finecops(tmp_path / "f" / "annotations" / "test_coco_format.json")))
+    assert (
+        sample["finecops-0"].image_pair is not None and sample["finecops-0"].meta["pair_id"] == "finecops-200"
+    )
+
+
+def test_finecops_negative_answers_no(tmp_path):
+    sample = _by_id(load_dataset(layouts.finecops(tmp_path / "f" / "annotations" / "test_coco_format.json")))
+    assert (sample["finecops-100"].answer, sample["finecops-100"].foil) == ("no", "yes")
+
+
+def test_finecops_box_becomes_the_object_region(tmp_path):
+    sample = _by_id(load_dataset(layouts.finecops(tmp_path / "f" / "annotations" / "test_coco_format.json")))
+    assert sample["finecops-0"].meta["regions"] == [(20.0, 10.0, 38.0, 26.0)]
+
+
+def test_basu_main_entity_is_the_visual_span_in_the_questions_own_words(tmp_path):
+    samples = load_dataset(layouts.basu(tmp_path / "data_constraints"))
+    assert [s.spans.get("visual") for s in samples[5:7]] == ["This application", "this place"]
+
+
+def test_basu_constraint_missing_from_its_question_gives_no_span(tmp_path):
+    assert load_dataset(layouts.basu(tmp_path / "data_constraints"))[9].spans == {}
+
+
+def test_basu_rows_without_answers_are_marked_for_the_models_own_answer(tmp_path):
+    sample = load_dataset(layouts.basu(tmp_path / "data_constraints"))[0]
+    assert (sample.answer, sample.meta["answer_from"]) == ("", "model")
+
+
+def test_basu_answer_column_is_used_when_given(tmp_path):
+    path = layouts.basu(tmp_path / "data_constraints")
+    rows = list(csv.reader(path.open()))
+    with path.open("w", newline="") as file:
+        csv.writer(file).writerows([rows[0] + ["answer"]] + [row + ["Seattle"] for row in rows[1:]])
+    assert load_dataset(path)[0].answer == "Seattle"
+
+
+def test_basu_image_url_naming_a_folder_opens_the_image_inside(tmp_path):
+    sample = load_dataset(layouts.basu(tmp_path / "data_constraints"))[0]
+    assert sample.meta["image"].endswith("A photo of Space Needle/Image_1.jpg")
+
+
+def test_zhang_central_object_box_becomes_the_region(tmp_path):
+    path = layouts.zhang_gqa(tmp_path / "zhang" / "GQA_val_correct_question_with_choose_ChooseAttr.csv")
+    assert load_dataset(path)[0].meta["regions"] == [(14.0, 18.0, 30.0, 30.0)]
+
+
+def test_zhang_false_option_is_the_foil(tmp_path):
+    path = layouts.zhang_gqa(tmp_path / "zhang" / "GQA_val_correct_question_with_choose_ChooseAttr.csv")
+    sample = load_dataset(path)[0]
+    assert (sample.answer, sample.foil) == ("red", "green")
+
+
+def test_zhang_question_ids_keep_their_leading_zeros(tmp_path):
+    path = layouts.zhang_gqa(tmp_path / "zhang" / "GQA_val_correct_question_with_choose_ChooseAttr.csv")
+    rows = list(csv.reader(path.open()))
+    rows[1][0] = "08213952"
+    with path.open("w", newline="") as file:
+        csv.writer(file).writerows(rows)
+    assert load_dataset(path)[0].id == "zhang_gqa-08213952"
+
+
+def test_zhang_object_name_is_what_the_object_finder_marks(tmp_path):
+    from vlmtrace.data.spans import object_span
+
+    path = layouts.zhang_gqa(tmp_path / "zhang" / "GQA_val_correct_question_with_choose_ChooseAttr.csv")
+    sample = load_dataset(path)[0]
+    assert object_span(sample.meta["question"], sample.meta) == "jar"
+
+
+def test_palit_coco_qa_rows_read_question_answer_and_coco_train_image(tmp_path):
+    sample = load_dataset(layouts.palit_coco_qa(tmp_path / "Datasets" / "color_coco_qa.csv"))[0]
+    assert (sample.prompt, sample.answer, Path(sample.meta["image"]).name) == (
+        "what is the color of the horses",
+        "brown",
+        "COCO_train2014_000000023004.jpg",
+    )
+
+
+def test_palit_clevr_row_becomes_one_yes_no_sample_per_question(tmp_path):
+    samples = load_dataset(layouts.palit_clevr(tmp_path / "Datasets" / "clevr_vqa_dataset_3.csv"))
+    assert len(samples) == 12 and [s.answer for s in samples[:2]] == ["yes", "no"]
+
+
+def test_palit_clevr_images_are_found_in_their_split_folder(tmp_path):
+    sample = load_dataset(layouts.palit_clevr(tmp_path / "Datasets" / "clevr_vqa_dataset_3.csv"))[0]
+    assert sample.meta["image"].endswith("images/val/CLEVR_val_000145.png")
+
+
+def test_missing_image_is_marked_not_raised_when_asked(tmp_path):
+    data = layouts.gqa(tmp_path / "gqa")
+    (data / "images" / "n16000.jpg").unlink()
+    sample = load_dataset(data, missing_images="mark")[0]
+    assert (sample.image, sample.meta["image_error"]) == (None, "image missing")
+
+
+def test_unreadable_image_is_marked_unreadable(tmp_path):
+    data = layouts.gqa(tmp_path / "gqa")
+    (data / "images" / "n16000.jpg").write_bytes(b"not an image")
+    assert load_dataset(data, missing_images="mark")[0].meta["image_error"] == "image unreadable"
+
+
+def test_missing_image_still_raises_by_default(tmp_path):
+    data = layouts.gqa(tmp_path / "gqa")
+    (data / "images" / "n16000.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="n16000.jpg"):
+        load_dataset(data)

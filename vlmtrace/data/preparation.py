@@ -11,15 +11,17 @@ never dies on sample 137 and a shorter data set never goes unnoticed:
     print(prepared.report())          # a table: kept, and each reason with a count and examples
     recipe.run(vlm, prepared.samples)
 
-Steps, per sample, in order: find the `--span`s in the question (`vlmtrace.data.spans`);
-replacement phrases (`--replace NAME=PHRASE`, else the file's own, else one drawn from the
-data set: another sample's span of the same name, of the same token count, with a different
-answer, as NOTICE builds STR pairs; the donor is recorded in `meta["replaced_from"]` and its
-answer becomes the foil); an image pair if the recipe needs one (another image with the same
-question and a different answer; VQA v2's complementary pairs are read by the loader); object
-regions mapped to the model's patch grid; the model's prompt (`vlmtrace.prompts`); and finally
-the encoding the engine will do (answer ids, segments, both sides of each span replacement),
-whose errors become reasons. `prepare` fails only when nothing is left.
+Steps, per sample, in order: leave out a sample whose image is missing or unreadable (the loader
+marks it instead of raising); find the `--span`s in the question (`vlmtrace.data.spans`); the
+model's own answer where the data set publishes none (Basu et al.'s CSVs:
+`vlmtrace.data.own_answers`, one clean forward each); replacement phrases (`--replace NAME=PHRASE`,
+else the file's own, else one drawn from the data set: another sample's span of the same name, of
+the same token count, with a different answer, as NOTICE builds STR pairs; the donor is recorded in
+`meta["replaced_from"]` and its answer becomes the foil); an image pair if the recipe needs one
+(another image with the same question and a different answer; VQA v2's complementary pairs are read
+by the loader); object regions mapped to the model's patch grid; the model's prompt
+(`vlmtrace.prompts`); and finally the encoding the engine will do (answer ids, segments, both sides
+of each span replacement), whose errors become reasons. `prepare` fails only when nothing is left.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class Prepared:
             "samples": [
                 {
                     "id": s.id,
+                    "answer": s.answer,
+                    "answer_source": s.meta.get("answer_source", "data"),  # or the model's own prediction
                     "spans": dict(s.spans),
                     "replacements": dict(s.replacements),
                     "replaced_from": dict(s.meta.get("replaced_from", {})),
@@ -99,7 +103,7 @@ def prepare(
     """
     finders = parse_span_options(spans)
     phrases = parse_pairs(replace, "--replace")
-    loaded = load_dataset(path, n=max(n * LOAD_FACTOR, n + 32))
+    loaded = load_dataset(path, n=max(n * LOAD_FACTOR, n + 32), missing_images="mark")
     left_out: dict[str, list[str]] = {}
 
     def leave(sample: Sample, reason: str) -> None:
@@ -107,12 +111,16 @@ def prepare(
 
     with_spans = []
     for sample in loaded:
+        if "image_error" in sample.meta:  # "image missing" / "image unreadable", marked by the loader
+            leave(sample, sample.meta["image_error"])
+            continue
         question = sample.meta.get("question", sample.prompt)
         found, reason = find_spans(finders, question, sample.meta)
         if reason is not None:
             leave(sample, reason)
             continue
         with_spans.append(sample.with_(spans={**sample.spans, **found}))
+    with_spans = _own_answers(vlm, with_spans, template, leave)
     wanted = tuple(getattr(needs, "replacements", ()) or ())
     ready = _replacements(vlm, with_spans, wanted, phrases, seed, leave)
     if getattr(needs, "image_pair", False):
@@ -145,6 +153,30 @@ def prepare(
             "or data with what the recipe needs."
         )
     return prepared
+
+
+def _own_answers(vlm, samples: list[Sample], template: str | None, leave) -> list[Sample]:
+    """The model's prediction as the answer of samples whose data set gives none (before STR draws)."""
+    from ..prompts import PromptTemplateError, for_model
+    from .own_answers import needs_own_answer, own_answers
+
+    out = []
+    for sample in samples:
+        if needs_own_answer(sample):
+            try:
+                prompted = for_model(vlm, [sample], template=template)[0]
+            except PromptTemplateError as error:
+                if "before the question" not in str(error):
+                    raise
+                leave(sample, "a span's words also occur in the prompt template before the question")
+                continue
+            answered, reasons = own_answers(vlm, [prompted])
+            if reasons:
+                leave(sample, reasons[sample.id])
+                continue
+            sample = answered[0]
+        out.append(sample)
+    return out
 
 
 def _first_clause(error: BaseException) -> str:

@@ -6,7 +6,8 @@ Zhang et al.: the object a GQA question is about). `--span NAME=PATTERN` names t
 
     --span visual=@demonstrative       # "this place", "these animals"
     --span textual=@year               # "2006" (@number: any number)
-    --span object=@object              # GQA: the annotated object words; CLEVR: the program's object
+    --span object=@object              # GQA: the annotated object words; CLEVR: the program's object;
+                                       # Zhang et al.'s GQA CSVs: the object name the row gives
     --span visual='the (red|blue) \\w+' # a regex (case-insensitive); its first whole-word match
     --span visual='this place'          # a phrase is a regex that matches itself
 
@@ -91,10 +92,21 @@ def clevr_object(question: str, meta: Mapping[str, Any]) -> str | None:
     return None
 
 
+def named_object(question: str, meta: Mapping[str, Any]) -> str | None:
+    """The first of `meta["object_names"]` (Zhang et al.'s object columns) that the question says."""
+    for name in meta.get("object_names") or []:
+        match = re.search(rf"(?<!\w){re.escape(str(name))}(?!\w)", question, re.IGNORECASE)
+        if match:
+            return match.group(0)
+    return None
+
+
 def object_span(question: str, meta: Mapping[str, Any]) -> str | None:
-    """GQA's annotated object, else CLEVR's program object."""
+    """GQA's annotated object, else the object a row names, else CLEVR's program object."""
     if meta.get("annotations"):
         return gqa_object(question, meta)
+    if meta.get("object_names"):
+        return named_object(question, meta)
     if meta.get("program") is not None:
         return clevr_object(question, meta)
     return None

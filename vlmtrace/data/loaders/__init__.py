@@ -20,8 +20,9 @@ Choices every loader shares:
   function question -> mapping. A question whose prompt lacks a requested span is skipped, and a
   single `SkippedSamplesWarning` says how many were.
 - `n` keeps the first n samples in file order (after skipping); only their images are opened.
-- A missing or unreadable image raises an error naming the image and the dataset file. It is
-  never skipped: a silently shorter data set changes results without a trace.
+- A missing or unreadable image raises an error naming the image and the dataset file: a silently
+  shorter data set changes results without a trace. `missing_images="mark"` keeps the sample
+  marked instead, for `vlmtrace.data.preparation` to leave out and count in its table.
 - Ids are "{dataset}-{question id}" ("vqa_v2-262148000"); they become the `sample` coordinate.
 
 Layouts `load_dataset` recognises (IMAGES is DIR/images if that folder exists, else DIR):
@@ -37,9 +38,23 @@ Layouts `load_dataset` recognises (IMAGES is DIR/images if that folder exists, e
 A directory with several question files (train and val, say) is ambiguous: pass the question
 file itself as PATH (DIR/questions/CLEVR_val_questions.json).
 
-One module per format (`vqa`, `gqa`, `clevr`, `cocoqa`, `table`), each reading its layout into the
-records that `question` turns into `Sample`s; `coco_images` finds COCO images by id for VQA v2 and
-COCO-QA. This module recognises a layout and calls the format's loader.
+The seed papers' own data, recognised by their published names and columns:
+- IconQA: DIR/iconqa/{split}/{choose_txt,fill_in_blank}/{pid}/ (data.json, image.png); DIR is
+  iconqa_data (or iconqa_data/iconqa).
+- FineCops-Ref: its COCO-format annotations JSON (images with captions); GQA images in ROOT/gqa,
+  ROOT/images or ROOT, ROOT being the JSON's folder (its parent if that is annotations/).
+- Basu et al.'s constraint CSVs (question, main_entity, image_url); images as `image_url` says,
+  relative to the CSV's folder (or images/ beside it).
+- Zhang et al.'s GQA subset CSVs (question_id, img_id, question, answer, object columns); GQA
+  images {img_id}.jpg in IMAGES of the CSV's folder.
+- Palit et al.'s COCO-QA CSVs (train_image_id_count, question_count, answer_count; COCO images in
+  IMAGES) and CLEVR CSV (Image_IDs, Questions_Answers; {Image_IDs}.png in IMAGES or IMAGES/val).
+Any other CSV is a table.
+
+One module per format (`vqa`, `gqa`, `clevr`, `cocoqa`, `table`, `iconqa`, `finecops`, `basu`,
+`zhang_gqa`, `palit`), each reading its layout into the records that `question` turns into
+`Sample`s; `coco_images` finds COCO images by id for VQA v2 and COCO-QA. This module recognises a
+layout and calls the format's loader.
 """
 
 from __future__ import annotations
@@ -49,12 +64,25 @@ from pathlib import Path
 from typing import Any
 
 from ..sample import Sample
+from .basu import load_basu_constraints
 from .clevr import load_clevr
 from .cocoqa import _COCO_QA_FILES, load_coco_qa
+from .finecops import is_finecops, load_finecops_ref
 from .gqa import load_gqa
-from .question import DEFAULT_TEMPLATE, DatasetError, SkippedSamplesWarning, SpanRequest
+from .iconqa import iconqa_root, load_iconqa
+from .palit import load_palit_clevr, load_palit_coco_qa
+from .question import (
+    DEFAULT_TEMPLATE,
+    DatasetError,
+    MissingImages,
+    SkippedSamplesWarning,
+    SpanRequest,
+    csv_header,
+    read_json,
+)
 from .table import load_table
 from .vqa import load_vqa_v2
+from .zhang_gqa import load_zhang_gqa
 
 _LAYOUTS = """\
   table:   PATH.jsonl or PATH.csv with image, question (or prompt) and answer per row
@@ -62,7 +90,12 @@ _LAYOUTS = """\
   GQA:     DIR/{split}_balanced_questions.json; images DIR/images/{imageId}.jpg
   CLEVR:   DIR/questions/CLEVR_{split}_questions.json; images DIR/images/{split}/
   COCO-QA: DIR/test/ or DIR/train/ with questions.txt answers.txt img_ids.txt types.txt;
-           COCO images in DIR/images (or DIR)"""
+           COCO images in DIR/images (or DIR)
+  IconQA:  iconqa_data/ (iconqa/{split}/{task}/{pid}/data.json and image.png)
+  FineCops-Ref: ROOT/annotations/*_coco_format.json; GQA images in ROOT/gqa (or ROOT/images)
+  Basu et al.:  data_constraints/*.csv (question, main_entity, image_url); images as image_url says
+  Zhang et al.: GQA_val_correct_question_with_*.csv; GQA images in DIR/images (or DIR)
+  Palit et al.: *_coco_qa.csv (COCO images) or clevr_vqa_dataset_*.csv (CLEVR images) in DIR/images"""
 
 _CLEVR_FILE = re.compile(r"^CLEVR_\w+_questions\.json$")
 _GQA_FILE = re.compile(r"^\w+_balanced_questions\.json$")
@@ -76,29 +109,52 @@ def load_dataset(
     n: int | None = None,
     prompt_template: str | None = None,
     spans: SpanRequest | None = None,
+    missing_images: MissingImages = "raise",
 ) -> list[Sample]:
     """Samples from a table file, a dataset directory or a dataset's question file, by its layout.
 
     The layouts are listed in this module's docstring. `prompt_template` None is the bare question.
+    `missing_images="mark"` marks samples whose image is missing instead of raising.
     """
     path = Path(path)
+    if missing_images not in ("raise", "mark"):
+        raise ValueError(f'missing_images is "raise" or "mark"; got {missing_images!r}.')
     options: dict[str, Any] = {
         "n": n,
         "prompt_template": DEFAULT_TEMPLATE if prompt_template is None else prompt_template,
         "spans": spans,
+        "missing_images": missing_images,
     }
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a dataset in one of these layouts:\n{_LAYOUTS}")
     if path.is_dir():
         return _load_directory(path, options)
-    if path.suffix.lower() in (".jsonl", ".csv"):
+    if path.suffix.lower() == ".csv":
+        return _load_csv(path, options)
+    if path.suffix.lower() == ".jsonl":
         return load_table(path, **options)
     if path.suffix.lower() == ".json":
         return _load_question_file(path, options)
     raise DatasetError(f"{path} is in no layout vlmtrace reads. Accepted layouts:\n{_LAYOUTS}")
 
 
+def _load_csv(file: Path, options: dict[str, Any]) -> list[Sample]:
+    """A seed paper's CSV, recognised by its columns; any other CSV is a table."""
+    columns = set(csv_header(file))
+    if {"question", "main_entity", "image_url"} <= columns:
+        return load_basu_constraints(file, **options)
+    if {"question_id", "img_id", "question", "answer"} <= columns:
+        return load_zhang_gqa(file, _images(file.parent), **options)
+    if {"train_image_id_count", "question_count", "answer_count"} <= columns:
+        return load_palit_coco_qa(file, _images(file.parent), **options)
+    if {"Image_IDs", "Questions_Answers"} <= columns:
+        return load_palit_clevr(file, _images(file.parent), **options)
+    return load_table(file, **options)
+
+
 def _load_directory(root: Path, options: dict[str, Any]) -> list[Sample]:
+    if iconqa_root(root) is not None:
+        return load_iconqa(root, **options)
     for split in ("test", "train"):
         if (root / split / "questions.txt").is_file():
             return load_coco_qa(root, image_dir=_images(root), split=split, **options)
@@ -126,6 +182,9 @@ def _load_question_file(file: Path, options: dict[str, Any]) -> list[Sample]:
         return load_gqa(file, _images(root), **options)
     if kind == "vqa_v2":
         return load_vqa_v2(file, _vqa_annotations(file), _images(root), **options)
+    if is_finecops(read_json(file, "dataset")):
+        root = file.parent.parent if file.parent.name == "annotations" else file.parent
+        return load_finecops_ref(file, root / "gqa" if (root / "gqa").is_dir() else _images(root), **options)
     raise DatasetError(
         f"{file} is not a question file of a known layout (its name decides). Accepted layouts:\n{_LAYOUTS}"
     )
@@ -174,10 +233,17 @@ __all__ = [
     "DatasetError",
     "SkippedSamplesWarning",
     "SpanRequest",
+    "MissingImages",
+    "load_basu_constraints",
     "load_clevr",
     "load_coco_qa",
     "load_dataset",
+    "load_finecops_ref",
     "load_gqa",
+    "load_iconqa",
+    "load_palit_clevr",
+    "load_palit_coco_qa",
     "load_table",
     "load_vqa_v2",
+    "load_zhang_gqa",
 ]

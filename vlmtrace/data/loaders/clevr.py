@@ -15,6 +15,7 @@ from ..sample import Sample
 from .question import (
     DEFAULT_TEMPLATE,
     DatasetError,
+    MissingImages,
     RawQuestion,
     SpanRequest,
     assemble,
@@ -33,6 +34,7 @@ def load_clevr(
     n: int | None = None,
     prompt_template: str = DEFAULT_TEMPLATE,
     spans: SpanRequest | None = None,
+    missing_images: MissingImages = "raise",
 ) -> list[Sample]:
     """CLEVR questions (also CLEVR-CoGenT), images image_dir/{image_filename} or image_dir/{split}/...
 
@@ -77,7 +79,13 @@ def load_clevr(
 
     hint = "CLEVR images lie in images/{split}/; pass CLEVR_v1.0/images or the split's folder."
     return assemble(
-        read(), source=questions_json, n=n, prompt_template=prompt_template, spans=spans, hint=hint
+        read(),
+        source=questions_json,
+        n=n,
+        prompt_template=prompt_template,
+        spans=spans,
+        hint=hint,
+        missing_images=missing_images,
     )
 
 

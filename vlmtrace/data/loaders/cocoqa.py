@@ -17,6 +17,7 @@ from .coco_images import CocoImages
 from .question import (
     DEFAULT_TEMPLATE,
     DatasetError,
+    MissingImages,
     RawQuestion,
     SpanRequest,
     assemble,
@@ -36,6 +37,7 @@ def load_coco_qa(
     n: int | None = None,
     prompt_template: str = DEFAULT_TEMPLATE,
     spans: SpanRequest | None = None,
+    missing_images: MissingImages = "raise",
 ) -> list[Sample]:
     """COCO-QA: parallel text files in directory/{split}/, one line per question, COCO images.
 
@@ -79,5 +81,11 @@ def load_coco_qa(
 
     hint = "COCO-QA uses COCO 2014 images (COCO_train2014_/COCO_val2014_{image_id:012d}.jpg)."
     return assemble(
-        read(), source=paths["questions"], n=n, prompt_template=prompt_template, spans=spans, hint=hint
+        read(),
+        source=paths["questions"],
+        n=n,
+        prompt_template=prompt_template,
+        spans=spans,
+        hint=hint,
+        missing_images=missing_images,
     )

@@ -16,6 +16,7 @@ from ..sample import Sample
 from .question import (
     DEFAULT_TEMPLATE,
     DatasetError,
+    MissingImages,
     RawQuestion,
     SpanRequest,
     assemble,
@@ -34,6 +35,7 @@ def load_gqa(
     n: int | None = None,
     prompt_template: str = DEFAULT_TEMPLATE,
     spans: SpanRequest | None = None,
+    missing_images: MissingImages = "raise",
 ) -> list[Sample]:
     """GQA questions (the balanced files: a JSON object keyed by question id), images {imageId}.jpg.
 
@@ -76,7 +78,13 @@ def load_gqa(
 
     hint = "GQA images are named {imageId}.jpg; pass the folder images.zip unpacks to."
     return assemble(
-        read(), source=questions_json, n=n, prompt_template=prompt_template, spans=spans, hint=hint
+        read(),
+        source=questions_json,
+        n=n,
+        prompt_template=prompt_template,
+        spans=spans,
+        hint=hint,
+        missing_images=missing_images,
     )
 
 

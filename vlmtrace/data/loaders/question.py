@@ -14,6 +14,7 @@ input with the same messages.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import string
@@ -22,7 +23,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
@@ -34,6 +35,11 @@ DEFAULT_TEMPLATE = "{question}"
 
 SpanRequest = Mapping[str, str] | Callable[[str], Mapping[str, str] | None]
 """Constraint spans to mark: fixed texts by name, or a function of the raw question."""
+
+MissingImages = Literal["raise", "mark"]
+"""What a loader does with an image that is missing or unreadable: "raise" an error naming it (the
+default: a silently shorter data set changes results), or "mark" the sample (image None and
+`meta["image_error"]` saying why) for `vlmtrace.data.preparation` to leave out and count."""
 
 
 class DatasetError(UserError):
@@ -68,6 +74,7 @@ def assemble(
     prompt_template: str,
     spans: SpanRequest | None,
     hint: str,
+    missing_images: MissingImages = "raise",
 ) -> list[Sample]:
     """Prompts, spans and images for the first n questions that have every requested span."""
     samples: list[Sample] = []
@@ -98,16 +105,19 @@ def assemble(
                 f"sample {question.id} in {source} has replacements for {unmatched} but no span of that "
                 f"name (spans: {sorted(marked)}); add the span or drop the replacement."
             )
+        errors: dict[str, str] = {}  # "image_error" when an image is marked missing, not raised
+        opened, pair = (
+            _image_or_mark(path, question.id, source, hint, missing_images, errors)
+            for path in (question.image, question.image_pair)
+        )
         samples.append(
             Sample(
                 prompt=prompt,
                 answer=question.answer,
-                image=_open_image(question.image, question.id, source, hint),
+                image=opened,
                 spans=marked,
                 replacements=dict(question.replacements),
-                image_pair=None
-                if question.image_pair is None
-                else _open_image(question.image_pair, question.id, source, hint),
+                image_pair=pair,
                 foil=question.foil,
                 id=question.id,
                 meta={
@@ -115,6 +125,7 @@ def assemble(
                     "image": str(question.image),
                     **({"verbatim_prompt": True} if question.prompt is not None else {}),
                     **question.meta,
+                    **errors,
                 },
             )
         )
@@ -173,6 +184,26 @@ def _open_image(path: Path, sample_id: str, source: Path, hint: str) -> Image.Im
             f"image {path} of sample {sample_id} in {source} cannot be read ({error}); replace the "
             "file or remove the question from the dataset."
         ) from error
+
+
+def _image_or_mark(
+    path: Path | None, sample_id: str, source: Path, hint: str, missing: MissingImages, errors: dict
+) -> Image.Image | None:
+    """The opened image; None with `errors["image_error"]` set when it fails and `missing` is "mark"."""
+    if path is None:
+        return None
+    try:
+        return _open_image(path, sample_id, source, hint)
+    except (FileNotFoundError, DatasetError) as error:
+        if missing == "raise":
+            raise
+        errors.setdefault("image_error", _image_problem(error))
+        return None
+
+
+def _image_problem(error: BaseException) -> str:
+    """The reason a marked sample is left out for: its image is missing, or cannot be read."""
+    return "image missing" if isinstance(error, FileNotFoundError) else "image unreadable"
 
 
 def check_options(n: int | None, prompt_template: str, spans: SpanRequest | None) -> None:
@@ -240,3 +271,24 @@ def require_dir(path: str | Path, what: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"{what} folder {path} does not exist; pass the folder holding the images.")
     return path
+
+
+def csv_header(path: Path) -> list[str]:
+    """The column names of a CSV file (its first row), [] for an empty file."""
+    with path.open(encoding="utf-8-sig", newline="") as file:  # -sig: spreadsheets write a BOM
+        return next(csv.reader(file), [])
+
+
+def csv_rows(path: Path, what: str, columns: Iterable[str]) -> list[dict[str, str]]:
+    """The rows of a CSV file as column -> cell, after checking that it has `columns`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist.")
+    with path.open(encoding="utf-8-sig", newline="") as file:
+        reader = csv.DictReader(file)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DatasetError(
+                f"{path} is not {what}: it has no column {', '.join(map(repr, missing))} "
+                f"(its columns: {reader.fieldnames}); pass the file as its release publishes it."
+            )
+        return list(reader)

@@ -19,6 +19,7 @@ from ..sample import Sample
 from .question import (
     DEFAULT_TEMPLATE,
     DatasetError,
+    MissingImages,
     RawQuestion,
     SpanRequest,
     assemble,
@@ -35,6 +36,7 @@ def load_table(
     n: int | None = None,
     prompt_template: str = DEFAULT_TEMPLATE,
     spans: SpanRequest | None = None,
+    missing_images: MissingImages = "raise",
 ) -> list[Sample]:
     """Your own questions: a JSONL or CSV file, one sample per row.
 
@@ -72,7 +74,15 @@ def load_table(
             yield _table_question(record, path=path, where=where, index=index)
 
     hint = "image paths in a table are relative to the table's folder."
-    return assemble(read(), source=path, n=n, prompt_template=prompt_template, spans=spans, hint=hint)
+    return assemble(
+        read(),
+        source=path,
+        n=n,
+        prompt_template=prompt_template,
+        spans=spans,
+        hint=hint,
+        missing_images=missing_images,
+    )
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

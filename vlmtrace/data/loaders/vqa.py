@@ -19,6 +19,7 @@ from .coco_images import CocoImages
 from .question import (
     DEFAULT_TEMPLATE,
     DatasetError,
+    MissingImages,
     RawQuestion,
     SpanRequest,
     assemble,
@@ -40,6 +41,7 @@ def load_vqa_v2(
     n: int | None = None,
     prompt_template: str = DEFAULT_TEMPLATE,
     spans: SpanRequest | None = None,
+    missing_images: MissingImages = "raise",
 ) -> list[Sample]:
     """VQA v2 questions with their consensus answer (`multiple_choice_answer`).
 
@@ -105,7 +107,13 @@ def load_vqa_v2(
         "image folder or a folder inside it; pass the COCO image folder of the questions' split."
     )
     return assemble(
-        read(), source=questions_json, n=n, prompt_template=prompt_template, spans=spans, hint=hint
+        read(),
+        source=questions_json,
+        n=n,
+        prompt_template=prompt_template,
+        spans=spans,
+        hint=hint,
+        missing_images=missing_images,
     )
 
 
