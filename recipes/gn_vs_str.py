@@ -118,6 +118,9 @@ def summary(ds: xr.Dataset) -> str:
         peaks = []
         for corruption, values in (("GN", gn), ("STR", st)):
             cell = mean.sel(corruption="str", metric=metric)
+            if not np.isfinite(values).any():  # clean == corrupted on every sample: nothing to normalise
+                peaks.append(f"{corruption} no finite normalised effect")
+                continue
             layer, segment = np.unravel_index(int(np.nanargmax(values)), cell.shape)
             peaks.append(f"{corruption} peak L{int(cell['layer'][layer])}/{cell['segment'].values[segment]}")
         lines.append(f"{metric}: GN vs STR map correlation r={r:+.2f}; " + ", ".join(peaks))

@@ -111,7 +111,7 @@ def recipe(
     if data is not None:  # read (and check) the data before any weights load
         from ..data.loaders import load_dataset
 
-        samples = load_dataset(data, n=n_samples)
+        samples = load_dataset(data, n=n_samples, missing_images="mark")  # left out by prepare, counted
     check_model_source(model_name)
     set_threads(threads, model_name)
     quiet_transformers()
