@@ -45,10 +45,10 @@ import numpy as np
 import torch
 import xarray as xr
 
-from . import layouts
 from .corruptions import Corruption
 from .data.sample import Sample
 from .forward import SEQUENCE_FIELDS, _activation, _noise, driver, envoy_at, stack_rows
+from .layouts import rows_view
 from .metrics import KL, Metric, Probability
 from .models.adapter import Stack
 from .models.load import VLM
@@ -249,8 +249,8 @@ def _gradient_terms(
                 with scored.sum().backward():
                     for key, hook, live in reversed(captured):  # autograd reaches them latest first
                         name = hook.path or "<layer>"
-                        activation = layouts.rows_view(live, hook.layout, rows=rows, width=width, hook=name)
-                        grad = layouts.rows_view(live.grad, hook.layout, rows=rows, width=width, hook=name)
+                        activation = rows_view(live, hook.layout, rows=rows, width=width, hook=name)
+                        grad = rows_view(live.grad, hook.layout, rows=rows, width=width, hook=name)
                         if direction == "denoise":  # gradient at the corrupted rows, towards clean
                             delta = activation[:1, clean_at] - activation[1:, corrupt_at]
                             product = grad[1:, corrupt_at].float() * delta.float()

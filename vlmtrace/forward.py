@@ -18,6 +18,7 @@ mask, heads, attention, cross-attention, MLP, block), as nnsight requires.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from . import layouts
+from .layouts import add_noise, patch_through_layout
 from .metrics import Metric
 from .models.adapter import AdapterMismatchError, Hook, Stack
 from .models.load import VLM
@@ -202,7 +203,7 @@ def _activation(envoy, hook: Hook):
 
 
 def _apply_patch(x: torch.Tensor, index: PatchIndex, hook: Hook, rows: int, width: int, n_heads: int) -> None:
-    layouts.patch(
+    patch_through_layout(
         x,
         hook.layout,
         rows=rows,
@@ -245,7 +246,7 @@ def _knocked_mask(mask, index: KnockIndex, rows: int, queries: int, keys: int, c
 
 def _noise(plan: NoisePlan, x: torch.Tensor, rows: int, width: int) -> None:
     """Seeded Gaussian noise on the corrupted rows' embeddings, through the hook's layout."""
-    layouts.add_noise(
+    add_noise(
         x,
         plan.hook.layout,
         rows=rows,
@@ -392,7 +393,15 @@ class Prefix:
 
 
 def _forward_keeping_cache(model: torch.nn.Module, **batch: torch.Tensor) -> Any:
-    return model(**batch, use_cache=True).past_key_values
+    """The forward, returning a full KV cache of every position.
+
+    An explicit `DynamicCache` keeps every key: the cache a model makes for itself may keep
+    only a sliding window's last keys (Gemma 3), which a resume by position would misread.
+    """
+    from transformers import DynamicCache
+
+    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return model(**batch, use_cache=True, **{keyword: DynamicCache()}).past_key_values
 
 
 def baseline_prefix(vlm: VLM, stack: Stack, batch: dict, edits: Edits, *, keys_values: bool) -> Prefix:

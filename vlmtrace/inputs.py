@@ -84,9 +84,9 @@ def scored_answer_ids(vlm: VLM, prompt: str, answer: str, *, whole: bool) -> tup
 def with_forced_tokens(row: dict, forced: list[int], inputs) -> dict:
     """Append teacher-forced answer tokens to every per-token input of the prompt.
 
-    `input_ids` get the tokens; every other per-token input repeats its last position's value
-    (the attention mask's 1, a text token type, Mllama's last cross-attention row), so each
-    input keeps one entry per token, as the adapter declares.
+    `input_ids` get the tokens; every other per-token input takes its declared `Input.forced`
+    value or repeats its last position's (the attention mask's 1, a text token type, Mllama's
+    last cross-attention row), so each input keeps one entry per token, as the adapter declares.
     """
     row = dict(row)
     for name, spec in inputs.items():
@@ -95,6 +95,8 @@ def with_forced_tokens(row: dict, forced: list[int], inputs) -> dict:
         value = row[name]
         if name == "input_ids":
             extra = torch.tensor(forced, dtype=value.dtype)
+        elif spec.forced is not None:
+            extra = torch.full((len(forced), *value.shape[1:]), spec.forced, dtype=value.dtype)
         else:
             extra = value[-1:].expand(len(forced), *value.shape[1:])
         row[name] = torch.cat([value, extra.to(value.dtype)])

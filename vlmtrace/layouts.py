@@ -16,7 +16,8 @@ and both shapes when they disagree.
 
 These functions run inside nnsight traces, possibly on a remote server that has no vlmtrace
 installed (`vlmtrace.remote.client.ENGINE_MODULES` ships this module by value): they use
-torch and plain Python values only.
+torch and plain Python values only, and callers import them by name (a module object named
+in a trace would be pickled by reference, and the server cannot import it).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def heads_view(x: torch.Tensor, n_heads: int, *, hook: str) -> torch.Tensor:
     return x.view(*x.shape[:-1], n_heads, x.shape[-1] // n_heads)
 
 
-def patch(
+def patch_through_layout(
     x: torch.Tensor,
     layout: str,
     *,

@@ -78,11 +78,20 @@ class Input:
     pad_rows: bool = False
     """For `row` inputs: rows may differ in their first dimension (tiles of images of other
     sizes) and are zero-padded to the longest, as the family's processor pads them."""
+    forced: int | None = None
+    """For `token` inputs: the value at teacher-forced answer tokens appended to the prompt
+    (whole-answer metrics); None repeats the prompt's last value. PaliGemma marks its answer
+    suffix with token type 1, so the answer stays causal after a bidirectional prefix."""
 
 
-def token(sequence: Literal["prompt", "decoder"] = "prompt", pad: int | Literal["pad_token"] = 0) -> Input:
+def token(
+    sequence: Literal["prompt", "decoder"] = "prompt",
+    pad: int | Literal["pad_token"] = 0,
+    *,
+    forced: int | None = None,
+) -> Input:
     """A per-token input, left-padded with its sequence."""
-    return Input("token", sequence, pad)
+    return Input("token", sequence, pad, forced=forced)
 
 
 IDS = token(pad="pad_token")

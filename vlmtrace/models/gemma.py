@@ -95,7 +95,8 @@ PALIGEMMA = Adapter(
         "tokens": Hook("model.language_model.embed_tokens"),
         "image": Hook("model.multi_modal_projector"),
     },
-    inputs={"input_ids": IDS, "attention_mask": MASK, "token_type_ids": token(), "pixel_values": ROW},
+    # forced answer tokens are the causal suffix (type 1), as PaliGemmaProcessor(suffix=...) marks them
+    inputs={"input_ids": IDS, "attention_mask": MASK, "token_type_ids": token(forced=1), "pixel_values": ROW},
     keeps_last_logits=True,
     image_in_sequence=True,
     encode=encode_prefix,
