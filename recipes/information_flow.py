@@ -32,26 +32,33 @@ from vlmtrace.stats import bootstrap_mean
 
 DESCRIPTION = "Zhang et al.: attention knockout image->question, object->question, image+question->last"
 DEFAULT_MODEL = "shapes-llava"
-ORGANISMS = ("shapes-llava",)
+ORGANISMS = ("shapes-llava", "shapes-qwen")
 NEEDS = Needs()
 FAMILY = "fact"
 WINDOWS = (1, 3)
 QUESTION = ("question", "visual", "textual")
+OBJECT_REGIONS = True  # --data keeps only samples whose object region maps to image tokens
 
 
 def object_region(sample: vt.Sample, segments: Segments) -> list[int]:
-    """Image-token positions of the patch that holds the selected object (synthetic scenes).
+    """Image-token positions of the patches that hold the question's object.
 
-    Scenes place each object's centre in one cell of the vision tower's patch grid, and image
+    Real data: the dataset's boxes, mapped to patch cells when loaded (`vlmtrace.data.regions`).
+    Synthetic scenes place each object's centre in one cell of the vision tower's patch grid, and image
     tokens follow the patches in row-major order, so the cell names the token.
     """
     from vlmtrace.data.drawing import GRID
+    from vlmtrace.data.regions import RegionError, cell_positions
 
+    if "region_cells" in sample.meta:  # real data: boxes mapped to the model's patch grid on loading
+        return cell_positions(sample.meta["region_cells"], sample.meta["region_grid"], segments)
     if "selected" not in sample.meta:
-        return []
+        raise RegionError(
+            f"sample {sample.id!r} names no object region, so object->question would block nothing; "
+            "load GQA with its scene graphs or CLEVR with its scenes (see README, Your own data)."
+        )
     row, column = sample.meta["scene"][sample.meta["selected"]]["cell"]
-    image = segments.positions("image")
-    return [image[row * GRID + column]]
+    return cell_positions([(row, column)], GRID, segments)
 
 
 BLOCKS = {

@@ -77,6 +77,28 @@ def recipe(
             help="Skip the layers and positions below each cell's first patch (same results; local runs)."
         ),
     ] = False,
+    span: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=PATTERN: mark a constraint span in each question of --data: a phrase or regex (first "
+            "whole-word match) or @demonstrative, @year, @number, @object. Repeatable."
+        ),
+    ] = None,
+    replace_phrase: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--replace",
+            help="NAME=PHRASE: the replacement of span NAME (ReplaceSpan). Without it, a phrase of the same "
+            "token count with another answer is drawn from the data (STR). Repeatable.",
+        ),
+    ] = None,
+    prompt_template: Annotated[
+        str | None,
+        typer.Option(
+            help="Prompt for --data questions, with {question} and {image}, e.g. 'USER: {image}\n{question} "
+            "ASSISTANT:'. Default: the processor's chat template, else the family's documented prompt."
+        ),
+    ] = None,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -102,7 +124,7 @@ def recipe(
     # Everything below the checks imports torch; the checks above answer at once.
     from ..models.load import load
     from ..report import write_report
-    from ..results import save
+    from ..store import assemble
     from .hub import check_model_source
 
     module = registry.get(name)
@@ -135,6 +157,22 @@ def recipe(
         vlm = load(model_name, device=device)
     if data is None:
         samples = module.default_samples(vlm, n=n_samples, seed=seed)
+    else:  # the model's prompts, spans, replacements, pairs; what cannot be traced is left out
+        from ..data.preparation import prepare
+
+        prepared = prepare(
+            vlm,
+            data,
+            needs=getattr(module, "NEEDS", None),
+            n=n_samples,
+            spans=span or (),
+            replace=replace_phrase or (),
+            template=prompt_template,
+            seed=seed,
+            regions=getattr(module, "OBJECT_REGIONS", False),
+        )
+        typer.echo(prepared.report())
+        samples = prepared.samples
     samples, note = registry.fitting(module, samples)
     if note:
         typer.echo(note)
@@ -144,14 +182,17 @@ def recipe(
             "replacement phrases and image pairs it corrupts (README, Recipes)."
         )
     ds = module.run(vlm, samples, seed=seed, options=replace(options, backend=backend))
+    if data is not None:  # which phrase replaced which, which image paired which: kept with the results
+        ds.attrs["data"] = {"path": str(data), **prepared.provenance()}
     if "done" in ds and not bool(ds["done"].all()):
         typer.echo(
             f"shard {shard} done: {int(ds['done'].sum())} of {ds['done'].size} (sample, part) results are in "
-            f"{options.parts}. Run the same command without --shard once every shard has finished to "
-            "assemble the store and figures."
+            f"{options.parts}. The last shard to finish assembles {out} and its figures."
         )
         return
-    save(ds, out, overwrite=overwrite)
+    if not assemble(ds, out, overwrite=overwrite):  # shards that finish together assemble once
+        typer.echo(f"store: {out} (already assembled by another shard, with equal values)")
+        return
     figures = module.figures(ds, out.with_suffix(""))
     summary = module.summary(ds)
     report = write_report(
