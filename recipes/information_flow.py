@@ -32,7 +32,7 @@ from vlmtrace.stats import bootstrap_mean
 
 DESCRIPTION = "Zhang et al.: attention knockout image->question, object->question, image+question->last"
 DEFAULT_MODEL = "shapes-llava"
-ORGANISMS = ("shapes-llava", "shapes-qwen")
+ORGANISMS = ("shapes-llava",)
 NEEDS = Needs()
 FAMILY = "fact"
 WINDOWS = (1, 3)

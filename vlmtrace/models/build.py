@@ -166,11 +166,11 @@ def add_byte_fallback(model: torch.nn.Module, processor, *, seed: int = 0) -> No
 
 
 def organism_chat_template(architecture: str) -> str | None:
-    """The prompt an organism was trained on, as a chat template: "<image> question" (LLaVA).
+    """The prompt an organism was trained on, as a chat template: "<image> question" (LLaVA, Qwen).
 
     BLIP reads the bare question (the image enters by cross-attention) and needs none.
     """
-    if architecture != "llava":
+    if architecture not in ("llava", "qwen"):
         return None
     return (
         "{% for message in messages %}{% for content in message['content'] %}"

@@ -22,6 +22,7 @@ import transformers
 from nnsight import NNsight
 
 from .adapter import Adapter, Shape, UnknownArchitectureError, check_shape
+from .processor import load_processor
 from .registry import adapter_for
 
 
@@ -106,7 +107,7 @@ def describe(name: str, *, revision: str | None = None) -> tuple[str, Any, Any, 
     if not adapter.image_in_sequence and "image" not in adapter.embeddings:  # text-only: tokenizer
         processor = transformers.AutoTokenizer.from_pretrained(path, revision=revision)
     else:
-        processor = transformers.AutoProcessor.from_pretrained(path, revision=revision)
+        processor = load_processor(path, revision=revision)  # image-only where video needs torchvision
     return path, config, processor, model_class
 
 

@@ -1,9 +1,10 @@
 """Model organisms: small trained VLMs shipped with vlmtrace, and the recipe that made them.
 
 No model hub is reachable from every machine, and a 7B download is a poor first step, so
-vlmtrace ships two organisms trained on its own synthetic scenes (`vlmtrace.data.scenes`):
-a LLaVA (`LlavaForConditionalGeneration`) and a BLIP-VQA (`BlipForQuestionAnswering`), each an
-HF-format directory next to this file. They are the default model of every recipe and the
+vlmtrace ships three organisms trained on its own synthetic scenes (`vlmtrace.data.scenes`):
+a LLaVA (`LlavaForConditionalGeneration`), a BLIP-VQA (`BlipForQuestionAnswering`) and a
+Qwen2-VL (`Qwen2VLForConditionalGeneration`: flat image tokens, M-RoPE), each an HF-format
+directory next to this file. They are the default model of every recipe and the
 ground on which the recipes are tested. The README's model card says what they know and what
 their traces show.
 

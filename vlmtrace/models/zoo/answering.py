@@ -1,11 +1,12 @@
 """How an organism answers: next-token probabilities for training batches and for Samples.
 
-The two organism architectures answer in different places. LLaVA is a decoder: the answer is
-the next token after the prompt, read at the last position. BLIP-VQA encodes the question
-with cross-attention to the image and a separate decoder produces the answer from its
-start token; `BlipForQuestionAnswering.forward` returns only a loss, so the three stages are
+The organism architectures answer in different places. LLaVA and Qwen2-VL are decoders: the
+answer is the next token after the prompt, read at the last position (Qwen2-VL also takes its
+flat patches, image grid and token types, and makes its M-RoPE positions itself). BLIP-VQA
+encodes the question with cross-attention to the image and a separate decoder produces the
+answer from its start token; `BlipForQuestionAnswering.forward` returns only a loss, so the three stages are
 called here one by one. Everything else in the zoo (training, evaluation, the tests) goes
-through these functions, so both architectures are scored the same way.
+through these functions, so every architecture is scored the same way.
 
     probs = next_token_probabilities(model, processor, samples)   # [sample, vocab]
     p = answer_probability(model, processor, samples)              # [sample]
@@ -20,33 +21,45 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import BlipForQuestionAnswering, LlavaForConditionalGeneration
+from transformers import (
+    BlipForQuestionAnswering,
+    LlavaForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
 
 from vlmtrace.data.sample import Sample
 from vlmtrace.data.scenes import for_blip
 
-from .batches import Batch
+from .batches import EARLY_FUSION, Batch
+
+QWEN_INPUTS = ("mm_token_type_ids", "image_grid_thw")  # besides ids, mask and pixels
 
 
 def architecture_of(model: torch.nn.Module) -> str:
-    """ "llava" or "blip"; organisms are only ever one of these two classes."""
+    """ "llava", "blip" or "qwen"; organisms are only ever one of these three classes."""
     if isinstance(model, LlavaForConditionalGeneration):
         return "llava"
     if isinstance(model, BlipForQuestionAnswering):
         return "blip"
+    if isinstance(model, Qwen2VLForConditionalGeneration):
+        return "qwen"
     raise TypeError(
-        f"expected LlavaForConditionalGeneration or BlipForQuestionAnswering, got "
-        f"{type(model).__name__}; the zoo only scores its own organism architectures"
+        f"expected LlavaForConditionalGeneration, BlipForQuestionAnswering or "
+        f"Qwen2VLForConditionalGeneration, got {type(model).__name__}; the zoo only scores its own "
+        "organism architectures"
     )
 
 
 def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[row, position, vocab] logits: of the prompt (LLaVA) or of the answer decoder (BLIP)."""
-    if architecture_of(model) == "llava":
+    """[row, position, vocab] logits: of the prompt (LLaVA, Qwen) or of the answer decoder (BLIP)."""
+    architecture = architecture_of(model)
+    if architecture in EARLY_FUSION:
+        extra = {k: inputs[k] for k in QWEN_INPUTS} if architecture == "qwen" else {}
         return model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
             pixel_values=inputs["pixel_values"],
+            **extra,
         ).logits
     image = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
     question = model.text_encoder(
@@ -62,7 +75,7 @@ def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Te
 
 
 def batch_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Answer logits [question, vocab] and, for LLaVA, logits at the subject position."""
+    """Answer logits [question, vocab] and, for LLaVA and Qwen, logits at the subject position."""
     logits = _logits(model, batch.inputs)
     if architecture_of(model) == "blip":
         return logits[:, 0], None
@@ -71,7 +84,7 @@ def batch_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, to
 
 
 def _encode(model: torch.nn.Module, processor: Any, samples: Sequence[Sample]) -> dict:
-    if architecture_of(model) == "llava":
+    if architecture_of(model) in EARLY_FUSION:
         return processor(
             text=[s.prompt for s in samples],
             images=[s.image for s in samples],
@@ -110,7 +123,7 @@ def next_token_probabilities(
     model: torch.nn.Module, processor: Any, samples: Sequence[Sample], *, batch_size: int = 64
 ) -> torch.Tensor:
     """[sample, vocab] probabilities of the answer's first token, through the HF processor."""
-    llava = architecture_of(model) == "llava"
+    llava = architecture_of(model) in EARLY_FUSION  # read at the last position, any padding
     groups = [list(range(len(samples)))] if llava else unpadded_groups(samples)
     out = torch.empty(0)
     for group in groups:

@@ -4,7 +4,8 @@ Training reads about 300,000 questions; going through PIL images and the HF proc
 would cost more than the model's forward pass. So questions become tensors here directly:
 pixels normalised as the processor normalises them, word ids looked up in the tokenizer's
 vocabulary, the `<image>` placeholder expanded to one token per patch as `LlavaProcessor`
-expands it. `tests/test_zoo.py` checks that these tensors equal the processor's.
+expands it (or per merged patch group, `Qwen2VLProcessor`, with its flat patches, grid and
+token types). `tests/test_zoo.py` checks that these tensors equal the processor's.
 
     encode = Encoder(tokenizer, architecture="llava")
     batch = encode([ask(rng, "multi", split="train") for _ in range(128)])
@@ -31,7 +32,11 @@ from vlmtrace.data.drawing import GRID, render
 from vlmtrace.data.scenes import Question
 from vlmtrace.models.build import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN
 
+from .qwen import flat_patches, grid_thw
+
 IGNORE = -100  # cross-entropy's ignore_index: this question has no subject target
+ARCHITECTURES = ("llava", "blip", "qwen")
+EARLY_FUSION = ("llava", "qwen")  # image tokens in the prompt, answer read at the last position
 _MEAN = np.array(CLIP_MEAN, dtype=np.float32)[:, None, None]
 _STD = np.array(CLIP_STD, dtype=np.float32)[:, None, None]
 
@@ -54,17 +59,18 @@ def pixels(questions: Sequence[Question]) -> torch.Tensor:
 
 
 class Encoder:
-    """Encodes questions for one architecture ("llava" or "blip") with one tokenizer."""
+    """Encodes questions for one architecture ("llava", "blip" or "qwen") with one tokenizer."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast, *, architecture: str):
-        if architecture not in ("llava", "blip"):
-            raise ValueError(f"unknown architecture {architecture!r}; expected 'llava' or 'blip'")
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
         self.architecture = architecture
         self.vocab = tokenizer.get_vocab()
         self.pad = tokenizer.pad_token_id
         self.bos = tokenizer.bos_token_id
-        # LLaVA's prompt starts with one image token per patch; BLIP has none in its text.
-        self.prefix = [self.vocab[IMAGE_TOKEN]] * (GRID * GRID) if architecture == "llava" else []
+        # LLaVA's prompt starts with one image token per patch, Qwen's with one per 2x2 patch
+        # group (both 16: one per scene cell); BLIP has none in its text.
+        self.prefix = [self.vocab[IMAGE_TOKEN]] * (GRID * GRID) if architecture in EARLY_FUSION else []
 
     def ids(self, words: Sequence[str]) -> list[int]:
         try:
@@ -87,13 +93,17 @@ class Encoder:
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         position = torch.tensor(subject_positions)
         for i, row in enumerate(rows):
-            # LLaVA pads on the left (the answer is read at the last position); BLIP on the
-            # right, so its absolute position embeddings never depend on the batch.
-            start = width - len(row) if self.architecture == "llava" else 0
+            # LLaVA and Qwen pad on the left (the answer is read at the last position); BLIP on
+            # the right, so its absolute position embeddings never depend on the batch.
+            start = width - len(row) if self.architecture in EARLY_FUSION else 0
             ids[i, start : start + len(row)] = torch.tensor(row)
             mask[i, start : start + len(row)] = 1
             position[i] += start
         inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels(questions)}
+        if self.architecture == "qwen":  # flat patches and M-RoPE inputs; never position_ids
+            inputs["mm_token_type_ids"] = (ids == self.prefix[0]).long()
+            inputs["pixel_values"] = flat_patches(inputs["pixel_values"])
+            inputs["image_grid_thw"] = grid_thw(len(rows))
         if self.architecture == "blip":
             inputs["decoder_input_ids"] = torch.full((len(rows), 1), self.bos, dtype=torch.long)
         answers = torch.tensor(self.ids([q.answer for q in questions]))

@@ -14,9 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoProcessor, BlipForQuestionAnswering, LlavaForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    BlipForQuestionAnswering,
+    LlavaForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
 
 from vlmtrace.data.scenes import FAMILIES, make_samples
+from vlmtrace.models.processor import load_processor
 from vlmtrace.progress import progress_bar
 
 from .answering import accuracy
@@ -35,11 +41,12 @@ def load_organism(name_or_dir: str | Path) -> tuple[torch.nn.Module, Any]:
             "or a directory written by `vlmtrace zoo train`"
         )
     architecture = AutoConfig.from_pretrained(path).architectures[0]
-    classes = {c.__name__: c for c in (LlavaForConditionalGeneration, BlipForQuestionAnswering)}
+    organisms = (LlavaForConditionalGeneration, BlipForQuestionAnswering, Qwen2VLForConditionalGeneration)
+    classes = {c.__name__: c for c in organisms}
     if architecture not in classes:
         raise ValueError(f"{path} holds a {architecture}; organisms are {sorted(classes)}")
     model = classes[architecture].from_pretrained(path, attn_implementation="eager").eval()
-    return model, AutoProcessor.from_pretrained(path)
+    return model, load_processor(path)  # Qwen's is image-only here (no torchvision)
 
 
 def held_out_accuracy(

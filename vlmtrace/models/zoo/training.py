@@ -40,11 +40,13 @@ from vlmtrace.models.build import (
     organism_chat_template,
     word_tokenizer,
 )
+from vlmtrace.models.processor import save_processor
 
 from .answering import batch_logits, unpadded_groups
 from .batches import IGNORE, Encoder
 from .evaluation import held_out_accuracy
 from .organisms import ORGANISMS, OrganismSpec, organism_dir
+from .qwen import build_qwen2_vl
 
 
 @contextmanager
@@ -76,6 +78,8 @@ def build(spec: OrganismSpec) -> tuple[torch.nn.Module, Any]:
     tokenizer = word_tokenizer(VOCABULARY)
     if spec.architecture == "llava":
         return build_llava(tokenizer, seed=spec.seed, **spec.model)
+    if spec.architecture == "qwen":
+        return build_qwen2_vl(tokenizer, seed=spec.seed, **spec.model)
     # BLIP's text positions are absolute: right padding keeps them batch-independent.
     tokenizer.padding_side = "right"
     return build_blip(tokenizer, seed=spec.seed, **spec.model)
@@ -203,7 +207,7 @@ def train(
     add_byte_fallback(model, processor)  # reads any text; known words keep their ids and rows
     processor.chat_template = organism_chat_template(spec.architecture)
     model.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_processor(processor, out)  # Qwen's has no video processor (torchvision): saved image-only
     record = {
         "name": name,
         "architecture": type(model).__name__,
