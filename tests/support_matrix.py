@@ -25,6 +25,7 @@ TESTS = [
     "tests/test_sites_match_torch_hooks.py",
     "tests/test_prefix_reuse.py",
     "tests/test_remote.py",
+    "tests/test_transformer_lens.py",
 ]
 COMMAND = "python tests/support_matrix.py"
 START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
@@ -79,6 +80,15 @@ def summarise(results: dict[str, tuple[str, str]]) -> dict:
                 checks["blip"]["knockout"].append(outcome)
             elif "prefix" in name or "reuse" in name:
                 checks["blip"]["prefix reuse"].append(outcome)
+    for name, outcome in results.items():  # text LMs: every cell against TransformerLens
+        if name.startswith("test_transformer_lens::") and "[" in name:
+            params = name.split("[", 1)[1].rstrip("]")
+            for family in ("llama", "gpt2"):
+                if family in params:
+                    checks[family]["sites"].append(outcome)
+                    for direction in ("denoise", "noise"):
+                        if direction in params.split("-"):
+                            checks[family]["directions:" + direction].append(outcome)
     remote = [outcome for name, outcome in results.items() if name.startswith("test_remote::")]
     return checks, remote
 

@@ -126,9 +126,11 @@ def test_a_recipe_sweep_run_remotely_equals_the_local_run_bit_for_bit(servers, l
 
 
 def test_an_attention_knockout_recipe_runs_remotely_bit_for_bit(servers, llava, llava_sample):
-    local = information_flow.run(llava, [llava_sample], options=vt.Options(progress=False))
+    # the object region: two patches of the 4 x 4 grid (information_flow refuses a sample without one)
+    sample = llava_sample.with_(meta={"region_cells": [(1, 1), (1, 2)], "region_grid": 4})
+    local = information_flow.run(llava, [sample], options=vt.Options(progress=False))
     remote_options = vt.Options(progress=False, backend=backend(llava, host=servers["open"].url))
-    remote = information_flow.run(llava, [llava_sample], options=remote_options)
+    remote = information_flow.run(llava, [sample], options=remote_options)
     assert same_values(local, remote)
 
 
@@ -195,7 +197,10 @@ class ExplodesOnTheLastChunk(vt.Probability):
 def test_a_trace_that_raises_on_the_server_is_a_remote_error_and_its_chunk_is_not_written(
     servers, llava, llava_sample, tmp_path
 ):
-    kwargs = patch_kwargs(max_batch=6, metric=ExplodesOnTheLastChunk(), store=tmp_path / "t.zarr")
+    # verify=False: the self-check's one-row forwards would explode before any chunk
+    kwargs = patch_kwargs(
+        max_batch=6, metric=ExplodesOnTheLastChunk(), store=tmp_path / "t.zarr", verify=False
+    )
     with shipped_by_value(sys.modules[__name__]), pytest.raises(RemoteError) as raised:
         vt.patch(llava, [llava_sample], backend=backend(llava, host=servers["open"].url), **kwargs)
     assert "RuntimeError: metric exploded on the server" in str(raised.value)

@@ -63,6 +63,7 @@ class RemoteOutOfMemoryError(RemoteError, RuntimeError):
 
 
 ENGINE_MODULES = (
+    "vlmtrace.errors",  # the engine's error classes derive from UserError
     "vlmtrace.forward",
     "vlmtrace.layouts",
     "vlmtrace.metrics",
