@@ -86,6 +86,7 @@ def summarise(results: dict[str, tuple[str, str]]) -> dict:
             for family in ("llama", "gpt2"):
                 if family in params:
                     checks[family]["sites"].append(outcome)
+                    checks[family]["corruptions:str"].append(outcome)  # SymmetricTokenReplacement
                     for direction in ("denoise", "noise"):
                         if direction in params.split("-"):
                             checks[family]["directions:" + direction].append(outcome)
