@@ -51,7 +51,7 @@ The last line is `perf prefix_vs_ceiling=<r> screen_topk_overlap=<f> vs_transfor
   one computed on the cached keys/values of the image prefix) over the ceiling, runs/s, for the
   full-depth layer x text-position sweep, 7B-shaped model (the first model with `--skip-big`).
 - screen_topk_overlap: the share of exact patching's top-K cells (by |effect|) that
-  `vlmtrace.attribute` also ranks in its top K (`vlmtrace.attribution.agreement`), on the first
+  `vlmtrace.attribute` also ranks in its top K (`vlmtrace.engine.attribution.agreement`), on the first
   model: on the 7B-shaped random model only a few cells move and the rest tie at
   exactly zero, so its overlap (printed in its section) mostly measures tie-breaking.
 - vs_transformerlens: vlmtrace runs/s (with prefix reuse) over TransformerLens runs/s, same model
@@ -80,10 +80,10 @@ import numpy as np
 import torch
 
 import vlmtrace as vt
-from vlmtrace.attribution import agreement
 from vlmtrace.data import synthetic_samples
 from vlmtrace.data.scenes import VOCABULARY
-from vlmtrace.inputs import scored_answer_ids
+from vlmtrace.engine.attribution import agreement
+from vlmtrace.engine.inputs import scored_answer_ids
 from vlmtrace.models.build import build_llava, word_tokenizer
 from vlmtrace.models.load import describe
 

@@ -1,7 +1,7 @@
 """What the per-sweep self-check costs: forwards counted, and a whole sweep timed with it on and off.
 
 Every `vt.patch` checks, on its first chunk, that the batched clean and corrupted rows equal
-plain unbatched forwards of the same inputs (`vlmtrace.invariants.verify_baselines`). That is
+plain unbatched forwards of the same inputs (`vlmtrace.engine.invariants.verify_baselines`). That is
 two extra forwards per sweep, whatever its size; this script counts them (exactly, by counting
 calls of the language model's first layer per row) and times sweeps of a realistic grid with
 `verify=True` and `verify=False`, best of `--repeats` runs each, in one process.
@@ -57,7 +57,9 @@ def best_time(vlm: vt.VLM, samples, verify: bool, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="shapes-llava")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)

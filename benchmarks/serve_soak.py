@@ -29,7 +29,7 @@ from conftest import WORDS, random_image  # noqa: E402
 from served import Server  # noqa: E402
 
 import vlmtrace as vt  # noqa: E402
-from vlmtrace.forward import driver  # noqa: E402
+from vlmtrace.engine.forward import driver  # noqa: E402
 from vlmtrace.models.build import build_llava, word_tokenizer  # noqa: E402
 from vlmtrace.remote import backend  # noqa: E402
 

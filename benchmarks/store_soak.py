@@ -24,7 +24,7 @@ from pathlib import Path
 JOB = Path(__file__).parent.parent / "tests" / "sweep_job.py"
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from vlmtrace.results import open_result  # noqa: E402
+from vlmtrace.results.dataset import open_result  # noqa: E402
 
 
 def run(store: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -41,12 +41,12 @@ LLAVA = [
     ),
     (
         "code",
-        'from vlmtrace.report import headline, segment_summary\nprint(headline(ds, sites=("mlp", "attn")))\n'
+        'from vlmtrace.presentation.report import headline, segment_summary\nprint(headline(ds, sites=("mlp", "attn")))\n'
         'segment_summary(ds, "mlp")["mean"].sel(window=3).to_pandas().round(3)',
     ),
     (
         "code",
-        "from vlmtrace import plots\nfrom vlmtrace.report import indirect_effect\n"
+        "from vlmtrace.presentation import plots\nfrom vlmtrace.presentation.report import indirect_effect\n"
         "from IPython.display import Image\n"
         'path = plots.heatmap(indirect_effect(ds, "mlp").isel(sample=0).sel(window=3).dropna("position", how="all"),\n'
         '                     path="llava_mlp.png", title="MLP indirect effect, window 3")\nImage(str(path))',
@@ -102,7 +102,7 @@ BLIP = [
     ),
     (
         "code",
-        "from vlmtrace.attention import attention_pattern\nfrom vlmtrace import plots\nfrom IPython.display import Image\n"
+        "from vlmtrace.engine.attention import attention_pattern\nfrom vlmtrace.presentation import plots\nfrom IPython.display import Image\n"
         'att = attention_pattern(vlm, samples[0], kind="cross", query="last")\n'
         "weights = att.sel(layer=att.sizes['layer'] - 1).mean('head').values[1:]  # drop the CLS patch\n"
         'Image(str(plots.image_attention(samples[0].image, weights, grid=(4, 4), path="blip_attention.png",\n'

@@ -24,13 +24,13 @@ import numpy as np
 import xarray as xr
 
 import vlmtrace as vt
-from vlmtrace import plots
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
-from vlmtrace.progress import sweeping
+from vlmtrace.presentation import plots
+from vlmtrace.presentation.progress import sweeping
 from vlmtrace.recipes import Needs
-from vlmtrace.results import joint_attrs
-from vlmtrace.stats import bootstrap_mean
+from vlmtrace.results.dataset import joint_attrs
+from vlmtrace.results.stats import bootstrap_mean
 
 DESCRIPTION = (
     "Palit et al.: Gaussian noise on BLIP's image embeddings; restore every encoder and decoder state"

@@ -26,19 +26,19 @@ import numpy as np
 import xarray as xr
 
 import vlmtrace as vt
-from vlmtrace import plots
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
-from vlmtrace.progress import sweeping
+from vlmtrace.presentation import plots
+from vlmtrace.presentation.progress import sweeping
 from vlmtrace.recipes import Needs
-from vlmtrace.results import combine
-from vlmtrace.stats import bootstrap_mean, by_segment
+from vlmtrace.results.dataset import combine
+from vlmtrace.results.stats import bootstrap_mean, by_segment
 
 DESCRIPTION = (
     "Zhang & Nanda: Gaussian noise vs symmetric token replacement, scored by probability, logit diff, KL"
 )
 DEFAULT_MODEL = "shapes-llava"
-ORGANISMS = ("shapes-llava", "shapes-blip")
+ORGANISMS = ("shapes-llava", "shapes-blip", "shapes-qwen")
 NEEDS = Needs(replacements=("visual",))
 FAMILY = "fact"
 METRICS = {"probability": vt.Probability(), "logit_diff": vt.LogitDiff(), "kl": vt.KL()}

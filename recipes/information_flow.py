@@ -22,17 +22,17 @@ import numpy as np
 import xarray as xr
 
 import vlmtrace as vt
-from vlmtrace import plots
 from vlmtrace.data import synthetic_samples
+from vlmtrace.engine.positions import Segments
 from vlmtrace.options import Options
-from vlmtrace.positions import Segments
-from vlmtrace.progress import sweeping
+from vlmtrace.presentation import plots
+from vlmtrace.presentation.progress import sweeping
 from vlmtrace.recipes import Needs
-from vlmtrace.stats import bootstrap_mean
+from vlmtrace.results.stats import bootstrap_mean
 
 DESCRIPTION = "Zhang et al.: attention knockout image->question, object->question, image+question->last"
 DEFAULT_MODEL = "shapes-llava"
-ORGANISMS = ("shapes-llava",)
+ORGANISMS = ("shapes-llava", "shapes-qwen")
 NEEDS = Needs()
 FAMILY = "fact"
 WINDOWS = (1, 3)

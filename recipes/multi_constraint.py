@@ -27,16 +27,16 @@ import xarray as xr
 import vlmtrace as vt
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
-from vlmtrace.progress import sweeping
+from vlmtrace.presentation.progress import sweeping
+from vlmtrace.presentation.report import headline, patching_figures
 from vlmtrace.recipes import Needs
-from vlmtrace.report import headline, patching_figures
-from vlmtrace.results import combine
+from vlmtrace.results.dataset import combine
 
 DESCRIPTION = (
     "Basu et al.: visual + textual constraints, each corrupted; windows 1..6 show where each is retrieved"
 )
 DEFAULT_MODEL = "shapes-llava"
-ORGANISMS = ("shapes-llava", "shapes-blip")
+ORGANISMS = ("shapes-llava", "shapes-blip", "shapes-qwen")
 NEEDS = Needs(replacements=("visual", "textual"))
 FAMILY = "multi"
 CONSTRAINTS = ("visual", "textual")

@@ -10,7 +10,7 @@ trace did not select does worse.
 
 Trace. Corrupt with the semantic image pair (the picture, not the phrase, selects the entity),
 restore the MLP output at the constraint ("the red shape") and at the last token, windows 1
-and 3 (`vlmtrace.editing.trace_for_edit`); `layers="traced"` takes the strongest window.
+and 3 (`vlmtrace.engine.editing.trace_for_edit`); `layers="traced"` takes the strongest window.
 
 Edit. `vt.edit` (ROME's v*, MEMIT's spreading and covariance) with two key positions: the
 constraint's last token (Basu et al., ROME) and the last token, where this organism's trace
@@ -20,7 +20,7 @@ inserted wrong city, edited back). Every edit is compared with one at an untrace
 Metric. Greedy-answer hit rates with 95% bootstrap intervals: efficacy (edited question),
 generalisation (the entity in held-out scenes, selected by the other attribute, named in
 text), specificity (other entities' facts and visual questions about scenes without edited
-entities, disjoint by construction: `vlmtrace.editing.check_disjoint`), and KL of the latter.
+entities, disjoint by construction: `vlmtrace.engine.editing.check_disjoint`), and KL of the latter.
 After the edit the trace is run again on the new answers: the effect map before and after.
 """
 
@@ -36,11 +36,11 @@ import xarray as xr
 import vlmtrace as vt
 from vlmtrace.data.mascots import CITIES, YEARS, city_in_year, mascot_city
 from vlmtrace.data.scenes import ask, make_samples
-from vlmtrace.editing import edit, evaluate, trace_for_edit, traced_layers
+from vlmtrace.engine.editing import edit, evaluate, trace_for_edit, traced_layers
 from vlmtrace.options import Options
-from vlmtrace.progress import sweeping
+from vlmtrace.presentation.progress import sweeping
 from vlmtrace.recipes import Needs
-from vlmtrace.results import provenance
+from vlmtrace.results.dataset import provenance
 
 DESCRIPTION = (
     "Basu et al. MultEdit: edit facts at the traced MLP layers; efficacy, generalisation, "

@@ -28,21 +28,21 @@ import numpy as np
 import xarray as xr
 
 import vlmtrace as vt
-from vlmtrace import plots
-from vlmtrace.attention import attention_pattern
 from vlmtrace.data import synthetic_samples
+from vlmtrace.engine.attention import attention_pattern
 from vlmtrace.options import Options
-from vlmtrace.progress import sweeping
+from vlmtrace.presentation import plots
+from vlmtrace.presentation.progress import sweeping
+from vlmtrace.presentation.report import headline, patching_figures
 from vlmtrace.recipes import Needs, draw
-from vlmtrace.report import headline, patching_figures
-from vlmtrace.results import combine
+from vlmtrace.results.dataset import combine
 
 DESCRIPTION = (
     "NOTICE: STR and semantic image pairs; patch MLP / attention / cross-attention, then single heads"
 )
 DEFAULT_MODEL = "shapes-llava"
 FAMILY = "visual"
-ORGANISMS = ("shapes-llava", "shapes-blip")
+ORGANISMS = ("shapes-llava", "shapes-blip", "shapes-qwen")
 NEEDS = Needs(replacements=("visual",), image_pair=True)  # STR swaps the phrase; SIP the image
 MODULES = ("mlp", "attn", "cross_attn")
 

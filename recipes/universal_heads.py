@@ -24,18 +24,18 @@ import numpy as np
 import xarray as xr
 
 import vlmtrace as vt
-from vlmtrace import plots
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
-from vlmtrace.progress import sweeping
+from vlmtrace.presentation import plots
+from vlmtrace.presentation.progress import sweeping
 from vlmtrace.recipes import Needs, draw
-from vlmtrace.results import combine
+from vlmtrace.results.dataset import combine
 
 DESCRIPTION = "NOTICE: heads with high patching effect across tasks and both corruption kinds; their overlap"
 DEFAULT_MODEL = "shapes-llava"
 TASKS = ("visual", "fact", "multi")
 TOP_K = 3
-ORGANISMS = ("shapes-llava", "shapes-blip")
+ORGANISMS = ("shapes-llava", "shapes-blip", "shapes-qwen")
 NEEDS = Needs(replacements=("visual",), image_pair=True)  # STR swaps the phrase; SIP the image
 
 

@@ -26,15 +26,15 @@ import xarray as xr
 import vlmtrace as vt
 from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
-from vlmtrace.progress import sweeping
+from vlmtrace.presentation.progress import sweeping
+from vlmtrace.presentation.report import headline, patching_figures
 from vlmtrace.recipes import Needs
-from vlmtrace.report import headline, patching_figures
 
 DESCRIPTION = (
     "Basu et al.: corrupt the visual-constraint phrase; restore MLP / attention per (token, layer, window)"
 )
 DEFAULT_MODEL = "shapes-llava"
-ORGANISMS = ("shapes-llava", "shapes-blip")
+ORGANISMS = ("shapes-llava", "shapes-blip", "shapes-qwen")
 NEEDS = Needs(replacements=("visual",))
 FAMILY = "fact"
 SITES = ("mlp", "attn")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import WORDS, random_image  # noqa: E402
 
 import vlmtrace as vt  # noqa: E402
-import vlmtrace.sweep as sweep  # noqa: E402
+import vlmtrace.engine.sweep as sweep  # noqa: E402
 from vlmtrace.models.build import build_llava, word_tokenizer  # noqa: E402
 
 

@@ -7,7 +7,7 @@ import pytest
 import xarray as xr
 
 import vlmtrace as vt
-from vlmtrace.attribution import (
+from vlmtrace.engine.attribution import (
     AttributionWarning,
     agreement,
     attribute,
@@ -16,8 +16,8 @@ from vlmtrace.attribution import (
     screen,
     spearman,
 )
-from vlmtrace.planning import plan, prepare
-from vlmtrace.results import Layout
+from vlmtrace.engine.planning import plan, prepare
+from vlmtrace.results.dataset import Layout
 
 SMALL_NOISE = vt.GaussianNoise("image", scale=0.01, samples=2, seed=0)
 

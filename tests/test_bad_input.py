@@ -7,11 +7,11 @@ import torch
 import transformers
 
 import vlmtrace as vt
-from vlmtrace.corruptions import CorruptionError
-from vlmtrace.inputs import AnswerTokenWarning
+from vlmtrace.engine.corruptions import CorruptionError
+from vlmtrace.engine.inputs import AnswerTokenWarning
+from vlmtrace.engine.positions import MissingImageTokenError, SpanNotFoundError
+from vlmtrace.engine.sites import GridError
 from vlmtrace.models.adapter import UnknownArchitectureError
-from vlmtrace.positions import MissingImageTokenError, SpanNotFoundError
-from vlmtrace.sites import GridError
 
 
 def patch(vlm, sample, **kwargs):
@@ -95,7 +95,7 @@ def test_a_span_replacement_without_a_phrase_says_where_to_put_one(tiny_llava, l
 
 
 def test_a_corruption_that_changes_nothing_is_reported_by_sample(tiny_llava, llava_sample):
-    from vlmtrace.planning import NoEffectWarning
+    from vlmtrace.engine.planning import NoEffectWarning
 
     unchanged = llava_sample.with_(image_pair=llava_sample.image)
     with pytest.warns(NoEffectWarning, match="q0.*normalised effects are NaN"):
@@ -109,7 +109,7 @@ def test_a_full_disk_is_reported_and_finished_chunks_are_kept(
 
     import xarray as xr
 
-    from vlmtrace.results import StoreError
+    from vlmtrace.results.dataset import StoreError
 
     grid = vt.Grid(sites=("mlp",), skip=("image",))
     store = tmp_path / "t.zarr"

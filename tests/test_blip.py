@@ -53,7 +53,9 @@ def _block(queries, keys=None):
     """A pre-hook blocking `queries` from `keys` (None: every key) in the mask it finds."""
 
     def hook(module, args, kwargs):
-        name = "encoder_attention_mask" if kwargs.get("encoder_hidden_states") is not None else "attention_mask"
+        name = (
+            "encoder_attention_mask" if kwargs.get("encoder_hidden_states") is not None else "attention_mask"
+        )
         states = args[0] if args else kwargs["hidden_states"]
         keys_from = kwargs["encoder_hidden_states"] if name == "encoder_attention_mask" else states
         mask = kwargs[name]

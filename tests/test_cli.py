@@ -96,7 +96,7 @@ def test_a_user_error_prints_one_short_paragraph_and_exits_2():
 
 
 def test_debug_shows_a_user_errors_traceback():
-    from vlmtrace.results import StoreError
+    from vlmtrace.results.dataset import StoreError
 
     result = runner.invoke(app, ["--debug", "plot", "no_such_store.zarr"])
     assert isinstance(result.exception, StoreError)

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vlmtrace.cli import app
-from vlmtrace.results import open_result
+from vlmtrace.results.dataset import open_result
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -10,7 +10,7 @@ from conftest import random_image
 
 import vlmtrace as vt
 from vlmtrace.data.scenes import make_samples
-from vlmtrace.editing import (  # the same forward the edit uses
+from vlmtrace.engine.editing import (  # the same forward the edit uses
     Edit,
     EditError,
     Parts,

@@ -274,7 +274,7 @@ def test_attention_patterns_are_probabilities_over_the_prompt(name):
     family = FAMILIES[name]
     if "patterns" in family.skip:
         pytest.skip(family.skip["patterns"])
-    from vlmtrace.attention import attention_pattern
+    from vlmtrace.engine.attention import attention_pattern
 
     vlm = loaded(name)
     pattern = attention_pattern(vlm, sample_of(family), kind="self", query="last")

@@ -12,9 +12,9 @@ import dataclasses
 import pytest
 
 import vlmtrace as vt
-import vlmtrace.invariants
-from vlmtrace.invariants import SelfCheckError
-from vlmtrace.layouts import LayoutError
+import vlmtrace.engine.invariants
+from vlmtrace.engine.invariants import SelfCheckError
+from vlmtrace.engine.layouts import LayoutError
 from vlmtrace.models.adapter import token
 from vlmtrace.models.load import wrap
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import vlmtrace as vt
-from vlmtrace.corruptions import clean_side
-from vlmtrace.forward import Edits, run, stack_rows
-from vlmtrace.inputs import scored_answer_ids
+from vlmtrace.engine.corruptions import clean_side
+from vlmtrace.engine.forward import Edits, run, stack_rows
+from vlmtrace.engine.inputs import scored_answer_ids
 from vlmtrace.engine.knockout import EmptyBlockError
 
 

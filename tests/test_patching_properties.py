@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vlmtrace as vt
-from vlmtrace.sites import window_layers
+from vlmtrace.engine.sites import window_layers
 
 
 def restore_all(vlm, sample, corruption, *, metric, layer=0, direction="denoise", stack=None):

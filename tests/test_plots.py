@@ -7,8 +7,8 @@ import xarray as xr
 from PIL import Image
 from typer.testing import CliRunner
 
-from vlmtrace import plots
 from vlmtrace.cli import app
+from vlmtrace.presentation import plots
 
 
 def _pixels(path) -> np.ndarray:

@@ -15,7 +15,7 @@ SITES = ("block", "mlp", "attn", "attn_head")
 @contextmanager
 def skipped_layers(monkeypatch):
     """The distinct numbers of layers the forwards of a sweep skipped (prefix reuse at work)."""
-    import vlmtrace.sweep as sweep
+    import vlmtrace.engine.sweep as sweep
 
     seen: set[int] = set()
     original = sweep.run
@@ -101,7 +101,7 @@ def test_prefix_reuse_refuses_a_remote_backend(tiny_llava, llava_sample):
 def test_text_position_sweeps_run_only_the_suffix_on_cached_keys_and_values(
     tiny_llava, llava_sample, corruption, monkeypatch
 ):
-    import vlmtrace.sweep as sweep
+    import vlmtrace.engine.sweep as sweep
 
     starts = []
     original = sweep.resumable_start
@@ -140,7 +140,7 @@ def test_the_vision_tower_encodes_each_image_once_per_sample(tiny_llava, llava_s
 def test_image_position_sweeps_resume_inside_the_image_block_from_merged_embeddings(
     tiny_llava, llava_sample, corruption, direction, monkeypatch
 ):
-    import vlmtrace.sweep as sweep
+    import vlmtrace.engine.sweep as sweep
 
     starts = []
     original = sweep.resumable_start

@@ -26,8 +26,13 @@ def blip() -> vt.VLM:
 
 
 @pytest.fixture(scope="module")
-def organisms(llava, blip) -> dict[str, vt.VLM]:
-    return {"shapes-llava": llava, "shapes-blip": blip}
+def qwen() -> vt.VLM:
+    return vt.load("shapes-qwen")
+
+
+@pytest.fixture(scope="module")
+def organisms(llava, blip, qwen) -> dict[str, vt.VLM]:
+    return {"shapes-llava": llava, "shapes-blip": blip, "shapes-qwen": qwen}
 
 
 SUPPORTED = [(name, organism) for name in registry.names() for organism in registry.get(name).ORGANISMS]
@@ -60,11 +65,6 @@ def test_samples_a_recipe_cannot_corrupt_are_left_out_with_a_one_line_note(llava
     assert note.count("\n") == 0 and "left out 2 of 6" in note and "no replacement phrase" in note
 
 
-def test_every_recipe_is_listed_with_its_paper():
-    assert registry.names() == [
-        "visual_constraint",
-        "multi_constraint",
-        "blip_noise",
 def test_vt_save_is_vlmtraces_own_after_a_trace_ran(llava):
     from vlmtrace import results
 
@@ -73,6 +73,11 @@ def test_vt_save_is_vlmtraces_own_after_a_trace_ran(llava):
     assert vt.save is results.save  # nnsight mounts a `save` on every object during a trace
 
 
+def test_every_recipe_is_listed_with_its_paper():
+    assert registry.names() == [
+        "visual_constraint",
+        "multi_constraint",
+        "blip_noise",
         "gn_vs_str",
         "notice",
         "information_flow",

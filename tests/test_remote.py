@@ -24,9 +24,9 @@ from nnsight.schema.response import Status
 from typer.testing import CliRunner
 
 import vlmtrace as vt
-import vlmtrace.sweep as sweep
+import vlmtrace.engine.sweep as sweep
 from vlmtrace.cli import app
-from vlmtrace.forward import driver
+from vlmtrace.engine.forward import driver
 from vlmtrace.recipes import information_flow, notice, visual_constraint
 from vlmtrace.remote import RemoteError, ServerBackend, ServerUnavailableError, backend, model_key
 from vlmtrace.remote.client import shipped_by_value

@@ -15,8 +15,8 @@ import pytest
 import xarray as xr
 
 import vlmtrace as vt
-from vlmtrace import store
-from vlmtrace.results import StoreError, open_result, save
+from vlmtrace.results import store
+from vlmtrace.results.dataset import StoreError, open_result, save
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_concurrent_saves_to_one_path_leave_one_whole_store_and_refuse_the_rest(
 
 
 def _assemble_in_a_process(path: str, outcomes) -> None:
-    from vlmtrace.store import assemble
+    from vlmtrace.results.dataset import assemble
 
     outcomes.put(assemble(small_result(0), path))
 
@@ -129,7 +129,7 @@ def test_shards_finishing_together_assemble_the_final_store_exactly_once(tmp_pat
 HOLD_THE_LOCK = """
 import sys, time
 from pathlib import Path
-from vlmtrace.store import path_lock
+from vlmtrace.results.store import path_lock
 with path_lock(Path(sys.argv[1]), purpose="a test holding it"):
     print("held", flush=True)
     time.sleep(600)
@@ -185,7 +185,7 @@ def test_a_save_killed_before_it_finished_leaves_no_store(tmp_path):
     path = tmp_path / "t.zarr"
     script = (
         "import os, signal, sys; sys.path.insert(0, sys.argv[2]); import zarr.storage._local as local\n"
-        "from test_results_store import small_result\nfrom vlmtrace.results import save\n"
+        "from test_results_store import small_result\nfrom vlmtrace.results.dataset import save\n"
         "local._put = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
         "save(small_result(), sys.argv[1])\n"
     )

@@ -16,8 +16,8 @@ import torch
 import xarray as xr
 
 import vlmtrace as vt
-import vlmtrace.sweep as sweep
-from vlmtrace.results import StoreError
+import vlmtrace.engine.sweep as sweep
+from vlmtrace.results.dataset import StoreError
 
 JOB = Path(__file__).parent / "sweep_job.py"
 

@@ -29,7 +29,7 @@ import websocket
 from nnsight.schema.response import Status
 
 import vlmtrace as vt
-from vlmtrace.forward import driver
+from vlmtrace.engine.forward import driver
 from vlmtrace.remote import RemoteError, backend
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -7,7 +7,7 @@ from PIL import Image
 
 import vlmtrace as vt
 from vlmtrace.data.spans import SpanOptionError, find_spans, parse_span_options
-from vlmtrace.positions import SpanNotFoundError, UnknownWordsError, find_segments, replace_first
+from vlmtrace.engine.positions import SpanNotFoundError, UnknownWordsError, find_segments, replace_first
 from vlmtrace.prompts import build_prompt
 
 PROMPT = "<image> which city did the red shape represent in year 2006 ?"

@@ -1,4 +1,4 @@
-"""Averages over samples (vlmtrace.stats), checked on hand-made traces with known answers."""
+"""Averages over samples (vlmtrace.results.stats), checked on hand-made traces with known answers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from vlmtrace.stats import bootstrap_mean, by_segment, spread
+from vlmtrace.results.stats import bootstrap_mean, by_segment, spread
 
 
 def _trace(effect: np.ndarray, labels: list[list[str]]) -> xr.Dataset:

@@ -29,7 +29,7 @@ from vlmtrace.models.zoo.answering import answer_probability, architecture_of
 from vlmtrace.models.zoo.batches import Encoder
 from vlmtrace.models.zoo.evaluation import TARGETS
 from vlmtrace.models.zoo.training import build, spec_for
-from vlmtrace.stats import spread
+from vlmtrace.results.stats import spread
 
 NAMES = list(ORGANISMS)  # every spec in the catalogue
 SHIPPED = [n for n in NAMES if (organism_dir(n) / "config.json").exists()]  # with weights

@@ -19,29 +19,29 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _HOMES = {
-    "attribute": ".attribution",
-    "GaussianNoise": ".corruptions",
-    "ImagePair": ".corruptions",
-    "ReplaceSpan": ".corruptions",
-    "SymmetricTokenReplacement": ".corruptions",
+    "attribute": ".engine.attribution",
+    "GaussianNoise": ".engine.corruptions",
+    "ImagePair": ".engine.corruptions",
+    "ReplaceSpan": ".engine.corruptions",
+    "SymmetricTokenReplacement": ".engine.corruptions",
     "Sample": ".data.sample",
     "UserError": ".errors",
-    "check": ".invariants",
-    "edit": ".editing",
+    "check": ".engine.invariants",
+    "edit": ".engine.editing",
     "knockout": ".engine.knockout",
-    "KL": ".metrics",
-    "LogitDiff": ".metrics",
-    "LogProb": ".metrics",
-    "Probability": ".metrics",
-    "normalised": ".metrics",
+    "KL": ".engine.metrics",
+    "LogitDiff": ".engine.metrics",
+    "LogProb": ".engine.metrics",
+    "Probability": ".engine.metrics",
+    "normalised": ".engine.metrics",
     "VLM": ".models.load",
     "load": ".models.load",
     "wrap": ".models.load",
     "Options": ".options",
-    "open_result": ".results",
-    "save": ".results",
-    "Grid": ".sites",
-    "patch": ".sweep",
+    "open_result": ".results.dataset",
+    "save": ".results.dataset",
+    "Grid": ".engine.sites",
+    "patch": ".engine.sweep",
 }
 
 __all__ = [
@@ -74,7 +74,7 @@ __all__ = [
 # nnsight mounts a `save` method on every object while a trace runs, and a module attribute
 # found that way never reaches `__getattr__`: `vt.save` would be nnsight's. So the names that
 # can collide are bound now (results imports numpy and xarray only).
-from .results import open_result, save  # noqa: E402
+from .results.dataset import open_result, save  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:
@@ -90,15 +90,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .attribution import attribute
-    from .corruptions import GaussianNoise, ImagePair, ReplaceSpan, SymmetricTokenReplacement
     from .data.sample import Sample
-    from .editing import edit
+    from .engine.attribution import attribute
+    from .engine.corruptions import GaussianNoise, ImagePair, ReplaceSpan, SymmetricTokenReplacement
+    from .engine.editing import edit
+    from .engine.invariants import check
     from .engine.knockout import knockout
+    from .engine.metrics import KL, LogitDiff, LogProb, Probability, normalised
+    from .engine.sites import Grid
+    from .engine.sweep import patch
     from .errors import UserError
-    from .invariants import check
-    from .metrics import KL, LogitDiff, LogProb, Probability, normalised
     from .models.load import VLM, load, wrap
     from .options import Options
-    from .sites import Grid
-    from .sweep import patch

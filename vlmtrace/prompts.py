@@ -15,7 +15,7 @@ else, so samples read from files get the model's own prompt, chosen in this orde
     prompt = build_prompt(vlm, "What colour is the bus?")
     samples = for_model(vlm, samples)       # every sample's meta["question"] in the model's prompt
 
-Spans stay words of the question: `vlmtrace.positions` finds them (and `image`, `last`) in
+Spans stay words of the question: `vlmtrace.engine.positions` finds them (and `image`, `last`) in
 whatever the template produced. A template that itself contains a span's words before the
 question (a system prompt saying "a helpful assistant", a span "a") is refused, because the
 span would be found there.
@@ -27,9 +27,9 @@ import string
 from collections.abc import Sequence
 
 from .data.sample import Sample
+from .engine.positions import word_occurrences
 from .errors import UserError
 from .models.load import VLM
-from .positions import word_occurrences
 
 
 class PromptTemplateError(UserError):

@@ -77,7 +77,7 @@ def plot(
 ) -> None:
     """Redraw a recipe's figures from its store (no model needed)."""
     from .. import recipes as registry
-    from ..results import open_result
+    from ..results.dataset import open_result
 
     ds = open_result(store)
     name = ds.attrs.get("recipe", "")
@@ -90,7 +90,7 @@ def plot(
 @app.command()
 def version() -> None:
     """Print the versions that determine a result."""
-    from ..results import versions
+    from ..results.dataset import versions
 
     for name, value in versions().items():
         typer.echo(f"{name} {value}")

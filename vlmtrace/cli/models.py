@@ -5,7 +5,7 @@ corruptions, directions, knockout, attention patterns, prefix reuse, remote). Th
 generated from test results by `python tests/support_matrix.py`, never written by hand, and
 shipped as `vlmtrace/models/support.json`.
 
-`check` loads a model and runs the engine's invariants on it (`vlmtrace.invariants`): the way
+`check` loads a model and runs the engine's invariants on it (`vlmtrace.engine.invariants`): the way
 to learn whether a model, a checkpoint or an adapter of your own gives trustworthy traces.
 """
 
@@ -55,7 +55,7 @@ def check(
     ] = None,
 ) -> None:
     """Run the engine's invariants on MODEL and print a table; exit 1 if any fails."""
-    from ..invariants import check as run_checks
+    from ..engine.invariants import check as run_checks
     from ..models.load import load
 
     report = run_checks(load(model, device=device, dtype=dtype))

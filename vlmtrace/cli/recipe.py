@@ -123,8 +123,8 @@ def recipe(
         )
     # Everything below the checks imports torch; the checks above answer at once.
     from ..models.load import load
-    from ..report import write_report
-    from ..store import assemble
+    from ..presentation.report import write_report
+    from ..results.dataset import assemble
     from .hub import check_model_source
 
     module = registry.get(name)

@@ -8,7 +8,7 @@ any trace, and makes the top next token the answer:
     samples, reasons = own_answers(vlm, samples)   # answers filled in; {sample id: why not} for the rest
 
 The predicted token must decode to text that encodes back to the same first token after the
-prompt (`vlmtrace.inputs.answer_token_ids`), or the metric would score another token than the one
+prompt (`vlmtrace.engine.inputs.answer_token_ids`), or the metric would score another token than the one
 predicted; a sample whose prediction does not (a lone byte, a space) is left out with that reason.
 The answer source is recorded in `meta["answer_source"]`.
 """
@@ -35,8 +35,8 @@ def own_answers(vlm, samples: Sequence[Sample]) -> tuple[list[Sample], dict[str,
     Samples not marked for the model's answer pass through unchanged. Prompts must already be the
     model's (`vlmtrace.prompts.for_model`).
     """
-    from ..forward import stack_rows
-    from ..inputs import answer_token_ids
+    from ..engine.forward import stack_rows
+    from ..engine.inputs import answer_token_ids
 
     out, reasons = [], {}
     for sample in samples:

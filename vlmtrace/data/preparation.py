@@ -269,8 +269,8 @@ def _regions(vlm, samples: list[Sample], leave) -> list[Sample]:
 
 def _untraceable(vlm, sample: Sample, wanted: Sequence[str]) -> str | None:
     """Why the engine would refuse `sample`, found by encoding it as the engine will; or None."""
-    from ..corruptions import ReplaceSpan, clean_side
-    from ..inputs import scored_answer_ids
+    from ..engine.corruptions import ReplaceSpan, clean_side
+    from ..engine.inputs import scored_answer_ids
 
     if sample.image is None and vlm.adapter.image_in_sequence:
         return "image missing"

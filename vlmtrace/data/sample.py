@@ -1,7 +1,7 @@
 """One visual question, with the names of the text spans an experiment will corrupt or patch.
 
 Causal-tracing papers talk about "the visual constraint" or "the subject" of a question;
-the model sees token ids. A `Sample` keeps the words (`spans`), and `vlmtrace.positions`
+the model sees token ids. A `Sample` keeps the words (`spans`), and `vlmtrace.engine.positions`
 turns them into token positions for whatever tokenizer the model uses, so an experiment
 never carries hard-coded offsets such as "576 image tokens, then 3 tokens of subject".
 

@@ -1,1 +1,18 @@
-"""The engine: batched forwards with interventions, and the experiments built on them."""
+"""The engine: batched forwards with interventions, and the experiments built on them.
+
+forward.py        one batched forward with many edits, scored inside one nnsight trace
+layouts.py        how hooked tensors hold rows and positions: checked and applied here only
+inputs.py         one sample encoded: a row of inputs, its segments, its answer ids
+positions.py      segments: image, constraint spans, question, last, named not numbered
+corruptions.py    how the corrupted run differs (ReplaceSpan, STR, GaussianNoise, ImagePair)
+sites.py          the grid of cells: sites, layers, windows, positions, heads
+metrics.py        what a row is scored by, inside the trace
+planning.py       samples -> encoded pairs and cells (shared by patching and attribution)
+sweep.py          activation patching over a grid, chunked, resumable: `vt.patch`
+prefix_reuse.py   start each chunk where it first differs from the baseline rows
+attribution.py    attribution patching (a gradient screen): `vt.attribute`
+knockout.py       attention knockout: `vt.knockout`
+attention.py      attention patterns (NOTICE)
+invariants.py     the engine's invariants on any model: `vt.check`, and each sweep's self-check
+editing.py        rank-one / MEMIT edits at the layers a trace located: `vt.edit`
+"""

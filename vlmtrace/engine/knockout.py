@@ -34,17 +34,17 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..corruptions import clean_side
 from ..data.sample import Sample
 from ..errors import UserError
-from ..forward import SEQUENCE_FIELDS, Edits, run, stack_rows
-from ..inputs import scored_answer_ids
-from ..metrics import Metric, Probability
 from ..models.load import VLM
-from ..positions import Segments
-from ..progress import progress_bar
-from ..results import provenance, sample_ids
-from ..sites import GridError, window_layers
+from ..presentation.progress import progress_bar
+from ..results.dataset import provenance, sample_ids
+from .corruptions import clean_side
+from .forward import SEQUENCE_FIELDS, Edits, run, stack_rows
+from .inputs import scored_answer_ids
+from .metrics import Metric, Probability
+from .positions import Segments
+from .sites import GridError, window_layers
 
 ALL_KEYS = -1
 """Key index meaning every key position (every image patch of a cross-attention)."""

@@ -17,7 +17,7 @@ are relative to one layer (`""` is the layer itself).
 
 Every declaration is checked: at load time against the modules and the config (`check_shape`:
 each site is looked up in every layer, so a site that exists only in some layers is known to
-exist only there), and at run time against the live tensors (`vlmtrace.layouts`): a tensor
+exist only there), and at run time against the live tensors (`vlmtrace.engine.layouts`): a tensor
 whose shape does not match its declared layout stops the sweep with an error that names the
 hook and both shapes. Nothing is indexed on a guess.
 """
@@ -37,7 +37,7 @@ SITE_KINDS = ("block", "attn", "mlp", "cross_attn", "attn_head", "cross_attn_hea
 input of the attention output projection; the others are whole module outputs."""
 
 LayoutName = Literal["row_position", "flat_rows", "image_tiles", "image_tokens"]
-"""How a hooked tensor holds the batch (`vlmtrace.layouts` checks and applies each):
+"""How a hooked tensor holds the batch (`vlmtrace.engine.layouts` checks and applies each):
 
 - `row_position`: [row, position, hidden] (or [row, units, hidden] for a per-row image), the default;
 - `flat_rows`: [row * position, hidden], rows and positions flattened (OPT's MLP);

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..positions import MissingImageTokenError
+from ..engine.positions import MissingImageTokenError
 from .adapter import IDS, MASK, ROW, ROW_PADDED, Adapter, Hook, Stack
 
 

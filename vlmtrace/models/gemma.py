@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..positions import MissingImageTokenError
+from ..engine.positions import MissingImageTokenError
 from .adapter import FLAT, IDS, MASK, ROW, Adapter, Hook, token
 from .llava import LANGUAGE_MODEL, encode, forward
 

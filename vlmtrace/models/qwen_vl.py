@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..positions import MissingImageTokenError
+from ..engine.positions import MissingImageTokenError
 from .adapter import FLAT, IDS, MASK, Adapter, Hook
 from .llava import LANGUAGE_MODEL, forward
 

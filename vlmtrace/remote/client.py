@@ -59,14 +59,14 @@ class ServerUnavailableError(RemoteError):
 
 class RemoteOutOfMemoryError(RemoteError, RuntimeError):
     """The server ran out of memory. A RuntimeError saying so, as a local OOM is, so that a
-    sweep halves the chunk and retries it (`vlmtrace.sweep.is_out_of_memory`)."""
+    sweep halves the chunk and retries it (`vlmtrace.engine.sweep.is_out_of_memory`)."""
 
 
 ENGINE_MODULES = (
     "vlmtrace.errors",  # the engine's error classes derive from UserError
-    "vlmtrace.forward",
-    "vlmtrace.layouts",
-    "vlmtrace.metrics",
+    "vlmtrace.engine.forward",
+    "vlmtrace.engine.layouts",
+    "vlmtrace.engine.metrics",
     "vlmtrace.models.adapter",
     *(module.__name__ for module in FAMILY_MODULES),
 )

@@ -23,7 +23,7 @@ from transformers import (
 
 from vlmtrace.data.scenes import FAMILIES, make_samples
 from vlmtrace.models.processor import load_processor
-from vlmtrace.progress import progress_bar
+from vlmtrace.presentation.progress import progress_bar
 
 from .answering import accuracy
 from .organisms import ORGANISMS, organism_dir

@@ -2,7 +2,7 @@
 
 Rows of a chunk compute exactly what their baseline row (clean, or corrupted draw d) computed
 below the chunk's first patched layer and, in a causal decoder, before its first patched
-position. `vlmtrace.sweep.run_chunk` skips those layers (nnsight `skip`, from the states
+position. `vlmtrace.engine.sweep.run_chunk` skips those layers (nnsight `skip`, from the states
 `forward.baseline_prefix` kept) and runs only the suffix on cached keys and values.
 
     if resumes_keys_values(vlm, stack):      # a causal decoder whose positions the engine makes
@@ -14,9 +14,9 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from ..models.adapter import Stack
+from ..models.load import VLM
 from .forward import POSITION_FIELD, SEQUENCE_FIELDS, Edits, Prefix, baseline_prefix, stack_rows
-from .models.adapter import Stack
-from .models.load import VLM
 from .planning import Prepared, baseline_edits
 
 
@@ -75,9 +75,7 @@ def cache_argument(vlm: VLM) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def suffix_batch(
-    vlm: VLM, batch: dict, stack: Stack, cache: Any, start: int, embeddings: Any = None
-) -> dict:
+def suffix_batch(vlm: VLM, batch: dict, stack: Stack, cache: Any, start: int, embeddings: Any = None) -> dict:
     """The inputs of positions >= `start` only, on top of `cache` (the earlier positions).
 
     Per-token inputs of the stack's sequence are cut at `start`, except the attention mask,

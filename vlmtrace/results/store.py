@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .results import StoreError
+from ..errors import UserError
 
 PROGRESS = ("progress", "done")
 LEDGER = "ledger"
@@ -69,6 +69,10 @@ MARKER = "vlmtrace_store"
 was written. (A group, not a plain file: zarr warns about files it does not know.)"""
 LOCK_TIMEOUT = 600.0
 """Seconds to wait for another process writing the same path before naming it in an error."""
+
+
+class StoreError(UserError):
+    """A store that cannot be written or read as asked."""
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -215,32 +219,6 @@ def _mark(path: Path) -> None:
 def is_store(path: Path) -> bool:
     """True for a folder that holds a zarr store (format 2 or 3) at its top."""
     return any((path / name).exists() for name in ("zarr.json", ".zgroup", ".zmetadata"))
-
-
-def assemble(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> bool:
-    """Save a sharded run's final result exactly once; True if this call wrote it.
-
-    Every shard of a recipe that finds all samples done may call this: the first to take the
-    lock writes the store (`vlmtrace.results.save`), and the others find it there with equal
-    values and return False (their result is already saved). A store with other values is
-    refused as `save` refuses it, unless `overwrite`.
-    """
-    from .results import save
-
-    path = Path(path)
-    with path_lock(path, purpose="assembling a result"):
-        if path.exists() and not overwrite:
-            try:
-                there = read_store(path)
-            except StoreError:
-                there = None
-            if there is not None and there.drop_attrs().equals(ds.drop_attrs()):
-                return False
-        save(ds, path, overwrite=overwrite)  # re-enters the lock held here
-    return True
-
-
-# --- reading, with damage named by path ----------------------------------------------------
 
 
 def _check_chunks(path: Path, *, read: bool) -> None:

@@ -1,6 +1,6 @@
 """From samples to planned work: both sides of each sample encoded, its cells, how positions align.
 
-Exact patching (`vlmtrace.sweep`) and attribution patching (`vlmtrace.attribution`) plan the
+Exact patching (`vlmtrace.engine.sweep`) and attribution patching (`vlmtrace.engine.attribution`) plan the
 same way and lay results out identically, so they share this module and neither imports the
 other's machinery.
 
@@ -21,17 +21,17 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..data.sample import Sample
+from ..models.adapter import Stack
+from ..models.load import VLM
+from ..results.dataset import Layout, patching_attrs
+from ..results.store import config_hash
 from .corruptions import Corruption, Pair
-from .data.sample import Sample
 from .forward import SEQUENCE_FIELDS, Edits, NoisePlan
 from .inputs import scored_answer_ids
 from .metrics import Metric
-from .models.adapter import Stack
-from .models.load import VLM
 from .positions import Segments
-from .results import Layout, patching_attrs
 from .sites import Cell, Grid
-from .store import config_hash
 
 Direction = Literal["denoise", "noise"]
 

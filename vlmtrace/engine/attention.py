@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..data.sample import Sample
+from ..models.load import VLM
 from .corruptions import clean_side
-from .data.sample import Sample
 from .forward import SEQUENCE_FIELDS, driver, envoy_at, stack_rows
 from .inputs import scored_answer_ids
-from .models.load import VLM
 
 
 def attention_pattern(

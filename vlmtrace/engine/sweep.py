@@ -17,7 +17,7 @@ A sample's rows are cut into chunks of at most `max_batch` (or what `max_memory`
 every chunk repeats the k+1 baseline rows so its patches have their sources in the same
 forward, and holds whole cells (all k draws), so a cell's value (the mean of its k rows) is
 final when its chunk ends. With `store=`, each finished chunk is written to zarr at once
-and a rerun of the same command resumes after the last written chunk (`vlmtrace.store`);
+and a rerun of the same command resumes after the last written chunk (`vlmtrace.results.store`);
 `shard=(i, n)` runs the i-th of n disjoint parts of the samples into the same store. On an
 out-of-memory error a chunk is halved and retried.
 """
@@ -33,14 +33,17 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..data.sample import Sample
+from ..models.adapter import Stack
+from ..models.load import VLM
+from ..presentation.progress import progress_bar
+from ..results.dataset import Layout
+from ..results.store import SweepStore
 from . import attribution
 from .corruptions import Corruption
-from .data.sample import Sample
 from .forward import Prefix, resume_cache, run, stack_rows
 from .invariants import verify_baselines
 from .metrics import Metric, Probability
-from .models.adapter import Stack
-from .models.load import VLM
 from .planning import (
     Direction,
     Plan,
@@ -58,10 +61,7 @@ from .prefix_reuse import (
     shifted,
     suffix_batch,
 )
-from .progress import progress_bar
-from .results import Layout
 from .sites import Cell, Grid
-from .store import SweepStore
 
 
 def patch(
@@ -90,7 +90,7 @@ def patch(
     `direction="denoise"` runs the corrupted input and restores clean activations (causal
     tracing); `"noise"` runs the clean input and patches in corrupted activations. With
     `store`, results are written to zarr as chunks finish and a rerun resumes. With
-    `screen=k`, attribution patching (`vlmtrace.attribution`) estimates every cell first and
+    `screen=k`, attribution patching (`vlmtrace.engine.attribution`) estimates every cell first and
     only the k cells of largest estimated |effect| per sample, window and site are patched;
     the others stay NaN. With `reuse_prefix=True`, the clean and corrupted runs are computed
     once per sample and every chunk starts from them: the layers below its first patched layer
@@ -98,7 +98,7 @@ def patch(
     computed (on cached keys/values), and the image encoder runs once per distinct image.
     Same results; local runs only (`tests/test_prefix_reuse.py`). With `verify` (the default),
     the first chunk's batched clean and corrupted rows are checked against unbatched forwards
-    of the same inputs (`vlmtrace.invariants.verify_baselines`, two forwards) and the sweep
+    of the same inputs (`vlmtrace.engine.invariants.verify_baselines`, two forwards) and the sweep
     stops with `SelfCheckError` if they differ.
     """
     stack_name, stack = checked_stack(vlm, samples, grid, direction, verb="patch")

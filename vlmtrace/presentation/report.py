@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from ..results.stats import bootstrap_mean, by_segment
 from . import plots
-from .stats import bootstrap_mean, by_segment
 
 
 def indirect_effect(ds: xr.Dataset, site: str) -> xr.DataArray:
@@ -77,7 +77,7 @@ def patching_figures(
     ds: xr.Dataset, out_dir: str | Path, *, sites: Sequence[str], tag: str = ""
 ) -> list[Path]:
     """Per site: window panels by segment, a CI-annotated heatmap, and sample 0's token map."""
-    from .results import metric_units
+    from ..results.dataset import metric_units
 
     out_dir = Path(out_dir)
     paths = []

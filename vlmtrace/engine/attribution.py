@@ -45,13 +45,15 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..data.sample import Sample
+from ..models.adapter import Stack
+from ..models.load import VLM
+from ..presentation.progress import progress_bar
+from ..results.dataset import Layout
 from .corruptions import Corruption
-from .data.sample import Sample
 from .forward import SEQUENCE_FIELDS, _activation, _noise, driver, envoy_at, stack_rows
 from .layouts import rows_view
 from .metrics import KL, Metric, Probability
-from .models.adapter import Stack
-from .models.load import VLM
 from .planning import (
     Direction,
     Plan,
@@ -62,8 +64,6 @@ from .planning import (
     warn_if_corruption_did_nothing,
     with_layer_kinds,
 )
-from .progress import progress_bar
-from .results import Layout
 from .sites import HEAD_SITES, Cell, Grid
 
 __all__ = [

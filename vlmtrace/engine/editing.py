@@ -60,16 +60,16 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .data.sample import Sample
-from .errors import UserError
+from ..data.sample import Sample
+from ..errors import UserError
+from ..models.adapter import module_at
+from ..models.load import VLM
+from ..results.dataset import provenance
+from ..results.stats import bootstrap_mean, by_segment
 from .forward import stack_rows
 from .inputs import encode, scored_answer_ids
-from .models.adapter import module_at
-from .models.load import VLM
 from .positions import LAST
-from .results import provenance
 from .sites import window_layers
-from .stats import bootstrap_mean, by_segment
 
 Request = tuple[Sample, str]
 """A sample and the answer the edited model should give to it."""
@@ -333,7 +333,7 @@ class Parts:
             raise EditError(
                 f"vt.edit does not know where family {adapter.family!r} (stack {stack_name!r}) keeps its MLP "
                 f"output projection; known: {sorted({f for f, _ in PROJECTIONS})}. Add an entry to "
-                "vlmtrace.editing.PROJECTIONS (the Linear module, relative to one layer, whose output "
+                "vlmtrace.engine.editing.PROJECTIONS (the Linear module, relative to one layer, whose output "
                 "is the 'mlp' site's output)."
             )
         stack = adapter.stacks[stack_name]
@@ -351,7 +351,7 @@ class Parts:
             if not isinstance(module, torch.nn.Linear):
                 raise EditError(
                     f"layer {index}'s {projection.path} is a {type(module).__name__}, not a Linear; "
-                    f"this {adapter.family} checkpoint's MLP differs from the table in vlmtrace.editing."
+                    f"this {adapter.family} checkpoint's MLP differs from vlmtrace.engine.editing's table."
                 )
             projections.append(module)
         return cls(layers, mlps, tuple(projections), projection)
@@ -446,7 +446,7 @@ def _keys_and_hidden(
         raise EditError(
             f"layer {layer}: the output of {parts.projection.path} differs from the "
             f"{parts.projection.site!r} site's output, so editing it does not edit that site; "
-            "fix vlmtrace.editing.PROJECTIONS."
+            "fix vlmtrace.engine.editing.PROJECTIONS."
         )
     where = [(i, offset + row.key) for i, (row, offset) in enumerate(zip(rows, offsets, strict=True))]
     keys = torch.stack([seen["key"][i, p] for i, p in where]).float().cpu()

@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 from .positions import Segments
 
 HEAD_SITES = ("attn_head", "cross_attn_head")

@@ -96,7 +96,7 @@ def spread(ds: xr.Dataset, site: str, *, threshold: float = 0.05, window: int | 
     Samples must share one token layout (one question template), because position k must
     mean the same token in all of them; otherwise average by segment (`by_segment`).
     """
-    from vlmtrace.metrics import normalised  # imports torch: only when a trace is read
+    from vlmtrace.engine.metrics import normalised  # imports torch: only when a trace is read
 
     labels = ds["label"].values
     if (labels != labels[:1]).any():

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.sample import Sample
+from ..models.load import VLM
 from .corruptions import GaussianNoise, ReplaceSpan
-from .data.sample import Sample
 from .forward import Edits, NoisePlan, PatchIndex, run, stack_rows
 from .metrics import LogProb, Metric
-from .models.load import VLM
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 """Relative and absolute tolerance of a batched row against the unbatched forward, by dtype."""
@@ -173,7 +173,7 @@ class Report:
 
 def probe_sample(vlm: VLM, *, image_size: int = 64, seed: int = 0) -> Sample:
     """A sample any model can run: its own prompt format, a random image, a span to replace."""
-    from .prompts import build_prompt
+    from ..prompts import build_prompt
 
     pixels = np.random.RandomState(seed).randint(0, 256, size=(image_size, image_size, 3), dtype=np.uint8)
     question = "which city did this shape represent in year 2006 ?"

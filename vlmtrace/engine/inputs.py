@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .models.load import VLM
+from ..models.load import VLM
 from .positions import Segments, UnknownWordsError, decoder_segments, find_segments
 
 

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
+from ..models.adapter import AdapterMismatchError, Hook, Stack
+from ..models.load import VLM
 from .layouts import add_noise, patch_through_layout
 from .metrics import Metric
-from .models.adapter import AdapterMismatchError, Hook, Stack
-from .models.load import VLM
 
 SEQUENCE_FIELDS = {
     "prompt": ("input_ids", "attention_mask"),

@@ -37,15 +37,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xarray as xr
 
-from .errors import UserError
+from .store import StoreError, path_lock, read_store, write_whole
 
 if TYPE_CHECKING:
-    from .corruptions import Corruption
-    from .data.sample import Sample
-    from .metrics import Metric
-    from .models.load import VLM
-    from .positions import Segments
-    from .sites import Cell, Grid
+    from ..data.sample import Sample
+    from ..engine.corruptions import Corruption
+    from ..engine.metrics import Metric
+    from ..engine.positions import Segments
+    from ..engine.sites import Cell, Grid
+    from ..models.load import VLM
 
 
 def versions() -> dict[str, str]:
@@ -54,7 +54,7 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {
         "vlmtrace": __version__,
@@ -94,7 +94,7 @@ class Layout:
     """
 
     def __init__(self, samples: list[Sample], segments: list[Segments], cells: list[list[Cell]], grid: Grid):
-        from .sites import HEAD_SITES
+        from ..engine.sites import HEAD_SITES
 
         self.grid = grid
         self.samples = samples
@@ -193,10 +193,6 @@ def position_coords(segments: list[Segments], grid: Grid, width: int) -> dict[st
     return {"token": (dims, tokens), "label": (dims, labels), "index": (dims, index)}  # objects: see Format
 
 
-class StoreError(UserError):
-    """A store that cannot be written or read as asked."""
-
-
 METRIC_UNITS = {
     "probability": "probability (0 to 1)",
     "log_prob": "nats (log probability)",
@@ -257,13 +253,12 @@ def save(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Path:
     The store is zarr format 2 with consolidated metadata (see Format), and every data
     variable is described (`describe`).
     """
-    from .store import path_lock, write_whole  # store imports this module
 
     path = Path(path)
     ds = describe(ds.copy())
     for variable in ds.variables.values():
         variable.encoding = {}  # a sweep store's zarr-3 codecs do not apply to format 2
-    # one writer per path; the store appears complete or not at all (`vlmtrace.store`)
+    # one writer per path; the store appears complete or not at all (`vlmtrace.results.store`)
     with path_lock(path, purpose="saving a result"):
         if path.exists() and not overwrite:
             raise StoreError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
@@ -274,9 +269,8 @@ def save(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Path:
 def open_result(path: str | Path) -> xr.Dataset:
     """Read a store written by `save` (or a sweep's store), loaded into memory.
 
-    A missing or truncated chunk file is a StoreError naming the file (`vlmtrace.store`).
+    A missing or truncated chunk file is a StoreError naming the file (`vlmtrace.results.store`).
     """
-    from .store import read_store  # store imports this module
 
     return read_store(path)
 
@@ -311,3 +305,27 @@ def joint_attrs(datasets: dict[str, xr.Dataset]) -> dict[str, Any]:
     if hashes:
         attrs["config_hash"] = hashlib.sha256(";".join(hashes).encode()).hexdigest()[:16]
     return attrs
+
+
+def assemble(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> bool:
+    """Save a sharded run's final result exactly once; True if this call wrote it.
+
+    Every shard of a recipe that finds all samples done may call this: the first to take the
+    lock writes the store (`vlmtrace.results.dataset.save`), and the others find it there with equal
+    values and return False (their result is already saved). A store with other values is
+    refused as `save` refuses it, unless `overwrite`.
+    """
+    path = Path(path)
+    with path_lock(path, purpose="assembling a result"):
+        if path.exists() and not overwrite:
+            try:
+                there = read_store(path)
+            except StoreError:
+                there = None
+            if there is not None and there.drop_attrs().equals(ds.drop_attrs()):
+                return False
+        save(ds, path, overwrite=overwrite)  # re-enters the lock held here
+    return True
+
+
+# --- reading, with damage named by path ----------------------------------------------------

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import UserError
+from ..errors import UserError
 
 IMAGE = "image"
 QUESTION = "question"

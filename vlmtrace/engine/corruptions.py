@@ -21,10 +21,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .data.sample import Sample
-from .errors import UserError
+from ..data.sample import Sample
+from ..errors import UserError
+from ..models.load import VLM
 from .inputs import Encoded, encode
-from .models.load import VLM
 from .positions import replace_first
 
 

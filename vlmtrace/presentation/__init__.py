@@ -1,0 +1,1 @@
+"""Presentation: figures, the HTML report of a run, progress bars. Nothing here computes a result."""
