@@ -12,8 +12,7 @@ import dataclasses
 import pytest
 
 import vlmtrace as vt
-import vlmtrace.engine.invariants
-from vlmtrace.engine.invariants import SelfCheckError
+from vlmtrace.engine.invariants import SelfCheckError, probe_sample
 from vlmtrace.engine.layouts import LayoutError
 from vlmtrace.models.adapter import token
 from vlmtrace.models.load import wrap
@@ -41,7 +40,7 @@ LONGER = "the red circle of a square"  # six tokens for two: the clean row gets 
 
 
 def test_check_reports_a_padded_row_that_differs_from_the_row_alone(tiny_llava, llava_sample):
-    probe = vt.invariants.probe_sample(tiny_llava).with_(replacements={"visual": LONGER})
+    probe = probe_sample(tiny_llava).with_(replacements={"visual": LONGER})
     report = vt.check(attending_to_padding(tiny_llava), probe)
     failed = [invariant.name for invariant in report.invariants if not invariant.ok]
     assert "a padded clean row scores what it scores alone" in failed

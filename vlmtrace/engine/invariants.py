@@ -70,29 +70,11 @@ def unbatched(vlm: VLM, stack, prepared, side: str, metric: Metric, backend: Any
             samples=prepared.pair.samples,
             units=image_units(vlm, [encoded.inputs]) if hook.layout.startswith("image_") else (),
         )
-    values = run(
-        vlm,
-        stack,
-        batch,
-        edits,
-        metric=metric,
-        answer=prepared.answer,
-        foil=prepared.foil,
-        answer_slice=prepared.answer_slice(vlm),
-        backend=backend,
-    )
-    return float(values[0])
+    return scored(vlm, stack, prepared, batch, edits, metric, backend)[0]
 
 
-def _baseline_rows(vlm: VLM, stack, prepared, metric: Metric, backend: Any) -> list[float]:
-    """The sweep's baseline rows (clean, then every noise draw), batched and padded as a chunk
-    pads them, scored by `metric`."""
-    from .planning import baseline_edits
-
-    k = prepared.pair.samples
-    inputs = ["clean"] + ["corrupt"] * k
-    edits = baseline_edits(vlm, prepared, inputs, [0, *range(k)])
-    batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
+def scored(vlm: VLM, stack, prepared, batch: dict, edits: Edits, metric: Metric, backend: Any) -> list[float]:
+    """The metric of every row of one batched forward of `prepared`'s sample with `edits`."""
     values = run(
         vlm,
         stack,
@@ -105,6 +87,18 @@ def _baseline_rows(vlm: VLM, stack, prepared, metric: Metric, backend: Any) -> l
         backend=backend,
     )
     return values.tolist()
+
+
+def _baseline_rows(vlm: VLM, stack, prepared, metric: Metric, backend: Any) -> list[float]:
+    """The sweep's baseline rows (clean, then every noise draw), batched and padded as a chunk
+    pads them, scored by `metric`."""
+    from .planning import baseline_edits
+
+    k = prepared.pair.samples
+    inputs = ["clean"] + ["corrupt"] * k
+    edits = baseline_edits(vlm, prepared, inputs, [0, *range(k)])
+    batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
+    return scored(vlm, stack, prepared, batch, edits, metric, backend)
 
 
 def _sequences() -> dict:
@@ -275,22 +269,7 @@ def check(
 
     if "image" in vlm.adapter.embeddings and sample.image is not None:
         noised = prepare(vlm, sample, GaussianNoise("image", samples=2), metric, False)
-        from .planning import baseline_edits
-
-        inputs = ["clean", "corrupt", "corrupt"]
-        edits = baseline_edits(vlm, noised, inputs, [0, 0, 1])
-        batch = stack_rows(vlm, noised.rows(inputs), noised.widths)
-        values = run(
-            vlm,
-            stack,
-            batch,
-            edits,
-            metric=metric,
-            answer=noised.answer,
-            foil=None,
-            answer_slice=noised.answer_slice(vlm),
-            backend=backend,
-        ).tolist()
+        values = _baseline_rows(vlm, stack, noised, metric, backend)  # clean, then two noise draws
         expected = unbatched(vlm, stack, noised, "clean", metric, backend)
         moved = abs(values[1] - values[0]) > tol * (1 + abs(values[0]))
         results.append(
@@ -333,15 +312,4 @@ def _rows(vlm, stack, prepared, edits, metric, backend, *, patched: str | None =
     """Metric of rows [clean, corrupt(, patched)] in one batched forward with `edits`."""
     inputs = ["clean", "corrupt"] + ([patched] if patched else [])
     batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
-    values = run(
-        vlm,
-        stack,
-        batch,
-        edits,
-        metric=metric,
-        answer=prepared.answer,
-        foil=prepared.foil,
-        answer_slice=prepared.answer_slice(vlm),
-        backend=backend,
-    )
-    return values.tolist()
+    return scored(vlm, stack, prepared, batch, edits, metric, backend)
