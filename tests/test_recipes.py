@@ -82,6 +82,7 @@ def test_every_recipe_is_listed_with_its_paper():
         "notice",
         "information_flow",
         "universal_heads",
+        "multimodal_edit",
     ]
 
 

@@ -49,7 +49,7 @@ from ..data.sample import Sample
 from ..models.adapter import Stack
 from ..models.load import VLM
 from ..presentation.progress import progress_bar
-from ..results.dataset import Layout
+from ..results.dataset import Layout, describe
 from .corruptions import Corruption
 from .forward import SEQUENCE_FIELDS, _activation, _noise, driver, envoy_at, stack_rows
 from .layouts import rows_view
@@ -124,7 +124,7 @@ def attribute(
     ds = with_layer_kinds(layout.empty(attrs), vlm, stack_name)
     estimate(ds, layout, plans, vlm, stack, direction=direction, metric=metric, progress=progress)
     warn_if_corruption_did_nothing(ds)
-    return ds.drop_vars("progress")
+    return describe(ds.drop_vars("progress"))
 
 
 def estimate(

@@ -155,10 +155,10 @@ class GaussianNoise(Corruption):
     def pair(self, vlm: VLM, sample: Sample, answer_ids: tuple[int, ...]) -> Pair:
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise CorruptionError(f"GaussianNoise needs an integer samples >= 1, got {self.samples!r}.")
-        if not (isinstance(self.scale, int | float) and math.isfinite(self.scale) and self.scale > 0):
+        if not (isinstance(self.scale, int | float) and math.isfinite(self.scale) and self.scale >= 0):
             raise CorruptionError(
-                f"GaussianNoise needs a finite scale > 0 (a multiple of the embeddings' std), got "
-                f"{self.scale!r}; ROME and Palit et al. use 3.0."
+                f"GaussianNoise needs a finite scale >= 0 (a multiple of the embeddings' std; 0 is a "
+                f"no-op control), got {self.scale!r}; ROME and Palit et al. use 3.0."
             )
         clean = clean_side(vlm, sample, answer_ids)
         if self.target == "image":

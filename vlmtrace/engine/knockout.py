@@ -38,7 +38,7 @@ from ..data.sample import Sample
 from ..errors import UserError
 from ..models.load import VLM
 from ..presentation.progress import progress_bar
-from ..results.dataset import provenance, sample_ids
+from ..results.dataset import describe, provenance, sample_ids
 from .corruptions import clean_side
 from .forward import SEQUENCE_FIELDS, Edits, run, stack_rows
 from .inputs import scored_answer_ids
@@ -194,18 +194,20 @@ def knockout(
         metric=metric.name,
         blocks={b: [_describe(k), _describe(q)] for b, (k, q) in blocks.items()},
     )
-    return xr.Dataset(
-        {
-            "knockout": (["sample", "block", "window", "layer"], values),
-            "clean": (["sample"], clean),
-        },
-        coords={
-            "sample": sample_ids(samples),
-            "block": names,
-            "window": list(windows),
-            "layer": centres,
-        },
-        attrs=attrs,
+    return describe(
+        xr.Dataset(
+            {
+                "knockout": (["sample", "block", "window", "layer"], values),
+                "clean": (["sample"], clean),
+            },
+            coords={
+                "sample": sample_ids(samples),
+                "block": names,
+                "window": list(windows),
+                "layer": centres,
+            },
+            attrs=attrs,
+        )
     )
 
 

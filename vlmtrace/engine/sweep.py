@@ -37,7 +37,7 @@ from ..data.sample import Sample
 from ..models.adapter import Stack
 from ..models.load import VLM
 from ..presentation.progress import progress_bar
-from ..results.dataset import Layout
+from ..results.dataset import Layout, describe
 from ..results.store import SweepStore
 from . import attribution
 from .corruptions import Corruption
@@ -165,7 +165,9 @@ def patch(
                 bar.advance(task, finished.cells)
     result = sweep_store.read() if sweep_store is not None else ds
     warn_if_corruption_did_nothing(result)
-    return result.drop_vars("progress")  # bookkeeping of the store; `done` says what is finished
+    # `progress` is the store's bookkeeping (`done` says what is finished); variables carry
+    # their description and units in memory as on disk, so a saved result is identical
+    return describe(result.drop_vars("progress"))
 
 
 def shard_indices(n: int, shard: tuple[int, int] | None) -> list[int]:

@@ -218,7 +218,8 @@ def describe(ds: xr.Dataset) -> xr.Dataset:
     a store never leaves a reader guessing.
     """
     units = metric_units(ds)
-    restored = "patched in from the corrupted run" if ds.attrs.get("direction") == "noise" else "restored"
+    noising = ds.attrs.get("direction") == "noise"
+    run, restored = ("clean", "patched in from the corrupted run") if noising else ("corrupted", "restored")
     known = {
         "clean": ("metric of the clean run (no corruption, no patch)", units),
         "corrupt": ("metric of the corrupted run (no patch)", units),
@@ -227,7 +228,7 @@ def describe(ds: xr.Dataset) -> xr.Dataset:
     }
     for site in SITE_VARIABLES:
         known[site] = (
-            f"metric of the corrupted run with the {site} output {restored} at one cell "
+            f"metric of the {run} run with the {site} output {restored} at one cell "
             "(window of layers centred on `layer`, at the position, segment or head)",
             units,
         )

@@ -269,7 +269,7 @@ def _encode(template: xr.Dataset) -> xr.Dataset:
     )
     encoded = template.drop_vars(list(PROGRESS))
     encoded[LEDGER] = (("sample", LEDGER_FIELD), ledger)
-    return encoded.assign_coords({LEDGER_FIELD: list(PROGRESS)})
+    return encoded.assign_coords({LEDGER_FIELD: np.array(PROGRESS, dtype=object)})  # zarr-safe strings
 
 
 def read_store(path: str | Path) -> xr.Dataset:
