@@ -512,4 +512,10 @@ def serve(
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    finally:  # also when a stuck request outlasts the graceful shutdown and lifespan cannot finish
+        for worker in workers.values():
+            worker.stop()
+        if generated is not None:
+            generated.unlink(missing_ok=True)
