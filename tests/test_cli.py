@@ -63,13 +63,19 @@ def test_sharding_without_a_shared_store_is_refused():
         vt.Options(shard=(0, 2))
 
 
+# A fresh `python -c` / `python -m` would put the working directory (the repository root) first
+# on sys.path and import the source tree, which lacks `vlmtrace.recipes` (installed from recipes/);
+# PYTHONSAFEPATH keeps these processes on the installed package, as a user's are.
+INSTALLED = {"PYTHONSAFEPATH": "1"}
+
+
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`vlmtrace ARGS` in a fresh process, as a user runs it."""
     return subprocess.run(
         [sys.executable, "-m", "vlmtrace.cli", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **INSTALLED, **(env or {})},
         timeout=300,
     )
 
@@ -83,7 +89,13 @@ def test_help_and_recipe_list_import_neither_torch_nor_transformers():
         "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
         "print(sorted(m for m in ('torch', 'transformers', 'nnsight') if m in sys.modules))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **INSTALLED},
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
