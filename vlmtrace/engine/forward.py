@@ -400,8 +400,12 @@ def _forward_keeping_cache(model: torch.nn.Module, **batch: torch.Tensor) -> Any
     """
     from transformers import DynamicCache
 
-    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return model(**batch, use_cache=True, **{keyword: DynamicCache()}).past_key_values
+    return model(**batch, use_cache=True, **{cache_keyword(model): DynamicCache()}).past_key_values
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward's keyword for a KV cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def baseline_prefix(vlm: VLM, stack: Stack, batch: dict, edits: Edits, *, keys_values: bool) -> Prefix:

@@ -30,7 +30,7 @@ from PIL import Image
 from ..data.sample import Sample
 from ..models.load import VLM
 from .corruptions import GaussianNoise, ReplaceSpan
-from .forward import Edits, NoisePlan, PatchIndex, run, stack_rows
+from .forward import Edits, run, stack_rows
 from .metrics import LogProb, Metric
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -51,25 +51,12 @@ def close(a: float, b: float, tol: float) -> bool:
 
 def unbatched(vlm: VLM, stack, prepared, side: str, metric: Metric, backend: Any, draw: int = 0) -> float:
     """The metric of one side of a sample, alone in its batch: no padding, no other rows."""
-    from .planning import image_units
+    from .planning import baseline_edits
 
     encoded = prepared.pair.clean if side == "clean" else prepared.pair.corrupt
     widths = {s: len(encoded.inputs[ids]) for s, (ids, _) in _sequences().items() if ids in encoded.inputs}
     batch = stack_rows(vlm, [encoded.inputs], widths)
-    edits = Edits()
-    noise = prepared.pair.noise
-    if side == "corrupt" and noise is not None:
-        hook = vlm.adapter.embeddings[noise.embedding]
-        edits.noise = NoisePlan(
-            hook=hook,
-            rows=(0,),
-            draws=(draw,),
-            positions=noise.positions,
-            scale=noise.scale,
-            seed=noise.seed,
-            samples=prepared.pair.samples,
-            units=image_units(vlm, [encoded.inputs]) if hook.layout.startswith("image_") else (),
-        )
+    edits = baseline_edits(vlm, prepared, [side], [draw], padded=False) if side == "corrupt" else Edits()
     return scored(vlm, stack, prepared, batch, edits, metric, backend)[0]
 
 
@@ -236,7 +223,6 @@ def check(
         )
 
     empty = Edits()
-    empty.patches[(0, "block")] = PatchIndex()
     last = _width(prepared, stack) - 1
     empty.patch(0, "block").add(2, last, 2, last, None)  # a row's own activation: changes nothing
     values = _rows(vlm, stack, prepared, empty, metric, backend, patched="corrupt")

@@ -136,6 +136,8 @@ def add_noise(
     its tokens at `positions`) gives sigma and the noise's shape. Each noised row receives
     draw `draws[i]` of a seeded CPU generator, so results do not depend on the device.
     """
+    if not noised_rows:
+        return
     if positions is None:
         blocks = image_blocks(x, layout, rows=rows, units=units, hook=hook)
         target = x[blocks[0]]

@@ -98,15 +98,21 @@ def prepare(vlm: VLM, sample: Sample, corruption: Corruption, metric: Metric, wh
     return Prepared(sample, pair, torch.tensor(answer), foil, widths)
 
 
-def baseline_edits(vlm: VLM, prepared: Prepared, inputs: list[str], draws: list[int]) -> Edits:
-    """Edits every chunk starts with: the Gaussian noise of the corrupted-input rows."""
+def baseline_edits(
+    vlm: VLM, prepared: Prepared, inputs: list[str], draws: list[int], *, padded: bool = True
+) -> Edits:
+    """Edits every chunk starts with: the Gaussian noise of the corrupted-input rows.
+
+    `padded=False` for rows batched alone (the self-check): noised positions are then the
+    row's own, not shifted by the left padding a chunk gives it.
+    """
     edits = Edits()
     noise = prepared.pair.noise
     if noise is not None:
         rows = [r for r, side in enumerate(inputs) if side == "corrupt"]
         positions = None
         if noise.positions is not None:
-            pad = prepared.pad("corrupt", "prompt")
+            pad = prepared.pad("corrupt", "prompt") if padded else 0
             positions = tuple(p + pad for p in noise.positions)
         hook = vlm.adapter.embeddings[noise.embedding]
         edits.noise = NoisePlan(

@@ -11,12 +11,19 @@ position. `vlmtrace.engine.sweep.run_chunk` skips those layers (nnsight `skip`, 
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from ..models.adapter import Stack
 from ..models.load import VLM
-from .forward import POSITION_FIELD, SEQUENCE_FIELDS, Edits, Prefix, baseline_prefix, stack_rows
+from .forward import (
+    POSITION_FIELD,
+    SEQUENCE_FIELDS,
+    Edits,
+    Prefix,
+    baseline_prefix,
+    cache_keyword,
+    stack_rows,
+)
 from .planning import Prepared, baseline_edits
 
 
@@ -69,12 +76,6 @@ def resumable_start(prepared: Prepared, edits: Edits, prefix: Prefix) -> int:
     return start
 
 
-def cache_argument(vlm: VLM) -> str:
-    """The forward's keyword for a KV cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
-    parameters = inspect.signature(vlm.model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
 def suffix_batch(vlm: VLM, batch: dict, stack: Stack, cache: Any, start: int, embeddings: Any = None) -> dict:
     """The inputs of positions >= `start` only, on top of `cache` (the earlier positions).
 
@@ -84,7 +85,7 @@ def suffix_batch(vlm: VLM, batch: dict, stack: Stack, cache: Any, start: int, em
     `inputs_embeds` instead of token ids: image features and noise are already in them.
     """
     mask = SEQUENCE_FIELDS[stack.sequence][1]
-    suffix: dict[str, Any] = {cache_argument(vlm): cache, mask: batch[mask]}
+    suffix: dict[str, Any] = {cache_keyword(vlm.model): cache, mask: batch[mask]}
     if embeddings is not None:
         return {
             **suffix,
