@@ -270,12 +270,6 @@ def check(
     return Report(vlm.name, vlm.adapter.family, tuple(results))
 
 
-def _all_positions_grid(stack_name: str):
-    from .sites import Grid
-
-    return Grid(sites=("block",), layers=(0,), positions="all", stack=stack_name)
-
-
 def _width(prepared, stack) -> int:
     return prepared.widths[stack.sequence]
 
