@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 
 import vlmtrace as vt
@@ -22,10 +23,10 @@ from vlmtrace.results.dataset import Layout
 SMALL_NOISE = vt.GaussianNoise("image", scale=0.01, samples=2, seed=0)
 
 
-def both(vlm, samples, **kwargs):
-    """(attribution estimates, exact patching) for the same arguments."""
+def both(vlm, samples, method="atp", **kwargs):
+    """(attribution estimates by `method`, exact patching) for the same arguments."""
     kwargs = {"metric": vt.LogProb(), "progress": False, **kwargs}
-    return attribute(vlm, samples, **kwargs), vt.patch(vlm, samples, **kwargs)
+    return attribute(vlm, samples, method=method, **kwargs), vt.patch(vlm, samples, **kwargs)
 
 
 def relative_error(estimates, exact, site) -> float:
@@ -65,15 +66,18 @@ def test_baselines_equal_exact_patching_baselines(tiny_llava, llava_sample):
     assert estimates["done"].all()
 
 
+@pytest.mark.parametrize("method", ["atp", "ig"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_estimates_approach_exact_patching_as_the_corruption_shrinks(tiny_llava, llava_sample, direction):
+def test_estimates_approach_exact_patching_as_the_corruption_shrinks(
+    tiny_llava, llava_sample, direction, method
+):
     """First order: the error of the estimate shrinks faster than the effect itself."""
     grid = vt.Grid(sites=("block", "mlp", "attn_head"))
     errors = {}
     for scale in (1.0, 0.01):
         corruption = vt.GaussianNoise("image", scale=scale, samples=2)
         estimates, exact = both(
-            tiny_llava, [llava_sample], corruption=corruption, grid=grid, direction=direction
+            tiny_llava, [llava_sample], method, corruption=corruption, grid=grid, direction=direction
         )
         errors[scale] = {site: relative_error(estimates, exact, site) for site in grid.sites}
     for site in grid.sites:
@@ -81,16 +85,20 @@ def test_estimates_approach_exact_patching_as_the_corruption_shrinks(tiny_llava,
         assert errors[0.01][site] < errors[1.0][site] / 5, (site, errors)
 
 
-def test_blip_head_and_cross_attention_estimates_match_exact_patching_for_small_noise(tiny_blip, blip_sample):
+@pytest.mark.parametrize("method", ["atp", "ig"])
+def test_blip_head_and_cross_attention_estimates_match_exact_patching_for_small_noise(
+    tiny_blip, blip_sample, method
+):
     grid = vt.Grid(sites=("attn_head", "cross_attn", "cross_attn_head", "mlp"))
-    estimates, exact = both(tiny_blip, [blip_sample], corruption=SMALL_NOISE, grid=grid)
+    estimates, exact = both(tiny_blip, [blip_sample], method, corruption=SMALL_NOISE, grid=grid)
     for site in grid.sites:
         assert relative_error(estimates, exact, site) < 0.05, site
 
 
-def test_blip_decoder_stack_estimates_match_exact_patching_for_small_noise(tiny_blip, blip_sample):
+@pytest.mark.parametrize("method", ["atp", "ig"])
+def test_blip_decoder_stack_estimates_match_exact_patching_for_small_noise(tiny_blip, blip_sample, method):
     grid = vt.Grid(sites=("block", "attn_head"), stack="decoder")
-    estimates, exact = both(tiny_blip, [blip_sample], corruption=SMALL_NOISE, grid=grid)
+    estimates, exact = both(tiny_blip, [blip_sample], method, corruption=SMALL_NOISE, grid=grid)
     for site in grid.sites:
         assert relative_error(estimates, exact, site) < 0.05, site
 
@@ -167,7 +175,14 @@ def test_exact_patching_agrees_with_itself(tiny_llava, llava_sample):
     exact = vt.patch(
         tiny_llava, [llava_sample], corruption=vt.ImagePair(), grid=vt.Grid(sites=("mlp",)), progress=False
     )
-    assert agreement(exact, exact, 5)["mlp"] == {"overlap": 1.0, "spearman": 1.0, "groups": 1}
+    report = agreement(exact, exact, 5)["mlp"]
+    assert report == {
+        "overlap": 1.0,
+        "material_overlap": 1.0,
+        "spearman": 1.0,
+        "groups": 1,
+        "material_groups": 1,
+    }
 
 
 def test_agreement_with_exact_patching_on_a_tiny_random_model_is_reported(tiny_llava, llava_sample, capsys):
@@ -196,3 +211,168 @@ def test_patch_with_a_screen_patches_exactly_k_cells_and_they_equal_full_patchin
         kept = screened[site].notnull()
         assert int(kept.sum()) == 5 * 2  # k cells per (sample, window)
         np.testing.assert_array_equal(screened[site].values[kept.values], full[site].values[kept.values])
+
+
+def one_group(values, clean=1.0, corrupt=0.0) -> xr.Dataset:
+    """A patching-shaped result of one sample and window: `values` over (layer, position)."""
+    values = np.asarray(values, dtype=float)[None, None]
+    return xr.Dataset(
+        {
+            "mlp": (("sample", "window", "layer", "position"), corrupt + values),
+            "clean": ("sample", [clean]),
+            "corrupt": ("sample", [corrupt]),
+        },
+        attrs={"direction": "denoise"},
+    )
+
+
+def test_material_overlap_counts_ties_and_ignores_negligible_effects():
+    """Exact effects 1, .5, .5, .5 and two negligible ones; k = 2. Picking cells 0 and 3 is as
+    right as 0 and 1 (a tie), though the strict overlap, which ranks ties arbitrarily, says 0.5;
+    picking a negligible cell instead of a .5 one is a miss either way."""
+    exact = one_group([[1.0, 0.5, 0.5, 0.5, 0.01, 0.001]])
+    tie = agreement(one_group([[0.9, 0.0, 0.0, 0.8, 0.0, 0.0]]), exact, 2)["mlp"]
+    assert tie["overlap"] == 0.5 and tie["material_overlap"] == 1.0
+    miss = agreement(one_group([[0.9, 0.0, 0.0, 0.0, 0.8, 0.0]]), exact, 2)["mlp"]
+    assert miss["material_overlap"] == 0.5
+    flat = agreement(one_group([[0.9, 0.0]]), one_group([[0.01, 0.001]]), 1)["mlp"]
+    assert flat["material_groups"] == 0 and np.isnan(flat["material_overlap"])
+
+
+def reference_integrated_gradients(vlm, sample, layer: int, steps: int) -> np.ndarray:
+    """IG of log P(answer) at every position of the MLP output of `layer`, image pair, denoising.
+
+    Plain torch hooks on the unwrapped model, one row at a time: the corrupted input with the
+    projector's output moved a fraction alpha of the way to the clean run's, the MLP output's
+    gradient read at each midpoint alpha, times the clean - corrupted MLP output, averaged.
+    """
+    model = vlm.model
+    projector = model.model.multi_modal_projector
+    mlp = model.model.language_model.layers[layer].mlp
+    answer = vlm.tokenizer.convert_tokens_to_ids(sample.answer)
+    rows = {
+        side: vlm.processor(text=sample.prompt, images=image, return_tensors="pt")
+        for side, image in (("clean", sample.image), ("corrupt", sample.image_pair))
+    }
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen[name] = output.detach().clone()
+
+        return hook
+
+    with torch.no_grad():
+        for side, row in rows.items():
+            handles = [
+                projector.register_forward_hook(keep(f"projector {side}")),
+                mlp.register_forward_hook(keep(side)),
+            ]
+            model(**row)
+            for handle in handles:
+                handle.remove()
+    delta = (seen["clean"] - seen["corrupt"])[0]
+    total = torch.zeros(delta.shape[0])
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        for alpha in [(j + 0.5) / steps for j in range(steps)]:
+            live = {}
+
+            def move(module, args, output, alpha=alpha):
+                start = seen["projector corrupt"]
+                return start + alpha * (seen["projector clean"] - start)
+
+            def capture(module, args, output, live=live):
+                output.requires_grad_(True)
+                live["mlp"] = output
+                return output
+
+            handles = [projector.register_forward_hook(move), mlp.register_forward_hook(capture)]
+            try:
+                logits = model(**rows["corrupt"]).logits[0, -1]
+                score = torch.log_softmax(logits.float(), -1)[answer]
+                (grad,) = torch.autograd.grad(score, live["mlp"])
+            finally:
+                for handle in handles:
+                    handle.remove()
+            total += (grad[0] * delta).sum(-1)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return (total / steps).numpy()
+
+
+def test_integrated_gradients_equal_a_plain_torch_reference(tiny_llava, llava_sample):
+    """Every position of one layer's MLP, to float precision (2 instead of 3 points already
+    differs by 1e-3 relative): the path, the midpoints, the
+    average and the product with the difference of the two runs are what the docstring says."""
+    grid = vt.Grid(sites=("mlp",), windows=(1,))
+    estimates = attribute(
+        tiny_llava,
+        [llava_sample],
+        corruption=vt.ImagePair(),
+        grid=grid,
+        metric=vt.LogProb(),
+        method="ig",
+        steps=3,
+        progress=False,
+    )
+    engine = effects(estimates, "mlp").isel(sample=0, window=0).sel(layer=1).values
+    np.testing.assert_allclose(
+        engine, reference_integrated_gradients(tiny_llava, llava_sample, 1, 3), rtol=1e-4, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize(
+    "corruption",
+    [
+        vt.ImagePair(),
+        vt.ReplaceSpan("visual"),
+        vt.GaussianNoise("visual", samples=2),
+        vt.GaussianNoise("image"),
+    ],
+    ids=["image-pair", "same-length-phrase", "noised-phrase", "noised-image"],
+)
+def test_the_integrated_gradients_path_ends_at_the_other_run(
+    tiny_llava, tiny_blip, llava_sample, blip_sample, corruption
+):
+    """No warning: the path's last point scores what the other run scores (checked inside)."""
+    import warnings
+
+    for vlm, sample in ((tiny_llava, llava_sample), (tiny_blip, blip_sample)):
+        for direction in ("denoise", "noise"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", AttributionWarning)
+                attribute(
+                    vlm,
+                    [sample],
+                    corruption=corruption,
+                    grid=vt.Grid(sites=("mlp",), windows=(1,)),
+                    metric=vt.LogProb(),
+                    direction=direction,
+                    method="ig",
+                    steps=2,
+                    progress=False,
+                )
+
+
+def test_a_path_between_phrases_of_different_length_warns(tiny_llava, llava_sample):
+    with pytest.warns(AttributionWarning, match="path ends"):
+        attribute(
+            tiny_llava,
+            [llava_sample],
+            corruption=vt.ReplaceSpan("visual", text="a"),
+            grid=vt.Grid(sites=("mlp",)),
+            metric=vt.LogProb(),
+            method="ig",
+            steps=2,
+            progress=False,
+        )
+
+
+def test_an_unknown_method_or_no_steps_is_a_clear_error(tiny_llava, llava_sample):
+    for bad in ({"method": "atp*"}, {"method": "ig", "steps": 0}):
+        with pytest.raises(ValueError, match="method|steps"):
+            attribute(tiny_llava, [llava_sample], corruption=vt.ImagePair(), progress=False, **bad)

@@ -162,3 +162,47 @@ def add_noise(
         index_rows = torch.tensor(list(noised_rows))
         index_pos = torch.tensor(list(positions))
         view[index_rows[:, None], index_pos[None, :]] += noise[list(draws)]
+
+
+def interpolate(
+    x: torch.Tensor,
+    layout: str,
+    *,
+    rows: int,
+    hook: str,
+    moved_rows: Sequence[int],
+    toward_rows: Sequence[int],
+    alphas: Sequence[float],
+    moved_pos: Sequence[int] | None = None,
+    toward_pos: Sequence[int] | None = None,
+    units: Sequence[int] = (),
+    width: int = 0,
+) -> None:
+    """Move each moved row's part of `x` a fraction `alpha` of the way to its toward row's, in place.
+
+    `x[moved] += alpha * (x[toward] - x[moved])`: the points of an integrated-gradients path
+    between two runs (`vlmtrace.engine.attribution`). With positions, over those positions of
+    the rows (`moved_pos[i]` goes toward `toward_pos[i]`); without, over each row's whole image.
+    Toward rows must not be moved rows: they are read after nothing has written them.
+    """
+    if not moved_rows:
+        return
+    alpha = torch.tensor(list(alphas), dtype=x.dtype, device=x.device)
+    if moved_pos is None:
+        blocks = image_blocks(x, layout, rows=rows, units=units, hook=hook)
+        for row, toward, a in zip(moved_rows, toward_rows, alpha, strict=True):
+            part, target = x[blocks[row]], x[blocks[toward]]
+            if part.shape != target.shape:
+                raise LayoutError(
+                    f"hook {hook!r}: row {row}'s image is {tuple(part.shape)} but row {toward}'s is "
+                    f"{tuple(target.shape)}; a path between two images needs images of the same "
+                    "size (tiles, tokens). Use the first-order screen (method='atp') for this pair."
+                )
+            x[blocks[row]] = part + a * (target - part)
+        return
+    view = rows_view(x, layout, rows=rows, width=width, hook=hook)
+    moved_r, toward_r = torch.tensor(list(moved_rows)), torch.tensor(list(toward_rows))
+    moved_p, toward_p = torch.tensor(list(moved_pos)), torch.tensor(list(toward_pos))
+    here = view[moved_r[:, None], moved_p[None, :]]
+    there = view[toward_r[:, None], toward_p[None, :]]
+    view[moved_r[:, None], moved_p[None, :]] = here + alpha.view(-1, *[1] * (here.dim() - 1)) * (there - here)
