@@ -28,7 +28,7 @@ import torch
 
 from ..models.adapter import AdapterMismatchError, Hook, Stack
 from ..models.load import VLM
-from .layouts import add_noise, patch_through_layout
+from .layouts import add_noise, image_blocks, patch_through_layout, rows_view
 from .metrics import Metric
 
 SEQUENCE_FIELDS = {
@@ -82,6 +82,10 @@ class NoisePlan:
     samples: int
     units: tuple[int, ...] = ()
     """Image tiles or tokens of every batch row, for `image_tiles` / `image_tokens` hooks."""
+    span: tuple[int, int] | None = None
+    """(first row, row count) of the one sample this plan noises, in a forward that packs
+    several samples' rows (`vlmtrace.engine.packing`); its first row is that sample's clean
+    row, which gives sigma. None: the whole batch is one sample's, row 0 its clean row."""
 
 
 @dataclass
@@ -94,6 +98,9 @@ class Edits:
     cross_knockouts: dict[int, KnockIndex] = field(default_factory=dict)
     """Cross-attention knockouts by layer (keys are positions of the cross-attended sequence)."""
     noise: NoisePlan | None = None
+    packed_noise: list[NoisePlan] = field(default_factory=list)
+    """One plan per noised sample of a forward that packs several samples' rows, each noising
+    only its `span` of rows with its own sigma; a forward of one sample uses `noise`."""
 
     def patch(self, layer: int, site: str) -> PatchIndex:
         return self.patches.setdefault((layer, site), PatchIndex())
@@ -102,9 +109,29 @@ class Edits:
         table = self.cross_knockouts if cross else self.knockouts
         return table.setdefault(layer, KnockIndex())
 
+    def noise_plans(self) -> list[NoisePlan]:
+        """Every noise plan of the forward, all at the same hook (one corruption per sweep)."""
+        return ([] if self.noise is None else [self.noise]) + self.packed_noise
+
     def layers(self) -> list[int]:
         """Every layer an edit touches, in execution order."""
         return sorted({layer for layer, _ in self.patches} | set(self.knockouts) | set(self.cross_knockouts))
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """Rows `start:stop` of a forward, one sample's, and the answer they are scored by.
+
+    A forward that packs several samples' rows scores each sample's rows with its own answer,
+    foil and answer positions; the first of them is the sample's clean row, the row 0 of a
+    metric that scores against the clean run (KL).
+    """
+
+    start: int
+    stop: int
+    answer: torch.Tensor
+    foil: torch.Tensor | None
+    answer_slice: slice
 
 
 def stack_rows(vlm: VLM, rows: list[Mapping[str, torch.Tensor]], widths: Mapping[str, int]) -> dict:
@@ -245,14 +272,29 @@ def _knocked_mask(mask, index: KnockIndex, rows: int, queries: int, keys: int, c
 
 
 def _noise(plan: NoisePlan, x: torch.Tensor, rows: int, width: int) -> None:
-    """Seeded Gaussian noise on the corrupted rows' embeddings, through the hook's layout."""
+    """Seeded Gaussian noise on the corrupted rows' embeddings, through the hook's layout.
+
+    A plan with a `span` sees only its sample's part of `x` (a view, so the noise lands in
+    `x`), in which its clean row is row 0: sigma comes from that sample, as when it runs alone.
+    """
+    layout, units, noised_rows = plan.hook.layout, plan.units, plan.rows
+    if plan.span is not None:
+        first, count = plan.span
+        if plan.positions is None:
+            blocks = image_blocks(x, layout, rows=rows, units=units, hook=plan.hook.path)
+            x = x[blocks[first].start : blocks[first + count - 1].stop]
+            units = units[first : first + count]
+        else:
+            x = rows_view(x, layout, rows=rows, width=width, hook=plan.hook.path)[first : first + count]
+            layout = "row_position"
+        rows, noised_rows = count, tuple(r - first for r in noised_rows)
     add_noise(
         x,
-        plan.hook.layout,
+        layout,
         rows=rows,
-        units=plan.units,
+        units=units,
         hook=plan.hook.path,
-        noised_rows=plan.rows,
+        noised_rows=noised_rows,
         draws=plan.draws,
         positions=plan.positions,
         scale=plan.scale,
@@ -301,45 +343,54 @@ def run(
     edits: Edits,
     *,
     metric: Metric,
-    answer: torch.Tensor,
-    foil: torch.Tensor | None,
-    answer_slice: slice,
+    answer: torch.Tensor | None = None,
+    foil: torch.Tensor | None = None,
+    answer_slice: slice | None = None,
+    scoring: list[Scoring] | None = None,
     backend: Any = None,
     prefix: tuple[int, torch.Tensor] | None = None,
     image: Any = None,
 ) -> torch.Tensor:
     """Run one batched forward with `edits`; return the metric of every row (CPU floats).
 
-    `backend` is an nnsight backend (None: run here); a remote one runs the same trace on a
-    server, and only the per-row floats come back. `prefix=(first, states)` skips the stack's
-    layers below `first`, every row starting from `states`, the [row, position, hidden]
-    output of layer `first - 1` (prefix reuse: nothing is edited below `first`, so each row
-    computes there exactly what its baseline row computed once already). `image` replaces
-    the image encoder's output (`Prefix.image_rows`): it runs once per distinct image.
+    Every row is scored by `answer` / `foil` at `answer_slice`, or, for a forward that packs
+    several samples' rows, each sample's rows by their own (`scoring`, in row order, covering
+    every row). `backend` is an nnsight backend (None: run here); a remote one runs the same
+    trace on a server, and only the per-row floats come back. `prefix=(first, states)` skips
+    the stack's layers below `first`, every row starting from `states`, the [row, position,
+    hidden] output of layer `first - 1` (prefix reuse: nothing is edited below `first`, so
+    each row computes there exactly what its baseline row computed once already). `image`
+    replaces the image encoder's output (`Prefix.image_rows`): it runs once per distinct image.
     """
     envoy = vlm.envoy
     layers = envoy_at(envoy, stack.layers)
     n_heads = vlm.shape.heads[_stack_name(vlm, stack)]
     rows, width = batch_geometry(batch, stack.sequence)
     prompt_width = batch_geometry(batch, "prompt")[1]
+    if scoring is None:
+        scoring = [Scoring(0, rows, answer, foil, answer_slice)]
     # Read before the trace: a remote trace ships every object its body names, and the VLM
     # (processor included) has no business on the server.
     dtype = vlm.model.dtype
     if vlm.adapter.keeps_last_logits and vlm.adapter.answer_sequence == "prompt":
-        batch = {**batch, "logits_to_keep": len(answer)}  # logits of the answer positions only
+        # logits of the answer positions only (each sample's are the last len(answer))
+        batch = {**batch, "logits_to_keep": max(len(group.answer) for group in scoring)}
     first, states = prefix if prefix is not None else (0, None)
     encoder_path = None if vlm.adapter.image_encoder is None else vlm.adapter.image_encoder.path
     sites = dict(stack.sites)
     attention_path, cross_path = stack.attention, stack.cross_attention
     cross_keyword, causal = stack.cross_mask_keyword, stack.causal
+    noise_plans = edits.noise_plans()
     for layer_index in edits.cross_knockouts:
         if any(layer == layer_index for layer, _ in edits.patches):
             raise ValueError("cross-attention knockout and patching at the same layer in one forward")
     with torch.no_grad(), envoy.trace(fn=driver(vlm), backend=backend, **batch) as tracer:
         if image is not None:
             envoy_at(envoy, encoder_path).skip(image)
-        if edits.noise is not None:  # also when skipping: BLIP's layers read the image again
-            _noise(edits.noise, _activation(envoy, edits.noise.hook), rows, prompt_width)
+        if noise_plans:  # also when skipping: BLIP's layers read the image again
+            embedded = _activation(envoy, noise_plans[0].hook)
+            for noise_plan in noise_plans:
+                _noise(noise_plan, embedded, rows, prompt_width)
         for skipped in range(first):  # only the last skipped layer's output is ever read
             layers[skipped].skip(states)
         for layer_index in edits.layers():
@@ -356,10 +407,18 @@ def run(
                 index = edits.patches.get((layer_index, site))
                 if index is not None:
                     _apply_patch(_activation(layer, hook), index, hook, rows, width, n_heads)
-        logits = tracer.result[:, answer_slice]
-        values = metric(logits, answer.to(logits.device), None if foil is None else foil.to(logits.device))
-        values = values.cpu().save()
+        values = _scored(tracer.result, metric, scoring).cpu().save()
     return values
+
+
+def _scored(logits: torch.Tensor, metric: Metric, scoring: list[Scoring]) -> torch.Tensor:
+    """The metric of every row, each sample's rows against its own answer (inside the trace)."""
+    scores = []
+    for group in scoring:
+        answer_logits = logits[group.start : group.stop, group.answer_slice]
+        foil = None if group.foil is None else group.foil.to(logits.device)
+        scores.append(metric(answer_logits, group.answer.to(logits.device), foil))
+    return torch.cat(scores)
 
 
 @dataclass

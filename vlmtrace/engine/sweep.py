@@ -4,7 +4,7 @@
                grid=Grid(sites=("mlp", "attn"), windows=(1, 3, 6)), metric=Probability())
     ds["mlp"].sel(window=3).mean("sample")       # Basu et al.'s trace, averaged
 
-Rows of one sample's forward, in order (the layout is the engine's business; results only
+Rows of one sample in a forward, in order (the layout is the engine's business; results only
 ever name clean and corrupted runs by variable, `clean` and `corrupt`):
 
     0                clean input
@@ -13,19 +13,22 @@ ever name clean and corrupted runs by variable, `clean` and `corrupt`):
                      copied in ("denoise", restoration) or the clean input with corrupted
                      activations copied in ("noise")
 
-A sample's rows are cut into chunks of at most `max_batch` (or what `max_memory` allows);
-every chunk repeats the k+1 baseline rows so its patches have their sources in the same
-forward, and holds whole cells (all k draws), so a cell's value (the mean of its k rows) is
-final when its chunk ends. With `store=`, each finished chunk is written to zarr at once
-and a rerun of the same command resumes after the last written chunk (`vlmtrace.results.store`);
-`shard=(i, n)` runs the i-th of n disjoint parts of the samples into the same store. On an
-out-of-memory error a chunk is halved and retried.
+A sample's cells are cut into chunks of at most `max_batch` rows (or what `max_memory`
+allows); every chunk repeats the k+1 baseline rows so its patches have their sources in the
+same forward, and holds whole cells (all k draws), so a cell's value (the mean of its k rows)
+is final when its chunk ends. Where a sample's last chunk leaves room, the next samples' rows
+fill the same forward, each sample with its own baseline rows (`vlmtrace.engine.packing`).
+With `store=`, each finished chunk is written to zarr at once and a rerun of the same command
+resumes after the last written chunk (`vlmtrace.results.store`); `shard=(i, n)` runs the i-th
+of n disjoint parts of the samples into the same store. On an out-of-memory error a forward is
+halved and retried.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +47,11 @@ from .corruptions import Corruption
 from .forward import Prefix, resume_cache, run, stack_rows
 from .invariants import verify_baselines
 from .metrics import Metric, Probability
+from .packing import Share, common_widths, next_forward, offsets, packed_edits, pad, scoring, signature
 from .planning import (
     Direction,
     Plan,
     Prepared,
-    baseline_edits,
     checked_stack,
     lay_out,
     warn_if_corruption_did_nothing,
@@ -84,6 +87,7 @@ def patch(
     screen: int | None = None,
     reuse_prefix: bool = False,
     verify: bool = True,
+    pack_samples: bool = True,
 ) -> xr.Dataset:
     """Patch every cell of `grid` for every sample; return the metric of every patched run.
 
@@ -96,10 +100,13 @@ def patch(
     once per sample and every chunk starts from them: the layers below its first patched layer
     are skipped, in a causal decoder only the positions from its first patched one are
     computed (on cached keys/values), and the image encoder runs once per distinct image.
-    Same results; local runs only (`tests/test_prefix_reuse.py`). With `verify` (the default),
-    the first chunk's batched clean and corrupted rows are checked against unbatched forwards
-    of the same inputs (`vlmtrace.engine.invariants.verify_baselines`, two forwards) and the sweep
-    stops with `SelfCheckError` if they differ.
+    Same results; local runs only (`tests/test_prefix_reuse.py`); a forward then holds one
+    sample's rows. With `verify` (the default), the batched clean and corrupted rows of the
+    first forward's most padded sample are checked against unbatched forwards of the same
+    inputs (`vlmtrace.engine.invariants.verify_baselines`, two forwards) and the sweep stops
+    with `SelfCheckError` if they differ. A forward holds the rows of several samples where
+    one sample's leave room (`vlmtrace.engine.packing`); `pack_samples=False` runs one sample
+    per forward, for benchmarks and tests: the results are the same, up to float rounding.
     """
     stack_name, stack = checked_stack(vlm, samples, grid, direction, verb="patch")
     if getattr(backend, "mode", None) == "submit":
@@ -138,30 +145,31 @@ def patch(
     if reuse_prefix:
         for p in plans:  # deterministic, so a resumed run continues the same order
             p.work = sorted(p.work, key=lambda c, p=p: min(p.cells[c].layers))
-    total = sum(len(plans[i].work) - int(done_cells[i]) for i in mine if not done[i])
+    pending = [(i, int(done_cells[i])) for i in mine if not done[i]]
+    total = sum(len(plans[i].work) - start for i, start in pending)
     with progress_bar(progress, f"patching {vlm.name}") as bar:
         task = bar.add_task("cells", total=total)
-        for i in mine:
-            if done[i]:
-                continue
-            for finished in patch_sample(
-                vlm,
-                stack,
-                plans[i],
-                direction,
-                metric,
-                max_batch,
-                max_memory,
-                backend,
-                start=int(done_cells[i]),
-                reuse_prefix=reuse_prefix,
-            ):
-                if verify:
-                    verify_baselines(vlm, stack, plans[i].prepared, finished.baselines, metric, backend)
-                    verify = False
-                record(ds, layout, i, plans[i], finished)
+        for forward in run_forwards(
+            vlm,
+            stack,
+            plans,
+            pending,
+            direction,
+            metric,
+            max_batch,
+            max_memory,
+            backend,
+            reuse_prefix=reuse_prefix,
+            pack=pack_samples,
+        ):
+            if verify:
+                share, finished = most_padded(forward)
+                verify_baselines(vlm, stack, share.prepared, finished.baselines, metric, backend)
+                verify = False
+            for share, finished in forward:  # a forward may finish one sample and start the next
+                record(ds, layout, share.sample, share.plan, finished)
                 if sweep_store is not None:
-                    sweep_store.write(ds, i)
+                    sweep_store.write(ds, share.sample)
                 bar.advance(task, finished.cells)
     result = sweep_store.read() if sweep_store is not None else ds
     warn_if_corruption_did_nothing(result)
@@ -184,7 +192,8 @@ def shard_indices(n: int, shard: tuple[int, int] | None) -> list[int]:
 
 @dataclass
 class Finished:
-    """What one chunk established: values of some cells, baselines, progress."""
+    """What one chunk of a sample established (its share of a forward): values of some
+    cells, baselines, progress."""
 
     values: dict[int, float]
     clean: float
@@ -218,123 +227,198 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-def patch_sample(
+def run_forwards(
     vlm: VLM,
     stack: Stack,
-    plan: Plan,
+    plans: Sequence[Plan],
+    pending: Sequence[tuple[int, int]],
     direction: Direction,
     metric: Metric,
     max_batch: int,
     max_memory: float | None,
     backend: Any = None,
     *,
-    start: int = 0,
     reuse_prefix: bool = False,
-) -> Iterator[Finished]:
-    """Run a sample's cells from `start`, yielding after every chunk (whole cells per chunk).
+    pack: bool = True,
+) -> Iterator[list[tuple[Share, Finished]]]:
+    """Run the cells of every pending (sample, first unfinished cell), forward by forward.
 
-    With `reuse_prefix`, a chunk holds cells of one first patched layer only, and runs from
-    that layer on (`prefix_of`, `run_chunk`).
+    Yields each forward's shares (`vlmtrace.engine.packing.Share`: one sample's whole cells)
+    with what each finished. With `pack`, a forward that one sample's cells leave room in
+    takes the next samples' too. With `reuse_prefix`, a forward holds one sample's cells of
+    one first patched layer only, and runs from that layer on (`prefix_of`, `run_chunk`).
+    After an out-of-memory error the forward is retried at half the rows, and no later forward
+    of the sweep is larger.
     """
-    prepared, k = plan.prepared, plan.prepared.pair.samples
-    rows = rows_per_chunk(vlm, prepared, max_batch, max_memory) - prepared.baseline_rows
-    per_chunk = rows // k
-    if per_chunk < 1:
-        raise ValueError(
-            f"max_batch={max_batch} leaves no room for one cell ({k} rows) next to the "
-            f"{prepared.baseline_rows} baseline rows; use max_batch >= {prepared.baseline_rows + k}."
-        )
-    position = start
-    computed: Prefix | None = None
-    while True:
-        chunk_cells = plan.work[position : position + per_chunk]
-        if reuse_prefix and chunk_cells:
-            first = min(plan.cells[chunk_cells[0]].layers)
-            chunk_cells = [c for c in chunk_cells if min(plan.cells[c].layers) == first]
-            if computed is None:
-                computed = prefix_of(vlm, stack, prepared)
-        chunk = [(c, draw) for c in chunk_cells for draw in range(k)]
+    pending = list(pending)
+    pack = pack and not reuse_prefix
+    signatures = {i: signature(vlm, plans[i].prepared) for i, _ in pending} if pack else {}
+    cap: int | None = None  # rows per forward, once one ran out of memory
+    computed: tuple[int, Prefix] | None = None  # the prefix of the sample prefix reuse is on
+
+    def rows(prepared: list[Prepared]) -> int:
+        budget = rows_per_chunk(vlm, prepared, max_batch, max_memory)
+        return budget if cap is None else min(budget, cap)
+
+    while pending:
+        shares = next_forward(plans, pending, rows=rows, pack=pack, signatures=signatures)
+        prefix = None
+        if reuse_prefix and shares[0].cells:
+            share = shares[0]
+            first = min(share.plan.cells[share.cells[0]].layers)
+            same_first = takewhile(lambda c, s=share, f=first: min(s.plan.cells[c].layers) == f, share.cells)
+            shares = [replace(share, cells=tuple(same_first))]
+            if computed is None or computed[0] != share.sample:
+                computed = (share.sample, prefix_of(vlm, stack, share.prepared))
+            prefix = computed[1]
+        chunk = [
+            (j, c, draw)
+            for j, s in enumerate(shares)
+            for c in s.cells
+            for draw in range(s.prepared.pair.samples)
+        ]
         try:
             values = run_chunk(
-                vlm, stack, prepared, plan.cells, chunk, plan.aligned, direction, metric, backend, computed
+                vlm,
+                stack,
+                [s.prepared for s in shares],
+                [s.plan.cells for s in shares],
+                chunk,
+                [s.plan.aligned for s in shares],
+                direction,
+                metric,
+                backend,
+                prefix,
             )
         except Exception as error:
-            if not is_out_of_memory(error) or per_chunk == 1:
+            cap = halved(shares) if is_out_of_memory(error) else None
+            if cap is None:
                 raise
-            per_chunk //= 2  # halve and retry the same cells
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
-        cell_values = values[1 + k :].view(len(chunk_cells), k).mean(1) if chunk else values[:0]
-        position += len(chunk_cells)
-        yield Finished(
-            values=dict(zip(chunk_cells, cell_values.tolist(), strict=True)),
-            clean=float(values[0]),
-            corrupt=float(values[1 : 1 + k].mean()),
-            progress=position,
-            complete=position >= len(plan.work),
-            cells=len(chunk_cells),
-            baselines=values[: 1 + k].tolist(),
+        yield list(zip(shares, finished_by(shares, values), strict=True))
+        last = shares[-1]
+        pending = pending[len(shares) :]
+        if not last.completes:
+            pending.insert(0, (last.sample, last.end))
+
+
+def halved(shares: list[Share]) -> int | None:
+    """Rows per forward after `shares` ran out of memory: half its rows, or room for half its
+    cells next to one sample's baseline rows; None when one cell of one sample is all it held."""
+    cells = sum(len(s.cells) for s in shares)
+    if len(shares) == 1 and cells <= 1:
+        return None
+    prepared = shares[0].prepared
+    rows = sum(s.rows for s in shares)
+    return max(rows // 2, prepared.baseline_rows + prepared.pair.samples * max(1, cells // 2))
+
+
+def finished_by(shares: list[Share], values: torch.Tensor) -> list[Finished]:
+    """What each share of a forward established, from the forward's row values."""
+    results, first = [], 0
+    for share in shares:  # a share's rows are consecutive, in the forward's order
+        k = share.prepared.pair.samples
+        own, first = values[first : first + share.rows], first + share.rows
+        cell_values = own[1 + k :].view(len(share.cells), k).mean(1)
+        results.append(
+            Finished(
+                values=dict(zip(share.cells, cell_values.tolist(), strict=True)),
+                clean=float(own[0]),
+                corrupt=float(own[1 : 1 + k].mean()),
+                progress=share.end,
+                complete=share.completes,
+                cells=len(share.cells),
+                baselines=own[: 1 + k].tolist(),
+            )
         )
-        if position >= len(plan.work):
-            return
+    return results
+
+
+def most_padded(forward: list[tuple[Share, Finished]]) -> tuple[Share, Finished]:
+    """The share whose rows a forward pads most (the first on a tie): the self-check's pick,
+    since padding to another sample's width is what batching adds to a row."""
+    widths = common_widths([share.prepared for share, _ in forward])
+    return max(forward, key=lambda pair: sum(widths[q] - w for q, w in pair[0].prepared.widths.items()))
 
 
 def run_chunk(
     vlm: VLM,
     stack: Stack,
-    prepared: Prepared,
-    cells: list[Cell],
-    chunk: list[tuple[int, int]],
-    aligned: dict[int, int],
+    prepared: Sequence[Prepared],
+    cells: Sequence[list[Cell]],
+    chunk: list[tuple[int, int, int]],
+    aligned: Sequence[Mapping[int, int]],
     direction: Direction,
     metric: Metric,
     backend: Any = None,
     prefix: Prefix | None = None,
 ) -> torch.Tensor:
-    """Baseline rows + the chunk's patched rows, in one forward.
+    """Each sample's baseline rows, then its patched rows, for every sample of one forward.
 
-    With the baseline rows' `prefix` (`prefix_of`), the layers below the chunk's first patched
-    layer are skipped, and in a causal decoder only the positions from the first patched one
-    on are computed, on top of the baseline rows' keys and values: each row starts from its
-    own baseline row's states, which it equals up to there.
+    `prepared`, `cells` and `aligned` hold one entry per sample of the forward; `chunk` one
+    (sample of the forward, cell, draw) per patched row, grouped by sample. Every row is
+    padded to the forward's widths (`packing.common_widths`) and patched from its own
+    sample's baseline rows; the values come back in row order.
+
+    With the baseline rows' `prefix` (`prefix_of`, one sample only), the layers below the
+    chunk's first patched layer are skipped, and in a causal decoder only the positions from
+    the first patched one on are computed, on top of the baseline rows' keys and values: each
+    row starts from its own baseline row's states, which it equals up to there.
     """
-    k = prepared.pair.samples
     patched_input = "corrupt" if direction == "denoise" else "clean"
-    inputs = ["clean"] + ["corrupt"] * k + [patched_input] * len(chunk)
-    draws = [0] + list(range(k)) + [draw for _, draw in chunk]
-    edits = baseline_edits(vlm, prepared, inputs, draws)
+    counts = [sum(1 for j, _, _ in chunk if j == sample) for sample in range(len(prepared))]
+    firsts = offsets(prepared, counts)
+    widths = common_widths(prepared)
+    inputs = [
+        ["clean"] + ["corrupt"] * p.pair.samples + [patched_input] * n
+        for p, n in zip(prepared, counts, strict=True)
+    ]
+    draws = [
+        [0, *range(p.pair.samples), *(draw for j, _, draw in chunk if j == sample)]
+        for sample, p in enumerate(prepared)
+    ]
+    edits = packed_edits(vlm, prepared, inputs, draws, widths)
     sequence = stack.sequence
-    pad_clean, pad_corrupt = prepared.pad("clean", sequence), prepared.pad("corrupt", sequence)
-    for offset, (c, draw) in enumerate(chunk):
-        row = 1 + k + offset
-        cell = cells[c]
+    next_row = [first + p.baseline_rows for first, p in zip(firsts, prepared, strict=True)]
+    for j, c, draw in chunk:
+        row, first, cell = next_row[j], firsts[j], cells[j][c]
+        next_row[j] += 1
+        pad_clean, pad_corrupt = (
+            pad(prepared[j], "clean", sequence, widths),
+            pad(prepared[j], "corrupt", sequence, widths),
+        )
         for clean_pos in cell.positions:
-            if clean_pos not in aligned:
+            if clean_pos not in aligned[j]:
                 continue
-            corrupt_pos = aligned[clean_pos] + pad_corrupt
+            corrupt_pos = aligned[j][clean_pos] + pad_corrupt
             clean_pos = clean_pos + pad_clean
             if direction == "denoise":
-                dst_pos, src_row, src_pos = corrupt_pos, 0, clean_pos
+                dst_pos, src_row, src_pos = corrupt_pos, first, clean_pos
             else:
-                dst_pos, src_row, src_pos = clean_pos, 1 + draw, corrupt_pos
+                dst_pos, src_row, src_pos = clean_pos, first + 1 + draw, corrupt_pos
             for layer in cell.layers:
                 edits.patch(layer, cell.site).add(row, dst_pos, src_row, src_pos, cell.head)
-    batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
+    rows = [row for p, sides in zip(prepared, inputs, strict=True) for row in p.rows(sides)]
+    batch = stack_rows(vlm, rows, widths)
     skip = image = None
     if prefix is not None and edits.patches:
+        if len(prepared) != 1:
+            raise ValueError("prefix reuse runs one sample per forward")
+        k = prepared[0].pair.samples
         # each row's baseline row: clean is row 0, corrupted draw d is row 1 + d
-        patched_sources = [1 + d if patched_input == "corrupt" else 0 for _, d in chunk]
+        patched_sources = [1 + d if patched_input == "corrupt" else 0 for _, _, d in chunk]
         sources = [0] + [1 + d for d in range(k)] + patched_sources
-        start = resumable_start(prepared, edits, prefix)
+        start = resumable_start(prepared[0], edits, prefix)
         if start > 0:
             cache = resume_cache(prefix, sources, start)
             embeddings = None if prefix.embeddings is None else prefix.embeddings[sources]
             batch = suffix_batch(vlm, batch, stack, cache, start, embeddings)
             edits = shifted(edits, start)
-        first = min(layer for layer, _ in edits.patches)
-        if first > 0:
-            skip = (first, prefix.states[first - 1][sources][:, start:])
+        first_layer = min(layer for layer, _ in edits.patches)
+        if first_layer > 0:
+            skip = (first_layer, prefix.states[first_layer - 1][sources][:, start:])
         if start == 0 and prefix.image is not None:  # the suffix of a resumed run has no image
             image = prefix.image_rows(sources)
     return run(
@@ -343,28 +427,28 @@ def run_chunk(
         batch,
         edits,
         metric=metric,
-        answer=prepared.answer,
-        foil=prepared.foil,
-        answer_slice=prepared.answer_slice(vlm),
+        scoring=scoring(vlm, prepared, counts),
         backend=backend,
         prefix=skip,
         image=image,
     )
 
 
-def rows_per_chunk(vlm: VLM, prepared: Prepared, max_batch: int, max_memory: float | None) -> int:
-    """Rows per forward: `max_batch`, lowered to fit `max_memory` bytes when given.
+def rows_per_chunk(vlm: VLM, prepared: Sequence[Prepared], max_batch: int, max_memory: float | None) -> int:
+    """Rows per forward of these samples: `max_batch`, lowered to fit `max_memory` bytes when given.
 
     The estimate is the activations one row keeps alive during a forward (hidden states of
-    a layer and its MLP, x4 for attention scores and temporaries) plus its answer logits.
+    a layer and its MLP, x4 for attention scores and temporaries) plus its answer logits, at
+    the widest sample's width.
     """
     if max_memory is None:
         return max_batch
     config = getattr(vlm.model.config, "text_config", vlm.model.config)
     hidden = config.hidden_size
     vocab = config.vocab_size
-    width = max(prepared.widths.values())
+    width = max(max(p.widths.values()) for p in prepared)
     element = torch.finfo(vlm.model.dtype).bits // 8
-    logits = len(prepared.answer) if vlm.adapter.keeps_last_logits else width
+    logits = max(len(p.answer) for p in prepared) if vlm.adapter.keeps_last_logits else width
     per_row = element * width * hidden * 4 * 4 + 4 * vocab * logits
-    return max(prepared.baseline_rows + prepared.pair.samples, min(max_batch, int(max_memory // per_row)))
+    smallest = max(p.baseline_rows + p.pair.samples for p in prepared)
+    return max(smallest, min(max_batch, int(max_memory // per_row)))
