@@ -376,3 +376,13 @@ def test_an_unknown_method_or_no_steps_is_a_clear_error(tiny_llava, llava_sample
     for bad in ({"method": "atp*"}, {"method": "ig", "steps": 0}):
         with pytest.raises(ValueError, match="method|steps"):
             attribute(tiny_llava, [llava_sample], corruption=vt.ImagePair(), progress=False, **bad)
+
+
+def test_patch_screens_with_integrated_gradients_when_asked(tiny_llava, llava_sample):
+    kwargs = dict(
+        corruption=vt.ImagePair(), grid=vt.Grid(sites=("mlp",), skip=("image",)), metric=vt.LogProb()
+    )
+    estimates = attribute(tiny_llava, [llava_sample], method="ig", progress=False, **kwargs)
+    screened = vt.patch(tiny_llava, [llava_sample], screen=3, screen_method="ig", progress=False, **kwargs)
+    np.testing.assert_array_equal(screened["mlp"].notnull().values, screen(estimates, 3)["mlp"].values)
+    assert screened.attrs["screen_method"] == "ig"

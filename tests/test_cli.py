@@ -190,3 +190,19 @@ def test_the_public_api_names_each_resolve_to_an_object():
 
     for name in vt.__all__:
         assert getattr(vt, name) is not None
+
+
+def test_a_screened_recipe_patches_only_the_screened_cells_and_records_how(tmp_path):
+    """Files to store: `--screen 2 --screen-method ig` on 8 samples leaves at most 2 patched
+    cells per sample, window and site (the rest NaN), and the store says how it screened."""
+    import xarray as xr
+
+    out = tmp_path / "screened.zarr"
+    args = ["recipe", "visual_constraint", "--n-samples", "8", "--screen", "2", "--screen-method", "ig"]
+    result = runner.invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, _text(result)
+    ds = xr.open_zarr(out)
+    assert ds.attrs["screen"] == 2 and ds.attrs["screen_method"] == "ig"
+    for site in ("mlp", "attn"):
+        kept = ds[site].notnull().sum(["layer", "position"]).values
+        assert kept.shape == (8, ds.sizes["window"]) and (kept >= 1).all() and (kept <= 2).all(), kept

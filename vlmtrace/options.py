@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class Options:
@@ -30,6 +32,8 @@ class Options:
     """Replace part stores written by another configuration."""
     screen: int | None = None
     """Patch only the top-k cells by attribution-patching estimate."""
+    screen_method: str = "atp"
+    """How the screen estimates: "atp" (gradient at the run) or "ig" (integrated gradients)."""
     reuse_prefix: bool = False
     """Skip the layers (and, in decoders, the positions) below each cell's first patch."""
     backend: Any = None
@@ -37,8 +41,10 @@ class Options:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.screen_method not in ("atp", "ig"):
+            raise UserError(f"--screen-method must be 'atp' or 'ig', not {self.screen_method!r}.")
         if self.shard is not None and self.parts is None:
-            raise ValueError("sharding needs a store the shards share: give `parts` (CLI: --out).")
+            raise UserError("sharding needs a store the shards share: give `parts` (CLI: --out).")
 
     def sweep(self, part: str) -> dict[str, Any]:
         """Keyword arguments for `vt.patch` for the sub-sweep named `part`."""
@@ -49,6 +55,7 @@ class Options:
             "shard": self.shard,
             "overwrite": self.overwrite,
             "screen": self.screen,
+            "screen_method": self.screen_method,
             "reuse_prefix": self.reuse_prefix,
             "backend": self.backend,
             "progress": self.progress,

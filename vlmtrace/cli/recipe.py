@@ -71,6 +71,13 @@ def recipe(
     screen: Annotated[
         int | None, typer.Option(min=1, help="Patch only the top-K cells by attribution-patching estimate.")
     ] = None,
+    screen_method: Annotated[
+        str,
+        typer.Option(
+            help="How --screen estimates: atp (gradient at the run) or ig (integrated gradients, "
+            "better where P(answer) saturates).",
+        ),
+    ] = "atp",
     reuse_prefix: Annotated[
         bool,
         typer.Option(
@@ -144,6 +151,7 @@ def recipe(
         shard=parse_shard(shard),
         overwrite=overwrite,
         screen=screen,
+        screen_method=screen_method,
         reuse_prefix=reuse_prefix,
     )
     backend = None

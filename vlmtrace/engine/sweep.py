@@ -85,6 +85,7 @@ def patch(
     recipe: str = "",
     backend: Any = None,
     screen: int | None = None,
+    screen_method: attribution.Method = "atp",
     reuse_prefix: bool = False,
     verify: bool = True,
     pack_samples: bool = True,
@@ -92,21 +93,23 @@ def patch(
     """Patch every cell of `grid` for every sample; return the metric of every patched run.
 
     `direction="denoise"` runs the corrupted input and restores clean activations (causal
-    tracing); `"noise"` runs the clean input and patches in corrupted activations. With
-    `store`, results are written to zarr as chunks finish and a rerun resumes. With
-    `screen=k`, attribution patching (`vlmtrace.engine.attribution`) estimates every cell first and
-    only the k cells of largest estimated |effect| per sample, window and site are patched;
-    the others stay NaN. With `reuse_prefix=True`, the clean and corrupted runs are computed
-    once per sample and every chunk starts from them: the layers below its first patched layer
-    are skipped, in a causal decoder only the positions from its first patched one are
-    computed (on cached keys/values), and the image encoder runs once per distinct image.
-    Same results; local runs only (`tests/test_prefix_reuse.py`); a forward then holds one
-    sample's rows. With `verify` (the default), the batched clean and corrupted rows of the
-    first forward's most padded sample are checked against unbatched forwards of the same
-    inputs (`vlmtrace.engine.invariants.verify_baselines`, two forwards) and the sweep stops
-    with `SelfCheckError` if they differ. A forward holds the rows of several samples where
-    one sample's leave room (`vlmtrace.engine.packing`); `pack_samples=False` runs one sample
-    per forward, for benchmarks and tests: the results are the same, up to float rounding.
+    tracing); `"noise"` runs the clean input and patches in corrupted activations. With `store`,
+    results are written to zarr as chunks finish and a rerun resumes. With `screen=k`,
+    attribution patching (`vlmtrace.engine.attribution`) estimates every cell first and only the
+    k cells of largest estimated |effect| per sample, window and site are patched; the others
+    stay NaN. `screen_method="ig"` estimates with integrated gradients (better where the metric
+    saturates, e.g. P(answer) near 0; `benchmarks/screen.py`). With `reuse_prefix=True`, the
+    clean and corrupted runs are computed once per sample and every chunk starts from them: the
+    layers below its first patched layer are skipped, in a causal decoder only the positions
+    from its first patched one are computed (on cached keys/values), and the image encoder runs
+    once per distinct image. Same results; local runs only (`tests/test_prefix_reuse.py`); a
+    forward then holds one sample's rows. With `verify` (the default), the batched clean and
+    corrupted rows of the first forward's most padded sample are checked against unbatched
+    forwards of the same inputs (`vlmtrace.engine.invariants.verify_baselines`, two forwards)
+    and the sweep stops with `SelfCheckError` if they differ. A forward holds the rows of
+    several samples where one sample's leave room (`vlmtrace.engine.packing`);
+    `pack_samples=False` runs one sample per forward, for benchmarks and tests: the results are
+    the same, up to float rounding.
     """
     stack_name, stack = checked_stack(vlm, samples, grid, direction, verb="patch")
     if getattr(backend, "mode", None) == "submit":
@@ -121,6 +124,8 @@ def patch(
     # `screen` is part of the hash: a screened store never resumes an unscreened one; so is
     # `reuse_prefix`, which runs cells in another order
     extra = {} if screen is None else {"screen": screen}
+    if screen is not None and screen_method != "atp":
+        extra["screen_method"] = screen_method
     if reuse_prefix:
         extra["reuse_prefix"] = True
     plans, layout, attrs = lay_out(
@@ -137,7 +142,15 @@ def patch(
         todo = [i for i in mine if not done[i]]
         estimates = with_layer_kinds(layout.empty(attrs), vlm, stack_name)
         attribution.estimate(
-            estimates, layout, plans, vlm, stack, direction=direction, metric=metric, indices=todo
+            estimates,
+            layout,
+            plans,
+            vlm,
+            stack,
+            direction=direction,
+            metric=metric,
+            method=screen_method,
+            indices=todo,
         )
         masks = attribution.screen(estimates, screen)
         for i in todo:  # deterministic, so a resumed run screens the same cells
