@@ -45,6 +45,16 @@ model's own clean prediction. The sample is a synthetic multi-constraint questio
     python -m benchmarks.peers --skip-big       # the shipped organism only, ~20 s
     python -m benchmarks.peers --model random   # a tiny random LLaVA instead of the organism
 
+A third section runs the same table on an M-RoPE family, Qwen2-VL, whose positions the model
+computes (`--mrope`: the shipped organism `shapes-qwen` by default, `random` for a tiny random
+Qwen2-VL, `none` to skip; `--only-mrope` runs it alone). Its pixel values are flat (one row per
+patch, no batch dimension), so the hand-written methods tile them per row (`repeat`). Methods
+that cannot run there say why instead of disappearing: TransformerLens 4.3 has no Qwen2-VL
+adapter, and prefix reuse skips layers but recomputes every position (a suffix would be
+numbered from 0 by the model). Its section ends with `mrope <name> (qwen2_vl, positions=model):
+vs_ceiling=<vlmtrace/ceiling> prefix_vs_ceiling=<r> vs_nnsight_loop=<r> vs_transformerlens=<r>`,
+the run's last line with `--only-mrope`.
+
 The last line is `perf prefix_vs_ceiling=<r> screen_topk_overlap=<f> vs_transformerlens=<r>`:
 - prefix_vs_ceiling: vlmtrace with prefix reuse (`reuse_prefix=True`: cells grouped by their
   first patched layer, the layers below skipped, and only the positions from the first patched
@@ -133,6 +143,11 @@ class Setup:
     pyvene: PyveneModels | None = None
     unavailable: dict[str, str] = field(default_factory=dict)
     """Method -> why it could not run here."""
+    corrupted_image: Any = None
+    """The corrupted run's image where it is not the sample's (an image pair); None: the same."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    """Where the hand-written methods put their inputs (the model's device and dtype)."""
 
     @property
     def cells(self) -> list[tuple[int, int]]:
@@ -152,7 +167,8 @@ def redraw(model: torch.nn.Module, scale: float, seed: int = 0) -> None:
     tokens) no restoration changed P(answer) at all (measured).
     """
     hidden = model.config.text_config.hidden_size
-    generator = torch.Generator().manual_seed(seed)
+    device = model.lm_head.weight.device  # a CPU generator for CPU weights: the numbers of RESULTS.md
+    generator = torch.Generator(device=device).manual_seed(seed)
     matrices = [*model.model.language_model.named_parameters(), ("lm_head.weight", model.lm_head.weight)]
     with torch.no_grad():
         for name, parameter in matrices:
@@ -196,9 +212,14 @@ def make_setup(
     k: int,
     *,
     own: bool,
+    libraries: tuple[str, ...] = ("tl", "pyvene"),
 ) -> Setup:
-    """Copies for every method, the sample and the grid; `own`: the answer is the clean top-1."""
-    copies = {kind: copy.deepcopy(model).eval() for kind in ("torch", "tl", "pyvene")}  # before nnsight
+    """Copies for every method, the sample and the grid; `own`: the answer is the clean top-1.
+
+    `libraries`: the peers to attach ("tl": TransformerLens, "pyvene"), each on its own copy of
+    the weights; the model's device and dtype are kept (move it before calling this)."""
+    copies = {kind: copy.deepcopy(model).eval() for kind in ("torch", *libraries)}  # before nnsight
+    parameter = next(model.parameters())
     vlm = vt.wrap(model, processor, name=name)
     sample = synthetic_samples(vlm, "multi", 1, seed=0)[0]
     setup = Setup(
@@ -213,6 +234,8 @@ def make_setup(
         n_layers=vlm.shape.layers["lm"],
         max_batch=args.max_batch,
         noise_samples=k,
+        device=parameter.device,
+        dtype=parameter.dtype,
     )  # the rest is filled in below, once the sample's answer is settled
     clean = encode(setup, sample.prompt)
     if own:
@@ -232,8 +255,14 @@ def make_setup(
     image_token = vlm.shape.image_token_id
     setup.text = [p for p, token in enumerate(ids) if token != image_token]
     setup.span = find(ids, vlm.tokenizer(sample.spans[SPAN], add_special_tokens=False).input_ids)
-    attach_transformer_lens(setup, processor)
-    attach_pyvene(setup)
+    if "tl" in libraries:
+        attach_transformer_lens(setup, processor)
+    else:
+        setup.unavailable["TransformerLens"] = "not run (not asked for)"
+    if "pyvene" in libraries:
+        attach_pyvene(setup)
+    else:
+        setup.unavailable["pyvene"] = "not run (not asked for)"
     return setup
 
 
@@ -247,14 +276,24 @@ def find(ids: list[int], part: list[int]) -> list[int]:
 def attach_transformer_lens(setup: Setup, processor: Any) -> None:
     """TransformerLens 4.3's bridge over its own copy (it reads the config from a directory)."""
     try:
+        from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
         from transformer_lens.model_bridge import TransformerBridge
 
         model = setup.copies["tl"]
-        model.config.architectures = [type(model).__name__]  # how the bridge picks its adapter
+        architecture = type(model).__name__
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            setup.unavailable["TransformerLens"] = (
+                f"not supported: TransformerLens {version('transformer-lens')} has no adapter for "
+                f"{architecture} (not in its SUPPORTED_ARCHITECTURES)"
+            )
+            return
+        model.config.architectures = [architecture]  # how the bridge picks its adapter
         with tempfile.TemporaryDirectory() as directory:
             model.config.save_pretrained(directory)
             processor.save_pretrained(directory)
-            bridge = TransformerBridge.boot_transformers(directory, hf_model=model, device="cpu")
+            bridge = TransformerBridge.boot_transformers(
+                directory, hf_model=model, device=str(setup.device), dtype=setup.dtype
+            )
         setup.bridge = bridge.eval()
     except Exception as error:  # report, never fake a number
         setup.unavailable["TransformerLens"] = f"{type(error).__name__}: {str(error)[:160]}"
@@ -294,12 +333,29 @@ def attach_pyvene(setup: Setup) -> None:
 
 
 def encode(setup: Setup, prompt: str) -> dict[str, torch.Tensor]:
-    """One row of model inputs from the HF processor (batch dimension 1)."""
-    return dict(setup.vlm.processor(text=[prompt], images=[setup.sample.image], return_tensors="pt"))
+    """One row of model inputs from the HF processor (batch dimension 1; flat inputs such as
+    Qwen2-VL's patches have none), on the model's device, images in its dtype."""
+    return on_device(
+        setup, setup.vlm.processor(text=[prompt], images=[setup.sample.image], return_tensors="pt")
+    )
+
+
+def on_device(setup: Setup, inputs: Any) -> dict[str, torch.Tensor]:
+    return {
+        name: value.to(setup.device, setup.dtype if value.is_floating_point() else None)
+        for name, value in dict(inputs).items()
+    }
 
 
 def both(setup: Setup) -> tuple[dict, dict]:
-    return encode(setup, setup.sample.prompt), encode(setup, setup.corrupted_prompt)
+    """The clean and the corrupted inputs (the corrupted image: `Setup.corrupted_image`)."""
+    clean = encode(setup, setup.sample.prompt)
+    if setup.corrupted_image is None:
+        return clean, encode(setup, setup.corrupted_prompt)
+    corrupt = setup.vlm.processor(
+        text=[setup.corrupted_prompt], images=[setup.corrupted_image], return_tensors="pt"
+    )
+    return clean, on_device(setup, corrupt)
 
 
 def layer_modules(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -312,7 +368,10 @@ def probability(logits: torch.Tensor, answer_id: int) -> torch.Tensor:
 
 
 def repeat(inputs: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    return {name: value.expand(n, *value.shape[1:]).contiguous() for name, value in inputs.items()}
+    """n rows of one row's inputs; a flat input (Qwen2-VL's `pixel_values` [patches, features],
+    `image_grid_thw` [images, 3]) is tiled along its first dimension, which is what one image
+    per row means there, and what concatenating rows does too."""
+    return {name: value.repeat(n, *([1] * (value.dim() - 1))) for name, value in inputs.items()}
 
 
 def to_grid(setup: Setup, values) -> np.ndarray:
@@ -397,7 +456,7 @@ def transformer_lens(setup: Setup) -> np.ndarray:
             "resid_post",
             index_df=index,
         )
-    return to_grid(setup, values.numpy())
+    return to_grid(setup, values.float().cpu().numpy())
 
 
 def rearm_output_capture(model: torch.nn.Module) -> None:
@@ -431,7 +490,7 @@ def pyvene(setup: Setup) -> np.ndarray:
         source = {next(iter(patcher.interventions)): states[layer].reshape(width, 1, -1)}
         rearm_output_capture(model)
         _, out = patcher(base=base, unit_locations=where, source_representations=source)
-        grid.append(probability(out.logits, setup.answer_id).numpy())
+        grid.append(probability(out.logits, setup.answer_id).cpu().numpy())
     return np.stack(grid)
 
 
@@ -463,10 +522,10 @@ def ceiling(setup: Setup) -> np.ndarray:
     cells, per_chunk = setup.cells, setup.max_batch - 2
     values: list[float] = []
     for start in range(0, len(cells), per_chunk):
-        chunk = torch.tensor(cells[start : start + per_chunk])  # [cells, (layer, position)]
+        chunk = torch.tensor(cells[start : start + per_chunk], device=setup.device)  # [cells, (layer, pos)]
         corrupted = repeat(corrupt, 1 + len(chunk))
         batch = {name: torch.cat([clean[name], corrupted[name]]) for name in clean}
-        rows = torch.arange(2, 2 + len(chunk))
+        rows = torch.arange(2, 2 + len(chunk), device=setup.device)
         hooks = []
         for layer, module in enumerate(layer_modules(model)):
             here = chunk[:, 0] == layer
@@ -495,9 +554,9 @@ def rome_loop(setup: Setup) -> np.ndarray:
     model, k = setup.copies["torch"], setup.noise_samples
     clean = encode(setup, setup.sample.prompt)
     batch = repeat(clean, 1 + k)
-    span = torch.tensor(setup.span)
+    span = torch.tensor(setup.span, device=setup.device)
     hidden = model.config.text_config.hidden_size
-    draws = torch.randn(k, len(span), hidden, generator=torch.Generator().manual_seed(0))
+    draws = torch.randn(k, len(span), hidden, generator=torch.Generator().manual_seed(0)).to(setup.device)
 
     def add_noise(module, args, output):
         sigma = NOISE_SCALE * output[0, span].float().std()
@@ -622,18 +681,43 @@ def rates(setup: Setup, seconds: dict[str, list[float]]) -> dict[str, float]:
     }
 
 
+def describe_method(setup: Setup, name: str) -> str:
+    if name == "vlmtrace prefix" and setup.vlm.adapter.positions == "model":
+        return (
+            "vt.patch(reuse_prefix=True): layers below the first patched one skipped, every position "
+            "recomputed (the model makes its positions, M-RoPE: no key/value resume)"
+        )
+    return DESCRIPTIONS[name]
+
+
+def model_description(config: Any) -> str:
+    """The decoder and vision tower in one line: LLaVA's CLIP or Qwen2-VL's merged-patch tower."""
+    text, vision = config.text_config, config.vision_config
+    decoder = {"llama": "Llama", "qwen2_vl_text": "Qwen2 (M-RoPE)"}.get(text.model_type, text.model_type)
+    line = (
+        f"{decoder} {text.num_hidden_layers} layers, d={text.hidden_size}, {text.num_attention_heads} heads "
+        f"(head dim {text.hidden_size // text.num_attention_heads}), MLP {text.intermediate_size}, "
+        f"vocab {text.vocab_size}; "
+    )
+    if hasattr(vision, "image_size"):  # CLIP
+        return line + (
+            f"CLIP {vision.num_hidden_layers} layers, d={vision.hidden_size}, "
+            f"{vision.image_size} px / {vision.patch_size} px patches"
+        )
+    merge = getattr(vision, "spatial_merge_size", 1)
+    return line + (
+        f"{vision.model_type} {vision.depth} layers, d={vision.embed_dim}, {vision.patch_size} px patches "
+        f"merged {merge}x{merge} into one image token"
+    )
+
+
 def report(setup: Setup, shape: Shape, result: Measured, top_k: int) -> tuple[float, float, float]:
     """Print the model's table; return (vlmtrace/ceiling, top-K overlap, vlmtrace/TransformerLens)."""
     rate, cpu_rate = rates(setup, result.seconds), rates(setup, result.cpu)
-    config = setup.copies["torch"].config
-    text, vision = config.text_config, config.vision_config
     width = len(encode(setup, setup.sample.prompt)["input_ids"][0])
     print(
         f"\n## {setup.label}: {setup.vlm.name}\n\n"
-        f"Llama {text.num_hidden_layers} layers, d={text.hidden_size}, {text.num_attention_heads} heads "
-        f"(head dim {text.hidden_size // text.num_attention_heads}), MLP {text.intermediate_size}, "
-        f"vocab {text.vocab_size}; CLIP {vision.num_hidden_layers} layers, d={vision.hidden_size}, "
-        f"{vision.image_size} px / {vision.patch_size} px patches; {width} prompt tokens, "
+        f"{model_description(setup.copies['torch'].config)}; {width} prompt tokens, "
         f"{width - len(setup.text)} of them image tokens.\n"
         f"Sample: {setup.sample.prompt!r} -> {setup.sample.answer!r}; "
         f"{setup.sample.spans[SPAN]!r} replaced by {setup.sample.replacements[SPAN]!r}.\n"
@@ -652,14 +736,17 @@ def report(setup: Setup, shape: Shape, result: Measured, top_k: int) -> tuple[fl
     for method in METHODS:
         name = method.name
         if name in result.failed:
-            print(f"| {name} | not available ({result.failed[name]}) | | | | | | | | | |")
+            why = result.failed[name]
+            what = why if why.startswith(("not supported", "not run")) else f"not available ({why})"
+            print(f"| {name} | {what} | | | | | | | | | |")
             continue
         runs = len(setup.cells) * (setup.noise_samples if method.noisy else 1)
         times = result.seconds[name]
         difference = float(np.abs(result.values[name] - result.values[method.reference]).max())
         flag = "" if difference < TOLERANCE else " DISAGREES"
         print(
-            f"| {name} | {DESCRIPTIONS[name]} | {runs} | {min(times):.4f} | {statistics.median(times):.4f} | "
+            f"| {name} | {describe_method(setup, name)} | {runs} | {min(times):.4f} | "
+            f"{statistics.median(times):.4f} | "
             f"{min(result.cpu[name]):.4f} | {rate[name]:.1f} | {cpu_rate[name]:.1f} | "
             f"{rate[name] / rate[by_name[name].reference]:.3f} | "
             f"{rate[name] / rate['ceiling']:.3f} | {difference:.1e}{flag} |"
@@ -712,6 +799,53 @@ def machine() -> str:
     )
 
 
+def load_mrope(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str, bool]:
+    """The M-RoPE model: a saved Qwen2-VL (organism) or a tiny random one; True if random."""
+    if args.mrope == "random":
+        from vlmtrace.models.zoo.qwen import build_qwen2_vl
+
+        model, processor = build_qwen2_vl(
+            word_tokenizer(VOCABULARY), layers=args.layers, hidden=args.hidden, seed=0
+        )
+        if args.init_scale:
+            redraw(model, args.init_scale)
+        return model, processor, f"random-qwen2-vl-{args.layers}x{args.hidden}", True
+    model, processor, name = load_dir(args.mrope)
+    return model, processor, name, False
+
+
+def measure_mrope(args: argparse.Namespace) -> str:
+    """The peers on a Qwen2-VL-class model (M-RoPE, positions made by the model); returns its line.
+
+    What cannot run there is reported as such: TransformerLens 4.3 has no Qwen2-VL adapter, and
+    prefix reuse skips layers only (a suffix numbered by the model would restart at position 0,
+    so `resumes_keys_values` is false and every position is recomputed)."""
+    model, processor, name, random = load_mrope(args)
+    if model.config.text_config.model_type != "qwen2_vl_text":
+        print(f"\n(--mrope {args.mrope}: {model.config.model_type} is not a Qwen2-VL; measured anyway)")
+    shape = Shape(
+        "M-RoPE", args.layers, args.hidden, 4, 32, 4, args.noise_samples, args.repeats, args.loop_repeats
+    )
+    setup = make_setup("M-RoPE", model, processor, name, args, shape.noise_samples, own=random)
+    result = measure(setup, shape, args.top_k)
+    report(setup, shape, result, args.top_k)
+    rate = rates(setup, result.seconds)
+    family = f"{model.config.model_type}, positions={setup.vlm.adapter.positions}"
+
+    def ratio(a: str, b: str) -> str:
+        return f"{rate[a] / rate[b]:.2f}" if a in rate and b in rate else "n/a"
+
+    missing = ", ".join(f"{m}: {why}" for m, why in result.failed.items())
+    if missing:
+        print(f"Not run on {name}: {missing}.")
+    return (
+        f"mrope {name} ({family}): vs_ceiling={ratio('vlmtrace', 'ceiling')} "
+        f"prefix_vs_ceiling={ratio('vlmtrace prefix', 'ceiling')} "
+        f"vs_nnsight_loop={ratio('vlmtrace', 'nnsight loop')} "
+        f"vs_transformerlens={ratio('vlmtrace', 'TransformerLens')}"
+    )
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -730,6 +864,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--big-image-size", type=int, default=336, help="(image/patch)^2 image tokens")
     parser.add_argument("--big-patch-size", type=int, default=14)
     parser.add_argument("--skip-big", action="store_true", help="measure the tiny model only")
+    parser.add_argument(
+        "--mrope",
+        default="shapes-qwen",
+        help="an M-RoPE (Qwen2-VL) model measured after the LLaVAs: a saved directory or organism name, "
+        "'random' for a tiny random Qwen2-VL (--layers, --hidden), 'none' to skip it",
+    )
+    parser.add_argument(
+        "--only-mrope", action="store_true", help="measure the M-RoPE model only (its line is the last)"
+    )
     parser.add_argument("--repeats", type=int, default=10, help="tiny model: timed calls, batched methods")
     parser.add_argument("--loop-repeats", type=int, default=3, help="tiny model: timed calls, loops")
     parser.add_argument(
@@ -746,6 +889,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.only_mrope and args.mrope == "none":
+        raise SystemExit(
+            "--only-mrope measures the --mrope model: give one (shapes-qwen, random, a directory)"
+        )
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # peers' deprecation and config chatter; failures are reported
     began, load_before = time.perf_counter(), os.getloadavg()[0]
@@ -765,7 +912,7 @@ def main() -> None:
         args.big_repeats,
     )
     headlines = []
-    for shape in [tiny] if args.skip_big else [tiny, big]:
+    for shape in [] if args.only_mrope else [tiny] if args.skip_big else [tiny, big]:
         loaded = shape is tiny and args.model != "random"
         model, processor, name = load_dir(args.model) if loaded else build(shape, args.init_scale)
         label = "--model" if loaded else shape.label
@@ -777,11 +924,19 @@ def main() -> None:
             f"{label}: prefix_vs_ceiling={vs_ceiling:.2f} screen_topk_overlap={overlap:.2f} "
             f"vs_transformerlens={vs_tl:.2f}"
         )
+    mrope_line = None
+    if args.mrope != "none":
+        mrope_line = measure_mrope(args)
+        if headlines:  # the section's last line; with --only-mrope, the run's last line
+            print(mrope_line)
     load_after = os.getloadavg()[0]
     print(
         f"\n1-min load average {load_before:.2f} before / {load_after:.2f} after (other processes on this "
         f"machine make every time longer); {time.perf_counter() - began:.0f} s in all."
     )
+    if not headlines:
+        print(mrope_line)
+        return
     # Speed ratios from the last (largest) model; the screen's overlap from the first (the tiny model or
     # --model), whose effects are spread over many cells: on the 7B-shaped random model a handful of cells
     # move and the rest tie at exactly zero, so its top-K overlap mostly measures tie-breaking.
