@@ -459,7 +459,10 @@ def _forward_keeping_cache(model: torch.nn.Module, **batch: torch.Tensor) -> Any
     """
     from transformers import DynamicCache
 
-    return model(**batch, use_cache=True, **{cache_keyword(model): DynamicCache()}).past_key_values
+    keyword = cache_keyword(model)
+    output = model(**batch, use_cache=True, **{keyword: DynamicCache()})
+    # read the cache under the name the model returns it by: the old name warns where renamed
+    return output[keyword] if keyword in output else output.past_key_values
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
