@@ -386,3 +386,13 @@ def test_patch_screens_with_integrated_gradients_when_asked(tiny_llava, llava_sa
     screened = vt.patch(tiny_llava, [llava_sample], screen=3, screen_method="ig", progress=False, **kwargs)
     np.testing.assert_array_equal(screened["mlp"].notnull().values, screen(estimates, 3)["mlp"].values)
     assert screened.attrs["screen_method"] == "ig"
+
+
+def test_material_recall_counts_what_a_wider_screen_patches_exactly():
+    """Ranked 3rd and 4th by the estimate, the two material cells are missed by a screen of 2
+    and found by one of 4 (exact patching of the 4 then ranks them first)."""
+    exact = one_group([[1.0, 0.5, 0.5, 0.5, 0.01, 0.001]])
+    guess = one_group([[0.1, 0.0, 0.0, 0.2, 0.9, 0.8]])
+    report = agreement(guess, exact, 2, candidates=4)["mlp"]
+    assert report["material_overlap"] == 0.0 and report["material_recall"] == 1.0
+    assert "material_recall" not in agreement(guess, exact, 2)["mlp"]

@@ -530,7 +530,12 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def agreement(
-    estimates: xr.Dataset, exact: xr.Dataset, k: int, *, material: float = MATERIAL
+    estimates: xr.Dataset,
+    exact: xr.Dataset,
+    k: int,
+    *,
+    material: float = MATERIAL,
+    candidates: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """How well attribution ranks cells compared with exact patching, per site.
 
@@ -543,6 +548,9 @@ def agreement(
       the material cells within that margin of the k-th largest |effect| are the top k,
       ties included, and the screen's top k must find min(k, their number) of them. Groups
       where nothing is material (the corruption moved no cell) are skipped.
+    - `material_recall` (with `candidates`): the same top k, found among the screen's top
+      `candidates` cells: what `patch(..., screen=candidates)` patches exactly, so the share
+      of the cells that matter a generous screen does not hide.
     - `spearman`: the rank correlation of the signed effects over all cells.
     Each is averaged over its groups (NaN groups, e.g. constant effects, are skipped);
     `groups` and `material_groups` count them.
@@ -557,7 +565,7 @@ def agreement(
             )
         guess, _ = _grouped(effects(estimates, site))
         truth, _ = _grouped(effects(exact, site))
-        overlaps, materials, correlations = [], [], []
+        overlaps, materials, recalls, correlations = [], [], [], []
         for s in range(guess.shape[0]):
             for w in range(guess.shape[1]):
                 both = np.isfinite(guess[s, w]) & np.isfinite(truth[s, w])
@@ -572,10 +580,15 @@ def agreement(
                 wanted = set(np.flatnonzero(np.abs(t) >= max(margin, kth - margin)).tolist())
                 if wanted and margin > 0:
                     materials.append(len(picked & wanted) / min(top, len(wanted)))
+                    if candidates is not None:
+                        screened = _top(np.abs(g), candidates)
+                        best = screened[np.argsort(-np.abs(t[screened]), kind="stable")[:top]]
+                        recalls.append(len(set(best.tolist()) & wanted) / min(top, len(wanted)))
                 correlations.append(spearman(g, t))
         report[site] = {
             "overlap": _mean(overlaps),
             "material_overlap": _mean(materials),
+            **({} if candidates is None else {"material_recall": _mean(recalls)}),
             "spearman": float(np.nanmean(correlations)) if np.isfinite(correlations).any() else float("nan"),
             "groups": len(overlaps),
             "material_groups": len(materials),
