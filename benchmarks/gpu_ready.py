@@ -75,20 +75,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
 
 import vlmtrace as vt
 from benchmarks import image_prefix, peers
 from benchmarks.peers import SPAN, Setup, make_setup, on_device, probability
 from vlmtrace.data.scenes import VOCABULARY
-from vlmtrace.models.build import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, word_tokenizer
+from vlmtrace.models import build
+from vlmtrace.models.build import word_tokenizer
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -124,60 +117,26 @@ SCALES = {
 
 
 def build_llava(size: Size, device: torch.device, dtype: torch.dtype, attn: str) -> tuple[Any, Any]:
-    """`vlmtrace.models.build.build_llava` with every size its own (MLP, CLIP width and depth),
-    LLaVA-1.5's projector input (the CLIP layer before the last) and weights made on `device` in
-    `dtype` directly (a 7B model never exists in float32 on the host)."""
-    tokenizer = word_tokenizer(VOCABULARY)
-    vision = CLIPVisionConfig(
-        hidden_size=size.vision_hidden,
-        intermediate_size=size.vision_mlp,
-        num_hidden_layers=size.vision_layers,
-        num_attention_heads=size.vision_heads,
+    """The LLaVA of `size` (MLP, CLIP width and depth its own; LLaVA-1.5's projector input, the
+    CLIP layer before the last), its weights made on `device` in `dtype` directly."""
+    return build.build_llava(
+        word_tokenizer(VOCABULARY),
         image_size=size.image_size,
         patch_size=size.patch_size,
-        projection_dim=size.hidden,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=size.hidden,
-        intermediate_size=size.mlp,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.heads,
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_layers=size.vision_layers,
+        hidden=size.hidden,
+        layers=size.layers,
+        heads=size.heads,
+        attn_implementation=attn,
+        mlp=size.mlp,
+        vision_hidden=size.vision_hidden,
+        vision_heads=size.vision_heads,
+        vision_mlp=size.vision_mlp,
         vision_feature_layer=-2 if size.vision_layers > 1 else -1,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
+        max_positions=4096,
+        device=device,
+        dtype=dtype,
     )
-    config.image_token_index = config.image_token_id
-    config._attn_implementation = attn
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": size.image_size},
-        crop_size={"height": size.image_size, "width": size.image_size},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=size.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        image_token=IMAGE_TOKEN,
-    )
-    return model, processor
 
 
 # -- measuring ------------------------------------------------------------------------------------

@@ -190,13 +190,28 @@ def build_llava(
     heads: int = 4,
     seed: int = 0,
     attn_implementation: str = "eager",
+    mlp: int | None = None,
+    vision_hidden: int | None = None,
+    vision_heads: int | None = None,
+    vision_mlp: int | None = None,
+    vision_feature_layer: int = -1,
+    max_positions: int = 256,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A LLaVA (CLIP tower, MLP projector, Llama decoder) with random weights drawn from `seed`."""
+    """A LLaVA (CLIP tower, MLP projector, Llama decoder) with random weights drawn from `seed`.
+
+    Sizes default to the tiny test shape (MLP 4 d, CLIP as wide as the decoder); the rest are
+    for full shapes (`benchmarks/gpu_ready.py`'s LLaVA-1.5-7B: MLP 11008, CLIP-L, the layer
+    before the last). With `device` or `dtype`, the weights are made there directly: a 7B
+    model never exists in float32 on the host.
+    """
+    vision_hidden = vision_hidden or hidden
     vision = CLIPVisionConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        hidden_size=vision_hidden,
+        intermediate_size=vision_mlp or 2 * vision_hidden,
         num_hidden_layers=vision_layers,
-        num_attention_heads=heads,
+        num_attention_heads=vision_heads or heads,
         image_size=image_size,
         patch_size=patch_size,
         projection_dim=hidden,
@@ -204,11 +219,11 @@ def build_llava(
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=4 * hidden,
+        intermediate_size=mlp or 4 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -218,14 +233,18 @@ def build_llava(
         vision_config=vision,
         text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-1,
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
     config.image_token_index = config.image_token_id
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    if device is None and dtype is None:
+        model = LlavaForConditionalGeneration(config).eval()
+    else:
+        with torch.device(device or "cpu"):
+            model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
