@@ -61,7 +61,7 @@ The last line is `perf prefix_vs_ceiling=<r> screen_topk_overlap=<f> vs_transfor
   one computed on the cached keys/values of the image prefix) over the ceiling, runs/s, for the
   full-depth layer x text-position sweep, 7B-shaped model (the first model with `--skip-big`).
 - screen_topk_overlap: the share of exact patching's top-K cells (by |effect|) that
-  `vlmtrace.attribute` also ranks in its top K (`vlmtrace.engine.attribution.agreement`, strict), on
+  `vlmtrace.attribute` also ranks in its top K (`vlmtrace.engine.screening.agreement`, strict), on
   the first model's one sample and block grid: on the 7B-shaped random model only a few cells move
   and the rest tie at exactly zero, so its overlap (printed in its section) mostly measures
   tie-breaking. Each section also prints the material overlap (ties within 5% of the clean -
@@ -95,8 +95,8 @@ import torch
 import vlmtrace as vt
 from vlmtrace.data import synthetic_samples
 from vlmtrace.data.scenes import VOCABULARY
-from vlmtrace.engine.attribution import agreement
 from vlmtrace.engine.inputs import scored_answer_ids
+from vlmtrace.engine.screening import agreement
 from vlmtrace.models.build import build_llava, word_tokenizer
 from vlmtrace.models.load import describe
 

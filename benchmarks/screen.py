@@ -15,7 +15,7 @@ patching finds:
     methods       atp (gradient at the patched run) and ig (the gradient averaged over a path
                   of `--steps` points between the two runs; `vlmtrace.engine.attribution`)
 
-For each combination it prints, per site, `vlmtrace.engine.attribution.agreement`'s three
+For each combination it prints, per site, `vlmtrace.engine.screening.agreement`'s
 figures (top-k overlap with k = `--top-k`, averaged over samples):
 
     material   the share of exact patching's top-k cells, among those whose effect is at least
@@ -52,7 +52,8 @@ from vlmtrace.data import synthetic_samples
 from vlmtrace.data.own_answers import FROM_MODEL, own_answers
 from vlmtrace.data.scenes import VOCABULARY
 from vlmtrace.engine import attribution
-from vlmtrace.engine.attribution import AttributionWarning, agreement
+from vlmtrace.engine.attribution import AttributionWarning
+from vlmtrace.engine.screening import agreement
 from vlmtrace.models.build import build_llava, word_tokenizer
 from vlmtrace.recipes import Needs, draw
 

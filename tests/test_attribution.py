@@ -8,16 +8,9 @@ import torch
 import xarray as xr
 
 import vlmtrace as vt
-from vlmtrace.engine.attribution import (
-    AttributionWarning,
-    agreement,
-    attribute,
-    effects,
-    keep_screened,
-    screen,
-    spearman,
-)
+from vlmtrace.engine.attribution import AttributionWarning, attribute
 from vlmtrace.engine.planning import plan, prepare
+from vlmtrace.engine.screening import agreement, effects, keep_screened, screen, spearman
 from vlmtrace.results.dataset import Layout
 
 SMALL_NOISE = vt.GaussianNoise("image", scale=0.01, samples=2, seed=0)

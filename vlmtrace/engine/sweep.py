@@ -42,7 +42,7 @@ from ..models.load import VLM
 from ..presentation.progress import progress_bar
 from ..results.dataset import Layout, describe
 from ..results.store import SweepStore
-from . import attribution
+from . import attribution, screening
 from .corruptions import Corruption
 from .forward import Prefix, resume_cache, run, stack_rows
 from .invariants import verify_baselines
@@ -152,9 +152,9 @@ def patch(
             method=screen_method,
             indices=todo,
         )
-        masks = attribution.screen(estimates, screen)
+        masks = screening.screen(estimates, screen)
         for i in todo:  # deterministic, so a resumed run screens the same cells
-            plans[i].work = attribution.keep_screened(plans[i], layout, i, masks)
+            plans[i].work = screening.keep_screened(plans[i], layout, i, masks)
     if reuse_prefix:
         for p in plans:  # deterministic, so a resumed run continues the same order
             p.work = sorted(p.work, key=lambda c, p=p: min(p.cells[c].layers))
