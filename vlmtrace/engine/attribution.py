@@ -72,6 +72,7 @@ import torch
 import xarray as xr
 
 from ..data.sample import Sample
+from ..errors import UserError
 from ..models.adapter import Stack
 from ..models.load import VLM
 from ..presentation.progress import progress_bar
@@ -236,13 +237,13 @@ def _fill_sample(
 def _checked_steps(method: str, steps: int) -> int:
     """Path points the method uses (0 for atp), or a clear error for a bad option."""
     if method not in ("atp", "ig"):
-        raise ValueError(
+        raise UserError(
             f"method must be 'ig' (integrated gradients) or 'atp' (attribution patching), not {method!r}."
         )
     if method == "atp":
         return 0
     if steps < 1:
-        raise ValueError(f"method='ig' needs steps >= 1 path points, got {steps}.")
+        raise UserError(f"method='ig' needs steps >= 1 path points, got {steps}.")
     return steps
 
 
@@ -284,7 +285,7 @@ def _gradient_terms(
     direction: Direction,
     metric: Metric,
     steps: int,
-) -> tuple[torch.Tensor, Terms, float]:
+) -> tuple[np.ndarray, Terms, float]:
     """One forward of the baseline (and path) rows and one backward of their metrics.
 
     Returns the metric of each baseline row (clean, then one per noise draw); for every wanted
@@ -379,7 +380,7 @@ def _gradient_terms(
                         if key[1] in HEAD_SITES:
                             product = product.view(*product.shape[:-1], n_heads, -1)
                         terms[key] = product.sum(-1).detach().cpu()
-    values = values.numpy() if hasattr(values, "numpy") else np.asarray(values)
+    values = values.numpy()
     miss = 0.0
     if steps:
         ends = values[1 + k + steps * k :]
