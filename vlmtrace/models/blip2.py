@@ -29,12 +29,14 @@ the processor places the query tokens itself.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from ..engine.positions import MissingImageTokenError
-from .adapter import IDS, MASK, ROW, ROW_PADDED, Adapter, Hook, Stack
+from .adapter import LLAVA_INPUTS, ROW_PADDED, Adapter, Hook
+from .llava import LANGUAGE_MODEL
 
 
 def encode(processor: Any, prompt: str, image: Any, decoder_ids: list[int] | None = None) -> dict:
@@ -57,19 +59,18 @@ def forward(model: torch.nn.Module, **batch: torch.Tensor) -> torch.Tensor:
     return model(**batch).logits
 
 
-OPT = Stack(
+VICUNA = replace(LANGUAGE_MODEL, layers="language_model.model.layers")
+"""InstructBLIP's Llama decoder: LLaVA's layer sites, under `language_model.model`."""
+
+OPT = replace(
+    VICUNA,
     layers="language_model.model.decoder.layers",
-    sequence="prompt",
     sites={
         "attn_head": Hook("self_attn.out_proj", "input"),
         "attn": Hook("self_attn", index=0),
         "mlp": Hook("fc2", layout="flat_rows"),  # OPT flattens rows and positions before fc1
         "block": Hook(""),
     },
-    attention="self_attn",
-    patterns={"self": Hook("self_attn", index=1)},
-    heads_config="text_config.num_attention_heads",
-    layers_config="text_config.num_hidden_layers",
 )
 
 BLIP2 = Adapter(
@@ -80,7 +81,7 @@ BLIP2 = Adapter(
         "tokens": Hook("language_model.model.decoder.embed_tokens"),
         "image": Hook("language_projection"),  # [row, query, hidden]
     },
-    inputs={"input_ids": IDS, "attention_mask": MASK, "pixel_values": ROW},
+    inputs=LLAVA_INPUTS,
     keeps_last_logits=True,
     resumes_from_cache=False,  # the cache is in language_model_outputs; every call needs pixels
     image_in_sequence=True,
@@ -91,41 +92,17 @@ BLIP2 = Adapter(
     prompt_template="{image}Question: {question} Answer:",
 )
 
-VICUNA = Stack(
-    layers="language_model.model.layers",
-    sequence="prompt",
-    sites={
-        "attn_head": Hook("self_attn.o_proj", "input"),
-        "attn": Hook("self_attn", index=0),
-        "mlp": Hook("mlp"),
-        "block": Hook(""),
-    },
-    attention="self_attn",
-    patterns={"self": Hook("self_attn", index=1)},
-    heads_config="text_config.num_attention_heads",
-    layers_config="text_config.num_hidden_layers",
-)
-
-INSTRUCTBLIP = Adapter(
+INSTRUCTBLIP = replace(
+    BLIP2,
     family="instructblip",
     architectures=("InstructBlipForConditionalGeneration",),
     stacks={"lm": VICUNA},
     embeddings={"tokens": Hook("language_model.model.embed_tokens"), "image": Hook("language_projection")},
     inputs={
-        "input_ids": IDS,
-        "attention_mask": MASK,
-        "pixel_values": ROW,
+        **LLAVA_INPUTS,
         "qformer_input_ids": ROW_PADDED,  # the instruction in the Q-Former's tokenizer
         "qformer_attention_mask": ROW_PADDED,
     },
-    keeps_last_logits=True,
-    resumes_from_cache=False,  # the cache is in language_model_outputs; every call needs pixels
-    image_in_sequence=True,
-    encode=encode,
-    forward=forward,
-    image_token_config="image_token_index",
-    image_encoder=Hook("vision_model"),
-    prompt_template="{image}Question: {question} Answer:",
 )
 
 ADAPTERS = (BLIP2, INSTRUCTBLIP)

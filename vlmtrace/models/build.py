@@ -179,6 +179,25 @@ def organism_chat_template(architecture: str) -> str | None:
     )
 
 
+def random_model(
+    cls: type[torch.nn.Module],
+    config,
+    *,
+    seed: int,
+    attn_implementation: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """`cls(config)` in eval mode with weights drawn from `seed`: every builder's model, so the
+    same seed gives the same weights. With `device` or `dtype`, the weights are made there."""
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    if device is None and dtype is None:
+        return cls(config).eval()
+    with torch.device(device or "cpu"):
+        return cls._from_config(config, dtype=dtype).eval()
+
+
 def build_llava(
     tokenizer: PreTrainedTokenizerFast,
     *,
@@ -238,13 +257,14 @@ def build_llava(
         projector_hidden_act="gelu",
     )
     config.image_token_index = config.image_token_id
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    if device is None and dtype is None:
-        model = LlavaForConditionalGeneration(config).eval()
-    else:
-        with torch.device(device or "cpu"):
-            model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    model = random_model(
+        LlavaForConditionalGeneration,
+        config,
+        seed=seed,
+        attn_implementation=attn_implementation,
+        device=device,
+        dtype=dtype,
+    )
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -301,9 +321,7 @@ def build_blip(
     config.text_config.bos_token_id = tokenizer.bos_token_id
     config.text_config.pad_token_id = tokenizer.pad_token_id
     config.decoder_start_token_id = tokenizer.bos_token_id
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = BlipForQuestionAnswering(config).eval()
+    model = random_model(BlipForQuestionAnswering, config, seed=seed, attn_implementation=attn_implementation)
     image_processor = BlipImageProcessorPil(
         size={"height": image_size, "width": image_size},
         image_mean=CLIP_MEAN,
@@ -353,9 +371,9 @@ def build_llava_next(
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
+    model = random_model(
+        LlavaNextForConditionalGeneration, config, seed=seed, attn_implementation=attn_implementation
+    )
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},

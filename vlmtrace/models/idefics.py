@@ -14,18 +14,13 @@ SmolVLM is the same architecture under another class name (its processor also ta
 
 from __future__ import annotations
 
-from .adapter import IDS, MASK, ROW_PADDED, Adapter, Hook, Stack
-from .llava import LANGUAGE_MODEL_SITES, encode, forward
+from dataclasses import replace
 
-TEXT_MODEL = Stack(
-    layers="model.text_model.layers",
-    sequence="prompt",
-    sites=LANGUAGE_MODEL_SITES,
-    attention="self_attn",
-    patterns={"self": Hook("self_attn", index=1)},
-    heads_config="text_config.num_attention_heads",
-    layers_config="text_config.num_hidden_layers",
-)
+from .adapter import IDS, MASK, ROW_PADDED, Adapter, Hook
+from .llava import LANGUAGE_MODEL, encode, forward
+
+TEXT_MODEL = replace(LANGUAGE_MODEL, layers="model.text_model.layers")
+"""LLaVA's decoder layers, under `model.text_model`."""
 
 INPUTS = {
     "input_ids": IDS,

@@ -14,11 +14,12 @@ Text layers sit at `model.language_model.layers` (Qwen2 in the InternVL3 checkpo
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from ..engine.positions import MissingImageTokenError
-from .adapter import FLAT, IDS, MASK, Adapter, Hook
-from .llava import LANGUAGE_MODEL, forward
+from .adapter import FLAT, IDS, MASK
+from .llava import LLAVA_NEXT
 
 INPUTS = {"input_ids": IDS, "attention_mask": MASK, "pixel_values": FLAT}
 
@@ -34,27 +35,13 @@ def encode(processor: Any, prompt: str, image: Any, decoder_ids: list[int] | Non
     return {name: value if INPUTS.get(name) is FLAT else value[0] for name, value in inputs.items()}
 
 
-def tiles(row: dict) -> int:
-    """Tiles of one row's image (crops plus thumbnail), as its processor returned them."""
-    return int(row["pixel_values"].shape[0])
-
-
-INTERNVL = Adapter(
+INTERNVL = replace(
+    LLAVA_NEXT,  # LLaVA's paths (model.language_model.layers[i]) and tiles, flat pixels
     family="internvl",
     architectures=("InternVLForConditionalGeneration",),
-    stacks={"lm": LANGUAGE_MODEL},  # LLaVA's paths: model.language_model.layers[i]
-    embeddings={
-        "tokens": Hook("model.language_model.embed_tokens"),
-        "image": Hook("model.multi_modal_projector", layout="image_tiles"),
-    },
     inputs=INPUTS,
-    image_units=tiles,
-    keeps_last_logits=True,
-    image_in_sequence=True,
     encode=encode,
-    forward=forward,
-    image_token_config="image_token_id",
-    image_encoder=Hook("model.vision_tower", layout="image_tiles"),
+    language_model=None,
     prompt_template="<|im_start|>user\n{image}\n{question}<|im_end|>\n<|im_start|>assistant\n",
 )
 

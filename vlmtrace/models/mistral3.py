@@ -16,23 +16,22 @@ as the image encoder: prefix reuse recomputes it.
 
 from __future__ import annotations
 
-from .adapter import IDS, MASK, ROW, Adapter, Hook
-from .llava import LANGUAGE_MODEL, encode, forward
+from dataclasses import replace
 
-MISTRAL3 = Adapter(
+from .adapter import LLAVA_INPUTS, ROW, Hook
+from .llava import LLAVA
+
+MISTRAL3 = replace(
+    LLAVA,  # its paths, encode and forward; flat image tokens and no image encoder
     family="mistral3",
     architectures=("Mistral3ForConditionalGeneration",),
-    stacks={"lm": LANGUAGE_MODEL},
     embeddings={
         "tokens": Hook("model.language_model.embed_tokens"),
         "image": Hook("model.multi_modal_projector", layout="image_tokens"),
     },
-    inputs={"input_ids": IDS, "attention_mask": MASK, "pixel_values": ROW, "image_sizes": ROW},
-    keeps_last_logits=True,
-    image_in_sequence=True,
-    encode=encode,
-    forward=forward,
-    image_token_config="image_token_id",
+    inputs={**LLAVA_INPUTS, "image_sizes": ROW},
+    image_encoder=None,
+    language_model=None,
     prompt_template="[INST]{image}{question}[/INST]",
 )
 

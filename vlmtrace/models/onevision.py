@@ -12,31 +12,17 @@ image noise (on the projector) does not touch.
 
 from __future__ import annotations
 
-from .adapter import IDS, MASK, ROW, ROW_PADDED, Adapter, Hook
-from .llava import LANGUAGE_MODEL, encode, forward, tiles
+from dataclasses import replace
 
-ONEVISION = Adapter(
+from .adapter import ROW
+from .llava import LLAVA_NEXT
+
+ONEVISION = replace(
+    LLAVA_NEXT,  # its paths, tiles and image encoder; one more per-row input
     family="llava_onevision",
     architectures=("LlavaOnevisionForConditionalGeneration",),
-    stacks={"lm": LANGUAGE_MODEL},
-    embeddings={
-        "tokens": Hook("model.language_model.embed_tokens"),
-        "image": Hook("model.multi_modal_projector", layout="image_tiles"),
-    },
-    inputs={
-        "input_ids": IDS,
-        "attention_mask": MASK,
-        "pixel_values": ROW_PADDED,
-        "image_sizes": ROW,
-        "batch_num_images": ROW,
-    },
-    image_units=tiles,
-    keeps_last_logits=True,
-    image_in_sequence=True,
-    encode=encode,
-    forward=forward,
-    image_token_config="image_token_id",
-    image_encoder=Hook("model.vision_tower", layout="image_tiles"),
+    inputs={**LLAVA_NEXT.inputs, "batch_num_images": ROW},
+    language_model=None,
     prompt_template="<|im_start|>user {image}\n{question}<|im_end|><|im_start|>assistant\n",
 )
 

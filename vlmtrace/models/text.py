@@ -6,11 +6,13 @@ work on text models, and so that textual constraints can be traced in plain LMs.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from .adapter import IDS, MASK, Adapter, Hook, Stack
+from .llava import LANGUAGE_MODEL
 
 TEXT_INPUTS = {"input_ids": IDS, "attention_mask": MASK}
 
@@ -29,18 +31,11 @@ def forward(model: torch.nn.Module, **batch: torch.Tensor) -> torch.Tensor:
 LLAMA = Adapter(
     family="llama",
     architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
+    # LLaVA's decoder layers, at the top of the model and with a text-only config
     stacks={
-        "lm": Stack(
+        "lm": replace(
+            LANGUAGE_MODEL,
             layers="model.layers",
-            sequence="prompt",
-            sites={
-                "attn_head": Hook("self_attn.o_proj", "input"),
-                "attn": Hook("self_attn", "output", index=0),
-                "mlp": Hook("mlp"),
-                "block": Hook(""),
-            },
-            attention="self_attn",
-            patterns={"self": Hook("self_attn", index=1)},
             heads_config="num_attention_heads",
             layers_config="num_hidden_layers",
         )
@@ -54,7 +49,8 @@ LLAMA = Adapter(
     prompt_template="{question}",
 )
 
-GPT2 = Adapter(
+GPT2 = replace(
+    LLAMA,
     family="gpt2",
     architectures=("GPT2LMHeadModel",),
     stacks={
@@ -65,7 +61,7 @@ GPT2 = Adapter(
                 "attn_head": Hook("attn.c_proj", "input"),
                 "attn": Hook("attn", "output", index=0),
                 "mlp": Hook("mlp"),
-                "block": Hook("", index=None),
+                "block": Hook(""),
             },
             attention="attn",
             patterns={"self": Hook("attn", index=1)},
@@ -74,12 +70,6 @@ GPT2 = Adapter(
         )
     },
     embeddings={"tokens": Hook("transformer.wte")},
-    keeps_last_logits=True,
-    image_in_sequence=False,
-    encode=encode,
-    forward=forward,
-    inputs=TEXT_INPUTS,
-    prompt_template="{question}",
 )
 
 ADAPTERS = (LLAMA, GPT2)

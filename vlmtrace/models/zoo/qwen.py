@@ -30,7 +30,7 @@ from transformers import (
     Qwen2VLProcessor,
 )
 
-from vlmtrace.models.build import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN
+from vlmtrace.models.build import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, random_model
 from vlmtrace.models.processor import image_only
 
 PATCH = 4  # pixels per patch side: a 32x32 image is 8x8 patches
@@ -91,9 +91,9 @@ def build_qwen2_vl(
         vision_end_token_id=unused,
         tie_word_embeddings=False,
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = random_model(
+        Qwen2VLForConditionalGeneration, config, seed=seed, attn_implementation=attn_implementation
+    )
     pixels = image_size * image_size
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=PATCH,
