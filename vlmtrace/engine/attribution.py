@@ -326,13 +326,13 @@ def _gradient_terms(
     with torch.enable_grad(), _activation_gradients_only(vlm.model):
         with envoy.trace(fn=driver(vlm), **batch) as tracer:
             for name, hook in vlm.adapter.embeddings.items():  # in the order the model runs them
-                noised = edits.noise is not None and edits.noise.hook is hook
+                noised = [plan for plan in edits.noise if plan.hook is hook]
                 moves = [edit for edit in path if edit["embedding"] == name]
                 if not noised and not moves:
                     continue
                 live = _activation(envoy, hook)
-                if noised:
-                    _noise(edits.noise, live, rows, prompt_width)
+                for plan in noised:
+                    _noise(plan, live, rows, prompt_width)
                 for edit in moves:
                     interpolate(
                         live, hook.layout, rows=rows, hook=hook.path, width=prompt_width, **edit["args"]

@@ -97,10 +97,10 @@ class Edits:
     """Self-attention knockouts by layer."""
     cross_knockouts: dict[int, KnockIndex] = field(default_factory=dict)
     """Cross-attention knockouts by layer (keys are positions of the cross-attended sequence)."""
-    noise: NoisePlan | None = None
-    packed_noise: list[NoisePlan] = field(default_factory=list)
-    """One plan per noised sample of a forward that packs several samples' rows, each noising
-    only its `span` of rows with its own sigma; a forward of one sample uses `noise`."""
+    noise: list[NoisePlan] = field(default_factory=list)
+    """One plan per noised sample of the forward, all at the same hook (one corruption per
+    sweep). In a forward that packs several samples' rows each noises only its `span` of rows,
+    with its own sigma."""
 
     def patch(self, layer: int, site: str) -> PatchIndex:
         return self.patches.setdefault((layer, site), PatchIndex())
@@ -108,10 +108,6 @@ class Edits:
     def knock(self, layer: int, *, cross: bool = False) -> KnockIndex:
         table = self.cross_knockouts if cross else self.knockouts
         return table.setdefault(layer, KnockIndex())
-
-    def noise_plans(self) -> list[NoisePlan]:
-        """Every noise plan of the forward, all at the same hook (one corruption per sweep)."""
-        return ([] if self.noise is None else [self.noise]) + self.packed_noise
 
     def layers(self) -> list[int]:
         """Every layer an edit touches, in execution order."""
@@ -380,7 +376,7 @@ def run(
     sites = dict(stack.sites)
     attention_path, cross_path = stack.attention, stack.cross_attention
     cross_keyword, causal = stack.cross_mask_keyword, stack.causal
-    noise_plans = edits.noise_plans()
+    noise_plans = edits.noise
     for layer_index in edits.cross_knockouts:
         if any(layer == layer_index for layer, _ in edits.patches):
             raise ValueError("cross-attention knockout and patching at the same layer in one forward")
@@ -491,8 +487,10 @@ def baseline_prefix(vlm: VLM, stack: Stack, batch: dict, edits: Edits, *, keys_v
     with torch.no_grad(), envoy.trace(fn=fn, **batch) as tracer:
         if encoder is not None:
             image = envoy_at(envoy, encoder.path).output.save()
-        if edits.noise is not None:
-            _noise(edits.noise, _activation(envoy, edits.noise.hook), rows, prompt_width)
+        if edits.noise:
+            embedded = _activation(envoy, edits.noise[0].hook)
+            for noise_plan in edits.noise:
+                _noise(noise_plan, embedded, rows, prompt_width)
         if language_model is not None:
             embeddings = envoy_at(envoy, language_model).inputs[1]["inputs_embeds"].clone().save()
         outputs = [layers[i].output.clone() for i in range(n_layers - 1)]

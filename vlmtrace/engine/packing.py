@@ -164,21 +164,19 @@ def packed_edits(
     for p, sides, sample_draws, first in zip(
         prepared, inputs, draws, offsets(prepared, patched), strict=True
     ):
-        own = baseline_edits(vlm, p, sides, sample_draws).noise
-        if own is None:
-            continue
-        if units is None:
-            units = image_units(vlm, all_rows) if own.hook.layout.startswith("image_") else ()
-        shift = widths["prompt"] - p.widths["prompt"]
-        edits.packed_noise.append(
-            replace(
-                own,
-                rows=tuple(first + r for r in own.rows),
-                positions=None if own.positions is None else tuple(q + shift for q in own.positions),
-                units=units,
-                span=(first, len(sides)),
+        for own in baseline_edits(vlm, p, sides, sample_draws).noise:
+            if units is None:
+                units = image_units(vlm, all_rows) if own.hook.layout.startswith("image_") else ()
+            shift = widths["prompt"] - p.widths["prompt"]
+            edits.noise.append(
+                replace(
+                    own,
+                    rows=tuple(first + r for r in own.rows),
+                    positions=None if own.positions is None else tuple(q + shift for q in own.positions),
+                    units=units,
+                    span=(first, len(sides)),
+                )
             )
-        )
     return edits
 
 

@@ -115,15 +115,17 @@ def baseline_edits(
             pad = prepared.pad("corrupt", "prompt") if padded else 0
             positions = tuple(p + pad for p in noise.positions)
         hook = vlm.adapter.embeddings[noise.embedding]
-        edits.noise = NoisePlan(
-            hook=hook,
-            rows=tuple(rows),
-            draws=tuple(draws[r] for r in rows),
-            positions=positions,
-            scale=noise.scale,
-            seed=noise.seed,
-            samples=prepared.pair.samples,
-            units=image_units(vlm, prepared.rows(inputs)) if hook.layout.startswith("image_") else (),
+        edits.noise.append(
+            NoisePlan(
+                hook=hook,
+                rows=tuple(rows),
+                draws=tuple(draws[r] for r in rows),
+                positions=positions,
+                scale=noise.scale,
+                seed=noise.seed,
+                samples=prepared.pair.samples,
+                units=image_units(vlm, prepared.rows(inputs)) if hook.layout.startswith("image_") else (),
+            )
         )
     return edits
 

@@ -65,7 +65,7 @@ def resumable_start(prepared: Prepared, edits: Edits, prefix: Prefix) -> int:
     start = min(min(index.dst_pos + index.src_pos) for index in edits.patches.values())
     if prefix.embeddings is not None:
         return start
-    if edits.noise is not None and edits.noise.positions is not None:
+    if any(plan.positions is not None for plan in edits.noise):
         return 0
     for side, encoded in (("clean", prepared.pair.clean), ("corrupt", prepared.pair.corrupt)):
         segments = encoded.segments("prompt")
