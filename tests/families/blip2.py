@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from families.spec import Family
+from families.spec import Family, tiny_model, tiny_vision
 from vlmtrace.models.build import CLIP_MEAN, CLIP_STD, SPECIAL_TOKENS
 
 WORDS = "question : which city did this shape represent in year 2006 ? answer the circle paris rome".split()
@@ -49,13 +49,10 @@ def tokenizer(words=WORDS) -> PreTrainedTokenizerFast:
 
 def vision_and_qformer(vision_class, qformer_class, vocab: int) -> tuple[dict, dict]:
     vision = vision_class(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        initializer_range=0.2,  # the default 1e-10 gives a constant vision tower
+        **tiny_vision(
+            num_attention_heads=4,
+            initializer_range=0.2,  # the default 1e-10 gives a constant vision tower
+        )
     )
     qformer = qformer_class(
         hidden_size=32,
@@ -69,8 +66,17 @@ def vision_and_qformer(vision_class, qformer_class, vocab: int) -> tuple[dict, d
     return vision.to_dict(), qformer.to_dict()
 
 
-def distinct_queries(model: torch.nn.Module) -> torch.nn.Module:
-    """Query tokens start at zero in a random config (all queries alike): draw them instead."""
+def queried_model(config_class, model_class, words, vision: dict, qformer: dict, text, seed: int):
+    """The model with `QUERIES` query tokens in front of the prompt. Query tokens start at zero in
+    a random config (all queries alike): they are drawn instead."""
+    config = config_class(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=text.to_dict(),
+        num_query_tokens=QUERIES,
+        image_token_index=words.convert_tokens_to_ids("<image>"),
+    )
+    model = tiny_model(model_class, config, seed)
     with torch.no_grad():
         model.query_tokens.normal_(std=0.5)
     return model
@@ -97,16 +103,8 @@ def build():
         bos_token_id=words.bos_token_id,
         eos_token_id=words.eos_token_id,
     )
-    config = Blip2Config(
-        vision_config=vision,
-        qformer_config=qformer,
-        text_config=text.to_dict(),
-        num_query_tokens=QUERIES,
-        image_token_index=words.convert_tokens_to_ids("<image>"),
-    )
-    config._attn_implementation = "eager"
-    torch.manual_seed(3)
-    return distinct_queries(Blip2ForConditionalGeneration(config).eval()), processor
+    model = queried_model(Blip2Config, Blip2ForConditionalGeneration, words, vision, qformer, text, seed=3)
+    return model, processor
 
 
 FAMILY = Family(

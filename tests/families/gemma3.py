@@ -20,7 +20,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from families.spec import Family
+from families.spec import QUESTION, WORDS, Family, decoder_sites, tiny_model, tiny_text, tiny_vision
 from vlmtrace.models.build import word_tokenizer
 
 SPECIAL = {
@@ -28,7 +28,6 @@ SPECIAL = {
     "image_token": "<image_soft_token>",
     "eoi_token": "<end_of_image>",
 }
-WORDS = "which city did this shape represent in year 2006 ? the circle paris rome".split()
 PAN_AND_SCAN = "Here here is original image and are some crops to help you see better".split()
 LAYER = "model.language_model.layers.{i}"
 
@@ -51,29 +50,15 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 def build(seed: int = 2):
     tokens = tokenizer()
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=4,
-    )
+    vision = SiglipVisionConfig(**tiny_vision(patch_size=4))
     text = Gemma3TextConfig(
-        vocab_size=len(tokens),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        layer_types=["sliding_attention", "full_attention"],
-        sliding_window=12,
-        max_position_embeddings=512,
-        pad_token_id=tokens.pad_token_id,
-        bos_token_id=tokens.bos_token_id,
-        eos_token_id=tokens.eos_token_id,
+        **tiny_text(
+            tokens,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=12,
+        )
     )
     config = Gemma3Config(
         vision_config=vision,
@@ -83,9 +68,7 @@ def build(seed: int = 2):
         eoi_token_index=tokens.convert_tokens_to_ids(SPECIAL["eoi_token"]),
         image_token_index=tokens.image_token_id,
     )
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config).eval()
+    model = tiny_model(Gemma3ForConditionalGeneration, config, seed)
     with torch.no_grad():
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.5)
     image_processor = Gemma3ImageProcessorPil(
@@ -107,13 +90,8 @@ def build(seed: int = 2):
 FAMILY = Family(
     name="gemma3",
     build=build,
-    prompt="<start_of_image> which city did this shape represent in year 2006 ?",
-    sites={
-        "block": At(LAYER),
-        "attn": At(LAYER + ".self_attn", index=0),
-        "mlp": At(LAYER + ".mlp"),
-        "attn_head": At(LAYER + ".self_attn.o_proj", side="input"),
-    },
+    prompt=f"<start_of_image> {QUESTION}",
+    sites=decoder_sites(LAYER),
     image=At("model.multi_modal_projector"),
     attention=LAYER + ".self_attn",
     pair_size=(64, 32),

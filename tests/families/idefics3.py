@@ -18,10 +18,9 @@ from transformers import (
     LlamaConfig,
 )
 
-from families.spec import Family
+from families.spec import QUESTION, WORDS, Family, decoder_sites, tiny_model, tiny_vision
 from vlmtrace.models.build import IMAGE_TOKEN, word_tokenizer
 
-WORDS = "User: Assistant: which city did this shape represent in year 2006 ? the circle paris rome".split()
 TAGS = [
     "<fake_token_around_image>",
     "<global-img>",
@@ -30,11 +29,11 @@ TAGS = [
 ]
 """The special tokens the Idefics3 / SmolVLM processors write around image tokens."""
 LAYER = "model.text_model.layers.{i}"
-PROMPT = "User:<image>which city did this shape represent in year 2006 ?<end_of_utterance>\nAssistant:"
+PROMPT = f"User:<image>{QUESTION}<end_of_utterance>\nAssistant:"
 
 
 def tokenizer():
-    words = word_tokenizer(WORDS)
+    words = word_tokenizer(["User:", "Assistant:", *WORDS])
     words.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, *TAGS]})
     return words
 
@@ -42,14 +41,7 @@ def tokenizer():
 def configs(words, *, hidden: int = 64, layers: int = 2, heads: int = 4) -> dict:
     """Config parts shared by Idefics3 and SmolVLM: 32 px sub-images, 8 px patches, pixel shuffle
     by 2 -> 4 image tokens per sub-image."""
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
+    vision = tiny_vision(num_attention_heads=4)
     text = LlamaConfig(
         vocab_size=len(words),
         hidden_size=hidden,
@@ -69,26 +61,25 @@ def configs(words, *, hidden: int = 64, layers: int = 2, heads: int = 4) -> dict
     )
 
 
-def build():
+def build_with(config_class, vision_class, model_class, image_processor_class):
+    """Idefics3 or SmolVLM from its own classes: 64 px images in 32 px sub-images, written out by
+    `Idefics3Processor` (SmolVLM's writes the same for images, see `smolvlm.py`)."""
     words = tokenizer()
     parts = configs(words)
-    config = Idefics3Config(
-        **{**parts, "vision_config": Idefics3VisionConfig(**parts["vision_config"]).to_dict()}
-    )
-    config._attn_implementation = "eager"
-    torch.manual_seed(3)
-    model = Idefics3ForConditionalGeneration(config).eval()
-    images = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    config = config_class(**{**parts, "vision_config": vision_class(**parts["vision_config"]).to_dict()})
+    model = tiny_model(model_class, config, seed=3)
+    images = image_processor_class(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
     processor = Idefics3Processor(image_processor=images, tokenizer=words, image_seq_len=4)
     return model, processor
 
 
-SITES = {
-    "block": At(LAYER),
-    "attn": At(LAYER + ".self_attn", index=0),
-    "mlp": At(LAYER + ".mlp"),
-    "attn_head": At(LAYER + ".self_attn.o_proj", side="input"),
-}
+def build():
+    return build_with(
+        Idefics3Config, Idefics3VisionConfig, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil
+    )
+
+
+SITES = decoder_sites(LAYER)
 
 FAMILY = Family(
     name="idefics3",

@@ -7,7 +7,6 @@ row, of another length than the prompt, so they are per-row inputs, right-padded
 
 from __future__ import annotations
 
-import torch
 from reference import At
 from transformers import (
     InstructBlipConfig,
@@ -21,8 +20,8 @@ from transformers import (
 from families.blip2 import (
     QUERIES,
     WORDS,
-    distinct_queries,
     image_processor,
+    queried_model,
     tokenizer,
     vision_and_qformer,
 )
@@ -58,16 +57,10 @@ def build():
         eos_token_id=words.eos_token_id,
         tie_word_embeddings=False,
     )
-    config = InstructBlipConfig(
-        vision_config=vision,
-        qformer_config=qformer,
-        text_config=text.to_dict(),
-        num_query_tokens=QUERIES,
-        image_token_index=words.convert_tokens_to_ids("<image>"),
+    model = queried_model(
+        InstructBlipConfig, InstructBlipForConditionalGeneration, words, vision, qformer, text, seed=5
     )
-    config._attn_implementation = "eager"
-    torch.manual_seed(5)
-    return distinct_queries(InstructBlipForConditionalGeneration(config).eval()), processor
+    return model, processor
 
 
 FAMILY = Family(

@@ -27,15 +27,11 @@ from transformers import (
 )
 from transformers.processing_utils import ProcessorMixin
 
-from families.spec import Family
+from families.spec import QUESTION, WORDS, Family, decoder_sites, tiny_model, tiny_text, tiny_vision
 from vlmtrace.models.build import word_tokenizer
 
-WORDS = "user assistant which city did this shape represent in year 2006 ? the circle paris rome".split()
 LAYER = "model.language_model.layers.{i}"
-PROMPT = (
-    "<|im_start|>user\n<IMG_CONTEXT>\nwhich city did this shape represent in year 2006 ?<|im_end|>\n"
-    "<|im_start|>assistant\n"
-)
+PROMPT = f"<|im_start|>user\n<IMG_CONTEXT>\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
 
 
 class ImageProcessor(InternVLProcessor):
@@ -59,7 +55,7 @@ class ImageProcessor(InternVLProcessor):
 
 def tokenizer():
     words = PreTrainedTokenizerFast(
-        tokenizer_object=word_tokenizer(WORDS)._tokenizer,
+        tokenizer_object=word_tokenizer(["user", "assistant", *WORDS])._tokenizer,
         pad_token="<pad>",
         unk_token="<unk>",
         padding_side="left",
@@ -77,24 +73,9 @@ def tokenizer():
 def build():
     words = tokenizer()
     vision = InternVLVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=[32, 32],
-        patch_size=[8, 8],
+        **tiny_vision(num_attention_heads=4, image_size=[32, 32], patch_size=[8, 8])
     )
-    text = Qwen2Config(
-        vocab_size=len(words),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=words.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    text = Qwen2Config(**tiny_text(words, max_position_embeddings=256, tie_word_embeddings=False))
     config = InternVLConfig(
         vision_config=vision.to_dict(),
         text_config=text.to_dict(),
@@ -103,9 +84,7 @@ def build():
         downsample_ratio=0.5,
         vision_feature_layer=-1,
     )
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = InternVLForConditionalGeneration(config).eval()
+    model = tiny_model(InternVLForConditionalGeneration, config, seed=0)
     images = GotOcr2ImageProcessorPil(
         crop_to_patches=True, min_patches=1, max_patches=4, size={"height": 32, "width": 32}
     )
@@ -116,12 +95,7 @@ FAMILY = Family(
     name="internvl",
     build=build,
     prompt=PROMPT,
-    sites={
-        "block": At(LAYER),
-        "attn": At(LAYER + ".self_attn", index=0),
-        "mlp": At(LAYER + ".mlp"),
-        "attn_head": At(LAYER + ".self_attn.o_proj", side="input"),
-    },
+    sites=decoder_sites(LAYER),
     image=At("model.multi_modal_projector"),
     attention=LAYER + ".self_attn",
     image_size=(64, 32),

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from reference import At
 
-from families.spec import Family
+from families.spec import QUESTION, WORDS, Family, decoder_sites
 from vlmtrace.models.build import build_llava_next, word_tokenizer
 
-WORDS = "which city did this shape represent in year 2006 ? the circle paris rome".split()
 LAYER = "model.language_model.layers.{i}"
 
 
@@ -22,13 +21,8 @@ def build():
 FAMILY = Family(
     name="llava_next",
     build=build,
-    prompt="<image> which city did this shape represent in year 2006 ?",
-    sites={
-        "block": At(LAYER),
-        "attn": At(LAYER + ".self_attn", index=0),
-        "mlp": At(LAYER + ".mlp"),
-        "attn_head": At(LAYER + ".self_attn.o_proj", side="input"),
-    },
+    prompt=f"<image> {QUESTION}",
+    sites=decoder_sites(LAYER),
     image=At("model.multi_modal_projector"),
     attention=LAYER + ".self_attn",
     image_size=(64, 32),

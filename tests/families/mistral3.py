@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-import torch
 from reference import At
 from transformers import (
     Mistral3Config,
@@ -22,11 +21,10 @@ from transformers import (
     PixtralVisionConfig,
 )
 
-from families.spec import Family
+from families.spec import QUESTION, WORDS, Family, decoder_sites, tiny_model, tiny_text, tiny_vision
 from vlmtrace.models.build import word_tokenizer
 
 IMAGE_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
-WORDS = "which city did this shape represent in year 2006 ? the circle paris rome".split()
 LAYER = "model.language_model.layers.{i}"
 
 
@@ -52,38 +50,14 @@ def pixtral_processor_class() -> type:
 def build(seed: int = 6):
     tokens = word_tokenizer([*IMAGE_TOKENS, *WORDS])
     tokens.add_special_tokens({"additional_special_tokens": IMAGE_TOKENS}, replace_extra_special_tokens=False)
-    vision = PixtralVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        head_dim=16,
-        image_size=32,
-        patch_size=8,
-    )
-    text = MistralConfig(
-        vocab_size=len(tokens),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        pad_token_id=tokens.pad_token_id,
-        bos_token_id=tokens.bos_token_id,
-        eos_token_id=tokens.eos_token_id,
-    )
     config = Mistral3Config(
-        vision_config=vision,
-        text_config=text,
+        vision_config=PixtralVisionConfig(**tiny_vision(head_dim=16)),
+        text_config=MistralConfig(**tiny_text(tokens, head_dim=16)),
         image_token_index=tokens.convert_tokens_to_ids("[IMG]"),
         spatial_merge_size=2,
         vision_feature_layer=-1,
     )
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = Mistral3ForConditionalGeneration(config).eval()
+    model = tiny_model(Mistral3ForConditionalGeneration, config, seed)
     image_processor = PixtralImageProcessorPil(
         size={"longest_edge": 32},
         patch_size=8,
@@ -99,13 +73,8 @@ def build(seed: int = 6):
 FAMILY = Family(
     name="mistral3",
     build=build,
-    prompt="[IMG] which city did this shape represent in year 2006 ?",
-    sites={
-        "block": At(LAYER),
-        "attn": At(LAYER + ".self_attn", index=0),
-        "mlp": At(LAYER + ".mlp"),
-        "attn_head": At(LAYER + ".self_attn.o_proj", side="input"),
-    },
+    prompt=f"[IMG] {QUESTION}",
+    sites=decoder_sites(LAYER),
     image=At("model.multi_modal_projector"),
     attention=LAYER + ".self_attn",
 )

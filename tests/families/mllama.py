@@ -23,10 +23,9 @@ from transformers import (
     MllamaVisionConfig,
 )
 
-from families.spec import Family
+from families.spec import QUESTION, WORDS, Family, tiny_model
 from vlmtrace.models.build import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, word_tokenizer
 
-WORDS = "which city did this shape represent in year 2006 ? the circle paris rome".split()
 LAYER = "model.language_model.layers.{i}"
 
 
@@ -64,9 +63,7 @@ def build():
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     )
-    config._attn_implementation = "eager"
-    torch.manual_seed(2)
-    model = MllamaForConditionalGeneration(config).eval()
+    model = tiny_model(MllamaForConditionalGeneration, config, seed=2)
     with torch.no_grad():
         for layer in model.model.language_model.layers:
             if hasattr(layer, "cross_attn_attn_gate"):
@@ -81,7 +78,7 @@ def build():
 FAMILY = Family(
     name="mllama",
     build=build,
-    prompt="<image> which city did this shape represent in year 2006 ?",
+    prompt=f"<image> {QUESTION}",
     sites={
         "block": At(LAYER),
         "attn": At(LAYER + ".self_attn", index=0),

@@ -8,7 +8,6 @@ The model numbers positions from 1; the reference lets it (no position ids are p
 
 from __future__ import annotations
 
-import torch
 from reference import At
 from transformers import (
     Gemma2Config,
@@ -19,10 +18,9 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from families.spec import Family
+from families.spec import QUESTION, WORDS, Family, decoder_sites, tiny_model, tiny_text, tiny_vision
 from vlmtrace.models.build import word_tokenizer
 
-WORDS = "which city did this shape represent in year 2006 ? the circle paris rome".split()
 LAYER = "model.language_model.layers.{i}"
 
 
@@ -33,29 +31,15 @@ def build(seed: int = 7):
     )
     image_processor.image_seq_length = 16  # as in PaliGemma's preprocessor_config.json
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokens)  # adds 1,152 tokens
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
+    vision = SiglipVisionConfig(**tiny_vision())
     text = Gemma2Config(
-        vocab_size=len(tokens),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        layer_types=["sliding_attention", "full_attention"],
-        sliding_window=8,
-        max_position_embeddings=512,
-        pad_token_id=tokens.pad_token_id,
-        bos_token_id=tokens.bos_token_id,
-        eos_token_id=tokens.eos_token_id,
+        **tiny_text(
+            tokens,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=8,
+        )
     )
     config = PaliGemmaConfig(
         vision_config=vision,
@@ -65,22 +49,14 @@ def build(seed: int = 7):
         projection_dim=64,
         hidden_size=64,
     )
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = PaliGemmaForConditionalGeneration(config).eval()
-    return model, processor
+    return tiny_model(PaliGemmaForConditionalGeneration, config, seed), processor
 
 
 FAMILY = Family(
     name="paligemma",
     build=build,
-    prompt="<image> which city did this shape represent in year 2006 ?",
-    sites={
-        "block": At(LAYER),
-        "attn": At(LAYER + ".self_attn", index=0),
-        "mlp": At(LAYER + ".mlp"),
-        "attn_head": At(LAYER + ".self_attn.o_proj", side="input"),
-    },
+    prompt=f"<image> {QUESTION}",
+    sites=decoder_sites(LAYER),
     image=At("model.multi_modal_projector"),
     attention=LAYER + ".self_attn",
 )

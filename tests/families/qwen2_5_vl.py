@@ -6,27 +6,17 @@ from __future__ import annotations
 from reference import At
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-from families.qwen2_vl import PROMPT, SITES, build_model, processor, text_config, token_ids, tokenizer
+from families.qwen2_vl import PROMPT, SITES, VISION, build_with
 from families.spec import Family
 
 
 def build():
-    words = tokenizer()
-    vision = dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=64,
-        patch_size=4,
+    vision = VISION | dict(
         window_size=16,  # 16 px = 2x2 merged tokens of 2x2 patches of 4 px
         fullatt_block_indexes=[1],
     )
-    config = Qwen2_5_VLConfig(
-        text_config=text_config(words), vision_config=vision, tie_word_embeddings=False, **token_ids(words)
-    )
-    return build_model(Qwen2_5_VLForConditionalGeneration, config, seed=2), processor(
-        Qwen2_5_VLProcessor, words
+    return build_with(
+        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, vision=vision, seed=2
     )
 
 

@@ -7,7 +7,6 @@ patches, merged 2x2 into 16 image tokens.
 
 from __future__ import annotations
 
-import torch
 from reference import At
 from transformers import (
     Qwen2VLConfig,
@@ -16,10 +15,17 @@ from transformers import (
     Qwen2VLProcessor,
 )
 
-from families.spec import Family
+from families.spec import (
+    QUESTION,
+    WORDS,
+    Family,
+    decoder_sites,
+    tiny_model,
+    tiny_text,
+    without_video_processor,
+)
 from vlmtrace.models.build import word_tokenizer
 
-WORDS = "which city did this shape represent in year 2006 ? the circle paris rome user assistant".split()
 SPECIAL = [
     "<|im_start|>",
     "<|im_end|>",
@@ -31,7 +37,7 @@ SPECIAL = [
 LAYER = "model.language_model.layers.{i}"
 PROMPT = (
     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
-    "which city did this shape represent in year 2006 ?<|im_end|>\n<|im_start|>assistant\n"
+    f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
 )
 CHAT_TEMPLATE = (  # Qwen2-VL's, without the default system turn (its words are not in the vocabulary)
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -44,20 +50,14 @@ CHAT_TEMPLATE = (  # Qwen2-VL's, without the default system turn (its words are 
 
 
 def tokenizer():
-    tokenizer = word_tokenizer(WORDS)
+    tokenizer = word_tokenizer([*WORDS, "user", "assistant"])
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL})
     tokenizer.image_token = "<|image_pad|>"
     return tokenizer
 
 
 def processor(cls, tokenizer, patch_size: int = 4, mean=None):
-    """The family's real processor class, built without a video processor.
-
-    Its constructor insists on one, and every Qwen video processor needs torchvision, which does
-    not install beside torch 2.13 (transformers 5.24 then fails inside its argument class check,
-    `VIDEO_PROCESSOR_MAPPING._extra_content`). Only that one check is skipped; images never reach
-    the video processor.
-    """
+    """The family's real processor class (`without_video_processor`) with the chat template."""
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=patch_size,
         temporal_patch_size=2,
@@ -66,11 +66,7 @@ def processor(cls, tokenizer, patch_size: int = 4, mean=None):
         max_pixels=64 * patch_size**2,
         **({} if mean is None else {"image_mean": mean, "image_std": mean}),
     )
-    made = cls.__new__(cls)
-    check = made.check_argument_for_proper_class
-    made.check_argument_for_proper_class = lambda name, value: None if value is None else check(name, value)
-    cls.__init__(made, image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
-    del made.check_argument_for_proper_class
+    made = without_video_processor(cls, image_processor=image_processor, tokenizer=tokenizer)
     made.chat_template = CHAT_TEMPLATE
     return made
 
@@ -87,43 +83,36 @@ def token_ids(tokenizer) -> dict:
 
 def text_config(tokenizer, **extra) -> dict:
     """2 layers, hidden 64, 4 heads of 16 (M-RoPE sections 2+3+3 = 16 / 2), 2 key/value heads."""
-    return dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    return tiny_text(
+        tokenizer,
         max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
         **extra,
     )
 
 
-def build_model(model_class, config, seed: int):
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    return model_class(config).eval()
+VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4)
+"""The Qwen2.5-VL and Qwen3-VL towers' sizes (Qwen2-VL's tower names them otherwise)."""
+
+
+def build_with(config_class, model_class, processor_class, *, vision: dict, seed: int, text=None):
+    """One of the three families from its classes: this tokenizer, processor and decoder sizes."""
+    words = tokenizer()
+    config = config_class(
+        text_config=text or text_config(words),
+        vision_config=vision,
+        tie_word_embeddings=False,
+        **token_ids(words),
+    )
+    return tiny_model(model_class, config, seed), processor(processor_class, words)
 
 
 def build():
-    words = tokenizer()
     vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, mlp_ratio=2)
-    config = Qwen2VLConfig(
-        text_config=text_config(words), vision_config=vision, tie_word_embeddings=False, **token_ids(words)
-    )
-    return build_model(Qwen2VLForConditionalGeneration, config, seed=0), processor(Qwen2VLProcessor, words)
+    return build_with(Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, vision=vision, seed=0)
 
 
-SITES = {
-    "block": At(LAYER),
-    "attn": At(LAYER + ".self_attn", index=0),
-    "mlp": At(LAYER + ".mlp"),
-    "attn_head": At(LAYER + ".self_attn.o_proj", side="input"),
-}
+SITES = decoder_sites(LAYER)
 
 FAMILY = Family(
     name="qwen2_vl",

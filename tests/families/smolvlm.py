@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from transformers import (
-    Idefics3Processor,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
     SmolVLMImageProcessorPil,
@@ -23,17 +22,9 @@ from families.spec import Family
 
 
 def build():
-    words = idefics3.tokenizer()
-    parts = idefics3.configs(words)
-    config = SmolVLMConfig(
-        **{**parts, "vision_config": SmolVLMVisionConfig(**parts["vision_config"]).to_dict()}
+    return idefics3.build_with(
+        SmolVLMConfig, SmolVLMVisionConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil
     )
-    config._attn_implementation = "eager"
-    torch.manual_seed(3)
-    model = SmolVLMForConditionalGeneration(config).eval()
-    images = SmolVLMImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
-    processor = Idefics3Processor(image_processor=images, tokenizer=words, image_seq_len=4)
-    return model, processor
 
 
 FAMILY = Family(
