@@ -78,6 +78,7 @@ from .question import (
     SkippedSamplesWarning,
     SpanRequest,
     csv_header,
+    images_folder,
     read_json,
 )
 from .table import load_table
@@ -144,11 +145,11 @@ def _load_csv(file: Path, options: dict[str, Any]) -> list[Sample]:
     if {"question", "main_entity", "image_url"} <= columns:
         return load_basu_constraints(file, **options)
     if {"question_id", "img_id", "question", "answer"} <= columns:
-        return load_zhang_gqa(file, _images(file.parent), **options)
+        return load_zhang_gqa(file, images_folder(file.parent), **options)
     if {"train_image_id_count", "question_count", "answer_count"} <= columns:
-        return load_palit_coco_qa(file, _images(file.parent), **options)
+        return load_palit_coco_qa(file, images_folder(file.parent), **options)
     if {"Image_IDs", "Questions_Answers"} <= columns:
-        return load_palit_clevr(file, _images(file.parent), **options)
+        return load_palit_clevr(file, images_folder(file.parent), **options)
     return load_table(file, **options)
 
 
@@ -157,9 +158,9 @@ def _load_directory(root: Path, options: dict[str, Any]) -> list[Sample]:
         return load_iconqa(root, **options)
     for split in ("test", "train"):
         if (root / split / "questions.txt").is_file():
-            return load_coco_qa(root, image_dir=_images(root), split=split, **options)
+            return load_coco_qa(root, image_dir=images_folder(root), split=split, **options)
     if all((root / f"{name}.txt").is_file() for name in _COCO_QA_FILES):
-        return load_coco_qa(root.parent, image_dir=_images(root.parent), split=root.name, **options)
+        return load_coco_qa(root.parent, image_dir=images_folder(root.parent), split=root.name, **options)
     folders = [folder for folder in (root, root / "questions") if folder.is_dir()]
     candidates = [p for folder in folders for p in sorted(folder.glob("*.json")) if _kind(p) is not None]
     if len(candidates) == 1:
@@ -177,14 +178,15 @@ def _load_question_file(file: Path, options: dict[str, Any]) -> list[Sample]:
     root = file.parent.parent if file.parent.name == "questions" else file.parent
     kind = _kind(file)
     if kind == "clevr":
-        return load_clevr(file, _images(root), **options)
+        return load_clevr(file, images_folder(root), **options)
     if kind == "gqa":
-        return load_gqa(file, _images(root), **options)
+        return load_gqa(file, images_folder(root), **options)
     if kind == "vqa_v2":
-        return load_vqa_v2(file, _vqa_annotations(file), _images(root), **options)
+        return load_vqa_v2(file, _vqa_annotations(file), images_folder(root), **options)
     if is_finecops(read_json(file, "dataset")):
         root = file.parent.parent if file.parent.name == "annotations" else file.parent
-        return load_finecops_ref(file, root / "gqa" if (root / "gqa").is_dir() else _images(root), **options)
+        images = root / "gqa" if (root / "gqa").is_dir() else images_folder(root)
+        return load_finecops_ref(file, images, **options)
     raise DatasetError(
         f"{file} is not a question file of a known layout (its name decides). Accepted layouts:\n{_LAYOUTS}"
     )
@@ -222,10 +224,6 @@ def _vqa_annotations(questions: Path) -> Path:
         f"cannot tell which of {[p.name for p in files]} annotates {questions.name}; keep one split's "
         "questions and annotations per folder, or call load_vqa_v2 with both files."
     )
-
-
-def _images(root: Path) -> Path:
-    return root / "images" if (root / "images").is_dir() else root
 
 
 __all__ = [

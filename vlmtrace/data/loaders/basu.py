@@ -42,7 +42,9 @@ from .question import (
     SpanRequest,
     assemble,
     check_options,
+    csv_row_label,
     csv_rows,
+    images_folder,
 )
 
 COLUMNS = ("question", "main_entity", "image_url")
@@ -71,7 +73,7 @@ def load_basu_constraints(
     check_options(n, prompt_template, spans)
     path = Path(path)
     rows = csv_rows(path, "a constraint CSV of Basu et al. (MLLMInterpret data_constraints/)", COLUMNS)
-    images = Path(image_dir) if image_dir is not None else _default_images(path.parent)
+    images = Path(image_dir) if image_dir is not None else images_folder(path.parent)
 
     def read() -> Iterator[RawQuestion]:
         for index, row in enumerate(rows):
@@ -80,7 +82,7 @@ def load_basu_constraints(
             entity = next((row[c] for c in ENTITY_COLUMNS if row.get(c)), None)
             answer = (row.get("answer") or "").strip()
             yield RawQuestion(
-                id=f"basu-{path.stem}-{row.get('') or index}",
+                id=f"basu-{path.stem}-{csv_row_label(row, index)}",
                 question=question,
                 answer=answer,
                 image=entity_image(images, row["image_url"]),
@@ -129,7 +131,3 @@ def entity_image(images: Path, url: str) -> Path:
             if target.with_name(target.name + suffix).is_file():
                 return target.with_name(target.name + suffix)
     return target
-
-
-def _default_images(folder: Path) -> Path:
-    return folder / "images" if (folder / "images").is_dir() else folder

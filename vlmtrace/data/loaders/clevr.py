@@ -20,6 +20,7 @@ from .question import (
     SpanRequest,
     assemble,
     check_options,
+    first_found,
     list_field,
     read_json,
     require_dir,
@@ -58,15 +59,12 @@ def load_clevr(
                 )
             filename = required_field(row, "image_filename", questions_json, index)
             split = row.get("split")
-            image = image_dir / filename
-            if not image.exists() and split and (image_dir / split / filename).exists():
-                image = image_dir / split / filename
             question_id = row.get("question_index", index)
             yield RawQuestion(
                 id=f"clevr-{question_id}",
                 question=required_field(row, "question", questions_json, index),
                 answer=str(row["answer"]),
-                image=image,
+                image=clevr_image(image_dir, filename, split),
                 meta={
                     "question_index": question_id,
                     "image_index": row.get("image_index"),
@@ -87,6 +85,11 @@ def load_clevr(
         hint=hint,
         missing_images=missing_images,
     )
+
+
+def clevr_image(image_dir: Path, filename: str, split: str | None) -> Path:
+    """A CLEVR image: in `image_dir` itself (a split's folder) or in its split's folder inside it."""
+    return first_found(filename, [image_dir, image_dir / split] if split else [image_dir])
 
 
 OBJECT_RADIUS = 0.06

@@ -39,6 +39,7 @@ from .question import (
     SpanRequest,
     assemble,
     check_options,
+    first_found,
     list_field,
     read_json,
     require_dir,
@@ -114,10 +115,10 @@ def load_finecops_ref(
                 id=f"finecops-{entry.get('id')}",
                 question=QUESTION.format(expression=expression),
                 answer="no" if negative else "yes",
-                image=_find(folders, entry["file_name"]),
+                image=first_found(entry["file_name"], folders),
                 spans={SPAN: expression},
                 replacements={SPAN: replacement} if replacement and replacement != expression else {},
-                image_pair=_find(folders, image["file_name"]) if image else None,
+                image_pair=first_found(image["file_name"], folders) if image else None,
                 foil="yes" if negative else "no",
                 meta=meta,
             )
@@ -132,11 +133,3 @@ def load_finecops_ref(
         hint=hint,
         missing_images=missing_images,
     )
-
-
-def _find(folders: list[Path], name: str) -> Path:
-    """The first folder's `name` that exists; the image folder's when none does (for the error)."""
-    for folder in folders:
-        if (folder / name).is_file():
-            return folder / name
-    return folders[0] / name

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..sample import Sample
+from .clevr import clevr_image
 from .coco_images import CocoImages
 from .question import (
     DEFAULT_TEMPLATE,
@@ -38,6 +39,7 @@ from .question import (
     SpanRequest,
     assemble,
     check_options,
+    csv_row_label,
     csv_rows,
     require_dir,
 )
@@ -66,7 +68,7 @@ def load_palit_coco_qa(
         for index, row in enumerate(rows):
             image_id = _integer(row["train_image_id_count"], path, index)
             yield RawQuestion(
-                id=f"palit-{path.stem}-{row.get('') or index}",
+                id=f"palit-{path.stem}-{csv_row_label(row, index)}",
                 question=row["question_count"].strip(),
                 answer=row["answer_count"].strip(),
                 image=images.path(image_id),
@@ -110,10 +112,10 @@ def load_palit_clevr(
                         "{'question': text, 'answer': 1 or 0}."
                     )
                 yield RawQuestion(
-                    id=f"palit-{path.stem}-{row.get('') or index}-{k}",
+                    id=f"palit-{path.stem}-{csv_row_label(row, index)}-{k}",
                     question=item["question"].strip(),
                     answer=answer,
-                    image=_clevr_image(image_dir, image_id),
+                    image=clevr_image(image_dir, f"{image_id}.png", _clevr_split(image_id)),
                     foil="no" if answer == "yes" else "yes",
                     meta={"image_id": image_id},
                 )
@@ -143,12 +145,9 @@ def _questions(cell: str, path: Path, index: int) -> list[dict]:
     return items
 
 
-def _clevr_image(image_dir: Path, image_id: str) -> Path:
-    name = f"{image_id}.png"
-    split = image_id.split("_")[1] if image_id.count("_") >= 2 else ""
-    if not (image_dir / name).exists() and split and (image_dir / split / name).exists():
-        return image_dir / split / name
-    return image_dir / name
+def _clevr_split(image_id: str) -> str | None:
+    """The split an image id names: "val" in CLEVR_val_000145."""
+    return image_id.split("_")[1] if image_id.count("_") >= 2 else None
 
 
 def _integer(text: str, path: Path, index: int) -> int:

@@ -4,8 +4,8 @@ Each format module reads its own file layout into `RawQuestion` records and hand
 `assemble`, which applies the choices every loader makes the same way (see the package
 docstring): the prompt template, the requested constraint spans and the skip warning, `n`, and
 images opened only for the samples kept, with errors naming the image and the dataset file. The
-checks on options and the readers of JSON fields live here too, so that every format rejects bad
-input with the same messages.
+checks on options, the readers of JSON fields and CSV rows, and the lookups of image folders live
+here too, so that every format rejects bad input with the same messages.
 
     check_options(n, prompt_template, spans)           # before reading a large file
     rows = list_field(read_json(path, "CLEVR questions"), "questions", path, "a CLEVR file")
@@ -20,7 +20,7 @@ import os
 import string
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -273,6 +273,19 @@ def require_dir(path: str | Path, what: str) -> Path:
     return path
 
 
+def images_folder(root: Path) -> Path:
+    """A dataset's image folder: `root/images` when that folder exists, else `root` itself."""
+    return root / "images" if (root / "images").is_dir() else root
+
+
+def first_found(name: str, folders: Sequence[Path]) -> Path:
+    """`name` in the first of `folders` holding it; in the first folder when none does (for the error)."""
+    for folder in folders:
+        if (folder / name).is_file():
+            return folder / name
+    return folders[0] / name
+
+
 def csv_header(path: Path) -> list[str]:
     """The column names of a CSV file (its first row), [] for an empty file."""
     with path.open(encoding="utf-8-sig", newline="") as file:  # -sig: spreadsheets write a BOM
@@ -292,3 +305,8 @@ def csv_rows(path: Path, what: str, columns: Iterable[str]) -> list[dict[str, st
                 f"(its columns: {reader.fieldnames}); pass the file as its release publishes it."
             )
         return list(reader)
+
+
+def csv_row_label(row: Mapping[str, str], index: int) -> str | int:
+    """A released CSV row's label: the unnamed index column pandas writes first, else its position."""
+    return row.get("") or index
