@@ -113,18 +113,24 @@ class Reference:
         self.n_heads = vlm.shape.heads["lm"]
         self.vlm = vlm
 
-    def partner(self, position: int) -> int:
-        """The corrupted run's position paired with clean `position`: itself when both runs have
-        the same length, else the same index within its segment (an image pair split into other
-        numbers of sub-images has other numbers of image tokens: the k-th pairs with the k-th)."""
+    def partner(self, position: int) -> int | None:
+        """The corrupted run's position paired with clean `position`, by what it holds: itself when
+        both runs have the same length; else the k-th image token with the k-th (None past the
+        other image's last), text before the image at the same index, text after it at the same
+        distance from the end (an image pair of another size changes only the image and the
+        markup the processor writes around it; the text after it is the same)."""
         if self.corrupt_width == self.width:
             return position
         clean, corrupt = self.clean["input_ids"][0].tolist(), self.corrupt["input_ids"][0].tolist()
-        for segment in self.family.segments:
-            ours = positions_of(self.vlm, clean, segment, self.family)
-            if position in ours:
-                return positions_of(self.vlm, corrupt, segment, self.family)[ours.index(position)]
-        raise AssertionError(f"clean position {position} is in none of {self.family.segments}")
+        image = self.vlm.shape.image_token_id
+        if clean[position] == image:
+            k = [i for i, t in enumerate(clean) if t == image].index(position)
+            theirs = [i for i, t in enumerate(corrupt) if t == image]
+            return theirs[k] if k < len(theirs) else None
+        before_image = image is not None and position < clean.index(image)
+        partner = position if before_image else self.corrupt_width - (self.width - position)
+        assert clean[position] == corrupt[partner], (position, partner)
+        return partner
 
     def noise(self, draw: int):
         if self.corruption != "noise":
@@ -145,6 +151,8 @@ class Reference:
         at = self.family.sites[site]
         values = []
         partner = self.partner(position)
+        if partner is None:
+            return float("nan")  # no partner: nothing to patch
         for draw in range(self.draws):
             if direction == "denoise":  # corrupted run, clean activation restored
                 source = ref.record(self.model, self.family.score, self.clean, at, layers)
@@ -176,15 +184,22 @@ class Reference:
         return float(np.mean(values))
 
 
-def chosen_cells(da, labels, rng) -> list[dict]:
-    """A seeded sample of one site's computed cells, always with an image and the last position."""
+def chosen_cells(da, labels, rng, *, every: tuple[str, ...] = ()) -> list[dict]:
+    """A seeded sample of one site's computed cells, always with an image and the last position,
+    and every cell (of head 0, for head sites) at positions labelled with a segment in `every`."""
     cells = []
     for index in np.argwhere(~np.isnan(da.values)):
         cells.append(dict(zip(da.dims, index, strict=True)))
     must = [c for c in cells if labels[c["position"]] == "image"][:1]
     must += [c for c in cells if labels[c["position"]] == "last"][:1]
+    must += [c for c in cells if labels[c["position"]] in every and c.get("head", 0) == 0]
     rest = rng.sample(cells, min(CELLS_PER_SITE, len(cells)))
     return must + rest
+
+
+def resized_pair(family: Family, corruption: str) -> bool:
+    """An image pair of another size: other numbers of image tokens and of processor markup."""
+    return corruption == "image_pair" and family.pair_size not in (None, family.image_size)
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
@@ -196,11 +211,13 @@ def test_every_site_equals_the_plain_torch_reference(name, direction, corruption
         pytest.skip(family.skip[corruption])
     vlm = loaded(name)
     sites = tuple(site for site in family.sites if site in vlm.adapter.stacks["lm"].sites)
+    # pairs of another size shift the question: every question position is compared then
+    every = ("question", "textual") if resized_pair(family, corruption) else ()
     ds = vt.patch(
         vlm,
         [sample_of(family)],
         corruption=CORRUPTIONS[corruption](),
-        grid=vt.Grid(sites=sites, windows=(1, 2), segments=family.segments),
+        grid=vt.Grid(sites=sites, windows=(1, 2), segments=(*family.segments, *every)),
         metric=vt.LogProb(),
         direction=direction,
         progress=False,
@@ -211,12 +228,15 @@ def test_every_site_equals_the_plain_torch_reference(name, direction, corruption
     assert float(ds["corrupt"][0]) == pytest.approx(corrupt, abs=TOLERANCE)
     assert abs(clean - corrupt) > 1e-3, "the corruption does not move the answer: nothing would be tested"
     labels = list(ds["label"].values[0])
+    for k, position in enumerate(ds["index"].values[0]):  # unpaired exactly where the reference has no partner
+        unpaired = str(ds["unpaired"].values[0][k])
+        assert (reference.partner(int(position)) is None) == bool(unpaired), (position, unpaired)
     rng = random.Random(0)
     n_layers = vlm.shape.layers["lm"]
     checked = 0
     for site in sites:
         da = ds[site].isel(sample=0)
-        for cell in chosen_cells(da, labels, rng):
+        for cell in chosen_cells(da, labels, rng, every=every):
             window = int(da["window"][cell["window"]])
             centre = int(da["layer"][cell["layer"]])
             low, high = max(0, centre - window // 2), min(n_layers, centre - (-window // 2))

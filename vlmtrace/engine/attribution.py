@@ -77,6 +77,7 @@ from ..models.adapter import Stack
 from ..models.load import VLM
 from ..presentation.progress import progress_bar
 from ..results.dataset import Layout, describe
+from .alignment import align
 from .corruptions import Corruption
 from .forward import SEQUENCE_FIELDS, _activation, _noise, driver, envoy_at, stack_rows
 from .layouts import interpolate, rows_view
@@ -85,7 +86,6 @@ from .planning import (
     Direction,
     Plan,
     Prepared,
-    alignment,
     baseline_edits,
     checked_stack,
     image_units,
@@ -409,10 +409,8 @@ def _path_edits(
         if hook.layout.startswith("image_"):
             args["units"] = image_units(vlm, prepared.rows(inputs))
         if name == "tokens":
-            aligned = alignment(
-                prepared.pair.clean.segments("prompt"), prepared.pair.corrupt.segments("prompt")
-            )
-            pairs = sorted(aligned.items())
+            aligned = align(prepared.pair.clean.segments("prompt"), prepared.pair.corrupt.segments("prompt"))
+            pairs = sorted(aligned.pairs.items())
             clean = [c + prepared.pad("clean", "prompt") for c, _ in pairs]
             corrupt = [c + prepared.pad("corrupt", "prompt") for _, c in pairs]
             args["moved_pos"], args["toward_pos"] = (

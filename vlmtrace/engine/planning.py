@@ -26,11 +26,11 @@ from ..models.adapter import Stack
 from ..models.load import VLM
 from ..results.dataset import Layout, patching_attrs
 from ..results.store import config_hash
+from .alignment import align
 from .corruptions import Corruption, Pair
 from .forward import SEQUENCE_FIELDS, Edits, NoisePlan
 from .inputs import scored_answer_ids
 from .metrics import Metric
-from .positions import Segments
 from .sites import Cell, Grid
 
 Direction = Literal["denoise", "noise"]
@@ -45,7 +45,9 @@ class Plan:
     work: list[int]
     """Indices of cells that have positions to patch (others stay NaN), in execution order."""
     aligned: dict[int, int]
-    """Clean position -> corrupted position."""
+    """Clean position -> corrupted position (`vlmtrace.engine.alignment`: paired by content)."""
+    unpaired: dict[int, str]
+    """Clean position -> why no corrupted position pairs with it (its cells stay NaN)."""
 
 
 @dataclass
@@ -148,25 +150,11 @@ def image_units(vlm: VLM, rows: list[dict]) -> tuple[int, ...]:
     return tuple(int((row["input_ids"] == image_token).sum()) for row in rows)
 
 
-def alignment(clean: Segments, corrupt: Segments) -> dict[int, int]:
-    """Clean position -> corrupted position, matched segment by segment, index by index.
-
-    Identical layouts map every position to itself; a replacement phrase of another length
-    leaves the surplus span positions without a partner.
-    """
-    mapping: dict[int, int] = {}
-    for name in clean.names:
-        partners = [i for i, label in enumerate(corrupt.labels) if label == name]
-        for a, b in zip(clean.positions(name), partners, strict=False):
-            mapping[a] = b
-    return mapping
-
-
 def plan(vlm: VLM, stack_name: str, prepared: Prepared, grid: Grid) -> Plan:
     """Cells of one sample and which of them have positions to patch."""
     stack = vlm.adapter.stacks[stack_name]
     clean = prepared.pair.clean.segments(stack.sequence)
-    aligned = alignment(clean, prepared.pair.corrupt.segments(stack.sequence))
+    aligned = align(clean, prepared.pair.corrupt.segments(stack.sequence))
     cells = grid.cells(
         clean,
         n_layers=vlm.shape.layers[stack_name],
@@ -177,10 +165,10 @@ def plan(vlm: VLM, stack_name: str, prepared: Prepared, grid: Grid) -> Plan:
         c
         for c, cell in enumerate(cells)
         if cell.layers  # a site that exists at none of the window's layers stays NaN
-        and any(p in aligned for p in cell.positions)
-        and (grid.positions != "tokens" or all(p in aligned for p in cell.positions))
+        and any(p in aligned.pairs for p in cell.positions)
+        and (grid.positions != "tokens" or all(p in aligned.pairs for p in cell.positions))
     ]
-    return Plan(prepared, cells, work, aligned)
+    return Plan(prepared, cells, work, aligned.pairs, aligned.reasons)
 
 
 def checked_stack(
@@ -222,7 +210,7 @@ def lay_out(
     stack = vlm.adapter.stacks[stack_name]
     plans = [plan(vlm, stack_name, prepare(vlm, s, corruption, metric, whole_answer), grid) for s in samples]
     segments = [p.prepared.pair.clean.segments(stack.sequence) for p in plans]
-    layout = Layout(list(samples), segments, [p.cells for p in plans], grid)
+    layout = Layout(list(samples), segments, [p.cells for p in plans], grid, [p.unpaired for p in plans])
     attrs = patching_attrs(
         vlm,
         grid=grid,

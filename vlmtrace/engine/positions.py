@@ -1,4 +1,4 @@
-"""Token positions named by what they are: image, constraint spans, the rest, the last token.
+"""Token positions named by what they are: image, constraint spans, markup, the rest, the last token.
 
 Papers describe interventions in words ("restore the visual-constraint tokens"); tokenizers
 split words differently, processors expand one `<image>` into 576 or 2,880 tokens, and
@@ -9,6 +9,14 @@ rest of vlmtrace addresses positions by name and never by a hard-coded offset.
                              image_token_id=32000)
     segments.positions("visual")     # [581, 582]
     segments.labels[-1]              # "last"
+
+Processors write more than the prompt: Idefics3 and SmolVLM put `<row_i_col_j>` tags around
+every sub-image, Gemma 3's pan-and-scan writes "Here is the original image ... crops", InternVL
+wraps its image in `<img>` ... `</img>`, Pixtral breaks image rows with `[IMG_BREAK]`. How many
+depends on the image's size, so they are not the prompt's words. Every position the processor
+wrote that the tokenizer's own encoding of the prompt does not hold (found by matching the two
+token sequences, `processor_inserted`) is labelled `markup`, whatever the family: nothing is
+declared per family that a new processor version could make stale.
 
 Spans match whole words: 'he' is never found inside "the", nor 'a' inside "year". The first
 occurrence of the span's text in the prompt that starts and ends on word boundaries is taken,
@@ -26,6 +34,7 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 
 from ..errors import UserError
 
@@ -33,6 +42,7 @@ IMAGE = "image"
 QUESTION = "question"
 LAST = "last"
 SPECIAL = "special"
+MARKUP = "markup"
 START = "start"
 ANSWER = "answer"
 
@@ -55,10 +65,13 @@ class MissingImageTokenError(UserError):
 
 @dataclass(frozen=True)
 class Segments:
-    """Per-position token strings and segment labels of one encoded sequence."""
+    """Per-position token strings, token ids and segment labels of one encoded sequence."""
 
     tokens: tuple[str, ...]
     labels: tuple[str, ...]
+    ids: tuple[int, ...] = ()
+    """The token id at each position: what pairs a clean position with its corrupted partner
+    (`vlmtrace.engine.alignment`); two ids can decode to the same string."""
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -85,10 +98,11 @@ def find_segments(
     prompt: str = "",
     answer_positions: int = 0,
 ) -> Segments:
-    """Label each position of a prompt: image, each span, special, question, last.
+    """Label each position of a prompt: image, each span, markup, special, question, last.
 
     `answer_positions` trailing tokens are answer tokens appended for teacher forcing
     (whole-answer metrics); they are labelled "answer" and the token before them is "last".
+    With the `prompt` text, positions the processor inserted are labelled "markup".
     Warns (`UnknownWordsWarning`) when prompt words map to `<unk>`, naming them.
     """
     ids = [int(i) for i in input_ids]
@@ -107,7 +121,10 @@ def find_segments(
             "(e.g. '<image>') in the prompt."
         )
     n_prompt = len(ids) - answer_positions
-    text = TokenText.of(tokenizer, ids[:n_prompt], prompt=prompt, image_token_id=image_token_id)
+    match = PromptMatch.of(tokenizer, ids[:n_prompt], prompt) if prompt else None
+    for position in match.inserted(ids[:n_prompt], image_token_id) if match else ():
+        labels[position] = MARKUP
+    text = TokenText.of(tokenizer, ids[:n_prompt], prompt=prompt, image_token_id=image_token_id, match=match)
     unknown = text.unknown_words()
     if unknown:
         warnings.warn(
@@ -128,7 +145,45 @@ def find_segments(
     labels[n_prompt - 1] = LAST
     for i in range(n_prompt, len(ids)):
         labels[i] = ANSWER
-    return Segments(tokens=tokens, labels=tuple(labels))
+    return Segments(tokens=tokens, labels=tuple(labels), ids=tuple(ids))
+
+
+@dataclass(frozen=True)
+class PromptMatch:
+    """The tokenizer's own encoding of a prompt, matched against the processor's ids.
+
+    The processor's ids are the prompt's own tokens with the image placeholder expanded and
+    markup added around it. Matching the two sequences (difflib, no junk heuristic) finds the
+    prompt's own tokens among them wherever the processor put its insertions: those carry the
+    prompt's character offsets, and the rest, image tokens aside, is markup.
+    """
+
+    own: tuple[int, ...]
+    offsets: tuple[tuple[int, int], ...] | None
+    """Character range of each own token (fast tokenizers), else None."""
+    matched: dict[int, int]
+    """Position in the processor's ids -> position in `own`."""
+
+    @classmethod
+    def of(cls, tokenizer, ids: Sequence[int], prompt: str) -> PromptMatch:
+        offsets = None
+        if getattr(tokenizer, "is_fast", False):
+            try:
+                encoding = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True)
+                offsets = tuple((int(a), int(b)) for a, b in encoding["offset_mapping"])
+            except (NotImplementedError, ValueError, TypeError):
+                encoding = None
+        if offsets is None:
+            encoding = tokenizer(prompt, add_special_tokens=True)
+        own = tuple(int(i) for i in encoding["input_ids"])
+        matcher = SequenceMatcher(None, own, [int(i) for i in ids], autojunk=False)
+        matched = {j + k: i + k for i, j, n in matcher.get_matching_blocks() for k in range(n)}
+        return cls(own, offsets, matched)
+
+    def inserted(self, ids: Sequence[int], image_token_id: int | None) -> list[int]:
+        """Positions the processor wrote that the prompt does not hold, image tokens excepted:
+        tags, crop words, image delimiters (labelled `markup`)."""
+        return [i for i, token in enumerate(ids) if i not in self.matched and token != image_token_id]
 
 
 def word_occurrences(text: str, phrase: str) -> list[int]:
@@ -172,11 +227,21 @@ class TokenText:
     tokenizer: object
 
     @classmethod
-    def of(cls, tokenizer, ids: Sequence[int], *, prompt: str, image_token_id: int | None) -> TokenText:
+    def of(
+        cls,
+        tokenizer,
+        ids: Sequence[int],
+        *,
+        prompt: str,
+        image_token_id: int | None,
+        match: PromptMatch | None = None,
+    ) -> TokenText:
         specials = set(tokenizer.all_special_ids)
         unk = tokenizer.unk_token_id
         unknown = tuple(i for i, t in enumerate(ids) if unk is not None and t == unk)
-        ranges = _offset_ranges(tokenizer, ids, prompt, image_token_id) if prompt else None
+        if prompt and match is None:
+            match = PromptMatch.of(tokenizer, ids, prompt)
+        ranges = _offset_ranges(tokenizer, ids, match, image_token_id) if match else None
         if ranges is not None:
             return cls(prompt, ranges, True, unknown, tokenizer.unk_token, tokenizer)
         pieces, built = [], []
@@ -264,37 +329,25 @@ class TokenText:
         )
 
 
-def _offset_ranges(tokenizer, ids: Sequence[int], prompt: str, image_token_id: int | None):
-    """Character ranges of `ids` in `prompt` from the tokenizer's offsets, or None if unavailable.
+def _offset_ranges(tokenizer, ids: Sequence[int], match: PromptMatch, image_token_id: int | None):
+    """Character ranges of `ids` in the prompt from the tokenizer's offsets, or None if unavailable.
 
-    The processor may expand one image placeholder into many tokens and add special tokens, so
-    the tokenizer's own encoding of the prompt is aligned with `ids` after collapsing image runs;
-    any other disagreement gives None (the caller falls back to decoded tokens).
+    A token of `ids` matched to the prompt's own encoding (`PromptMatch`) takes its offsets; an
+    inserted one (markup, image, special tokens the processor adds) none. If any of the prompt's
+    own text tokens is missing from `ids` (the processor rewrote the text), this gives None and
+    the caller falls back to decoded tokens.
     """
-    if not getattr(tokenizer, "is_fast", False):
+    if match.offsets is None:
         return None
-    try:
-        encoding = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True)
-    except (NotImplementedError, ValueError, TypeError):
-        return None
-    own, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
     specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
-    ranges: list[tuple[int, int] | None] = []
-    j = 0
-    for i, t in enumerate(ids):
-        if t == image_token_id and i > 0 and ids[i - 1] == image_token_id:
-            ranges.append(None)
-            continue
-        while j < len(own) and own[j] != t and own[j] in specials and t not in specials:
-            j += 1  # a special token the tokenizer adds and the processor does not
-        if j >= len(own) or own[j] != t:
-            if t in specials:
-                ranges.append(None)  # a special token the processor adds
-                continue
+    found = set(match.matched.values())
+    for j, token in enumerate(match.own):
+        if j not in found and token not in specials and token != image_token_id:
             return None
-        start, stop = offsets[j]
-        ranges.append(None if t in specials or t == image_token_id else (int(start), int(stop)))
-        j += 1
+    ranges: list[tuple[int, int] | None] = []
+    for i, token in enumerate(ids):
+        j = match.matched.get(i)
+        ranges.append(None if j is None or token in specials or token == image_token_id else match.offsets[j])
     return tuple(ranges)
 
 
@@ -302,4 +355,4 @@ def decoder_segments(tokenizer, decoder_ids: Sequence[int]) -> Segments:
     """Labels for an answer decoder's input: the start token, then teacher-forced answer."""
     tokens = tuple(tokenizer.decode([int(i)]) for i in decoder_ids)
     labels = (START, *([ANSWER] * (len(tokens) - 1)))
-    return Segments(tokens=tokens, labels=labels)
+    return Segments(tokens=tokens, labels=labels, ids=tuple(int(i) for i in decoder_ids))

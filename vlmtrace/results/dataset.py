@@ -93,12 +93,21 @@ class Layout:
     can be laid out up front: in memory, or as an empty zarr store that chunks fill in.
     """
 
-    def __init__(self, samples: list[Sample], segments: list[Segments], cells: list[list[Cell]], grid: Grid):
+    def __init__(
+        self,
+        samples: list[Sample],
+        segments: list[Segments],
+        cells: list[list[Cell]],
+        grid: Grid,
+        unpaired: list[dict[int, str]] | None = None,
+    ):
         from ..engine.sites import HEAD_SITES
 
         self.grid = grid
         self.samples = samples
         self.segments = segments
+        self.unpaired = unpaired if unpaired is not None else [{} for _ in samples]
+        """Per sample, clean position -> why no corrupted position pairs with it."""
         self.windows = list(grid.windows)
         self.layers = sorted({cell.layer for row in cells for cell in row})
         self.heads = sorted({cell.head for row in cells for cell in row if cell.head is not None})
@@ -151,7 +160,28 @@ class Layout:
             coords["head"] = self.heads
         if self.by_token:
             coords.update(position_coords(self.segments, self.grid, len(self.keys)))
+        coords["unpaired"] = (("sample", self.place), self.unpaired_reasons())
         return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+    def unpaired_reasons(self) -> np.ndarray:
+        """Per (sample, position or segment): why some of its clean positions have no corrupted
+        partner (`vlmtrace.engine.alignment`), "" where every position pairs. Such a position is
+        never patched: a token cell is NaN, a segment cell patches the others."""
+        reasons = np.full((len(self.samples), len(self.keys)), "", dtype=object)  # objects: see Format
+        for s, (sample_segments, unpaired) in enumerate(zip(self.segments, self.unpaired, strict=True)):
+            if not unpaired:
+                continue
+            chosen = self.grid.selected(sample_segments)
+            if self.by_token:
+                for k, p in enumerate(chosen):
+                    reasons[s, k] = unpaired.get(p, "")
+                continue
+            for key, positions in self.grid.keys(sample_segments):
+                missing = [p for p in positions if p in unpaired]
+                if missing:
+                    why = unpaired[missing[0]]
+                    reasons[s, self.keys.index(key)] = f"{len(missing)} of {len(positions)} unpaired: {why}"
+        return reasons
 
 
 def patching_attrs(
