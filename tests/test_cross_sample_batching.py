@@ -19,6 +19,7 @@ from test_families import picture
 
 import vlmtrace as vt
 import vlmtrace.engine.sweep as sweep
+from vlmtrace.engine.self_check import SweepCheck
 from vlmtrace.results.store import SweepStore
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
@@ -302,13 +303,13 @@ def test_out_of_memory_halves_a_packed_forward(tiny_llava, monkeypatch):
 
 def test_the_self_check_verifies_the_most_padded_sample_of_the_first_forward(tiny_llava, monkeypatch):
     checked = []
-    original = sweep.verify_baselines
+    original = SweepCheck._native
 
-    def spy(vlm, stack, prepared, *args):
+    def spy(check, prepared):
         checked.append(prepared.sample.id)
-        return original(vlm, stack, prepared, *args)
+        return original(check, prepared)
 
-    monkeypatch.setattr(sweep, "verify_baselines", spy)
+    monkeypatch.setattr(SweepCheck, "_native", spy)
     batch = samples(4)  # s0 (longest but s3) .. s3; all four share the first forward
     vt.patch(
         tiny_llava,

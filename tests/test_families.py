@@ -228,7 +228,7 @@ def test_every_site_equals_the_plain_torch_reference(name, direction, corruption
     assert float(ds["corrupt"][0]) == pytest.approx(corrupt, abs=TOLERANCE)
     assert abs(clean - corrupt) > 1e-3, "the corruption does not move the answer: nothing would be tested"
     labels = list(ds["label"].values[0])
-    for k, position in enumerate(ds["index"].values[0]):  # unpaired exactly where the reference has no partner
+    for k, position in enumerate(ds["index"].values[0]):  # unpaired where the reference finds no partner
         unpaired = str(ds["unpaired"].values[0][k])
         assert (reference.partner(int(position)) is None) == bool(unpaired), (position, unpaired)
     rng = random.Random(0)

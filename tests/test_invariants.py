@@ -33,7 +33,7 @@ def test_every_invariant_holds_on_the_shipped_organisms():
     for name in ("shapes-llava", "shapes-blip"):
         report = vt.check(vt.load(name))
         assert report.ok, str(report)
-        assert len(report.invariants) == 6
+        assert len(report.invariants) == 8
 
 
 LONGER = "the red circle of a square"  # six tokens for two: the clean row gets four pads
@@ -49,7 +49,7 @@ def test_check_reports_a_padded_row_that_differs_from_the_row_alone(tiny_llava, 
 
 def test_a_sweep_stops_when_its_batched_rows_differ_from_unbatched_forwards(tiny_llava, llava_sample):
     sample = llava_sample.with_(replacements={"visual": LONGER})
-    with pytest.raises(SelfCheckError, match="batched clean row scores .* but the same input alone"):
+    with pytest.raises(SelfCheckError, match="the clean row gives log P.* but the model's own forward gives"):
         vt.patch(
             attending_to_padding(tiny_llava),
             [sample],

@@ -77,4 +77,5 @@ FAMILY = Family(
     sites=decoder_sites(LAYER),
     image=At("model.multi_modal_projector"),
     attention=LAYER + ".self_attn",
+    pair_size=(64, 32),  # another aspect ratio: 2x1 image tokens and one [IMG_BREAK] fewer
 )

@@ -128,6 +128,11 @@ class Scoring:
     answer: torch.Tensor
     foil: torch.Tensor | None
     answer_slice: slice
+    probes: torch.Tensor | None = None
+    """Token ids whose log-probabilities at the first answer position are read back for the
+    group's first `probe_rows` rows (its baseline rows): the self-check compares them with the
+    model's own forward and across chunks (`vlmtrace.engine.self_check`)."""
+    probe_rows: int = 0
 
 
 def stack_rows(vlm: VLM, rows: list[Mapping[str, torch.Tensor]], widths: Mapping[str, int]) -> dict:
@@ -164,7 +169,7 @@ def stack_rows(vlm: VLM, rows: list[Mapping[str, torch.Tensor]], widths: Mapping
         elif spec.kind == "flat":
             batch[name] = torch.cat(values)
         else:
-            batch[name] = _stack(name, values, spec.pad_rows)
+            batch[name] = _stack(name, values, spec.pad_to_largest)
     if adapter.positions == "engine":
         for sequence, (_, mask_name) in SEQUENCE_FIELDS.items():
             if mask_name in batch:
@@ -189,20 +194,20 @@ def _left_pad(
     return padded
 
 
-def _stack(name: str, values: list[torch.Tensor], pad_rows: bool) -> torch.Tensor:
-    """Stack per-row values; zero-pad their first dimension to the longest when declared."""
+def _stack(name: str, values: list[torch.Tensor], pad_to_largest: bool) -> torch.Tensor:
+    """Stack per-row values; zero-pad each dimension at its end to the largest row, when declared."""
     shapes = {tuple(v.shape) for v in values}
     if len(shapes) == 1:
         return torch.stack(values)
-    if not pad_rows or len({s[1:] for s in shapes}) != 1:
+    if not pad_to_largest or len({len(s) for s in shapes}) != 1:
         raise AdapterMismatchError(
             f"per-row input {name!r} has rows of shapes {sorted(shapes)}, which do not stack; "
-            "declare it Input('row', pad_rows=True) if the family pads them, or FLAT."
+            "declare it Input('row', pad_to_largest=True) if the family pads them, or FLAT."
         )
-    longest = max(len(v) for v in values)
-    out = values[0].new_zeros((len(values), longest, *values[0].shape[1:]))
+    largest = [max(sizes) for sizes in zip(*shapes, strict=True)]
+    out = values[0].new_zeros((len(values), *largest))
     for i, value in enumerate(values):
-        out[i, : len(value)] = value
+        out[(i, *(slice(0, n) for n in value.shape))] = value
     return out
 
 
@@ -332,7 +337,13 @@ def driver(vlm: VLM) -> Callable:
     return partial(vlm.adapter.forward, vlm.model)
 
 
-def run(
+def run(vlm: VLM, stack: Stack, batch: dict, edits: Edits, **options: Any) -> torch.Tensor:
+    """Run one batched forward with `edits`; return the metric of every row (CPU floats).
+    The options are `run_probed`'s."""
+    return run_probed(vlm, stack, batch, edits, **options)[0]
+
+
+def run_probed(
     vlm: VLM,
     stack: Stack,
     batch: dict,
@@ -346,8 +357,12 @@ def run(
     backend: Any = None,
     prefix: tuple[int, torch.Tensor] | None = None,
     image: Any = None,
-) -> torch.Tensor:
-    """Run one batched forward with `edits`; return the metric of every row (CPU floats).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one batched forward with `edits`; return the metric of every row and the probes.
+
+    The probes are the log-probabilities of each scoring group's `probes` token ids at its
+    first answer position, for its `probe_rows` first rows, flattened in group and row order
+    (empty where no group asks for any): a few floats that check the forward for free.
 
     Every row is scored by `answer` / `foil` at `answer_slice`, or, for a forward that packs
     several samples' rows, each sample's rows by their own (`scoring`, in row order, covering
@@ -404,7 +419,8 @@ def run(
                 if index is not None:
                     _apply_patch(_activation(layer, hook), index, hook, rows, width, n_heads)
         values = _scored(tracer.result, metric, scoring).cpu().save()
-    return values
+        probes = _probed(tracer.result, scoring).cpu().save()
+    return values, probes
 
 
 def _scored(logits: torch.Tensor, metric: Metric, scoring: list[Scoring]) -> torch.Tensor:
@@ -415,6 +431,19 @@ def _scored(logits: torch.Tensor, metric: Metric, scoring: list[Scoring]) -> tor
         foil = None if group.foil is None else group.foil.to(logits.device)
         scores.append(metric(answer_logits, group.answer.to(logits.device), foil))
     return torch.cat(scores)
+
+
+def _probed(logits: torch.Tensor, scoring: list[Scoring]) -> torch.Tensor:
+    """Log-probabilities of each group's probe tokens at its first answer position, for its
+    probe rows (inside the trace)."""
+    probed = [logits.new_zeros(0, dtype=torch.float32)]
+    for group in scoring:
+        if group.probes is None or group.probe_rows == 0:
+            continue
+        rows = logits[group.start : group.start + group.probe_rows, group.answer_slice][:, 0]
+        log_probs = torch.log_softmax(rows.float(), dim=-1)
+        probed.append(log_probs[:, group.probes.to(logits.device)].flatten())
+    return torch.cat(probed)
 
 
 @dataclass

@@ -34,6 +34,10 @@ class Encoded:
     """Labels of the answer decoder's input sequence (BLIP), else None."""
     answer_ids: tuple[int, ...]
     """The answer tokens scored by the metric (first token only, unless whole answer)."""
+    text: str = ""
+    """The prompt this side was encoded from (the self-check runs the model's own forward on it)."""
+    image: Any = None
+    """The image this side was encoded with."""
 
     def segments(self, sequence: str) -> Segments:
         return self.decoder if sequence == "decoder" else self.prompt
@@ -133,4 +137,6 @@ def encode(
     decoder = None
     if in_decoder:
         decoder = decoder_segments(vlm.tokenizer, row["decoder_input_ids"].tolist())
-    return Encoded(inputs=row, prompt=prompt_segments, decoder=decoder, answer_ids=answer_ids)
+    return Encoded(
+        inputs=row, prompt=prompt_segments, decoder=decoder, answer_ids=answer_ids, text=prompt, image=image
+    )

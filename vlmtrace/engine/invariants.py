@@ -13,9 +13,10 @@ Each such bug makes some invariant fail that holds for any correct engine on any
     report = vt.check(vlm)          # or: vlmtrace check llava-hf/llava-1.5-7b-hf
     print(report)                   # one line per invariant: ok / FAILED, with both values
 
-Every sweep also runs the cheapest of them (`verify_baselines`) on its first chunk: its
-batched clean and corrupted rows must equal plain unbatched forwards of the same inputs, to a
-tolerance set by the dtype. It costs two forwards per sweep (`benchmarks/self_check.py`).
+Above them all: the engine's clean and corrupted rows equal the model's own forward of the
+same prompt and image (`vlmtrace.engine.native`, no vlmtrace code on that path), and padded
+rows equal it too. Tolerances are in nats, by dtype (`self_check.LOG_TOLERANCE`). Every sweep
+checks its own baseline rows the same way, at no extra forward (`vlmtrace.engine.self_check`).
 """
 
 from __future__ import annotations
@@ -30,23 +31,17 @@ from PIL import Image
 from ..data.sample import Sample
 from ..models.load import VLM
 from .corruptions import GaussianNoise, ReplaceSpan
-from .forward import Edits, run, stack_rows
+from .forward import Edits, Scoring, run, run_probed, stack_rows
 from .metrics import LogProb, Metric
+from .native import native_log_probs
+from .self_check import TOP_TOKENS, SelfCheckError, log_tolerance
 
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
-"""Relative and absolute tolerance of a batched row against the unbatched forward, by dtype."""
-
-
-class SelfCheckError(RuntimeError):
-    """An engine invariant failed on this model: its numbers would be wrong."""
-
-
-def tolerance(vlm: VLM) -> float:
-    return TOLERANCE.get(vlm.model.dtype, 1e-5)
+__all__ = ["Invariant", "Report", "SelfCheckError", "check", "probe_sample"]
 
 
 def close(a: float, b: float, tol: float) -> bool:
-    return abs(a - b) <= tol * (1 + abs(b))
+    """Equal within `tol`, in the units of log-probability (the invariants score by `LogProb`)."""
+    return abs(a - b) <= tol
 
 
 def unbatched(vlm: VLM, stack, prepared, side: str, metric: Metric, backend: Any, draw: int = 0) -> float:
@@ -92,30 +87,6 @@ def _sequences() -> dict:
     from .forward import SEQUENCE_FIELDS
 
     return SEQUENCE_FIELDS
-
-
-def verify_baselines(vlm: VLM, stack, prepared, baselines: list[float], metric: Metric, backend: Any) -> None:
-    """Stop a sweep whose batched clean / corrupted rows differ from unbatched forwards.
-
-    `baselines` are the first chunk's row values: clean, then one per noise draw. Only the
-    clean row and the first corrupted row are recomputed (two forwards; three for a metric that
-    scores rows against the clean row, such as KL, which cannot score a row alone).
-    """
-    tol = tolerance(vlm)
-    if metric.scores_against_row_0:  # e.g. KL to the clean row: re-score the batched rows by log P
-        metric = LogProb()
-        baselines = _baseline_rows(vlm, stack, prepared, metric, backend)
-    for side, got in (("clean", baselines[0]), ("corrupt", baselines[1])):
-        expected = unbatched(vlm, stack, prepared, side, metric, backend)
-        if not close(got, expected, tol):
-            raise SelfCheckError(
-                f"self-check failed on {vlm.name} ({vlm.adapter.family}), sample {prepared.sample.id!r}: "
-                f"the batched {side} row scores {got:.6g} but the same input alone scores "
-                f"{expected:.6g} (tolerance {tol:g} for {vlm.model.dtype}). The invariant 'a padded, "
-                "batched row scores what it scores alone' broke, so every cell would be wrong: an "
-                "input the adapter declares wrongly (Adapter.inputs, positions) or a layout. Run "
-                f"`vlmtrace check {vlm.name}` for every invariant; pass verify=False only to debug."
-            )
 
 
 @dataclass(frozen=True)
@@ -168,19 +139,23 @@ def probe_sample(vlm: VLM, *, image_size: int = 64, seed: int = 0) -> Sample:
     )
 
 
-def check(
-    vlm: VLM, sample: Sample | None = None, *, metric: Metric = LogProb(), backend: Any = None
-) -> Report:
-    """Run every invariant on `vlm` with `sample` (a probe sample by default); return the report."""
+def check(vlm: VLM, sample: Sample | None = None, *, backend: Any = None) -> Report:
+    """Run every invariant on `vlm` with `sample` (a probe sample by default); return the report.
+
+    Every score is log P(answer), and every tolerance is in nats for the model's dtype
+    (`self_check.LOG_TOLERANCE`), so a small probability cannot hide a difference.
+    """
     from .planning import prepare
 
     sample = sample or probe_sample(vlm)
     stack_name = vlm.adapter.default_stack
     stack = vlm.adapter.stacks[stack_name]
-    tol = tolerance(vlm)
+    tol = log_tolerance(vlm)
+    metric = LogProb()
     results = []
 
     prepared = prepare(vlm, sample, ReplaceSpan("visual"), metric, False)
+    results += _against_the_model(vlm, stack, prepared, tol, backend)
     values = _rows(vlm, stack, prepared, Edits(), metric, backend)
     for side, got in (("clean", values[0]), ("corrupt", values[1])):
         expected = unbatched(vlm, stack, prepared, side, metric, backend)
@@ -257,7 +232,7 @@ def check(
         noised = prepare(vlm, sample, GaussianNoise("image", samples=2), metric, False)
         values = _baseline_rows(vlm, stack, noised, metric, backend)  # clean, then two noise draws
         expected = unbatched(vlm, stack, noised, "clean", metric, backend)
-        moved = abs(values[1] - values[0]) > tol * (1 + abs(values[0]))
+        moved = abs(values[1] - values[0]) > tol
         results.append(
             Invariant(
                 "noise leaves the clean row untouched",
@@ -268,6 +243,39 @@ def check(
             )
         )
     return Report(vlm.name, vlm.adapter.family, tuple(results))
+
+
+def _against_the_model(vlm: VLM, stack, prepared, tol: float, backend: Any) -> list[Invariant]:
+    """The engine's clean and corrupted rows, batched together (the shorter one padded), against
+    the model's own forward of each side's prompt and image, over the answer's token and the
+    model's top tokens: the largest |log p(engine) - log p(model)|."""
+    native = {
+        side: native_log_probs(vlm, encoded.text, encoded.image, backend)
+        for side, encoded in (("clean", prepared.pair.clean), ("corrupt", prepared.pair.corrupt))
+    }
+    ids = {int(prepared.answer[0])}
+    for log_probs in native.values():
+        ids |= set(torch.topk(log_probs, min(TOP_TOKENS, len(log_probs))).indices.tolist())
+    ids = torch.tensor(sorted(ids))
+    batch = stack_rows(vlm, prepared.rows(["clean", "corrupt"]), prepared.widths)
+    scoring = [Scoring(0, 2, prepared.answer, None, prepared.answer_slice(vlm), ids, 2)]
+    _, probed = run_probed(vlm, stack, batch, Edits(), metric=LogProb(), scoring=scoring, backend=backend)
+    probed = probed.view(2, len(ids))
+    results = []
+    for row, side in enumerate(native):
+        gap = float((probed[row] - native[side][ids]).abs().max())
+        padded = "padded " if prepared.pad(side, stack.sequence) > 0 else ""
+        answer = int(prepared.answer[0])
+        results.append(
+            Invariant(
+                f"the {padded}{side} row equals the model's own forward (log P(answer); largest gap "
+                f"over {len(ids)} tokens {gap:.2g} nats)",
+                gap <= tol,
+                float(probed[row, ids.tolist().index(answer)]),
+                float(native[side][answer]),
+            )
+        )
+    return results
 
 
 def _width(prepared, stack) -> int:

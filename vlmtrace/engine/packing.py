@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+import torch
+
 from ..models.load import VLM
 from .forward import Edits, Scoring
 from .planning import Plan, Prepared, baseline_edits, image_units
@@ -64,7 +66,7 @@ def signature(vlm: VLM, prepared: Prepared) -> Hashable:
     """What must agree for two samples' rows to be batched exactly, in one hashable value.
 
     The input names; per input, how it batches and every dimension the batch does not pad or
-    concatenate (a per-row input that is not declared `pad_rows` must have the same shape);
+    concatenate (a per-row input that is not declared `pad_to_largest` must have the same shape);
     dtypes; and, for an answer predicted by a decoder, the decoder's width.
     """
     parts = []
@@ -75,7 +77,10 @@ def signature(vlm: VLM, prepared: Prepared) -> Hashable:
             if spec is None:  # stack_rows names the undeclared input when the forward runs
                 described.append((name, None, tuple(value.shape), value.dtype))
                 continue
-            fixed = value.shape if spec.kind == "row" and not spec.pad_rows else value.shape[1:]
+            if spec.kind == "row":
+                fixed = (value.dim(),) if spec.pad_to_largest else value.shape
+            else:
+                fixed = value.shape[1:]
             described.append((name, spec.kind, tuple(fixed), value.dtype))
         parts.append(tuple(described))
     if vlm.adapter.answer_sequence == "decoder":
@@ -180,9 +185,18 @@ def packed_edits(
     return edits
 
 
-def scoring(vlm: VLM, prepared: Sequence[Prepared], patched: Sequence[int]) -> list[Scoring]:
-    """Each sample's rows of a forward and its answer, foil and answer positions."""
+def scoring(
+    vlm: VLM,
+    prepared: Sequence[Prepared],
+    patched: Sequence[int],
+    probes: Sequence[torch.Tensor | None] | None = None,
+) -> list[Scoring]:
+    """Each sample's rows of a forward and its answer, foil and answer positions, and the tokens
+    its baseline rows are probed at (the self-check's, `vlmtrace.engine.self_check`)."""
+    probes = probes if probes is not None else [None] * len(prepared)
     return [
-        Scoring(first, first + p.baseline_rows + n, p.answer, p.foil, p.answer_slice(vlm))
-        for p, n, first in zip(prepared, patched, offsets(prepared, patched), strict=True)
+        Scoring(
+            first, first + p.baseline_rows + n, p.answer, p.foil, p.answer_slice(vlm), ids, p.baseline_rows
+        )
+        for p, n, first, ids in zip(prepared, patched, offsets(prepared, patched), probes, strict=True)
     ]

@@ -27,7 +27,7 @@ halved and retried.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from itertools import takewhile
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,7 @@ from ..results.dataset import Layout, describe
 from ..results.store import SweepStore
 from . import attribution, screening
 from .corruptions import Corruption
-from .forward import Prefix, resume_cache, run, stack_rows
-from .invariants import verify_baselines
+from .forward import Prefix, resume_cache, run_probed, stack_rows
 from .metrics import Metric, Probability
 from .packing import Share, common_widths, next_forward, offsets, packed_edits, pad, scoring, signature
 from .planning import (
@@ -64,6 +63,7 @@ from .prefix_reuse import (
     shifted,
     suffix_batch,
 )
+from .self_check import SweepCheck
 from .sites import Cell, Grid
 
 
@@ -87,7 +87,7 @@ def patch(
     screen: int | None = None,
     screen_method: attribution.Method = "atp",
     reuse_prefix: bool = False,
-    verify: bool = True,
+    verify: bool | float = True,
     pack_samples: bool = True,
 ) -> xr.Dataset:
     """Patch every cell of `grid` for every sample; return the metric of every patched run.
@@ -104,9 +104,10 @@ def patch(
     from its first patched one are computed (on cached keys/values), and the image encoder runs
     once per distinct image. Same results; local runs only (`tests/test_prefix_reuse.py`); a
     forward then holds one sample's rows. With `verify` (the default), the batched clean and
-    corrupted rows of the first forward's most padded sample are checked against unbatched
-    forwards of the same inputs (`vlmtrace.engine.invariants.verify_baselines`, two forwards)
-    and the sweep stops with `SelfCheckError` if they differ. A forward holds the rows of
+    corrupted rows of the first forward's most padded sample are checked against the model's
+    own forward of the same prompt and image, and every later forward's baseline rows against
+    the sample's first (`vlmtrace.engine.self_check`; a float sets the tolerance in nats); the
+    sweep stops with `SelfCheckError` if they differ. A forward holds the rows of
     several samples where one sample's leave room (`vlmtrace.engine.packing`);
     `pack_samples=False` runs one sample per forward, for benchmarks and tests: the results are
     the same, up to float rounding.
@@ -160,6 +161,9 @@ def patch(
             p.work = sorted(p.work, key=lambda c, p=p: min(p.cells[c].layers))
     pending = [(i, int(done_cells[i])) for i in mine if not done[i]]
     total = sum(len(plans[i].work) - start for i, start in pending)
+    check = None
+    if verify is not False:
+        check = SweepCheck(vlm, backend=backend, tolerance=None if verify is True else float(verify))
     with progress_bar(progress, f"patching {vlm.name}") as bar:
         task = bar.add_task("cells", total=total)
         for forward in run_forwards(
@@ -174,11 +178,8 @@ def patch(
             backend,
             reuse_prefix=reuse_prefix,
             pack=pack_samples,
+            check=check,
         ):
-            if verify:
-                share, finished = most_padded(forward)
-                verify_baselines(vlm, stack, share.prepared, finished.baselines, metric, backend)
-                verify = False
             for share, finished in forward:  # a forward may finish one sample and start the next
                 record(ds, layout, share.sample, share.plan, finished)
                 if sweep_store is not None:
@@ -216,18 +217,22 @@ class Finished:
     complete: bool
     cells: int
     """Cells this chunk completed (for the progress bar)."""
-    baselines: list[float] = field(default_factory=list)
-    """The chunk's baseline rows: clean, then one per noise draw (the self-check reads them)."""
 
 
 def record(ds: xr.Dataset, layout: Layout, sample: int, plan: Plan, finished: Finished) -> None:
-    """Put a chunk's results into the in-memory result."""
+    """Put a chunk's results into the in-memory result.
+
+    A sample's clean and corrupted values are its first chunk's (checked against the model's
+    own forward when the self-check picked it); every later chunk recomputes them, and the
+    self-check holds those to the first, so they never replace it.
+    """
     arrays = {site: ds[site].values for site in layout.grid.sites}  # one lookup per site, not per cell
     for c, value in finished.values.items():
         cell = plan.cells[c]
         arrays[cell.site][layout.index(sample, cell)] = value
-    ds["clean"].values[sample] = finished.clean
-    ds["corrupt"].values[sample] = finished.corrupt
+    if np.isnan(ds["clean"].values[sample]):
+        ds["clean"].values[sample] = finished.clean
+        ds["corrupt"].values[sample] = finished.corrupt
     ds["progress"].values[sample] = finished.progress
     ds["done"].values[sample] = finished.complete
 
@@ -253,6 +258,7 @@ def run_forwards(
     *,
     reuse_prefix: bool = False,
     pack: bool = True,
+    check: SweepCheck | None = None,
 ) -> Iterator[list[tuple[Share, Finished]]]:
     """Run the cells of every pending (sample, first unfinished cell), forward by forward.
 
@@ -261,7 +267,9 @@ def run_forwards(
     takes the next samples' too. With `reuse_prefix`, a forward holds one sample's cells of
     one first patched layer only, and runs from that layer on (`prefix_of`, `run_chunk`).
     After an out-of-memory error the forward is retried at half the rows, and no later forward
-    of the sweep is larger.
+    of the sweep is larger. With `check`, every forward's baseline rows are probed and checked
+    (`vlmtrace.engine.self_check`): the first forward's most padded sample against the model's
+    own forward, every sample's later forwards against its first.
     """
     pending = list(pending)
     pack = pack and not reuse_prefix
@@ -290,8 +298,12 @@ def run_forwards(
             for c in s.cells
             for draw in range(s.prepared.pair.samples)
         ]
+        probes = None
+        if check is not None:
+            native = most_padded(shares)
+            probes = [check.probes_for(s.sample, s.prepared, native=s is native) for s in shares]
         try:
-            values = run_chunk(
+            values, probed = run_chunk(
                 vlm,
                 stack,
                 [s.prepared for s in shares],
@@ -302,6 +314,7 @@ def run_forwards(
                 metric,
                 backend,
                 prefix,
+                probes,
             )
         except Exception as error:
             cap = halved(shares) if is_out_of_memory(error) else None
@@ -310,6 +323,9 @@ def run_forwards(
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
+        if check is not None:
+            for share, baseline in zip(shares, probed_rows(shares, probed, probes), strict=True):
+                check.verify(share.sample, share.prepared, baseline)
         yield list(zip(shares, finished_by(shares, values), strict=True))
         last = shares[-1]
         pending = pending[len(shares) :]
@@ -343,17 +359,26 @@ def finished_by(shares: list[Share], values: torch.Tensor) -> list[Finished]:
                 progress=share.end,
                 complete=share.completes,
                 cells=len(share.cells),
-                baselines=own[: 1 + k].tolist(),
             )
         )
     return results
 
 
-def most_padded(forward: list[tuple[Share, Finished]]) -> tuple[Share, Finished]:
+def most_padded(shares: list[Share]) -> Share:
     """The share whose rows a forward pads most (the first on a tie): the self-check's pick,
     since padding to another sample's width is what batching adds to a row."""
-    widths = common_widths([share.prepared for share, _ in forward])
-    return max(forward, key=lambda pair: sum(widths[q] - w for q, w in pair[0].prepared.widths.items()))
+    widths = common_widths([share.prepared for share in shares])
+    return max(shares, key=lambda share: sum(widths[q] - w for q, w in share.prepared.widths.items()))
+
+
+def probed_rows(shares: list[Share], probed: torch.Tensor, probes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each share's probes, [baseline row, token], from a forward's flat probe values."""
+    rows, first = [], 0
+    for share, ids in zip(shares, probes, strict=True):
+        n = share.prepared.baseline_rows * len(ids)
+        rows.append(probed[first : first + n].view(share.prepared.baseline_rows, len(ids)))
+        first += n
+    return rows
 
 
 def run_chunk(
@@ -367,7 +392,8 @@ def run_chunk(
     metric: Metric,
     backend: Any = None,
     prefix: Prefix | None = None,
-) -> torch.Tensor:
+    probes: Sequence[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sample's baseline rows, then its patched rows, for every sample of one forward.
 
     `prepared`, `cells` and `aligned` hold one entry per sample of the forward; `chunk` one
@@ -379,6 +405,9 @@ def run_chunk(
     chunk's first patched layer are skipped, and in a causal decoder only the positions from
     the first patched one on are computed, on top of the baseline rows' keys and values: each
     row starts from its own baseline row's states, which it equals up to there.
+
+    Returns the values in row order and the probes of each sample's baseline rows at its
+    `probes` tokens (`forward.run_probed`; empty without `probes`).
     """
     patched_input = "corrupt" if direction == "denoise" else "clean"
     counts = [sum(1 for j, _, _ in chunk if j == sample) for sample in range(len(prepared))]
@@ -434,13 +463,13 @@ def run_chunk(
             skip = (first_layer, prefix.states[first_layer - 1][sources][:, start:])
         if start == 0 and prefix.image is not None:  # the suffix of a resumed run has no image
             image = prefix.image_rows(sources)
-    return run(
+    return run_probed(
         vlm,
         stack,
         batch,
         edits,
         metric=metric,
-        scoring=scoring(vlm, prepared, counts),
+        scoring=scoring(vlm, prepared, counts, probes),
         backend=backend,
         prefix=skip,
         image=image,

@@ -75,9 +75,10 @@ class Input:
     """For `token` inputs: the sequence whose length they share."""
     pad: int | Literal["pad_token"] = 0
     """For `token` inputs: the padding value (`"pad_token"`: the tokenizer's pad id)."""
-    pad_rows: bool = False
-    """For `row` inputs: rows may differ in their first dimension (tiles of images of other
-    sizes) and are zero-padded to the longest, as the family's processor pads them."""
+    pad_to_largest: bool = False
+    """For `row` inputs: rows may differ in any dimension (tiles of images of other sizes,
+    Pixtral's images of another aspect ratio) and are zero-padded at the end of each dimension
+    to the largest row, as the family's processor pads a batch of them."""
     forced: int | None = None
     """For `token` inputs: the value at teacher-forced answer tokens appended to the prompt
     (whole-answer metrics); None repeats the prompt's last value. PaliGemma marks its answer
@@ -98,7 +99,7 @@ IDS = token(pad="pad_token")
 MASK = token()
 FLAT = Input("flat")
 ROW = Input("row")
-ROW_PADDED = Input("row", pad_rows=True)
+ROW_PADDED = Input("row", pad_to_largest=True)
 
 LLAVA_INPUTS: Mapping[str, Input] = {"input_ids": IDS, "attention_mask": MASK, "pixel_values": ROW}
 """The inputs of a LLaVA-1.5-style processor: token ids and mask, one image per row."""
