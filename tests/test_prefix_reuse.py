@@ -18,14 +18,14 @@ def skipped_layers(monkeypatch):
     import vlmtrace.engine.sweep as sweep
 
     seen: set[int] = set()
-    original = sweep.run
+    original = sweep.run_probed
 
     def spy(*args, prefix=None, **kwargs):
         if prefix is not None:
             seen.add(prefix[0])
         return original(*args, prefix=prefix, **kwargs)
 
-    monkeypatch.setattr(sweep, "run", spy)
+    monkeypatch.setattr(sweep, "run_probed", spy)
     found: list[int] = []
     yield found
     found.extend(sorted(seen))

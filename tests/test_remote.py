@@ -381,7 +381,8 @@ def test_a_request_runs_on_a_server_that_has_no_vlmtrace(llava, llava_sample, mo
     vt.patch(
         llava, [llava_sample], corruption=vt.GaussianNoise("image", samples=2), grid=grid, backend=capture
     )
-    payload, here = capture.chunks[0]
+    # the first request is the self-check's (the model's own forward); the next, the first chunk
+    payload, here = next((payload, saved) for payload, saved in capture.chunks if "values" in saved)
     (tmp_path / "payload").write_bytes(payload)
     subprocess.run(
         [sys.executable, "-c", WITHOUT_VLMTRACE, "payload", model_dirs["llava"], "out.pt"],
@@ -391,7 +392,8 @@ def test_a_request_runs_on_a_server_that_has_no_vlmtrace(llava, llava_sample, mo
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     there = torch.load(tmp_path / "out.pt")
-    assert list(there) == ["values"] and torch.equal(there["values"], here["values"])
+    assert sorted(there) == ["probes", "values"]
+    assert torch.equal(there["values"], here["values"]) and torch.equal(there["probes"], here["probes"])
 
 
 def test_model_keys_name_hub_models_as_ndif_does_and_local_models_by_name(model_dirs):

@@ -94,6 +94,8 @@ class SweepCheck:
             try:
                 native[side] = native_log_probs(self.vlm, encoded.text, encoded.image, self.backend)
             except Exception as error:  # a model whose own forward fails cannot vouch for the engine
+                if self.backend is not None:
+                    raise  # the server's own error (refused key, unknown model, ...) says it best
                 raise SelfCheckError(
                     f"the self-check could not run {self.vlm.name}'s own forward on the {side} input "
                     f"({type(error).__name__}: {error}). Without it no number of this sweep is "
