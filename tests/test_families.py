@@ -6,7 +6,10 @@ image pair, Gaussian noise on the image features), in both directions, with wind
 2 layers, over image, constraint and last positions, and knocks out image -> last attention.
 A seeded sample of the cells (always including an image position and the last position) is
 recomputed by `tests/reference.py`, one unbatched row at a time with plain hooks, and must
-agree to 1e-5. The clean and corrupted baselines are compared too.
+agree to 1e-5. The clean and corrupted baselines are compared too. Image pairs are of another
+size (64x32 for a 32x32 image): the reference pairs positions by content itself (text before
+the image by index, after it from the end, image tokens in order) and every question position
+is compared, since the processor's size-dependent markup shifts them.
 """
 
 from __future__ import annotations

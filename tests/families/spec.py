@@ -116,8 +116,10 @@ class Family:
     answer: str = "paris"
     score: Callable[[torch.nn.Module, dict], torch.Tensor] = last_position_logits
     image_size: tuple[int, int] = (32, 32)
-    pair_size: tuple[int, int] | None = None
-    """Size of the image pair (None: same as the image); another size exercises unequal tiles."""
+    pair_size: tuple[int, int] | None = (64, 32)
+    """Size of the image pair (None: same as the image). Another size, the default, gives other
+    numbers of tiles, image tokens and processor markup where the family's processor depends on
+    the size; the image-pair test then compares every question position with the reference."""
     segments: tuple[str, ...] = ("image", "visual", "last")
     """Segments whose positions the patching test covers (no "image" where the image is not
     in the sequence, as in Mllama)."""
