@@ -40,4 +40,6 @@ def test_vlmtrace_check_passes_on_the_shipped_organism():
     result = CliRunner().invoke(app, ["check", "shapes-llava"])
     assert result.exit_code == 0, result.output
     assert "all invariants hold" in result.output
-    assert result.output.count("ok ") == 6
+    checked = [line for line in result.output.splitlines() if line.startswith("  ")]
+    assert len(checked) == 8 and all(line.split()[0] == "ok" for line in checked), result.output
+    assert "the clean row equals the model's own forward" in result.output

@@ -11,8 +11,10 @@ BLIP's answer decoder included), and the logits of that token read back.
     reference = native_log_probs(vlm, prompt, image)     # [vocab] log-probabilities, float32
     reference[answer_id]                                 # what the model itself says
 
-Each distinct (model, prompt, image) is computed once per process and kept (a few of them,
-least recently used first out), so a sweep repeated on the same samples pays nothing more.
+Each distinct (model, weights, prompt, image) is computed once per process and kept (a few of
+them, least recently used first out), so a sweep repeated on the same samples pays nothing more.
+The weights enter the key through their in-place version counters: an edit applied with
+`with edit:` (or any `copy_` into a parameter) makes every kept answer stale, never reused.
 With a remote backend the same call runs on the server, as a trace with no intervention.
 """
 
@@ -41,13 +43,18 @@ def image_digest(image: Any) -> str:
     return hashlib.sha256(image.tobytes() + repr((image.size, image.mode)).encode()).hexdigest()
 
 
+def weights_version(model: torch.nn.Module) -> int:
+    """A number that changes whenever any parameter is written in place (an edit, a restore)."""
+    return sum(p._version for p in model.parameters())
+
+
 def native_log_probs(vlm: VLM, prompt: str, image: Any, backend: Any = None) -> torch.Tensor:
     """log P(token) of the model's own next-token prediction after `prompt` with `image`.
 
     Runs `vlm.processor(text=[prompt], images=[image])` and `model.generate(max_new_tokens=1)`
     and nothing of vlmtrace: no adapter, padding, positions or layouts.
     """
-    key = (prompt, image_digest(image), str(vlm.model.dtype))
+    key = (prompt, image_digest(image), str(vlm.model.dtype), weights_version(vlm.model))
     kept = _kept.setdefault(vlm.model, OrderedDict())
     if key in kept:
         kept.move_to_end(key)
