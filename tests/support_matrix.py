@@ -137,10 +137,10 @@ def main() -> int:
         )
         results = outcomes(xml)
     checks, remote = summarise(results)
-    from vlmtrace.models.registry import ADAPTERS
+    from vlmtrace.models.registry import registered
 
     families: dict[str, dict] = {}
-    for adapter in {id(a): a for a in ADAPTERS.values()}.values():
+    for adapter in registered():
         sites = sorted({site for stack in adapter.stacks.values() for site in stack.sites})
         families[adapter.family] = {
             "architectures": list(adapter.architectures),
