@@ -102,8 +102,8 @@ def adapter_for(model: torch.nn.Module | str, config: Any = None) -> Adapter:
     error that says why none does and what to do."""
     if isinstance(model, str):
         name = model
-    else:
-        name, config = type(model).__name__, model.config
+    else:  # an HF model carries its config; any other module has none
+        name, config = type(model).__name__, getattr(model, "config", None)
     candidates = ADAPTERS.get(name)
     if not candidates:
         refuse(name)
