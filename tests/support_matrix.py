@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = [
     "tests/test_families.py",
+    "tests/test_t5_decoder.py",
     "tests/test_blip.py",
     "tests/test_sites_match_torch_hooks.py",
     "tests/test_prefix_reuse.py",
@@ -69,7 +70,16 @@ def summarise(results: dict[str, tuple[str, str]]) -> dict:
             checks[family]["patterns"].append(outcome)
         elif "prefix_reuse" in test:
             checks[family]["prefix reuse"].append(outcome)
-    blip = {key: value for key, value in results.items() if "blip" in key.lower()}
+    decoder = re.compile(r"test_t5_decoder::test_every_decoder_site\w*\[(?P<family>\w+)\]")
+    for name, outcome in results.items():  # the answer decoder's sites of the Flan-T5 variants
+        match = decoder.match(name)
+        if match:
+            checks[match["family"]]["sites"].append(outcome)
+    blip = {  # BLIP-VQA's own tests (the family tests of blip2, instructblip, ... are theirs)
+        key: value
+        for key, value in results.items()
+        if "blip" in key.lower() and not key.startswith(("test_families::", "test_t5_decoder::"))
+    }
     if blip:
         for name, outcome in blip.items():
             if "site_equals" in name:
