@@ -27,7 +27,9 @@ def test_the_table_lists_every_class_this_transformers_maps():
 def test_each_class_loads_or_stops_as_the_table_says(name):
     row = SHIPPED[name]
     if "adapters" in row:
-        assert [a.family for a in ADAPTERS.get(name, [])] == [a["family"] for a in row["adapters"]], REGENERATE
+        assert [a.family for a in ADAPTERS.get(name, [])] == [a["family"] for a in row["adapters"]], (
+            REGENERATE
+        )
         return
     with pytest.raises(UnknownArchitectureError) as stopped:
         adapter_for(name)
