@@ -113,7 +113,7 @@ class Reference:
         self.width = self.clean["input_ids"].shape[-1]
         self.corrupt_width = self.corrupt["input_ids"].shape[-1]
         self.answer = answer_id(vlm, family)
-        self.n_heads = vlm.shape.heads["lm"]
+        self.n_heads = vlm.shape.heads[vlm.adapter.default_stack]
         self.vlm = vlm
 
     def partner(self, position: int) -> int | None:
@@ -213,7 +213,8 @@ def test_every_site_equals_the_plain_torch_reference(name, direction, corruption
     if corruption in family.skip:
         pytest.skip(family.skip[corruption])
     vlm = loaded(name)
-    sites = tuple(site for site in family.sites if site in vlm.adapter.stacks["lm"].sites)
+    stack = vlm.adapter.default_stack
+    sites = tuple(site for site in family.sites if site in vlm.adapter.stacks[stack].sites)
     # pairs of another size shift the question: every question position is compared then
     every = ("question", "textual") if resized_pair(family, corruption) else ()
     ds = vt.patch(
@@ -235,7 +236,7 @@ def test_every_site_equals_the_plain_torch_reference(name, direction, corruption
         unpaired = str(ds["unpaired"].values[0][k])
         assert (reference.partner(int(position)) is None) == bool(unpaired), (position, unpaired)
     rng = random.Random(0)
-    n_layers = vlm.shape.layers["lm"]
+    n_layers = vlm.shape.layers[stack]
     checked = 0
     for site in sites:
         da = ds[site].isel(sample=0)
@@ -243,7 +244,7 @@ def test_every_site_equals_the_plain_torch_reference(name, direction, corruption
             window = int(da["window"][cell["window"]])
             centre = int(da["layer"][cell["layer"]])
             low, high = max(0, centre - window // 2), min(n_layers, centre - (-window // 2))
-            layers = [layer for layer in range(low, high) if layer in vlm.shape.layers_with("lm", site)]
+            layers = [layer for layer in range(low, high) if layer in vlm.shape.layers_with(stack, site)]
             position = int(ds["index"].values[0][cell["position"]])
             head = int(da["head"][cell["head"]]) if "head" in cell else None
             expected = reference.cell(site, layers, position, head, direction)
@@ -260,7 +261,7 @@ def test_knockout_of_image_to_last_equals_the_plain_torch_reference(name):
         pytest.skip(family.skip.get("knockout", "no self-attention knockout"))
     vlm = loaded(name)
     sample = sample_of(family)
-    n_layers = vlm.shape.layers["lm"]
+    n_layers = vlm.shape.layers[vlm.adapter.default_stack]
     keys_segment, queries_segment = family.knockout
     blocks = {"block": (keys_segment, queries_segment)}
     ds = vt.knockout(vlm, [sample], blocks=blocks, windows=(1, 2), progress=False, metric=vt.LogProb())
@@ -278,7 +279,14 @@ def test_knockout_of_image_to_last_equals_the_plain_torch_reference(name):
                     if family.attention_layers is not None and layer not in family.attention_layers:
                         continue
                     ref.knock_out(
-                        registered, vlm.model, family.attention, layer, "attention_mask", queries, keys
+                        registered,
+                        vlm.model,
+                        family.attention,
+                        layer,
+                        "attention_mask",
+                        queries,
+                        keys,
+                        causal=family.causal,
                     )
 
             expected = reference.score(reference.clean, hooks)
@@ -301,7 +309,7 @@ def test_attention_patterns_are_probabilities_over_the_prompt(name):
 
     vlm = loaded(name)
     pattern = attention_pattern(vlm, sample_of(family), kind="self", query="last")
-    assert pattern.sizes["layer"] == vlm.shape.layers["lm"]
+    assert pattern.sizes["layer"] == vlm.shape.layers[vlm.adapter.default_stack]
     sums = pattern.sum("key", skipna=False).values  # NaN: layers without this attention
     assert not np.isnan(sums).all()
     np.testing.assert_allclose(sums[~np.isnan(sums)], 1.0, atol=1e-4)
@@ -313,7 +321,7 @@ def test_prefix_reuse_equals_the_plain_sweep(name):
     if "prefix_reuse" in family.skip:
         pytest.skip(family.skip["prefix_reuse"])
     vlm = loaded(name)
-    stack = vlm.adapter.stacks["lm"]
+    stack = vlm.adapter.stacks[vlm.adapter.default_stack]
     sites = tuple(site for site in ("block", "attn") if site in stack.sites)
     kwargs = dict(
         corruption=vt.SymmetricTokenReplacement("visual"),

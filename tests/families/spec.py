@@ -108,6 +108,9 @@ class Family:
     """The image features the engine noises (absolute path)."""
     attention: str | None
     """Self-attention module path (with `{i}`) whose `attention_mask` keyword knockout edits."""
+    causal: bool = True
+    """Whether that self-attention is causal (a decoder) or bidirectional (T5's encoder): the
+    reference builds the knockout mask from it where the model passes none."""
     attention_layers: tuple[int, ...] | None = None
     """Layers that have that self-attention module (None: every layer). Mllama's cross-attention
     layers have none: a knockout window over them cuts no edge there."""

@@ -305,8 +305,22 @@ def _noise(plan: NoisePlan, x: torch.Tensor, rows: int, width: int) -> None:
     )
 
 
-def _knock(attention, index: KnockIndex, keyword: str, rows: int, queries: int, causal: bool, dtype) -> None:
-    """Replace the `keyword` mask of an attention module's call with a knocked-out copy."""
+def _knock(
+    attention,
+    index: KnockIndex,
+    keyword: str,
+    rows: int,
+    queries: int,
+    causal: bool,
+    dtype,
+    states_keyword: str | None = None,
+) -> None:
+    """Replace the `keyword` mask of an attention module's call with a knocked-out copy.
+
+    The mask's key width is the count of the states the module attends to: its own input for
+    self-attention, the states under `states_keyword` for cross-attention (declared per stack:
+    BLIP's `encoder_hidden_states`, Mllama's `cross_attention_states`, T5's `key_value_states`).
+    """
     args, kwargs = attention.inputs
     kwargs = dict(kwargs)
     if keyword not in kwargs and len(args) > 1:
@@ -315,8 +329,16 @@ def _knock(attention, index: KnockIndex, keyword: str, rows: int, queries: int, 
             "point Stack.attention (or cross_attention) at a module that takes it by keyword."
         )
     states = args[0] if args else kwargs["hidden_states"]
-    keys_from = kwargs.get("encoder_hidden_states") if keyword != "attention_mask" else None
-    keys = (keys_from if keys_from is not None else states).shape[-2]
+    keys_from = states
+    if states_keyword is not None:
+        keys_from = kwargs.get(states_keyword)
+        if keys_from is None:
+            raise AdapterMismatchError(
+                f"the cross-attention module receives no {states_keyword!r} keyword to count its keys "
+                f"from (it got {sorted(kwargs)}): set Stack.cross_states_keyword to the name it uses."
+            )
+    # keys per row: Mllama hands its states over as [row x tiles, patches, dim], not [row, key, dim]
+    keys = keys_from[..., 0].numel() // rows if states_keyword is not None else keys_from.shape[-2]
     kwargs[keyword] = _knocked_mask(
         kwargs.get(keyword), index, rows, queries, keys, causal, dtype, states.device
     )
@@ -412,7 +434,14 @@ def run_probed(
             if layer_index in edits.cross_knockouts:
                 attention = envoy_at(layer, cross_path)
                 _knock(
-                    attention, edits.cross_knockouts[layer_index], cross_keyword, rows, width, False, dtype
+                    attention,
+                    edits.cross_knockouts[layer_index],
+                    cross_keyword,
+                    rows,
+                    width,
+                    False,
+                    dtype,
+                    states_keyword=stack.cross_states_keyword,
                 )
             for site, hook in sites.items():
                 index = edits.patches.get((layer_index, site))

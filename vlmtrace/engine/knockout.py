@@ -17,9 +17,13 @@ Rows: row 0 is the clean run; each (block, window, layer) is one more row of the
 input with its mask edited, all in one batched forward per chunk.
 
 `attention="cross"` knocks out cross-attention instead (BLIP: question tokens reading image
-patches; the answer decoder reading the question). Query sides are positions of the stack's
+patches; the answer decoder reading the question; Mllama: text tokens reading the image tiles'
+patches; T5's decoder reading the encoded prompt). Query sides are positions of the stack's
 own sequence; key sides are positions of what it cross-attends to: "image" means every
-image patch, and for a decoder that reads the prompt, prompt segments ("question", "visual").
+image patch (a function may pick some, e.g. one tile's), and for a decoder that reads the
+prompt, prompt segments ("question", "visual"). Where only some layers cross-attend (Mllama),
+a window cuts edges at those of its layers that do, and a cell centred on a layer that does
+not is NaN, as a patching cell on a layer without its site: it would cut nothing.
 
 A block that blocks nothing for some sample (a side with no positions) is an error: a
 knockout that cuts no edge would report an unchanged probability as "no information flows".
@@ -133,7 +137,15 @@ def knockout(
         if not 0 <= centre < n_layers:
             raise GridError(f"layer {centre} is out of range 0..{n_layers - 1}.")
     names = list(blocks)
-    cells = [(b, w, c) for b in names for w in windows for c in centres]
+    knockable = set(range(n_layers))
+    if attention == "cross":
+        knockable = set(vlm.shape.cross_attention_layers[stack_name])
+    cells = [(b, w, c) for b in names for w in windows for c in centres if c in knockable]
+    if not cells:
+        raise GridError(
+            f"none of the layers {centres} has cross-attention; {vlm.name}'s {stack_name!r} stack "
+            f"cross-attends at layers {sorted(knockable)}."
+        )
     values = np.full((len(samples), len(names), len(windows), len(centres)), np.nan)
     clean = np.full(len(samples), np.nan)
     per_chunk = max(1, max_batch - 1)
@@ -162,7 +174,7 @@ def knockout(
                 edits = Edits()
                 for offset, (b, w, c) in enumerate(chunk):
                     keys, queries = sides[b]
-                    for layer in window_layers(c, w, n_layers):
+                    for layer in (i for i in window_layers(c, w, n_layers) if i in knockable):
                         index = edits.knock(layer, cross=attention == "cross")
                         for q in queries:
                             for k in keys:

@@ -32,9 +32,11 @@ import torch
 
 from ..errors import UserError
 
-SITE_KINDS = ("block", "attn", "mlp", "cross_attn", "attn_head", "cross_attn_head")
+SITE_KINDS = ("resid_pre", "block", "attn", "mlp", "cross_attn", "attn_head", "cross_attn_head")
 """Every kind of site a stack may offer. `attn_head` / `cross_attn_head` are per-head slices of the
-input of the attention output projection; the others are whole module outputs."""
+input of the attention output projection; `resid_pre` is the residual stream entering a layer (the
+layer's input: at layer l + 1, whatever the model added after layer l's output, such as Qwen3-VL's
+DeepStack features); the others are whole module outputs."""
 
 LayoutName = Literal["row_position", "flat_rows", "image_tiles", "image_tokens"]
 """How a hooked tensor holds the batch (`vlmtrace.engine.layouts` checks and applies each):
@@ -139,6 +141,10 @@ class Stack:
     """Path (relative to a layer) of the module that receives the cross-attention mask as
     its `cross_mask_keyword` keyword: cross-attention knockout (question -> image patches) edits it."""
     cross_mask_keyword: str = "encoder_attention_mask"
+    cross_states_keyword: str = "encoder_hidden_states"
+    """The keyword under which that module receives the states it cross-attends to (their count is
+    the mask's key width): BLIP's `encoder_hidden_states`, Mllama's `cross_attention_states`,
+    T5's `key_value_states`."""
     cross_sequence: str | None = None
     """What cross-attention keys are: "image" (patches) or "prompt" (BLIP's decoder reads the question)."""
 
@@ -197,6 +203,10 @@ class Adapter:
     prompt_template: str | None = None
     """The family's documented prompt, with `{image}` (the processor's image placeholder) and
     `{question}`, used when the processor has no chat template."""
+    requires: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Config path -> the values this adapter describes, for an HF class that wraps several
+    language models (BLIP-2 with OPT or Flan-T5: `{"text_config.model_type": ("t5",)}`). The
+    registry picks the adapter from the config alone, before any weight is read; empty: any."""
     fixes: tuple[Callable[[torch.nn.Module], None], ...] = ()
     """Corrections of known upstream bugs, installed once when the model is wrapped (BLIP's
     cross-attention mask). Each is a function of the model that registers its own hooks."""
@@ -218,6 +228,8 @@ class Shape:
     """Stack -> site -> the layers where the site exists (all layers for most models)."""
     layer_kinds: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Stack -> the class name of each layer (Mllama interleaves two kinds)."""
+    cross_attention_layers: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    """Stack -> the layers that have its `Stack.cross_attention` module (Mllama: a few)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def layers_with(self, stack: str, site: str) -> tuple[int, ...]:
@@ -272,6 +284,7 @@ def check_shape(adapter: Adapter, model: torch.nn.Module) -> Shape:
     heads: dict[str, int] = {}
     site_layers: dict[str, dict[str, tuple[int, ...]]] = {}
     layer_kinds: dict[str, tuple[str, ...]] = {}
+    cross_attention_layers: dict[str, tuple[int, ...]] = {}
     for name, stack in adapter.stacks.items():
         module_list = module_at(model, stack.layers)
         expected = int(config_value(model.config, stack.layers_config))
@@ -290,6 +303,13 @@ def check_shape(adapter: Adapter, model: torch.nn.Module) -> Shape:
             site_layers[name][site] = where
         if not any(_has_module(layer, stack.attention) for layer in module_list):
             module_at(module_list[0], stack.attention)
+        if stack.cross_attention is not None:
+            where = tuple(
+                i for i, layer in enumerate(module_list) if _has_module(layer, stack.cross_attention)
+            )
+            if not where:
+                module_at(module_list[0], stack.cross_attention)  # raises, naming the missing path
+            cross_attention_layers[name] = where
         layer_kinds[name] = tuple(type(layer).__name__ for layer in module_list)
     for hook in adapter.embeddings.values():
         module_at(model, hook.path)
@@ -304,4 +324,5 @@ def check_shape(adapter: Adapter, model: torch.nn.Module) -> Shape:
         image_token_id=image_token_id,
         site_layers=site_layers,
         layer_kinds=layer_kinds,
+        cross_attention_layers=cross_attention_layers,
     )

@@ -4,8 +4,9 @@
     vlm = load("shapes-llava")                  # a trained organism shipped with vlmtrace
     vlm = wrap(model, processor, name="tiny")   # a model already in memory
 
-The architecture is looked up *before* the weights are read, so an unsupported model fails
-in a second with a message naming the adapter fields to write, not after a 14 GB download.
+The architecture is looked up, by class and config, *before* the weights are read, so an
+unsupported model fails in a second with a message naming the reason or the adapter fields to
+write, not after a 14 GB download.
 Attention defaults to the eager implementation: attention knockout edits the additive mask
 and NOTICE-style attention patterns need the probabilities, which fused kernels do not give.
 """
@@ -91,13 +92,14 @@ def resolve(name: str) -> str:
 def describe(name: str, *, revision: str | None = None) -> tuple[str, Any, Any, type]:
     """(path, config, processor, model class) of a model, without reading its weights.
 
-    The architecture is checked against the adapters here, so an unsupported model fails in
-    a second with a message naming the adapter fields to write, not after a 14 GB download.
+    The architecture and its config are checked against the adapters here, so an unsupported
+    model (or a class vlmtrace refuses, or a variant such as BLIP-2 with a language model no
+    adapter describes) fails in a second with a message saying why, not after a 14 GB download.
     """
     path = resolve(name)
     config = transformers.AutoConfig.from_pretrained(path, revision=revision)
     architecture = (getattr(config, "architectures", None) or ["<none in config>"])[0]
-    adapter = adapter_for(architecture)
+    adapter = adapter_for(architecture, config)
     model_class = getattr(transformers, architecture, None)
     if model_class is None:
         raise UnknownArchitectureError(

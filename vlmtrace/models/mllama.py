@@ -14,7 +14,19 @@ layers (`MllamaCrossAttentionDecoderLayer`) that sit between ordinary self-atten
   has them at zero, i.e. without any effect of the image);
 - a self-attention knockout edits the `attention_mask` keyword each *decoder layer* receives: both
   layer kinds get it, the self-attention layer hands it to `self_attn`, the cross-attention layer
-  ignores it (there is no self-attention to knock out there).
+  ignores it (there is no self-attention to knock out there);
+- a cross-attention knockout (text queries -> image keys) edits the mask `cross_attn` receives as
+  its `attention_mask` keyword: the model turns `cross_attention_mask` [token, image, tile]
+  into an additive [row, 1, token, image * tile * patch] mask and hands it to every
+  cross-attention layer, whose `cross_attn` gets it beside the image's states as
+  `cross_attention_states` [row, image * tile * patch, hidden] (the keys: key k is patch
+  k % patches of tile k // patches). A knockout edits a copy of that mask, in the cross-attention
+  layers only.
+
+Blocking *every* key of a query does not cut the image off: the softmax of a row of equal
+(-inf-like) scores is uniform, so that query reads the mean of the image's values (as the model
+itself does for tokens before the image, whose mask rows it zeroes). Block some keys (a tile's,
+a region's patches) to compare where the text reads from.
 
 The processor needs the placeholder in the prompt (one per image), and it decides which tokens read
 the image: those from the placeholder on. Prompts without it (a bare question, a chat template
@@ -57,6 +69,10 @@ LANGUAGE_MODEL = Stack(
         "block": Hook(""),
     },
     attention="",  # the decoder layer's `attention_mask` keyword: see the module docstring
+    cross_attention="cross_attn",
+    cross_mask_keyword="attention_mask",
+    cross_states_keyword="cross_attention_states",
+    cross_sequence="image",
     patterns={"self": Hook("self_attn", index=1), "cross": Hook("cross_attn", index=1)},
     heads_config="text_config.num_attention_heads",
     layers_config="text_config.num_hidden_layers",
@@ -85,7 +101,8 @@ MLLAMA = Adapter(
     forward=forward,
     image_encoder=Hook("model.vision_model"),
     prompt_template="{image}{question}",
-    notes="cross-attention layers interleaved with self-attention layers; knockout is self-attention only",
+    notes="cross-attention layers interleaved with self-attention layers; cross-attention knockout "
+    "in those layers only",
 )
 
 ADAPTERS = (MLLAMA,)

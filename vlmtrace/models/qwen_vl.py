@@ -14,21 +14,33 @@ and each gives a plausible wrong trace if LLaVA's assumptions are reused:
 
 Qwen3-VL adds DeepStack: the vision tower's intermediate blocks feed extra mergers whose outputs
 are *added* to the hidden states at the image positions after each of the first language-model
-layers (outside the layer modules). Noise on the main merger would leave those paths clean and
-corrupt the image only partly, so Qwen3-VL's image hook is the vision tower's patch embedding,
-upstream of every path: [patch, hidden], each row owning t * h * w patches. Its `block` site is
-the layer's output *before* the DeepStack addition.
+layers, by the text model between two layers (outside the layer modules). So:
+
+- `block` at layer l is the layer's output *before* DeepStack's addition, and `resid_pre` at layer
+  l + 1 (the residual entering it, `Hook("", "input")`) is the residual *after* it: patching
+  `block` at l leaves the run's own DeepStack features to be added on top, patching `resid_pre` at
+  l + 1 does not. After DeepStack's last layer the two are the same tensor. `resid_pre` at layer 0
+  is the language model's input embeddings, image features placed.
+- Gaussian image noise is on the main merger's output, [image token, hidden], with sigma
+  `scale * std` of the clean row's merged image tokens: in the units the language model reads,
+  as in every other family (on the patch embedding, sigma was in the vision tower's input units,
+  which no other family uses, and the same `scale` meant another corruption). The DeepStack
+  features are computed from the clean pixels and stay clean: noise corrupts the image the
+  language model reads at its input, not the copies DeepStack adds after the first layers, so it
+  corrupts the image partly. An image pair corrupts every path. (Noising each DeepStack merger too,
+  each in its own units, needs noise at several hooks, which the engine does not do yet.)
 
     vlm = vlmtrace.load("Qwen/Qwen2-VL-2B-Instruct")    # AutoProcessor needs torchvision
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from ..engine.positions import MissingImageTokenError
-from .adapter import FLAT, IDS, MASK, Adapter, Hook
-from .llava import LANGUAGE_MODEL, forward
+from .adapter import FLAT, IDS, MASK, Adapter, Hook, Stack
+from .llava import LANGUAGE_MODEL, LANGUAGE_MODEL_SITES, forward
 
 INPUTS = {
     "input_ids": IDS,
@@ -55,16 +67,13 @@ def encode(processor: Any, prompt: str, image: Any, decoder_ids: list[int] | Non
     return {name: value[0] if INPUTS[name].kind == "token" else value for name, value in inputs.items()}
 
 
-def patches(row: dict) -> int:
-    """Patches of one row's image(s), as the vision tower's patch embedding holds them."""
-    return int(row["image_grid_thw"].prod(-1).sum())
-
-
-def qwen_adapter(family: str, architecture: str, image: Hook, **extra: Any) -> Adapter:
+def qwen_adapter(
+    family: str, architecture: str, image: Hook, *, stack: Stack = LANGUAGE_MODEL, **extra: Any
+) -> Adapter:
     return Adapter(
         family=family,
         architectures=(architecture,),
-        stacks={"lm": LANGUAGE_MODEL},
+        stacks={"lm": stack},
         embeddings={"tokens": Hook("model.language_model.embed_tokens"), "image": image},
         inputs=INPUTS,
         positions="model",
@@ -82,13 +91,25 @@ def qwen_adapter(family: str, architecture: str, image: Hook, **extra: Any) -> A
 MERGER = Hook("model.visual.merger", layout="image_tokens")
 QWEN2_VL = qwen_adapter("qwen2_vl", "Qwen2VLForConditionalGeneration", MERGER)
 QWEN2_5_VL = qwen_adapter("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", MERGER)
+DEEPSTACK_LANGUAGE_MODEL = replace(
+    LANGUAGE_MODEL, sites={"resid_pre": Hook("", "input"), **LANGUAGE_MODEL_SITES}
+)
+"""Qwen3-VL's decoder: the Llama-style sites, and the residual entering each layer, which holds the
+DeepStack features added after the layer before (the layer's input: first in execution order)."""
+
 QWEN3_VL = qwen_adapter(
     "qwen3_vl",
     "Qwen3VLForConditionalGeneration",
-    Hook("model.visual.patch_embed", layout="image_tokens"),
-    image_units=patches,
-    notes="DeepStack adds image features after the first layers, outside `block`; image noise is "
-    "on the patch embedding so that it reaches every path.",
+    MERGER,
+    stack=DEEPSTACK_LANGUAGE_MODEL,
+    notes="DeepStack adds image features after the first layers, outside `block`: `resid_pre` at "
+    "layer l + 1 is the residual after them; image noise (on the merger, in the language model's "
+    "units) leaves them clean.",
+)
+QWEN3_VL_MOE = replace(
+    QWEN3_VL,  # the same model with sparse mixture-of-experts MLPs ([row, position, hidden] out)
+    family="qwen3_vl_moe",
+    architectures=("Qwen3VLMoeForConditionalGeneration",),
 )
 
-ADAPTERS = (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)
+ADAPTERS = (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE)

@@ -229,7 +229,17 @@ METRIC_UNITS = {
     "logit_diff": "logits (answer minus foil)",
     "kl": "nats (KL divergence from the clean run)",
 }
-SITE_VARIABLES = ("block", "attn", "mlp", "cross_attn", "attn_head", "cross_attn_head", "encoder", "decoder")
+SITE_VARIABLES = (
+    "resid_pre",
+    "block",
+    "attn",
+    "mlp",
+    "cross_attn",
+    "attn_head",
+    "cross_attn_head",
+    "encoder",
+    "decoder",
+)
 
 
 def metric_units(ds: xr.Dataset) -> str:
@@ -257,8 +267,9 @@ def describe(ds: xr.Dataset) -> xr.Dataset:
         "knockout": ("metric with attention from the block's keys to its queries cut over the window", units),
     }
     for site in SITE_VARIABLES:
+        what = "the residual entering the layer" if site == "resid_pre" else f"the {site} output"
         known[site] = (
-            f"metric of the {run} run with the {site} output {restored} at one cell "
+            f"metric of the {run} run with {what} {restored} at one cell "
             "(window of layers centred on `layer`, at the position, segment or head)",
             units,
         )
