@@ -190,7 +190,7 @@ def shapes_gqa(tmp_path_factory) -> Path:
     return layouts.gqa_shapes(tmp_path_factory.mktemp("shapes") / "gqa")
 
 
-MISLABELLED = {"gqa-00", "gqa-20"}  # the fact questions of scenes 0 and 2 (`layouts.gqa_shapes`)
+MISLABELLED = {"gqa-00", "gqa-02", "gqa-20", "gqa-22"}  # scenes 0 and 2: fact, multi (`layouts.gqa_shapes`)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def flow_on_shapes(tmp_path_factory, shapes_gqa):
 def test_wrongly_answered_samples_are_left_out_and_counted_in_the_table_before_the_run(flow_on_shapes):
     _, output = flow_on_shapes
     row = re.search(r"answered wrongly \(.*\)\s+(\d+)\s+(.*)", output)
-    assert "kept 8" in output and row and int(row[1]) == 2 and set(row[2].split(", ")) == MISLABELLED
+    assert "kept 8" in output and row and int(row[1]) == 4 and set(row[2].split(", ")) < MISLABELLED
 
 
 def test_the_store_holds_only_correctly_answered_samples_and_counts_those_left_out(flow_on_shapes):
@@ -210,19 +210,19 @@ def test_the_store_holds_only_correctly_answered_samples_and_counts_those_left_o
     assert (
         ds.sizes["sample"] == 8
         and not MISLABELLED & set(ds["sample"].values)
-        and ds.attrs["samples"]["left_out"] == {WRONG: 2}
-        and ds.attrs["data"]["left_out"] == {WRONG: 2}
+        and ds.attrs["samples"]["left_out"] == {WRONG: 4}
+        and ds.attrs["data"]["left_out"] == {WRONG: 4}
     )
 
 
 def test_keep_wrong_traces_them_without_a_relative_change_below_the_clean_floor(tmp_path, shapes_gqa):
     ds, output = run_recipe(tmp_path, "information_flow", "--data", str(shapes_gqa), "--keep-wrong")
-    wrong = sorted(MISLABELLED)
+    wrong = [s for s in ds["sample"].values if s in MISLABELLED]  # the first 8 hold 3 of them
     right = [s for s in ds["sample"].values if s not in MISLABELLED]
-    assert set(wrong) <= set(ds["sample"].values) and float(ds["clean"].sel(sample=wrong).max()) < CLEAN_FLOOR
+    assert len(wrong) == 3 and float(ds["clean"].sel(sample=wrong).max()) < CLEAN_FLOOR
     relative = ds["relative"]
     assert relative.sel(sample=wrong).isnull().all() and relative.sel(sample=right).notnull().all()
-    assert f"6 of 8 samples with clean P(answer) >= {CLEAN_FLOOR:g}" in output
+    assert f"5 of 8 samples with clean P(answer) >= {CLEAN_FLOOR:g}" in output
 
 
 # What each recipe needs marked in the organisms' questions, and the organism it runs on
