@@ -264,3 +264,34 @@ def test_clevr_object_regions_block_a_few_image_tokens_not_the_whole_image(tmp_p
     keys = ds["key_blocked"].sum("key_position")
     objects, image = keys.sel(block="object->question"), keys.sel(block="image->question")
     assert ds.sizes["sample"] == 8 and bool((objects >= 1).all()) and bool((objects <= image // 4).all())
+
+
+NOTHING_LEFT = {  # a run that keeps no sample, and the way out its error must name
+    "no scene graphs": (
+        ["information_flow", "--keep-wrong"],
+        lambda root: _without_scene_graphs(layouts.gqa(root)),
+        "{split}_sceneGraphs.json",
+    ),
+    "no span": (["visual_constraint", "--span", "visual=zebra", "--keep-wrong"], layouts.vqa_v2, "--span"),
+    "no STR phrase": (  # every span is "What": no other phrase to draw
+        ["visual_constraint", "--span", "visual=What", "--keep-wrong"],
+        layouts.vqa_v2,
+        "--replace",
+    ),
+    "wrong answers": (["information_flow"], layouts.gqa, "--keep-wrong"),
+}
+
+
+def _without_scene_graphs(root: Path) -> Path:
+    (root / "testdev_sceneGraphs.json").unlink()
+    return root
+
+
+@pytest.mark.parametrize("case", NOTHING_LEFT)
+def test_a_run_that_keeps_no_sample_names_the_way_out_of_each_reason(tmp_path, case):
+    (recipe, *options), write, fix = NOTHING_LEFT[case]
+    data = write(tmp_path / "data")
+    out = tmp_path / "x.zarr"
+    result = CliRunner().invoke(app, ["recipe", recipe, "--data", str(data), *options, "--out", str(out)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "kept 0" in text and "How to keep them:" in text and fix in text
