@@ -183,7 +183,7 @@ def recipe(
         if not prepared.samples:
             raise DataMismatch(
                 f"no sample of recipe {name}'s own data can be traced on {model_name}:\n{prepared.report()}\n"
-                + prepared.fixes()
+                + (prepared.fixes() or "Give samples with what the recipe needs (README, Recipes).")
             )
     else:  # the model's prompts, spans, replacements, pairs; what cannot be traced is left out
         from ..data.preparation import prepare

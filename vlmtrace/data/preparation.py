@@ -14,14 +14,17 @@ never dies on sample 137 and a shorter data set never goes unnoticed:
 Steps, per sample, in order: leave out a sample whose image is missing or unreadable (the loader
 marks it instead of raising); find the `--span`s in the question (`vlmtrace.data.spans`); the
 model's own answer where the data set publishes none (Basu et al.'s CSVs:
-`vlmtrace.data.own_answers`, one clean forward each); replacement phrases (`--replace NAME=PHRASE`,
+`vlmtrace.data.own_answers`, batched clean forwards); replacement phrases (`--replace NAME=PHRASE`,
 else the file's own, else one drawn from the data set: another sample's span of the same name, of
 the same token count, with a different answer, as NOTICE builds STR pairs; the donor is recorded in
 `meta["replaced_from"]` and its answer becomes the foil); an image pair if the recipe needs one
 (another image with the same question and a different answer; VQA v2's complementary pairs are read
 by the loader); object regions mapped to the model's patch grid; the model's prompt
-(`vlmtrace.prompts`); and finally the encoding the engine will do (answer ids, segments, both sides
-of each span replacement), whose errors become reasons. `prepare` fails only when nothing is left.
+(`vlmtrace.prompts`); the encoding the engine will do (answer ids, segments, both sides of each
+span replacement), whose errors become reasons; and finally, unless `keep_wrong`, the check that the
+model answers the sample (`vlmtrace.data.correctness`: its greedy next token is the answer's first),
+run in one batched forward for as many samples as are still wanted. `prepare` fails only when
+nothing is left, and its error names the way to keep each reason's samples (`fix_for`).
 """
 
 from __future__ import annotations
@@ -219,7 +222,7 @@ def prepare(
     if not kept:
         raise DatasetError(
             f"no sample of {path} can be traced by this recipe on {vlm.name}:\n{prepared.report()}\n"
-            + prepared.fixes()
+            + (prepared.fixes() or "Give data with what the recipe needs (README, Your own data).")
         )
     return prepared
 
@@ -321,7 +324,7 @@ def _normal(sample: Sample) -> str:
 
 
 def _regions(vlm, samples: list[Sample], leave) -> list[Sample]:
-    from .regions import TOO_LARGE, PatchGrid, RegionError, RegionTooLargeError, region_cells
+    from .regions import PatchGrid, RegionError, RegionTooLargeError, region_cells
 
     out = []
     for sample in samples:
