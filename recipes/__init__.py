@@ -14,7 +14,12 @@ module defines:
 
 `describe(name)` reads a recipe's DESCRIPTION from its source, so `vlmtrace recipe list` needs
 neither torch nor transformers. `fitting(recipe, samples)` splits samples into those a recipe
-can corrupt and the reasons the others cannot be used.
+can corrupt and the reasons the others cannot be used; `usable(recipe, vlm, samples)` also leaves
+out the samples the model answers wrongly, as the papers do, and tables what it left out:
+
+    prepared = usable(recipe, vlm, samples)        # keep_wrong=True keeps wrong answers
+    print(prepared.report())                        # read, kept, and a count per reason
+    ds = recipe.run(vlm, prepared.samples)
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from vlmtrace.data.preparation import Prepared
     from vlmtrace.data.sample import Sample
+    from vlmtrace.models.load import VLM
 
 
 def names() -> list[str]:
@@ -108,6 +115,42 @@ def fitting(recipe: ModuleType, samples: list[Sample]) -> tuple[list[Sample], st
         f"left out {left} of {len(samples)} samples that {recipe.__name__.split('.')[-1]} cannot corrupt: "
         + "; ".join(parts),
     )
+
+
+def usable(
+    recipe: ModuleType,
+    vlm: VLM,
+    samples: list[Sample],
+    *,
+    keep_wrong: bool = False,
+    max_batch: int = 64,
+    backend: Any = None,
+) -> Prepared:
+    """The samples `recipe` can trace, and those left out by reason: what the CLI does before a run.
+
+    Left out: samples the recipe cannot corrupt (`NEEDS`), and, unless `keep_wrong`, samples the
+    model answers wrongly (`vlmtrace.data.correctness`: the papers trace only correct answers).
+    `.report()` is the start-of-run table, `.fixes()` the way to keep each reason's samples.
+    """
+    from vlmtrace.data.correctness import WRONG, check_answers
+    from vlmtrace.data.preparation import Prepared
+
+    needs: Needs = getattr(recipe, "NEEDS", Needs())
+    left_out: dict[str, list[str]] = {}
+    fit = []
+    for sample in samples:
+        reason = needs.missing(sample)
+        if reason is None:
+            fit.append(sample)
+        else:
+            left_out.setdefault(reason, []).append(sample.id or "?")
+    kept = fit
+    if not keep_wrong and fit:
+        checked = check_answers(vlm, fit, max_batch=max_batch, backend=backend)
+        kept = checked.right
+        if checked.wrong:
+            left_out[WRONG] = [sample.id or "?" for sample, _ in checked.wrong]
+    return Prepared(samples=kept, read=len(samples), left_out=left_out, origin="samples")
 
 
 def draw(needs: Needs, draw_samples, n: int) -> list[Sample]:

@@ -11,7 +11,10 @@ not attend to keys of another. Blocks: whole image -> question; the selected obj
 patches -> question; image + question -> last position.
 
 Metric. Relative change in P(answer): (P_knockout - P_clean) / P_clean, per layer (window
-centre), averaged over samples with a 95% bootstrap interval.
+centre), averaged over samples with a 95% bootstrap interval. As in the paper, only samples the
+model answers correctly are traced (the CLI leaves the others out), and a sample whose clean
+P(answer) is below a floor (`CLEAN_FLOOR`, 0.05) gets no relative change: a ratio to a
+near-zero probability measures nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import xarray as xr
 
 import vlmtrace as vt
 from vlmtrace.data import synthetic_samples
+from vlmtrace.engine.metrics import CLEAN_FLOOR, relative_change
 from vlmtrace.engine.positions import Segments
 from vlmtrace.options import Options
 from vlmtrace.presentation import plots
@@ -51,14 +55,16 @@ def object_region(sample: vt.Sample, segments: Segments) -> list[int]:
     from vlmtrace.data.regions import RegionError, cell_positions
 
     if "region_cells" in sample.meta:  # real data: boxes mapped to the model's patch grid on loading
-        return cell_positions(sample.meta["region_cells"], sample.meta["region_grid"], segments)
+        return cell_positions(
+            sample.meta["region_cells"], sample.meta["region_grid"], segments, sample_id=sample.id
+        )
     if "selected" not in sample.meta:
         raise RegionError(
             f"sample {sample.id!r} names no object region, so object->question would block nothing; "
             "load GQA with its scene graphs or CLEVR with its scenes (see README, Your own data)."
         )
     row, column = sample.meta["scene"][sample.meta["selected"]]["cell"]
-    return cell_positions([(row, column)], GRID, segments)
+    return cell_positions([(row, column)], GRID, segments, sample_id=sample.id)
 
 
 BLOCKS = {
@@ -78,6 +84,7 @@ def run(
     *,
     windows=WINDOWS,
     seed: int = 0,
+    relative_floor: float = CLEAN_FLOOR,
     options: Options = Options(),
 ) -> xr.Dataset:
     with sweeping(f"information_flow: knock out {', '.join(BLOCKS)}"):
@@ -89,37 +96,59 @@ def run(
             **options.knockout(),
             recipe="information_flow",
         )
-    ds["relative"] = (ds["knockout"] - ds["clean"]) / ds["clean"]
-    ds["relative"].attrs = {
-        "description": "relative change in P(answer) when the block is knocked out: "
-        "(knockout - clean) / clean",
-        "units": "fraction of the clean probability (-1 = answer lost)",
-    }
+    ds["relative"] = relative_change(ds, "knockout", floor=relative_floor)
+    ds.attrs["relative_floor"] = relative_floor
     return ds
 
 
+def relative(ds: xr.Dataset) -> xr.DataArray:
+    """The stored relative change; recomputed under the default floor for a store that has none."""
+    if "clean_floor" in ds["relative"].attrs:
+        return ds["relative"]
+    return relative_change(ds, "knockout")
+
+
+def floor_note(ds: xr.Dataset) -> str:
+    """How many samples have a relative change: those whose clean P(answer) reaches the floor."""
+    floor = relative(ds).attrs["clean_floor"]
+    above = int((ds["clean"] >= floor).sum())
+    return f"{above} of {ds.sizes['sample']} samples with clean P(answer) >= {floor:g}"
+
+
 def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
-    summary = bootstrap_mean(ds["relative"])
+    summary = bootstrap_mean(relative(ds))
     return [
         plots.knockout_curves(
             summary.sel(window=w),
             path=Path(out_dir) / f"knockout_w{w}.png",
             title=f"{ds.attrs.get('model', '')}: attention knockout over a window of {w} layers, "
-            f"{ds.sizes['sample']} samples",
+            f"{floor_note(ds)}",
+            floor=relative(ds).attrs["clean_floor"],
         )
         for w in summary["window"].values
     ]
 
 
 def summary(ds: xr.Dataset) -> str:
-    mean = bootstrap_mean(ds["relative"])["mean"]
+    mean = bootstrap_mean(relative(ds))["mean"]
     window = int(mean["window"].values[-1])
-    lines = [f"clean P = {float(ds['clean'].mean()):.3f}; relative change in P, window {window}:"]
+    floor = relative(ds).attrs["clean_floor"]
+    clean = float(ds["clean"].mean())
+    lines = [f"clean P = {clean:.3f}; relative change in P, window {window} ({floor_note(ds)}):"]
+    if not np.isfinite(mean.values).any():
+        lines.append(
+            f"  not reported: no sample's clean P(answer) reaches the floor {floor:g}, so a relative change "
+            "would divide by a probability the model barely gives its answer."
+        )
+        return "\n".join(lines)
     for block in mean["block"].values:
         curve = mean.sel(block=block, window=window)
         worst = int(np.nanargmin(curve.values))
+        lowest = float(curve[worst])
+        at = f"at layer {int(curve['layer'][worst])}"
+        found = f"largest drop {lowest:+.2f} {at}" if lowest < 0 else f"no drop (least {lowest:+.2f} {at})"
         lines.append(
-            f"  {block}: largest drop {float(curve[worst]):+.2f} at layer {int(curve['layer'][worst])}; "
+            f"  {block}: {found}; "
             + " ".join(
                 f"L{int(layer)}:{float(v):+.2f}" for layer, v in zip(curve["layer"], curve, strict=True)
             )

@@ -492,3 +492,62 @@ def palit_clevr(path: Path) -> Path:
         ]
         rows.append([i, image_id, str(questions)])
     return _write_csv(path, ["", "Image_IDs", "Questions_Answers"], rows)
+
+
+SHAPES_SIDE = 64  # the organisms' 32-px scenes drawn twice as large: a JPEG keeps their shapes
+
+
+def _scene_jpeg(picture, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.resize((SHAPES_SIDE, SHAPES_SIDE), Image.NEAREST).save(path, "JPEG", quality=95)
+
+
+def gqa_shapes(root: Path, *, n: int = 12, mislabelled: tuple[int, ...] = (0, 2)) -> Path:
+    """GQA testdev as published, holding the organisms' own scenes and questions (which they answer).
+
+    Unlike the real-word layouts above, whose answers the organisms never give, these show a run
+    leaving out the samples the model gets wrong. Per scene, in file order: its fact question, the
+    same question on its image pair (the selected shape's hidden attribute changed, so another city),
+    and a multi-constraint question ("... in year 2006 ?"). The fact and multi-constraint questions
+    of the scenes in `mislabelled` carry another city, as an annotation error would. Scene graphs box
+    the selected shape, so object regions map to its patch.
+    """
+    from vlmtrace.data.drawing import GRID
+    from vlmtrace.data.mascots import CITIES
+    from vlmtrace.data.scenes import make_samples
+
+    questions, graphs = {}, {}
+    facts = make_samples("fact", n, seed=11, split="test")
+    multis = make_samples("multi", n, seed=12, split="test")
+
+    def add(key: str, sample, picture, answer: str) -> None:
+        image_id = f"s{key}"
+        _scene_jpeg(picture, root / "images" / f"{image_id}.jpg")
+        text = sample.prompt.removeprefix("<image> ")
+        questions[key] = {
+            "question": text,
+            "answer": answer,
+            "imageId": image_id,
+            "isBalanced": True,
+            "types": {"detailed": "shapes", "semantic": "attr", "structural": "query"},
+            "annotations": {"answer": {}, "question": {"1": "0"}, "fullAnswer": {}},
+        }
+        row, column = sample.meta["scene"][sample.meta["selected"]]["cell"]
+        cell = SHAPES_SIDE // GRID  # the box: the selected shape's patch, 2 px in from its edges
+        box = {"x": column * cell + 2, "y": row * cell + 2, "w": cell - 4, "h": cell - 4}
+        graphs[image_id] = {
+            "width": SHAPES_SIDE,
+            "height": SHAPES_SIDE,
+            "objects": {"0": {"name": "shape", **box}},
+        }
+
+    def label(sample, scene: int) -> str:  # another city than the scene's: an annotation error
+        return next(c for c in CITIES if c != sample.answer) if scene in mislabelled else sample.answer
+
+    for i, (fact, multi) in enumerate(zip(facts, multis, strict=True)):
+        add(f"{i}0", fact, fact.image, label(fact, i))
+        add(f"{i}1", fact, fact.image_pair, fact.meta["answers"]["image_pair"])
+        add(f"{i}2", multi, multi.image, label(multi, i))
+    write_json(root / "testdev_balanced_questions.json", questions)
+    write_json(root / "testdev_sceneGraphs.json", graphs)
+    return root

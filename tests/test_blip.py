@@ -105,3 +105,21 @@ def test_knockout_in_the_answer_decoder_stack_runs_and_blocks_the_question(tiny_
     )
     assert ds["knockout"].dims == ("sample", "block", "window", "layer")
     assert abs(float(ds["knockout"].isel(layer=0).squeeze()) - float(ds["clean"][0])) > 1e-4
+
+
+def test_cross_attention_knockout_stores_the_question_positions_it_cut_and_says_keys_are_all_patches(
+    tiny_blip, blip_sample
+):
+    ds = vt.knockout(
+        tiny_blip,
+        [blip_sample],
+        blocks={"image->visual": ("image", "visual")},
+        attention="cross",
+        layers=(0,),
+        progress=False,
+    )
+    ids = tiny_blip.processor(text=[blip_sample.prompt], images=[blip_sample.image])["input_ids"][0]
+    this = ids.index(tiny_blip.tokenizer.convert_tokens_to_ids("this"))
+    cut = ds["query_blocked"].sel(block="image->visual").squeeze("sample").values
+    assert list(cut.nonzero()[0]) == [this, this + 1] and len(cut) == len(ids)
+    assert "key_blocked" not in ds and ds.attrs["blocked_keys"].startswith("every image patch")

@@ -3,11 +3,14 @@
 Each test writes a small dataset exactly as its release unpacks (`tests/layouts.py`), runs a
 recipe from the command line on a shipped organism, and opens the store it wrote: traced cells
 must be there, not only a successful load. The organisms read real words through their byte
-fallback; their answers are meaningless, the code paths are the real ones.
+fallback; their answers are meaningless (so those runs pass --keep-wrong), the code paths are the
+real ones. `layouts.gqa_shapes` holds the organisms' own scenes in GQA's layout: they answer those,
+and a run leaves out the ones they get wrong.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -16,7 +19,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import vlmtrace.recipes as registry
 from vlmtrace.cli import app
+from vlmtrace.data.correctness import WRONG
+from vlmtrace.data.preparation import prepare
+from vlmtrace.engine.metrics import CLEAN_FLOOR
 from vlmtrace.results.dataset import open_result
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -38,7 +45,9 @@ def vqa_visual_constraint(tmp_path_factory):
     """visual_constraint on VQA v2 with the demonstrative finder: (store, CLI output)."""
     root = tmp_path_factory.mktemp("vqa")
     data = layouts.vqa_v2(root / "vqa")
-    return run_recipe(root, "visual_constraint", "--data", str(data), "--span", "visual=@demonstrative")
+    return run_recipe(
+        root, "visual_constraint", "--data", str(data), "--span", "visual=@demonstrative", "--keep-wrong"
+    )
 
 
 def test_str_replacements_drawn_from_the_data_are_recorded_in_the_store(vqa_visual_constraint):
@@ -111,7 +120,9 @@ def test_readme_covers_the_six_recipes_on_real_layouts():
 
 
 def test_information_flow_knocks_out_every_block_on_gqa(tmp_path):
-    ds, _ = run_recipe(tmp_path, "information_flow", "--data", str(layouts.gqa(tmp_path / "gqa")))
+    ds, _ = run_recipe(
+        tmp_path, "information_flow", "--data", str(layouts.gqa(tmp_path / "gqa")), "--keep-wrong"
+    )
     assert "object->question" in list(ds["block"].values) and traced(ds, "knockout") == ds["knockout"].size
 
 
@@ -125,6 +136,7 @@ def test_replace_option_sets_the_phrase_of_every_sample(tmp_path):
         "visual=@demonstrative",
         "--replace",
         "visual=the red shape",
+        "--keep-wrong",
     )
     assert {s["replacements"]["visual"] for s in ds.attrs["data"]["samples"]} == {"the red shape"}
 
@@ -137,7 +149,7 @@ def test_missing_images_are_left_out_before_the_run_and_counted(tmp_path):
     data = layouts.gqa(tmp_path / "gqa")
     for image_id in ("n16003", "n16007"):
         (data / "images" / f"{image_id}.jpg").unlink()
-    ds, output = run_recipe(tmp_path, "information_flow", "--data", str(data))
+    ds, output = run_recipe(tmp_path, "information_flow", "--data", str(data), "--keep-wrong")
     assert (
         ds.attrs["data"]["left_out"] == {"image missing": 2} and traced(ds, "knockout") == ds["knockout"].size
     )
@@ -170,3 +182,116 @@ def test_basu_questions_are_traced_on_the_models_own_answers(basu_visual_constra
 
 def test_basu_row_whose_constraint_is_not_in_its_question_is_left_out(basu_visual_constraint):
     assert basu_visual_constraint.attrs["data"]["left_out"] == {"no span 'visual' to replace": 1}
+
+
+@pytest.fixture(scope="module")
+def shapes_gqa(tmp_path_factory) -> Path:
+    """GQA's layout holding the organisms' own scenes; scenes 0 and 2 carry another city (mislabelled)."""
+    return layouts.gqa_shapes(tmp_path_factory.mktemp("shapes") / "gqa")
+
+
+MISLABELLED = {"gqa-00", "gqa-02", "gqa-20", "gqa-22"}  # scenes 0 and 2: fact, multi (`layouts.gqa_shapes`)
+
+
+@pytest.fixture(scope="module")
+def flow_on_shapes(tmp_path_factory, shapes_gqa):
+    """information_flow at n = 8 on the organisms' scenes, by default: (store, CLI output)."""
+    return run_recipe(tmp_path_factory.mktemp("flow"), "information_flow", "--data", str(shapes_gqa))
+
+
+def test_wrongly_answered_samples_are_left_out_and_counted_in_the_table_before_the_run(flow_on_shapes):
+    _, output = flow_on_shapes
+    row = re.search(r"answered wrongly \(.*\)\s+(\d+)\s+(.*)", output)
+    assert "kept 8" in output and row and int(row[1]) == 4 and set(row[2].split(", ")) < MISLABELLED
+
+
+def test_the_store_holds_only_correctly_answered_samples_and_counts_those_left_out(flow_on_shapes):
+    ds, _ = flow_on_shapes
+    assert (
+        ds.sizes["sample"] == 8
+        and not MISLABELLED & set(ds["sample"].values)
+        and ds.attrs["samples"]["left_out"] == {WRONG: 4}
+        and ds.attrs["data"]["left_out"] == {WRONG: 4}
+    )
+
+
+def test_keep_wrong_traces_them_without_a_relative_change_below_the_clean_floor(tmp_path, shapes_gqa):
+    ds, output = run_recipe(tmp_path, "information_flow", "--data", str(shapes_gqa), "--keep-wrong")
+    wrong = [s for s in ds["sample"].values if s in MISLABELLED]  # the first 8 hold 3 of them
+    right = [s for s in ds["sample"].values if s not in MISLABELLED]
+    assert len(wrong) == 3 and float(ds["clean"].sel(sample=wrong).max()) < CLEAN_FLOOR
+    relative = ds["relative"]
+    assert relative.sel(sample=wrong).isnull().all() and relative.sel(sample=right).notnull().all()
+    assert f"5 of 8 samples with clean P(answer) >= {CLEAN_FLOOR:g}" in output
+
+
+# What each recipe needs marked in the organisms' questions, and the organism it runs on
+SHAPES_RUNS = {
+    "visual_constraint": ("shapes-llava", ["visual=the \\w+ shape"]),
+    "multi_constraint": ("shapes-llava", ["visual=the \\w+ shape", "textual=year \\d+"]),
+    "blip_noise": ("shapes-blip", []),
+    "gn_vs_str": ("shapes-llava", ["visual=the \\w+ shape"]),
+    "notice": ("shapes-llava", ["visual=the \\w+ shape"]),
+    "information_flow": ("shapes-llava", []),
+    "universal_heads": ("shapes-qwen", ["visual=the \\w+ shape"]),
+}
+
+
+@pytest.fixture(scope="module")
+def organisms() -> dict:
+    import vlmtrace as vt
+
+    return {name: vt.load(name) for name in ("shapes-llava", "shapes-blip", "shapes-qwen")}
+
+
+@pytest.mark.parametrize("name", SHAPES_RUNS)
+def test_every_recipe_leaves_out_the_samples_the_model_answers_wrongly_by_default(
+    name, organisms, shapes_gqa
+):
+    """The CLI's data step for each recipe (its needs, spans, object regions), without the sweep."""
+    model, spans = SHAPES_RUNS[name]
+    recipe = registry.get(name)
+    regions = getattr(recipe, "OBJECT_REGIONS", False)
+    prepared = prepare(organisms[model], shapes_gqa, needs=recipe.NEEDS, n=8, spans=spans, regions=regions)
+    scenes = {sample.split("-")[1][0] for sample in prepared.left_out[WRONG]}  # scene of each question id
+    assert len(prepared.samples) == 8 and scenes == {"0", "2"} and "answered wrongly" in prepared.report()
+
+
+def test_clevr_object_regions_block_a_few_image_tokens_not_the_whole_image(tmp_path):
+    ds, _ = run_recipe(
+        tmp_path, "information_flow", "--data", str(layouts.clevr(tmp_path / "CLEVR_v1.0")), "--keep-wrong"
+    )
+    keys = ds["key_blocked"].sum("key_position")
+    objects, image = keys.sel(block="object->question"), keys.sel(block="image->question")
+    assert ds.sizes["sample"] == 8 and bool((objects >= 1).all()) and bool((objects <= image // 4).all())
+
+
+NOTHING_LEFT = {  # a run that keeps no sample, and the way out its error must name
+    "no scene graphs": (
+        ["information_flow", "--keep-wrong"],
+        lambda root: _without_scene_graphs(layouts.gqa(root)),
+        "{split}_sceneGraphs.json",
+    ),
+    "no span": (["visual_constraint", "--span", "visual=zebra", "--keep-wrong"], layouts.vqa_v2, "--span"),
+    "no STR phrase": (  # every span is "What": no other phrase to draw
+        ["visual_constraint", "--span", "visual=What", "--keep-wrong"],
+        layouts.vqa_v2,
+        "--replace",
+    ),
+    "wrong answers": (["information_flow"], layouts.gqa, "--keep-wrong"),
+}
+
+
+def _without_scene_graphs(root: Path) -> Path:
+    (root / "testdev_sceneGraphs.json").unlink()
+    return root
+
+
+@pytest.mark.parametrize("case", NOTHING_LEFT)
+def test_a_run_that_keeps_no_sample_names_the_way_out_of_each_reason(tmp_path, case):
+    (recipe, *options), write, fix = NOTHING_LEFT[case]
+    data = write(tmp_path / "data")
+    out = tmp_path / "x.zarr"
+    result = CliRunner().invoke(app, ["recipe", recipe, "--data", str(data), *options, "--out", str(out)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "kept 0" in text and "How to keep them:" in text and fix in text

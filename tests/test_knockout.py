@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,3 +88,20 @@ def test_knockout_results_carry_named_dims_and_provenance(tiny_llava, llava_samp
     ds = vt.knockout(tiny_llava, [llava_sample], windows=(1, 2), progress=False)
     assert ds["knockout"].dims == ("sample", "block", "window", "layer")
     assert ds.attrs["experiment"] == "knockout" and ds.attrs["model"] == "tiny-llava"
+
+
+def test_knockout_stores_per_sample_the_positions_each_block_cut(tiny_llava, llava_sample):
+    blocks = {"image->last": ("image", "last"), "visual->question": ("visual", "question")}
+    ds = vt.knockout(tiny_llava, [llava_sample], blocks=blocks, layers=(0,), progress=False)
+    ids = tiny_llava.processor(text=[llava_sample.prompt], images=[llava_sample.image])["input_ids"][0]
+    image = [i for i, t in enumerate(ids) if t == tiny_llava.tokenizer.convert_tokens_to_ids("<image>")]
+    this, year = (ids.index(tiny_llava.tokenizer.convert_tokens_to_ids(w)) for w in ("this", "year"))
+    spans = (this, this + 1, year, year + 1)  # "this shape" (visual), "year 2006" (textual)
+    question = [p for p in range(image[-1] + 1, len(ids) - 1) if p not in spans]  # bos comes first
+    keys = ds["key_blocked"].sel(sample="q0")
+    queries = ds["query_blocked"].sel(sample="q0")
+    assert list(np.flatnonzero(keys.sel(block="image->last"))) == image
+    assert list(np.flatnonzero(queries.sel(block="image->last"))) == [len(ids) - 1]
+    assert list(np.flatnonzero(keys.sel(block="visual->question"))) == [this, this + 1]
+    assert list(np.flatnonzero(queries.sel(block="visual->question"))) == question
+    assert ds["key_label"].sel(sample="q0").values[image[0]] == "image"

@@ -331,13 +331,20 @@ def test_serve_on_every_address_needs_the_public_url_clients_use():
 def test_the_recipe_command_runs_remotely_from_a_model_without_weights(
     servers, llava, llava_sample, model_dirs, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(visual_constraint, "default_samples", lambda vlm, n, seed: [llava_sample])
+    # the random model's own next token is the answer: the check for wrong answers runs on the
+    # server too (the client's weights are on the meta device) and keeps the sample
+    inputs = llava.processor(text=[llava_sample.prompt], images=[llava_sample.image], return_tensors="pt")
+    with torch.no_grad():
+        top = int(llava.model(**inputs).logits[0, -1].argmax())
+    sample = llava_sample.with_(answer=llava.tokenizer.decode([top]).strip())
+    monkeypatch.setattr(visual_constraint, "default_samples", lambda vlm, n, seed: [sample])
     out = tmp_path / "remote.zarr"
     args = ["recipe", "visual_constraint", "--model", model_dirs["llava"], "--out", str(out)]
     result = CliRunner().invoke(app, [*args, "--remote", "--host", servers["open"].url])
     assert result.exit_code == 0, result.output
+    assert "samples: read 1 questions, kept 1" in result.output
     assert same_values(
-        vt.open_result(out), visual_constraint.run(llava, [llava_sample], options=vt.Options(progress=False))
+        vt.open_result(out), visual_constraint.run(llava, [sample], options=vt.Options(progress=False))
     )
 
 

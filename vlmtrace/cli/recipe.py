@@ -106,6 +106,13 @@ def recipe(
             "ASSISTANT:'. Default: the processor's chat template, else the family's documented prompt."
         ),
     ] = None,
+    keep_wrong: Annotated[
+        bool,
+        typer.Option(
+            help="Trace the samples the model answers wrongly too. By default they are left out and "
+            "counted, as the papers do: the model's top next token must be the answer's first token.",
+        ),
+    ] = False,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -163,8 +170,21 @@ def recipe(
         backend = remote_backend(vlm, host=host)
     else:
         vlm = load(model_name, device=device)
-    if data is None:
-        samples = module.default_samples(vlm, n=n_samples, seed=seed)
+    if data is None:  # the recipe's own scenes; those it cannot corrupt or the model gets wrong are left out
+        prepared = registry.usable(
+            module,
+            vlm,
+            module.default_samples(vlm, n=n_samples, seed=seed),
+            keep_wrong=keep_wrong,
+            max_batch=max_batch,
+            backend=backend,
+        )
+        typer.echo(prepared.report())
+        if not prepared.samples:
+            raise DataMismatch(
+                f"no sample of recipe {name}'s own data can be traced on {model_name}:\n{prepared.report()}\n"
+                + (prepared.fixes() or "Give samples with what the recipe needs (README, Recipes).")
+            )
     else:  # the model's prompts, spans, replacements, pairs; what cannot be traced is left out
         from ..data.preparation import prepare
 
@@ -178,10 +198,12 @@ def recipe(
             template=prompt_template,
             seed=seed,
             regions=getattr(module, "OBJECT_REGIONS", False),
+            keep_wrong=keep_wrong,
+            max_batch=max_batch,
+            backend=backend,
         )
         typer.echo(prepared.report())
-        samples = prepared.samples
-    samples, note = registry.fitting(module, samples)
+    samples, note = registry.fitting(module, prepared.samples)
     if note:
         typer.echo(note)
     if not samples:
@@ -190,6 +212,13 @@ def recipe(
             "replacement phrases and image pairs it corrupts (README, Recipes)."
         )
     ds = module.run(vlm, samples, seed=seed, options=replace(options, backend=backend))
+    # what was left out before the run, and why (wrong answers included), is kept with the results
+    ds.attrs["samples"] = {
+        "read": prepared.read,
+        "kept": len(samples),
+        "keep_wrong": keep_wrong,
+        "left_out": {reason: len(ids) for reason, ids in prepared.left_out.items()},
+    }
     if data is not None:  # which phrase replaced which, which image paired which: kept with the results
         ds.attrs["data"] = {"path": str(data), **prepared.provenance()}
     if "done" in ds and not bool(ds["done"].all()):

@@ -1,4 +1,5 @@
-"""Samples: the `Sample` type, synthetic scenes for the organisms, loaders for real datasets."""
+"""Samples: the `Sample` type, synthetic scenes for the organisms, loaders for real datasets, and
+`check_answers`, which splits samples by whether the model answers them (`correctness`)."""
 
 from __future__ import annotations
 
@@ -22,4 +23,12 @@ def synthetic_samples(vlm: VLM, family: str, n: int, *, seed: int = 0, split: st
     return samples if vlm.adapter.image_in_sequence else [for_blip(s) for s in samples]
 
 
-__all__ = ["Sample", "synthetic_samples"]
+def check_answers(vlm: VLM, samples: list[Sample], **options):
+    """Samples split by whether the model's greedy next token is their answer's first token
+    (`vlmtrace.data.correctness.check_answers`; imported on use, as it needs torch)."""
+    from .correctness import check_answers as check
+
+    return check(vlm, samples, **options)
+
+
+__all__ = ["Sample", "check_answers", "synthetic_samples"]

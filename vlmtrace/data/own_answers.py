@@ -2,8 +2,8 @@
 
 Basu et al. released their constraint questions without answers: their trace scores whatever the
 model predicts next on the clean input, as ROME's causal trace does. A loader marks such samples
-(`meta["answer_from"] == "model"`); `own_answers` runs one clean forward per marked sample, before
-any trace, and makes the top next token the answer:
+(`meta["answer_from"] == "model"`); `own_answers` runs the marked samples' clean prompts, batched,
+before any trace, and makes each top next token the answer:
 
     samples, reasons = own_answers(vlm, samples)   # answers filled in; {sample id: why not} for the rest
 
@@ -16,8 +16,7 @@ The answer source is recorded in `meta["answer_source"]`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from typing import Any
 
 from .sample import Sample
 
@@ -29,21 +28,26 @@ def needs_own_answer(sample: Sample) -> bool:
     return sample.meta.get("answer_from") == FROM_MODEL and not sample.answer
 
 
-def own_answers(vlm, samples: Sequence[Sample]) -> tuple[list[Sample], dict[str, str]]:
+def own_answers(
+    vlm, samples: Sequence[Sample], *, max_batch: int = 64, backend: Any = None
+) -> tuple[list[Sample], dict[str, str]]:
     """(samples with the model's top next token as answer, {id: reason} for those without one).
 
     Samples not marked for the model's answer pass through unchanged. Prompts must already be the
-    model's (`vlmtrace.prompts.for_model`).
+    model's (`vlmtrace.prompts.for_model`). The marked samples share batched forwards
+    (`vlmtrace.data.correctness.top_tokens`).
     """
-    from ..engine.forward import stack_rows
     from ..engine.inputs import answer_token_ids
+    from .correctness import top_tokens
 
+    marked = [sample for sample in samples if needs_own_answer(sample)]
+    tops = iter(top_tokens(vlm, marked, max_batch=max_batch, backend=backend))  # in the order of `marked`
     out, reasons = [], {}
     for sample in samples:
         if not needs_own_answer(sample):
             out.append(sample)
             continue
-        top = _top_token(vlm, sample, stack_rows)
+        top = next(tops)
         text = vlm.tokenizer.decode([top]).strip()
         if not text or not text.isprintable():
             reasons[sample.id] = (
@@ -56,20 +60,3 @@ def own_answers(vlm, samples: Sequence[Sample]) -> tuple[list[Sample], dict[str,
             continue
         out.append(sample.with_(answer=text, meta={**sample.meta, "answer_source": "the model's prediction"}))
     return out, reasons
-
-
-@torch.no_grad()
-def _top_token(vlm, sample: Sample, stack_rows) -> int:
-    """The id of the token the model puts most probability on after the clean prompt."""
-    row = vlm.adapter.encode(vlm.processor, sample.prompt, sample.image, None)
-    widths = {"prompt": len(row["input_ids"])}
-    if "decoder_input_ids" in row:
-        widths["decoder"] = len(row["decoder_input_ids"])
-    batch = stack_rows(vlm, [row], widths)
-    device, dtype = vlm.device, vlm.model.dtype
-    batch = {
-        name: value.to(device, dtype) if value.is_floating_point() else value.to(device)
-        for name, value in batch.items()
-    }
-    logits = vlm.adapter.forward(vlm.model, **batch)
-    return int(logits[0, -1].argmax())

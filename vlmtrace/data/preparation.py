@@ -14,14 +14,17 @@ never dies on sample 137 and a shorter data set never goes unnoticed:
 Steps, per sample, in order: leave out a sample whose image is missing or unreadable (the loader
 marks it instead of raising); find the `--span`s in the question (`vlmtrace.data.spans`); the
 model's own answer where the data set publishes none (Basu et al.'s CSVs:
-`vlmtrace.data.own_answers`, one clean forward each); replacement phrases (`--replace NAME=PHRASE`,
+`vlmtrace.data.own_answers`, batched clean forwards); replacement phrases (`--replace NAME=PHRASE`,
 else the file's own, else one drawn from the data set: another sample's span of the same name, of
 the same token count, with a different answer, as NOTICE builds STR pairs; the donor is recorded in
 `meta["replaced_from"]` and its answer becomes the foil); an image pair if the recipe needs one
 (another image with the same question and a different answer; VQA v2's complementary pairs are read
 by the loader); object regions mapped to the model's patch grid; the model's prompt
-(`vlmtrace.prompts`); and finally the encoding the engine will do (answer ids, segments, both sides
-of each span replacement), whose errors become reasons. `prepare` fails only when nothing is left.
+(`vlmtrace.prompts`); the encoding the engine will do (answer ids, segments, both sides of each
+span replacement), whose errors become reasons; and finally, unless `keep_wrong`, the check that the
+model answers the sample (`vlmtrace.data.correctness`: its greedy next token is the answer's first),
+run in one batched forward for as many samples as are still wanted. `prepare` fails only when
+nothing is left, and its error names the way to keep each reason's samples (`fix_for`).
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .correctness import KEEP_WRONG, WRONG, check_answers
 from .loaders import load_dataset
 from .loaders.question import DatasetError
+from .regions import TOO_LARGE
 from .sample import Sample
 from .spans import find_spans, parse_pairs, parse_span_options
 
@@ -51,6 +56,8 @@ class Prepared:
     read: int
     left_out: dict[str, list[str]] = field(default_factory=dict)
     """reason -> ids of the samples left out for it."""
+    origin: str = "data"
+    """Where the samples came from, as the table's first word ("data", "samples")."""
 
     def provenance(self) -> dict[str, Any]:
         """What to store with the results: counts, reasons, and each sample's spans and counterfactuals."""
@@ -73,15 +80,60 @@ class Prepared:
             ],
         }
 
+    def fixes(self) -> str:
+        """How to keep the samples left out, one line per reason that has a way out."""
+        lines = [
+            f"  {reason}: {fix}"
+            for reason in sorted(self.left_out, key=lambda r: -len(self.left_out[r]))
+            if (fix := fix_for(reason)) is not None
+        ]
+        return "\n".join(["How to keep them:", *lines]) if lines else ""
+
     def report(self) -> str:
         """A small table: how many samples were read, kept, and left out for each reason."""
-        lines = [f"data: read {self.read} questions, kept {len(self.samples)}"]
+        lines = [f"{self.origin}: read {self.read} questions, kept {len(self.samples)}"]
         if self.left_out:
             width = max(len(reason) for reason in self.left_out)
             lines.append(f"  {'left out because':<{width}}  count  e.g.")
             for reason, ids in sorted(self.left_out.items(), key=lambda item: -len(item[1])):
                 lines.append(f"  {reason:<{width}}  {len(ids):>5}  {', '.join(ids[:3])}")
         return "\n".join(lines)
+
+
+FIXES: tuple[tuple[str, str], ...] = (
+    # (what the reason starts with, the way out), in the words of the CLI
+    (WRONG, KEEP_WRONG),
+    ("image missing", "put the images where the layout keeps them (README, Your own data) or fix the paths"),
+    ("image unreadable", "replace the unreadable image files"),
+    (
+        "no span",
+        "mark the span with --span NAME=PATTERN: a phrase or a regex that occurs in the questions (first "
+        "whole-word match), or @demonstrative, @year, @number, @object",
+    ),
+    ("span ", "give a --span pattern that matches whole words of the question"),
+    ("no other", "give the replacement phrase yourself: --replace NAME=PHRASE"),
+    (
+        "no image pair",
+        "use data with image pairs (VQA v2: v2_mscoco_val2014_complementary_pairs.json beside the "
+        "questions; or the same question asked of images with different answers), or a recipe without SIP",
+    ),
+    (
+        "no object region",
+        "give object boxes: GQA's {split}_sceneGraphs.json beside the questions, CLEVR's "
+        "scenes/CLEVR_{split}_scenes.json",
+    ),
+    ("region outside crop", "choose questions about objects inside the model's centre crop"),
+    (TOO_LARGE, "choose questions about smaller objects, or give tighter boxes"),
+    ("a span's words also occur", "give another --prompt-template, or a longer span"),
+    ("answer: ", "use answers the model can produce (words of its vocabulary)"),
+    ("words outside the vocabulary", "use questions in words of the model's vocabulary"),
+    ("the model's own answer", "add an answer column to the file"),
+)
+
+
+def fix_for(reason: str) -> str | None:
+    """The way to keep samples left out for `reason`, or None when there is none to name."""
+    return next((fix for start, fix in FIXES if reason.startswith(start)), None)
 
 
 def prepare(
@@ -95,11 +147,16 @@ def prepare(
     template: str | None = None,
     seed: int = 0,
     regions: bool = False,
+    keep_wrong: bool = False,
+    max_batch: int = 64,
+    backend: Any = None,
 ) -> Prepared:
     """Load `path` and make up to `n` samples ready for `vlm` and a recipe that `needs` them.
 
     `needs` is a recipe's `NEEDS` (`replacements`: spans a corruption replaces; `image_pair`).
     `regions=True` keeps only samples with an object region on the model's patch grid.
+    Samples the model answers wrongly are left out (counted) unless `keep_wrong`; the check runs
+    batched forwards of up to `max_batch` rows, on `backend` if one is given (remote).
     """
     finders = parse_span_options(spans)
     phrases = parse_pairs(replace, "--replace")
@@ -120,7 +177,7 @@ def prepare(
             leave(sample, reason)
             continue
         with_spans.append(sample.with_(spans={**sample.spans, **found}))
-    with_spans = _own_answers(vlm, with_spans, template, leave)
+    with_spans = _own_answers(vlm, with_spans, template, leave, max_batch, backend)
     wanted = tuple(getattr(needs, "replacements", ()) or ())
     ready = _replacements(vlm, with_spans, wanted, phrases, seed, leave)
     if getattr(needs, "image_pair", False):
@@ -129,7 +186,20 @@ def prepare(
         ready = _regions(vlm, ready, leave)
     from ..prompts import PromptTemplateError, for_model
 
-    kept = []
+    kept: list[Sample] = []
+    pending: list[Sample] = []  # traceable, not yet checked for a correct answer
+
+    def settle() -> None:
+        """Keep the pending samples the model answers (all of them with `keep_wrong`): one batch."""
+        if keep_wrong or not pending:
+            kept.extend(pending)
+        else:
+            checked = check_answers(vlm, pending, max_batch=max_batch, backend=backend)
+            kept.extend(checked.right)
+            for sample, _ in checked.wrong:
+                leave(sample, WRONG)
+        pending.clear()
+
     for sample in ready:
         try:
             sample = for_model(vlm, [sample], template=template)[0]
@@ -142,41 +212,44 @@ def prepare(
         if reason is not None:
             leave(sample, reason)
             continue
-        kept.append(sample)
-        if len(kept) == n:
-            break
+        pending.append(sample)
+        if len(kept) + len(pending) == n:  # enough to fill n if all are right: check them at once
+            settle()
+            if len(kept) == n:
+                break
+    settle()
     prepared = Prepared(samples=kept, read=len(loaded), left_out=left_out)
     if not kept:
         raise DatasetError(
             f"no sample of {path} can be traced by this recipe on {vlm.name}:\n{prepared.report()}\n"
-            "Give spans that occur in the questions (--span NAME=PATTERN), replacements (--replace), "
-            "or data with what the recipe needs."
+            + (prepared.fixes() or "Give data with what the recipe needs (README, Your own data).")
         )
     return prepared
 
 
-def _own_answers(vlm, samples: list[Sample], template: str | None, leave) -> list[Sample]:
+def _own_answers(
+    vlm, samples: list[Sample], template: str | None, leave, max_batch: int, backend: Any
+) -> list[Sample]:
     """The model's prediction as the answer of samples whose data set gives none (before STR draws)."""
     from ..prompts import PromptTemplateError, for_model
     from .own_answers import needs_own_answer, own_answers
 
-    out = []
+    prompted = []
     for sample in samples:
         if needs_own_answer(sample):
             try:
-                prompted = for_model(vlm, [sample], template=template)[0]
+                sample = for_model(vlm, [sample], template=template)[0]
             except PromptTemplateError as error:
                 if "before the question" not in str(error):
                     raise
                 leave(sample, "a span's words also occur in the prompt template before the question")
                 continue
-            answered, reasons = own_answers(vlm, [prompted])
-            if reasons:
-                leave(sample, reasons[sample.id])
-                continue
-            sample = answered[0]
-        out.append(sample)
-    return out
+        prompted.append(sample)
+    answered, reasons = own_answers(vlm, prompted, max_batch=max_batch, backend=backend)
+    for sample in prompted:
+        if sample.id in reasons:
+            leave(sample, reasons[sample.id])
+    return answered
 
 
 def _first_clause(error: BaseException) -> str:
@@ -251,12 +324,15 @@ def _normal(sample: Sample) -> str:
 
 
 def _regions(vlm, samples: list[Sample], leave) -> list[Sample]:
-    from .regions import PatchGrid, RegionError, region_cells
+    from .regions import PatchGrid, RegionError, RegionTooLargeError, region_cells
 
     out = []
     for sample in samples:
         try:
             cells = region_cells(vlm, sample)
+        except RegionTooLargeError:
+            leave(sample, TOO_LARGE)
+            continue
         except RegionError as error:
             if "no grid" in str(error) or "tiles" in str(error):
                 raise

@@ -11,8 +11,10 @@ patches, whose tokens follow in row-major order (LLaVA-1.5 and the organisms):
     cells = region_cells(vlm, sample)                      # the cells of sample.meta["regions"]
 
 A box that covers no patch (cropped away, or empty) is an error: a knockout with nothing to block
-would read as "no effect". Tiled images (LLaVA-NeXT) and models that read the image by
-cross-attention have no such grid, which is an error that says so.
+would read as "no effect". So is a region that covers almost every patch (more than
+`MAX_REGION_SHARE` of them): object->question would then equal image->question, and a reader
+would take the whole image for the object. Tiled images (LLaVA-NeXT) and models that read the
+image by cross-attention have no such grid, which is an error that says so.
 """
 
 from __future__ import annotations
@@ -23,9 +25,32 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
+MAX_REGION_SHARE = 0.9
+"""The largest share of a grid's image tokens an object region may cover. Above it the object is
+(nearly) the whole image, and blocking it is blocking the image."""
+TOO_LARGE = f"object region covers more than {MAX_REGION_SHARE:.0%} of the image tokens"
+"""The reason a sample with such a region is left out for, in the start-of-run table."""
+
 
 class RegionError(UserError):
     """An object region that maps to no image token, or a model whose image tokens have no grid."""
+
+
+class RegionTooLargeError(RegionError):
+    """An object region that covers (almost) every image token: it would be the whole image."""
+
+
+def check_share(cells: Sequence[Sequence[int]], side: int, sample_id: str) -> None:
+    """Refuse a region covering more than `MAX_REGION_SHARE` of a `side` x `side` grid."""
+    count = len({(int(r), int(c)) for r, c in cells})
+    if count > MAX_REGION_SHARE * side * side:
+        raise RegionTooLargeError(
+            f"the object region of sample {sample_id!r} covers {count} of the {side * side} image tokens "
+            f"({count / (side * side):.0%}, above MAX_REGION_SHARE = {MAX_REGION_SHARE:.0%}): blocking it "
+            "would block the whole image, so object->question would equal image->question. Give a tighter "
+            "box (boxes are in the pixels of the image file), or leave out questions about objects that "
+            "fill the picture."
+        )
 
 
 @dataclass(frozen=True)
@@ -90,15 +115,20 @@ def region_cells(vlm, sample) -> list[tuple[int, int]]:
             f"the object region(s) {list(boxes)} of sample {sample.id!r} cover no image patch once the image "
             f"is resized and cropped to {grid.size} px; the object lies outside the crop."
         )
+    check_share(cells, grid.side, sample.id)
     return cells
 
 
-def cell_positions(cells: Sequence[Sequence[int]], side: int, segments) -> list[int]:
-    """Image-token positions of patch cells on a `side` x `side` grid (row-major image tokens)."""
+def cell_positions(cells: Sequence[Sequence[int]], side: int, segments, *, sample_id: str = "") -> list[int]:
+    """Image-token positions of patch cells on a `side` x `side` grid (row-major image tokens).
+
+    Refuses cells that cover almost the whole grid (`check_share`): the knockout would block the image.
+    """
     image = segments.positions("image")
     if len(image) != side * side:
         raise RegionError(
             f"the prompt has {len(image)} image tokens, not the {side}x{side} patches of the grid its object "
             "regions were mapped to; object regions cannot be placed on them."
         )
+    check_share(cells, side, sample_id)
     return [image[int(row) * side + int(column)] for row, column in cells]

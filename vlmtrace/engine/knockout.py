@@ -27,6 +27,8 @@ not is NaN, as a patching cell on a layer without its site: it would cut nothing
 
 A block that blocks nothing for some sample (a side with no positions) is an error: a
 knockout that cuts no edge would report an unchanged probability as "no information flows".
+What each block blocked is stored per sample (`blocked_positions`), so a reader can check that
+"object->question" blocked a few patches and not the whole image.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ def knockout(
     values = np.full((len(samples), len(names), len(windows), len(centres)), np.nan)
     clean = np.full(len(samples), np.nan)
     per_chunk = max(1, max_batch - 1)
+    blocked: list[tuple[dict[str, tuple[list[int], list[int]]], Segments, Segments | None]] = []
     with progress_bar(progress, f"knockout {vlm.name}") as bar:
         task = bar.add_task("samples", total=len(samples))
         for s, sample in enumerate(samples):
@@ -159,6 +162,7 @@ def knockout(
             if attention == "cross":
                 keys_in = None if the_stack.cross_sequence == "image" else encoded.segments("prompt")
             sides = block_sides(blocks, sample, queries_in, keys_in)
+            blocked.append((sides, queries_in, keys_in))
             widths = {
                 sequence: len(encoded.inputs[ids])
                 for sequence, (ids, _) in SEQUENCE_FIELDS.items()
@@ -206,21 +210,66 @@ def knockout(
         metric=metric.name,
         blocks={b: [_describe(k), _describe(q)] for b, (k, q) in blocks.items()},
     )
+    positions, position_coords = blocked_positions(names, blocked)
+    if blocked[0][2] is None:  # keys are image patches read by cross-attention
+        attrs["blocked_keys"] = "every image patch (cross-attention keys; no key_blocked is stored)"
     return describe(
         xr.Dataset(
             {
                 "knockout": (["sample", "block", "window", "layer"], values),
                 "clean": (["sample"], clean),
+                **positions,
             },
             coords={
                 "sample": sample_ids(samples),
                 "block": names,
                 "window": list(windows),
                 "layer": centres,
+                **position_coords,
             },
             attrs=attrs,
         )
     )
+
+
+def blocked_positions(
+    names: Sequence[str],
+    blocked: Sequence[tuple[Mapping[str, tuple[list[int], list[int]]], Segments, Segments | None]],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(data variables, coordinates): the positions each block blocked, per sample, as boolean masks.
+
+    `query_blocked` (sample, block, query_position) marks the query positions of the stack's own
+    sequence, `key_blocked` (sample, block, key_position) the key positions of the sequence it
+    attends to; positions count from the start of each sample's sequence, and the per-sample
+    coordinates `query_label` / `key_label` name each position's segment ("" past its end).
+    Keys that are every image patch of a cross-attention have no token positions: no `key_blocked`.
+    """
+    variables: dict[str, Any] = {}
+    coordinates: dict[str, Any] = {}
+    for role, side in (("query", 1), ("key", 0)):
+        sequences = [entry[2] if role == "key" else entry[1] for entry in blocked]
+        if any(sequence is None for sequence in sequences):  # every image patch: no token positions
+            continue
+        width = max(len(sequence) for sequence in sequences)
+        mask = np.zeros((len(blocked), len(names), width), dtype=bool)
+        labels = np.full((len(blocked), width), "", dtype=object)  # objects: see results.dataset, Format
+        for s, ((sides, *_), sequence) in enumerate(zip(blocked, sequences, strict=True)):
+            labels[s, : len(sequence)] = sequence.labels
+            for b, name in enumerate(names):
+                mask[s, b, sides[name][side]] = True
+        dim = f"{role}_position"
+        variables[f"{role}_blocked"] = (
+            ["sample", "block", dim],
+            mask,
+            {
+                "description": f"True at the {role} positions the block cut (positions of the sample's own "
+                f"{'sequence' if role == 'query' else 'key sequence'}, from its start)",
+                "units": "boolean",
+            },
+        )
+        coordinates[dim] = np.arange(width)
+        coordinates[f"{role}_label"] = (["sample", dim], labels)
+    return variables, coordinates
 
 
 def _describe(side: PositionSet) -> str:

@@ -13,6 +13,8 @@ so only those floats leave the trace (this matters when the trace runs remotely)
 
 `normalised(ds)` turns stored values into (m_patched - m_corrupt) / (m_clean - m_corrupt):
 1 means the patch fully restores the clean behaviour, 0 means it does nothing.
+`relative_change(ds, "knockout")` gives (m - m_clean) / m_clean, only where the clean probability
+is at least `CLEAN_FLOOR`.
 """
 
 from __future__ import annotations
@@ -98,6 +100,38 @@ def metric_named(name: str) -> Metric:
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}; choose one of {sorted(METRICS)}.")
     return METRICS[name]()
+
+
+CLEAN_FLOOR = 0.05
+"""The smallest clean P(answer) a relative change is reported for. Below it the ratio divides by
+a probability the model barely gives the answer: a GQA knockout that moved 3e-5 to 0.015 read as
+"+50,394 %". Above it a relative change lies in [-1, (1 - floor) / floor] = [-1, +19]."""
+
+
+def relative_change(ds, variable: str, *, floor: float = CLEAN_FLOOR):
+    """(m - m_clean) / m_clean for one variable of a result whose metric is a probability.
+
+    NaN for samples whose clean probability is below `floor` (`CLEAN_FLOOR`): a ratio to a
+    near-zero probability is no measure of how much of the answer survived. The floor is kept
+    in the result's `clean_floor` attr, and the count of samples above it in `samples_above_floor`.
+    """
+    if not 0 < floor < 1:
+        raise ValueError(f"floor must lie in (0, 1), not {floor}; {CLEAN_FLOOR} is the default.")
+    if ds.attrs.get("metric", "probability") != "probability":
+        raise ValueError(
+            f"a relative change divides by the clean probability, but this result holds "
+            f"{ds.attrs['metric']!r}; run it with metric=vt.Probability()."
+        )
+    clean = ds["clean"]
+    relative = (ds[variable] - clean) / clean.where(clean >= floor)
+    relative.attrs = {
+        "description": f"relative change in P(answer): ({variable} - clean) / clean; NaN for samples "
+        f"whose clean P(answer) is below {floor}",
+        "units": "fraction of the clean probability (-1 = answer lost)",
+        "clean_floor": floor,
+        "samples_above_floor": int((clean >= floor).sum()),
+    }
+    return relative
 
 
 def normalised(ds, variable: str):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -69,23 +70,30 @@ def signature(vlm: VLM, prepared: Prepared) -> Hashable:
     concatenate (a per-row input that is not declared `pad_to_largest` must have the same shape);
     dtypes; and, for an answer predicted by a decoder, the decoder's width.
     """
-    parts = []
-    for encoded in (prepared.pair.clean, prepared.pair.corrupt):
-        described = []
-        for name, value in sorted(encoded.inputs.items()):
-            spec = vlm.adapter.inputs.get(name)
-            if spec is None:  # stack_rows names the undeclared input when the forward runs
-                described.append((name, None, tuple(value.shape), value.dtype))
-                continue
-            if spec.kind == "row":
-                fixed = (value.dim(),) if spec.pad_to_largest else value.shape
-            else:
-                fixed = value.shape[1:]
-            described.append((name, spec.kind, tuple(fixed), value.dtype))
-        parts.append(tuple(described))
+    parts: list[Hashable] = [inputs_signature(vlm, prepared.pair.clean.inputs)]
+    parts.append(inputs_signature(vlm, prepared.pair.corrupt.inputs))
     if vlm.adapter.answer_sequence == "decoder":
         parts.append(("decoder width", prepared.widths.get("decoder")))
     return tuple(parts)
+
+
+def inputs_signature(vlm: VLM, inputs: Mapping[str, Any]) -> Hashable:
+    """How one row of inputs batches: per input, its declared kind, the dimensions the batch
+    neither pads nor concatenates (a per-row input declared `pad_to_largest` keeps only its
+    number of dimensions: rows of any size are zero-padded to the largest), and its dtype.
+    Rows with equal signatures stack exactly (`forward.stack_rows`)."""
+    described = []
+    for name, value in sorted(inputs.items()):
+        spec = vlm.adapter.inputs.get(name)
+        if spec is None:  # stack_rows names the undeclared input when the forward runs
+            described.append((name, None, tuple(value.shape), value.dtype))
+            continue
+        if spec.kind == "row":
+            fixed = (value.dim(),) if spec.pad_to_largest else value.shape
+        else:
+            fixed = value.shape[1:]
+        described.append((name, spec.kind, tuple(fixed), value.dtype))
+    return tuple(described)
 
 
 def next_forward(

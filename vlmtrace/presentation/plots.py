@@ -153,28 +153,47 @@ def head_grid(
     return _save(figure, path)
 
 
-def knockout_curves(summary: xr.Dataset, *, path: str | Path, title: str = "") -> Path:
-    """Relative change in the metric per layer, one line (with CI band) per block."""
+def knockout_curves(
+    summary: xr.Dataset, *, path: str | Path, title: str = "", floor: float | None = None
+) -> Path:
+    """Relative change in the metric per layer, one line (with CI band) per block.
+
+    `floor`: the clean probability below which samples have no relative change
+    (`engine.metrics.relative_change`); the figure says so, and draws no line when none is left.
+    """
     figure, ax = plt.subplots(figsize=(6, 3.6))
     layers = summary["layer"].values
-    for block in summary["block"].values:
-        mean = summary["mean"].sel(block=block).values
-        ax.plot(layers, mean, marker="o", label=str(block))
-        ax.fill_between(
-            layers, summary["low"].sel(block=block).values, summary["high"].sel(block=block).values, alpha=0.2
+    over = "samples" if floor is None else f"samples with clean P >= {floor:g}"
+    if not np.isfinite(summary["mean"].values).any():
+        ax.text(
+            0.5,
+            0.5,
+            f"not shown: no sample's clean P(answer) reaches {floor:g}" if floor is not None else "no values",
+            transform=ax.transAxes,
+            ha="center",
         )
+    else:
+        for block in summary["block"].values:
+            mean = summary["mean"].sel(block=block).values
+            ax.plot(layers, mean, marker="o", label=str(block))
+            ax.fill_between(
+                layers,
+                summary["low"].sel(block=block).values,
+                summary["high"].sel(block=block).values,
+                alpha=0.2,
+            )
+        ax.legend(fontsize=8)
     ax.axhline(0, color="grey", lw=0.8)
     ax.text(
         0.01,
         0.02,
-        "lines: mean over samples; bands: 95% bootstrap interval",
+        f"lines: mean over {over}; bands: 95% bootstrap interval",
         transform=ax.transAxes,
         fontsize=7,
         color="grey",
     )
     ax.set_xlabel("layer (window centre)")
     ax.set_ylabel("relative change in P(answer)")
-    ax.legend(fontsize=8)
     ax.set_title(title)
     return _save(figure, path)
 

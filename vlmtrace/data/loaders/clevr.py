@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
 from ..sample import Sample
 from .question import (
     DEFAULT_TEMPLATE,
@@ -60,18 +62,19 @@ def load_clevr(
             filename = required_field(row, "image_filename", questions_json, index)
             split = row.get("split")
             question_id = row.get("question_index", index)
+            image = clevr_image(image_dir, filename, split)
             yield RawQuestion(
                 id=f"clevr-{question_id}",
                 question=required_field(row, "question", questions_json, index),
                 answer=str(row["answer"]),
-                image=clevr_image(image_dir, filename, split),
+                image=image,
                 meta={
                     "question_index": question_id,
                     "image_index": row.get("image_index"),
                     "split": split,
                     "question_family_index": row.get("question_family_index"),
                     "program": row.get("program"),
-                    **_regions(scenes, row),
+                    **_regions(scenes, row, image),
                 },
             )
 
@@ -94,7 +97,8 @@ def clevr_image(image_dir: Path, filename: str, split: str | None) -> Path:
 
 OBJECT_RADIUS = 0.06
 """Half the side of the box drawn around a CLEVR object's `pixel_coords`, as a fraction of the
-image width (CLEVR objects are about 30-70 px across in 480 px images)."""
+width of the image file (CLEVR objects are about 30-70 px across in its 480 px images). A fixed
+pixel size would cover the whole of a smaller image, and object->question would be image->question."""
 
 
 def _scenes(questions_json: Path) -> dict:
@@ -109,10 +113,19 @@ def _scenes(questions_json: Path) -> dict:
     return {}
 
 
-def _regions(scenes: dict, row: dict) -> dict:
-    """`regions`: a box around each object the program's first filter chain selects."""
+def _regions(scenes: dict, row: dict, image: Path) -> dict:
+    """`regions`: a box around each object the program's first filter chain selects.
+
+    `pixel_coords` are in the pixels of the image file (CLEVR renders its scenes at the size of its
+    images); the box's size follows the file's width, read from its header.
+    """
     scene = scenes.get(row.get("image_index"))
     if not scene:
+        return {}
+    try:
+        with Image.open(image) as opened:
+            width = opened.size[0]
+    except (OSError, UnidentifiedImageError):  # missing or unreadable: the sample is left out for that
         return {}
     filters = {}
     for step in row.get("program") or []:
@@ -129,6 +142,6 @@ def _regions(scenes: dict, row: dict) -> dict:
     boxes = []
     for obj in chosen:
         x, y = obj["pixel_coords"][0], obj["pixel_coords"][1]
-        r = OBJECT_RADIUS * 480
+        r = OBJECT_RADIUS * width
         boxes.append((x - r, y - r, x + r, y + r))
     return {"regions": boxes}
