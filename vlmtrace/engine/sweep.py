@@ -132,59 +132,59 @@ def patch(
         vlm, samples, stack_name, grid, corruption, metric, direction, whole_answer, recipe, extra
     )
     ds = with_layer_kinds(layout.empty(attrs), vlm, stack_name)
-    sweep_store = SweepStore.open_or_create(store, ds, overwrite=overwrite) if store is not None else None
-    if sweep_store is not None:
-        ds = sweep_store.read()  # resume from what is on disk: chunks write whole samples back
-        done_cells, done = ds["progress"].values.copy(), ds["done"].values.copy()
-    else:
-        done_cells, done = np.zeros(len(samples), dtype=np.int64), np.zeros(len(samples), dtype=bool)
-    if screen is not None:
-        todo = [i for i in mine if not done[i]]
-        estimates = with_layer_kinds(layout.empty(attrs), vlm, stack_name)
-        attribution.estimate(
-            estimates,
-            layout,
-            plans,
-            vlm,
-            stack,
-            direction=direction,
-            metric=metric,
-            method=screen_method,
-            indices=todo,
-        )
-        masks = screening.screen(estimates, screen)
-        for i in todo:  # deterministic, so a resumed run screens the same cells
-            plans[i].work = screening.keep_screened(plans[i], layout, i, masks)
-    if reuse_prefix:
-        for p in plans:  # deterministic, so a resumed run continues the same order
-            p.work = sorted(p.work, key=lambda c, p=p: min(p.cells[c].layers))
-    pending = [(i, int(done_cells[i])) for i in mine if not done[i]]
-    total = sum(len(plans[i].work) - start for i, start in pending)
-    with progress_bar(progress, f"patching {vlm.name}") as bar:
-        task = bar.add_task("cells", total=total)
-        for forward in run_forwards(
-            vlm,
-            stack,
-            plans,
-            pending,
-            direction,
-            metric,
-            max_batch,
-            max_memory,
-            backend,
-            reuse_prefix=reuse_prefix,
-            pack=pack_samples,
-        ):
-            if verify:
-                share, finished = most_padded(forward)
-                verify_baselines(vlm, stack, share.prepared, finished.baselines, metric, backend)
-                verify = False
-            for share, finished in forward:  # a forward may finish one sample and start the next
-                record(ds, layout, share.sample, share.plan, finished)
-                if sweep_store is not None:
-                    sweep_store.write(ds, share.sample)
-                bar.advance(task, finished.cells)
-    result = sweep_store.read() if sweep_store is not None else ds
+    with SweepStore.opened(store, ds, overwrite=overwrite) as sweep_store:  # its lock held to the end
+        if sweep_store is not None:
+            ds = sweep_store.read()  # resume from what is on disk: chunks write whole samples back
+            done_cells, done = ds["progress"].values.copy(), ds["done"].values.copy()
+        else:
+            done_cells, done = np.zeros(len(samples), dtype=np.int64), np.zeros(len(samples), dtype=bool)
+        if screen is not None:
+            todo = [i for i in mine if not done[i]]
+            estimates = with_layer_kinds(layout.empty(attrs), vlm, stack_name)
+            attribution.estimate(
+                estimates,
+                layout,
+                plans,
+                vlm,
+                stack,
+                direction=direction,
+                metric=metric,
+                method=screen_method,
+                indices=todo,
+            )
+            masks = screening.screen(estimates, screen)
+            for i in todo:  # deterministic, so a resumed run screens the same cells
+                plans[i].work = screening.keep_screened(plans[i], layout, i, masks)
+        if reuse_prefix:
+            for p in plans:  # deterministic, so a resumed run continues the same order
+                p.work = sorted(p.work, key=lambda c, p=p: min(p.cells[c].layers))
+        pending = [(i, int(done_cells[i])) for i in mine if not done[i]]
+        total = sum(len(plans[i].work) - start for i, start in pending)
+        with progress_bar(progress, f"patching {vlm.name}") as bar:
+            task = bar.add_task("cells", total=total)
+            for forward in run_forwards(
+                vlm,
+                stack,
+                plans,
+                pending,
+                direction,
+                metric,
+                max_batch,
+                max_memory,
+                backend,
+                reuse_prefix=reuse_prefix,
+                pack=pack_samples,
+            ):
+                if verify:
+                    share, finished = most_padded(forward)
+                    verify_baselines(vlm, stack, share.prepared, finished.baselines, metric, backend)
+                    verify = False
+                for share, finished in forward:  # a forward may finish one sample and start the next
+                    record(ds, layout, share.sample, share.plan, finished)
+                    if sweep_store is not None:
+                        sweep_store.write(ds, share.sample)
+                    bar.advance(task, finished.cells)
+        result = sweep_store.read() if sweep_store is not None else ds
     warn_if_corruption_did_nothing(result)
     # `progress` is the store's bookkeeping (`done` says what is finished); variables carry
     # their description and units in memory as on disk, so a saved result is identical
