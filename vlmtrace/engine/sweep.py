@@ -43,6 +43,7 @@ from ..presentation.progress import progress_bar
 from ..results.dataset import Layout, describe
 from ..results.store import SweepStore
 from . import attribution, screening
+from .admission import check_arguments
 from .corruptions import Corruption
 from .forward import Prefix, resume_cache, run, stack_rows
 from .invariants import verify_baselines
@@ -111,6 +112,7 @@ def patch(
     `pack_samples=False` runs one sample per forward, for benchmarks and tests: the results are
     the same, up to float rounding.
     """
+    check_arguments(metric=metric, max_batch=max_batch, max_memory=max_memory, shard=shard, store=store)
     stack_name, stack = checked_stack(vlm, samples, grid, direction, verb="patch")
     if getattr(backend, "mode", None) == "submit":
         raise ValueError(

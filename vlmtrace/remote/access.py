@@ -28,6 +28,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
@@ -68,16 +69,77 @@ def default_key_file(port: int) -> Path:
     return Path.home() / ".vlmtrace" / f"serve-{port}.key"
 
 
-def write_key_file(path: Path, key: str) -> Path:
-    """Write `key` to `path`, readable by its owner only (0600 in a 0700 directory if new)."""
+class KeyFileRefused(ValueError):
+    """The key file's place is not safe to write a key to (another user's file, a link)."""
+
+
+@dataclass(frozen=True)
+class KeyFile:
+    """A key file this server created: removed at shutdown only if it is still that file."""
+
+    path: Path
+    identity: tuple[int, int]
+    """(device, inode) of the file as created: a file another process put there since is kept."""
+
+    def remove(self) -> None:
+        try:
+            found = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if (found.st_dev, found.st_ino) == self.identity:
+            self.path.unlink(missing_ok=True)
+
+
+def write_key_file(path: Path, key: str) -> KeyFile:
+    """Write `key` to a new file at `path`, readable by its owner only (0600; a new folder 0700).
+
+    The file is created exclusively and without following links (`O_EXCL | O_NOFOLLOW`), so a
+    file or link someone else put there first never receives the key. A key file of this user
+    left by a server that died is replaced; anything else at `path`, and a folder that others
+    may write to without the sticky bit, is refused.
+    """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    me = os.geteuid()
+    folder = os.stat(path.parent)
+    if folder.st_uid not in (me, 0) or (folder.st_mode & 0o022 and not folder.st_mode & 0o1000):
+        raise KeyFileRefused(
+            f"the key file's folder {path.parent} can be written by other users (owner uid "
+            f"{folder.st_uid}, mode {folder.st_mode & 0o7777:o}), who could swap the file; choose a "
+            "--key-file in a folder only you can write."
+        )
     try:
-        os.fchmod(descriptor, 0o600)  # an existing file keeps its mode through O_CREAT
+        found = os.lstat(path)
+    except FileNotFoundError:
+        found = None
+    if found is not None:
+        import stat
+
+        if stat.S_ISLNK(found.st_mode) or not stat.S_ISREG(found.st_mode) or found.st_uid != me:
+            what = "a link" if stat.S_ISLNK(found.st_mode) else f"owned by uid {found.st_uid}"
+            if not stat.S_ISLNK(found.st_mode) and not stat.S_ISREG(found.st_mode):
+                what = "not a regular file"
+            raise KeyFileRefused(
+                f"{path} exists and is {what}: the key is written only to a new file of your own. "
+                "Remove it if it is yours, or choose another --key-file."
+            )
+        path.unlink()  # this user's key file of a server that is no longer running (the port was free)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise KeyFileRefused(
+            f"{path} was created by another process while this server started; choose another --key-file."
+        ) from None
+    try:
+        created = os.fstat(descriptor)
+        if created.st_uid != me:
+            raise KeyFileRefused(
+                f"{path} is not owned by this user after creating it; choose another --key-file."
+            )
+        os.fchmod(descriptor, 0o600)
         os.write(descriptor, (key + "\n").encode())
     finally:
         os.close(descriptor)
-    return path
+    return KeyFile(path, (created.st_dev, created.st_ino))
 
 
 def split_host(netloc: str) -> tuple[str, str | None]:
@@ -157,6 +219,56 @@ class Access:
         return None
 
 
+KEY_NAMES = ("key", "token", "secret", "password", "auth")
+"""Query parameter names that hint at a credential (`api_key`, `ndif-api-key`, `token`, ...)."""
+
+
+def key_in_query(query: bytes, api_key: str | None) -> bool:
+    """True when a query string carries a credential: a parameter named like one, or the key."""
+    from urllib.parse import parse_qsl
+
+    text = query.decode("latin-1")
+    if api_key and api_key in text:
+        return True
+    return any(
+        any(hint in name.lower() for hint in KEY_NAMES) for name, _ in parse_qsl(text, keep_blank_values=True)
+    )
+
+
+class Redacted(logging.Filter):
+    """Keep credentials out of log lines: query strings are cut from paths, the key replaced.
+
+    uvicorn writes a websocket handshake's path *with* its query string; a key sent there
+    (refused, but logged first) would sit in the server's log.
+    """
+
+    def __init__(self, api_key: str | None) -> None:
+        super().__init__()
+        self.api_key = api_key
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(
+                a.split("?", 1)[0] + "?<query removed>"
+                if isinstance(a, str) and a.startswith("/") and "?" in a
+                else a
+                for a in record.args
+            )
+        if self.api_key:
+            message = record.getMessage()
+            if self.api_key in message:
+                record.msg, record.args = message.replace(self.api_key, "<key>"), ()
+        return True
+
+
+def redact_logs(api_key: str | None, loggers: Iterable[str]) -> Redacted:
+    """Install `Redacted` on these loggers (uvicorn's and the server's own)."""
+    redacted = Redacted(api_key)
+    for name in loggers:
+        logging.getLogger(name).addFilter(redacted)
+    return redacted
+
+
 class BodyTooLarge(Exception):
     """A request body grew past the limit while it was read."""
 
@@ -178,6 +290,11 @@ class Guard:
 
     def refusal(self, scope: Scope) -> tuple[int, str] | None:
         """(status, reason) for a request that may not proceed, else None."""
+        if key_in_query(scope.get("query_string", b""), self.access.api_key):
+            return 400, (
+                "a key was sent in the URL's query string, where logs, proxies and histories keep it; "
+                "send it in the ndif-api-key header (nnsight's client and vlmtrace's backend do)."
+            )
         host = _header(scope, b"host")
         reason = self.access.host_refusal(host)
         if reason:

@@ -110,6 +110,15 @@ class Layout:
             self.keys = list(dict.fromkeys(cell.key for row in cells for cell in row))
         self.place = "position" if self.by_token else "segment"
         self.head_sites = HEAD_SITES
+        if not self.keys or not self.layers:
+            from ..engine.sites import GridError
+
+            chosen = list(grid.segments) if grid.segments is not None else "all"
+            raise GridError(
+                f"the grid selects no {self.place if not self.keys else 'layer'} of any sample (segments "
+                f"{chosen}, skipping {list(grid.skip)}), so the result would be empty. Skip fewer "
+                "segments, or choose segments the prompts hold."
+            )
 
     def dims(self, site: str) -> list[str]:
         head = ["head"] if site in self.head_sites else []
