@@ -16,8 +16,12 @@ websocket handshake passes four checks, in this order, before any byte of its bo
 4. **Client**: `POST /request` must carry nnsight's `nnsight-version` header, which no
    browser sends without a CORS preflight that this server never grants: 400.
 
-The body of `POST /request` is then read with a size limit that counts bytes as they arrive
-(413 past it, whatever `Content-Length` claimed). Keys are never logged or echoed.
+Before them, a request whose URL carries a key in its query string (`?api_key=...`) is refused
+(400): URLs end up in logs, proxies and shell histories. The body of `POST /request` is then
+read with a size limit that counts bytes as they arrive (413 past it, whatever
+`Content-Length` claimed). Keys are never logged or echoed: `Redacted` cuts query strings from
+uvicorn's log lines (it writes a websocket handshake's path whole) and masks the key. The key
+file is created new, never through a link or into another user's file (`write_key_file`).
 
     access = Access(api_key=key, hosts=allowed_hosts("127.0.0.1", public_url=None, extra=()))
     app = Guard(app, access, max_body=256 * 2**20)
