@@ -511,10 +511,28 @@ def test_a_key_file_is_created_new_never_through_a_link_or_into_another_users_fi
         with pytest.raises(KeyFileRefused, match="owned by uid 65534"):
             write_key_file(foreign, "secret")
         assert foreign.read_text() == ""
-    stale = tmp_path / "keys" / "stale.key"
+    stale = tmp_path / "keys" / "stale.key"  # left by a server that died: nobody holds it
     stale.write_text("old")
     stale.chmod(0o644)
     written = write_key_file(stale, "secret")
     assert stale.read_text() == "secret\n" and stat.S_IMODE(stale.stat().st_mode) == 0o600
+    with pytest.raises(KeyFileRefused, match="is the key file of a running server"):
+        write_key_file(stale, "another")
+    assert stale.read_text() == "secret\n"
     written.remove()
     assert not stale.exists()
+
+
+def test_a_second_server_on_another_port_leaves_the_key_file_a_running_server_holds(servers):
+    from served import free_port
+    from typer.testing import CliRunner
+
+    from vlmtrace.cli import app
+
+    guarded = servers["guarded"]
+    args = ["serve", "no-such-model", "--port", str(free_port()), "--key-file", str(guarded.key_file)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "key file of a running server" in " ".join(
+        result.output.replace("│", " ").split()
+    )
+    assert guarded.key_file.read_text().strip() == guarded.key

@@ -74,38 +74,53 @@ def default_key_file(port: int) -> Path:
 
 
 class KeyFileRefused(ValueError):
-    """The key file's place is not safe to write a key to (another user's file, a link)."""
+    """The key file's place is not safe to write a key to (another user's file, a link, a file
+    a running server holds)."""
 
 
-@dataclass(frozen=True)
 class KeyFile:
-    """A key file this server created: removed at shutdown only if it is still that file."""
+    """A key file this server created and holds (`flock`) while it runs.
 
-    path: Path
-    identity: tuple[int, int]
-    """(device, inode) of the file as created: a file another process put there since is kept."""
+    The lock tells a later server whether a key file at its path belongs to a live server
+    (refused) or to one that died (replaced). `remove` deletes the file only if it is still
+    the one created here.
+    """
+
+    def __init__(self, path: Path, descriptor: int) -> None:
+        self.path = path
+        self.descriptor = descriptor
+        found = os.fstat(descriptor)
+        self.identity = (found.st_dev, found.st_ino)
 
     def remove(self) -> None:
         try:
             found = os.lstat(self.path)
+            if (found.st_dev, found.st_ino) == self.identity:
+                self.path.unlink()
         except FileNotFoundError:
-            return
-        if (found.st_dev, found.st_ino) == self.identity:
-            self.path.unlink(missing_ok=True)
+            pass
+        finally:
+            if self.descriptor >= 0:
+                os.close(self.descriptor)  # releases the lock
+                self.descriptor = -1
 
 
 def write_key_file(path: Path, key: str) -> KeyFile:
     """Write `key` to a new file at `path`, readable by its owner only (0600; a new folder 0700).
 
     The file is created exclusively and without following links (`O_EXCL | O_NOFOLLOW`), so a
-    file or link someone else put there first never receives the key. A key file of this user
-    left by a server that died is replaced; anything else at `path`, and a folder that others
-    may write to without the sticky bit, is refused.
+    file or link someone else put there first never receives the key, and held (`flock`) until
+    the server stops. A key file of this user that no running server holds (its server died)
+    is replaced; a link, another user's file, a file a running server holds, and a folder that
+    others may write to without the sticky bit are refused.
     """
+    import fcntl
+    import stat
+
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     me = os.geteuid()
     folder = os.stat(path.parent)
-    if folder.st_uid not in (me, 0) or (folder.st_mode & 0o022 and not folder.st_mode & 0o1000):
+    if folder.st_uid not in (me, 0) or (folder.st_mode & 0o022 and not folder.st_mode & stat.S_ISVTX):
         raise KeyFileRefused(
             f"the key file's folder {path.parent} can be written by other users (owner uid "
             f"{folder.st_uid}, mode {folder.st_mode & 0o7777:o}), who could swap the file; choose a "
@@ -116,34 +131,49 @@ def write_key_file(path: Path, key: str) -> KeyFile:
     except FileNotFoundError:
         found = None
     if found is not None:
-        import stat
-
-        if stat.S_ISLNK(found.st_mode) or not stat.S_ISREG(found.st_mode) or found.st_uid != me:
-            what = "a link" if stat.S_ISLNK(found.st_mode) else f"owned by uid {found.st_uid}"
-            if not stat.S_ISLNK(found.st_mode) and not stat.S_ISREG(found.st_mode):
-                what = "not a regular file"
+        if stat.S_ISLNK(found.st_mode):
+            problem = "a link"
+        elif not stat.S_ISREG(found.st_mode):
+            problem = "not a regular file"
+        elif found.st_uid != me:
+            problem = f"owned by uid {found.st_uid}"
+        else:
+            problem = None
+        if problem is not None:
             raise KeyFileRefused(
-                f"{path} exists and is {what}: the key is written only to a new file of your own. "
+                f"{path} exists and is {problem}: the key is written only to a new file of your own. "
                 "Remove it if it is yours, or choose another --key-file."
             )
-        path.unlink()  # this user's key file of a server that is no longer running (the port was free)
+        old = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KeyFileRefused(
+                f"{path} is the key file of a running server; give this one another --key-file (or "
+                "stop that server)."
+            ) from None
+        finally:
+            os.close(old)
+        path.unlink()  # this user's key file of a server that died
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
         raise KeyFileRefused(
             f"{path} was created by another process while this server started; choose another --key-file."
         ) from None
     try:
-        created = os.fstat(descriptor)
-        if created.st_uid != me:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(descriptor).st_uid != me:
             raise KeyFileRefused(
                 f"{path} is not owned by this user after creating it; choose another --key-file."
             )
         os.fchmod(descriptor, 0o600)
         os.write(descriptor, (key + "\n").encode())
-    finally:
+    except BaseException:
         os.close(descriptor)
-    return KeyFile(path, (created.st_dev, created.st_ino))
+        path.unlink(missing_ok=True)
+        raise
+    return KeyFile(path, descriptor)
 
 
 def split_host(netloc: str) -> tuple[str, str | None]:
