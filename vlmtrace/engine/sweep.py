@@ -19,8 +19,9 @@ same forward, and holds whole cells (all k draws), so a cell's value (the mean o
 is final when its chunk ends. Where a sample's last chunk leaves room, the next samples' rows
 fill the same forward, each sample with its own baseline rows (`vlmtrace.engine.packing`).
 With `store=`, each finished chunk is written to zarr at once and a rerun of the same command
-resumes after the last written chunk (`vlmtrace.results.store`); `shard=(i, n)` runs the i-th
-of n disjoint parts of the samples into the same store. On an out-of-memory error a forward is
+resumes after the last written chunk (`vlmtrace.results.store`); the sweep holds the store's
+lock until its last chunk, so no other run replaces the store under it. `shard=(i, n)` runs
+the i-th of n disjoint parts of the samples into the same store. On an out-of-memory error a forward is
 halved and retried.
 """
 

@@ -8,6 +8,8 @@ any chunk that differs.
 
     digests = chunk_digests(values, chunks=(1, 2, 3, 10))   # {"0.0.0.0": digest, "1.0.0.0": ...}
     value_digest(values[0])                                  # one chunk's digest
+    recorded = record(path, ds, unmarked=())                 # a whole store's, for its marker group
+    verify(path, loaded, recorded)                           # StoreError naming the file that differs
 
 A digest is of the chunk's *decoded values* (what a reader gets), in a canonical form: the
 numbers as little-endian 64-bit values, anything else (strings) as JSON. It does not depend
@@ -21,9 +23,13 @@ import hashlib
 import itertools
 import json
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xarray as xr
+
+from .lock import StoreError
 
 
 def _canonical(values: np.ndarray) -> bytes:
@@ -102,3 +108,74 @@ def chunk_digests(values: np.ndarray, *, chunks: tuple[int, ...]) -> dict[str, i
     if values.ndim == 0:
         return {"": value_digest(values)}
     return {chunk_key(index): value_digest(values[block]) for index, block in blocks(values.shape, chunks)}
+
+
+# --- a whole store: recorded at layout or save, verified on every read ----------------------
+
+
+def record(path: Path, ds: xr.Dataset, *, unmarked: tuple[str, ...]) -> dict[str, Any]:
+    """Digests of every chunk of the store just written at `path` from `ds` (but the arrays
+    `unmarked`, whose digests a sweep's ledger keeps) and of its attributes, as read back."""
+    import zarr
+
+    digests = {}
+    for name, array in zarr.open_group(str(path), mode="r").arrays():
+        if name not in unmarked:
+            chunks = tuple(array.chunks)
+            digests[name] = {
+                "chunks": list(chunks),
+                "keys": chunk_digests(ds.variables[name].values, chunks=chunks),
+            }
+    with xr.open_zarr(path, consolidated=(path / ".zmetadata").exists()) as back:
+        attributes = {"": attrs_digest(back.attrs)}
+        attributes.update({str(n): attrs_digest(v.attrs) for n, v in back.variables.items()})
+    return {"digests": digests, "attributes": attributes}
+
+
+FOREIGN = (
+    "does not hold what was written there (its checksum differs: a flipped bit, or a chunk copied "
+    "from another sample or store)"
+)
+
+
+def damaged(path: Path, file: Path, what: str) -> StoreError:
+    return StoreError(
+        f"{path} is damaged: the chunk file {file} {what}. Restore it from a backup, or delete the "
+        "store and rerun the same command."
+    )
+
+
+def chunk_file(path: Path, name: str, index: tuple[int, ...]) -> Path:
+    """The file of chunk `index` of array `name` (its folder, if the array's metadata is broken)."""
+    import zarr
+
+    try:
+        array = zarr.open_array(str(path / name), mode="r")
+        return path / name / array.metadata.encode_chunk_key(index)
+    except Exception:
+        return path / name
+
+
+def _metadata_file(folder: Path) -> Path:
+    return folder / ("zarr.json" if (folder / "zarr.json").exists() else ".zattrs")
+
+
+def verify(path: Path, loaded: xr.Dataset, recorded: Mapping[str, Any]) -> None:
+    """Recompute the digests `record` made against the loaded store; a mismatch names the file."""
+    for name, digest in recorded.get("attributes", {}).items():
+        variable = loaded.variables.get(name) if name else None
+        attrs = loaded.attrs if name == "" else variable.attrs if variable is not None else None
+        if attrs is None or attrs_digest(attrs) != digest:
+            file = _metadata_file(path / name if name else path)
+            raise StoreError(
+                f"{path} is damaged: the attributes in {file} differ "
+                "from those written (they label the values: model, metric, units). Restore it from a "
+                "backup, or delete the store and rerun the same command."
+            )
+    for name, digests in recorded.get("digests", {}).items():
+        if name not in loaded.variables:
+            raise damaged(path, path / name, "is missing")
+        values = loaded.variables[name].values
+        for index, block in blocks(values.shape, tuple(digests["chunks"])) if values.ndim else [((), ())]:
+            if value_digest(values[block]) != digests["keys"].get(chunk_key(index)):
+                raise damaged(path, chunk_file(path, name, index), FOREIGN)

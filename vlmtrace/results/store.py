@@ -32,12 +32,11 @@ first, and the dataset a sweep returns is read back only if the store still hold
 configuration, so a result is never labelled with another run's metric.
 
 **Checksums** (`vlmtrace.results.checksums`). Each sample's ledger row records the digest of
-each of its value chunks, and a digest of the row itself (its sample, the configuration, its
-fields); the chunks written once at layout (coordinates) and the attributes have theirs in
-the store's marker group. Before a chunk is written, its digest is recorded as *pending* in
-the row; after, as *committed*: a chunk matches one of the two whatever instant a kill hit.
-Reading recomputes every digest: a damaged chunk, or one copied from another sample or
-store, is a StoreError naming the file, as is a deleted or truncated one.
+each of its value chunks, pending before they are written and committed after, and a digest
+of the row itself (`vlmtrace.results.ledger`); the chunks written once at layout (coordinates)
+and the attributes have theirs in the store's marker group. Reading recomputes every digest:
+a damaged chunk, or one copied from another sample or store, is a StoreError naming the
+file, as is a deleted or truncated one.
 
 **Only vlmtrace's stores are replaced.** The store records a hash of everything that
 determines its values (model, corruption, metric, grid, direction, samples, vlmtrace
@@ -66,18 +65,13 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .checksums import attrs_digest, blocks, chunk_digests, chunk_key, row_digest, value_digest
+from . import checksums, ledger
+from .checksums import value_digest
+from .ledger import COMMITTED, LEDGER, LEDGER_FIELD, PROGRESS
 from .lock import LOCK_TIMEOUT, PathLock, StoreError, StoreInUse, path_lock, refusal
 
 __all__ = ["PathLock", "StoreError", "StoreInUse", "SweepStore", "path_lock", "read_store", "write_whole"]
 
-PROGRESS = ("progress", "done")
-LEDGER = "ledger"
-"""On disk, a sample's progress, done flag and chunk digests: one int64 row per sample, one
-chunk per row."""
-LEDGER_FIELD = "ledger_field"
-COMMITTED, PENDING, ROW = "digest:", "pending:", "row"
-"""Ledger fields: `digest:NAME` and `pending:NAME` per value variable, and the row's own digest."""
 MARKER = "vlmtrace_store"
 """A zarr group written into every store vlmtrace lays out, last: every chunk file was
 written. Its attributes hold the digests of the chunks written at layout and of the
@@ -228,41 +222,13 @@ def _mark(path: Path, ds: xr.Dataset, unmarked: tuple[str, ...]) -> None:
     """Write the marker group: every chunk is written; digests of chunks and attributes."""
     import zarr
 
-    root = zarr.open_group(str(path), mode="r+")
-    digests = {}
-    for name, array in root.arrays():
-        if name in unmarked:
-            continue
-        digests[name] = {
-            "chunks": list(array.chunks),
-            "keys": chunk_digests(ds.variables[name].values, chunks=tuple(array.chunks)),
-        }
-    with xr.open_zarr(path, consolidated=(path / ".zmetadata").exists()) as back:  # attrs as read
-        attributes = {"": attrs_digest(back.attrs)}
-        attributes.update({str(n): attrs_digest(v.attrs) for n, v in back.variables.items()})
-    root.create_group(
-        MARKER, attributes={"every_chunk_written": True, "digests": digests, "attributes": attributes}
+    recorded = checksums.record(path, ds, unmarked=unmarked)
+    zarr.open_group(str(path), mode="r+").create_group(
+        MARKER, attributes={"every_chunk_written": True, **recorded}
     )
 
 
 # --- reading, with damage named by file -----------------------------------------------------
-
-
-def _damaged(path: Path, file: Path, what: str) -> StoreError:
-    return StoreError(
-        f"{path} is damaged: the chunk file {file} {what}. Restore it from a backup, or delete the "
-        "store and rerun the same command."
-    )
-
-
-def _chunk_file(path: Path, name: str, index: tuple[int, ...]) -> Path:
-    import zarr
-
-    try:
-        array = zarr.open_array(str(path / name), mode="r")
-        return path / name / array.metadata.encode_chunk_key(index)
-    except Exception:  # the array's own metadata is broken: name its folder
-        return path / name
 
 
 def _check_chunks(path: Path, *, read: bool) -> None:
@@ -276,13 +242,13 @@ def _check_chunks(path: Path, *, read: bool) -> None:
         for index in itertools.product(*grid):
             file = path / name / array.metadata.encode_chunk_key(index)
             if every_file and not file.exists():
-                raise _damaged(path, file, "is missing (deleted after it was written)")
+                raise checksums.damaged(path, file, "is missing (deleted after it was written)")
             if read and file.exists():
                 block = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, array.chunks, strict=True))
                 try:
                     array[block]
                 except Exception as error:
-                    raise _damaged(
+                    raise checksums.damaged(
                         path,
                         file,
                         f"cannot be read ({type(error).__name__}: {error}); it was truncated or overwritten",
@@ -297,74 +263,16 @@ def _marker(path: Path) -> dict[str, Any]:
     attrs = _attributes(folder)
     if attrs is None:
         file = folder / ("zarr.json" if (folder / "zarr.json").exists() else ".zattrs")
-        raise _damaged(path, file, "cannot be read (it holds the store's checksums)")
+        raise checksums.damaged(path, file, "cannot be read (it holds the store's checksums)")
     return attrs
 
 
 def _verify(path: Path, loaded: xr.Dataset, marker: dict[str, Any]) -> None:
-    """Recompute every recorded digest of a loaded store; a mismatch names the file."""
-    for name, recorded in marker.get("attributes", {}).items():
-        attrs = (
-            loaded.attrs if name == "" else loaded.variables[name].attrs if name in loaded.variables else None
-        )
-        if attrs is None or attrs_digest(attrs) != recorded:
-            folder = path / name if name else path
-            file = folder / ("zarr.json" if (folder / "zarr.json").exists() else ".zattrs")
-            raise StoreError(
-                f"{path} is damaged: the attributes in {file} differ from those written (they label "
-                "the values: model, metric, units). Restore it from a backup, or delete the store and "
-                "rerun the same command."
-            )
-    for name, record in marker.get("digests", {}).items():
-        if name not in loaded.variables:
-            raise _damaged(path, path / name, "is missing")
-        values = loaded.variables[name].values
-        for index, block in blocks(values.shape, tuple(record["chunks"])) if values.ndim else [((), ())]:
-            if value_digest(values[block]) != record["keys"].get(chunk_key(index)):
-                raise _damaged(path, _chunk_file(path, name, index), _FOREIGN)
-    if LEDGER in loaded and ROW in loaded[LEDGER_FIELD].values:
-        _verify_ledger(path, loaded)
-
-
-_FOREIGN = (
-    "does not hold what was written there (its checksum differs: a flipped bit, or a chunk copied "
-    "from another sample or store)"
-)
-
-
-def _verify_ledger(path: Path, loaded: xr.Dataset) -> None:
-    fields = [str(f) for f in loaded[LEDGER_FIELD].values]
-    ledger = loaded[LEDGER].values.astype(np.int64)
-    config = str(loaded.attrs.get("config_hash", ""))
-    for i, row in enumerate(ledger):
-        if row_digest(i, config, row[:-1]) != row[-1]:
-            raise _damaged(path, _chunk_file(path, LEDGER, (i, 0)), _FOREIGN)
-    for f, field in enumerate(fields):
-        if not field.startswith(COMMITTED):
-            continue
-        name = field[len(COMMITTED) :]
-        pending = fields.index(PENDING + name)
-        values = _by_sample(loaded[name])
-        for i in range(len(ledger)):
-            if value_digest(values[i]) not in (ledger[i, f], ledger[i, pending]):
-                index = tuple(i if d == "sample" else 0 for d in loaded[name].dims)
-                raise _damaged(path, _chunk_file(path, name, index), _FOREIGN)
-
-
-def _by_sample(variable: xr.DataArray) -> np.ndarray:
-    """A variable's values with `sample` first: element i is sample i's chunk."""
-    return np.moveaxis(variable.values, variable.dims.index("sample"), 0)
-
-
-def _decode(ds: xr.Dataset) -> xr.Dataset:
-    """The sweep's view of a store: the ledger as its `progress` and `done` variables."""
-    if LEDGER not in ds:
-        return ds
-    ledger = ds[LEDGER]
-    ds = ds.drop_vars([LEDGER, LEDGER_FIELD])
-    ds["progress"] = ledger.isel({LEDGER_FIELD: 0}, drop=True).astype(np.int64)
-    ds["done"] = ledger.isel({LEDGER_FIELD: 1}, drop=True).astype(bool)
-    return ds
+    """Recompute every recorded digest of a loaded store (marker and ledger); a mismatch names the file."""
+    checksums.verify(path, loaded, marker)
+    damaged = ledger.mismatch(loaded)
+    if damaged is not None:
+        raise checksums.damaged(path, checksums.chunk_file(path, *damaged), checksums.FOREIGN)
 
 
 def _load(path: Path) -> xr.Dataset:
@@ -397,7 +305,7 @@ def _load(path: Path) -> xr.Dataset:
 
 def read_store(path: str | Path) -> xr.Dataset:
     """A store written by vlmtrace, loaded into memory; damage is a StoreError naming the file."""
-    return _decode(_load(Path(path)))
+    return ledger.decode(_load(Path(path)))
 
 
 # --- the sweep's store ---------------------------------------------------------------------
@@ -447,7 +355,7 @@ class SweepStore:
             raise self._replaced(found, "it was not read")
         self._fields = [str(f) for f in raw[LEDGER_FIELD].values] if LEDGER in raw else []
         self._rows = raw[LEDGER].values.astype(np.int64).copy() if LEDGER in raw else None
-        return _decode(raw)
+        return ledger.decode(raw)
 
     def write(self, ds: xr.Dataset, sample: int) -> None:
         """Write sample `sample`'s values, then (only then) its ledger: progress and done at once.
@@ -468,29 +376,28 @@ class SweepStore:
                 _region(ds, list(PROGRESS), region).to_zarr(self.path, region=region, consolidated=False)
                 return
             fields = self._fields or []
-            row = self._rows[sample].copy()
             digests = {
-                name: value_digest(_by_sample(ds[name])[sample])
+                name: value_digest(ledger.by_sample(ds[name])[sample])
                 for name in values
                 if COMMITTED + name in fields
             }
-            pending = {fields.index(PENDING + name): d for name, d in digests.items()}
-            if any(row[f] != d for f, d in pending.items()):
-                for f, d in pending.items():
-                    row[f] = d
-                self._write_row(sample, row)
+            before = ledger.with_pending(self._rows[sample], fields, digests)
+            if not np.array_equal(before, self._rows[sample]):
+                self._write_row(sample, before)
             _region(ds, values, region).to_zarr(
                 self.path, region=region, consolidated=False, write_empty_chunks=True
             )
-            row[fields.index("progress")] = int(ds["progress"].values[sample])
-            row[fields.index("done")] = int(bool(ds["done"].values[sample]))
-            for name, d in digests.items():
-                row[fields.index(COMMITTED + name)] = d
-            self._write_row(sample, row)
+            after = ledger.committed(
+                before,
+                fields,
+                progress=int(ds["progress"].values[sample]),
+                done=bool(ds["done"].values[sample]),
+                digests=digests,
+            )
+            self._write_row(sample, after)
 
     def _write_row(self, sample: int, row: np.ndarray) -> None:
-        if self._fields and self._fields[-1] == ROW:
-            row[-1] = row_digest(sample, self.config, row[:-1])
+        row = ledger.sealed(row, self._fields or [], sample=sample, config=self.config)
         region = {"sample": slice(sample, sample + 1)}
         xr.Dataset({LEDGER: (("sample", LEDGER_FIELD), row[None])}).to_zarr(
             self.path, region=region, consolidated=False, write_empty_chunks=True
@@ -577,35 +484,10 @@ def _state(path: Path, template: xr.Dataset, *, overwrite: bool) -> str:
     )
 
 
-def ledger_fields(values: list[str]) -> list[str]:
-    """The ledger's fields for a sweep whose value variables are `values`."""
-    return [*PROGRESS, *(COMMITTED + n for n in values), *(PENDING + n for n in values), ROW]
-
-
-def _encode(template: xr.Dataset, values: list[str]) -> xr.Dataset:
-    """The on-disk form of a sweep's template: `progress`, `done` and digests as one `ledger` row."""
-    fields = ledger_fields(values)
-    n = template.sizes["sample"]
-    ledger = np.zeros((n, len(fields)), dtype=np.int64)
-    ledger[:, 0] = template["progress"].values.astype(np.int64)
-    ledger[:, 1] = template["done"].values.astype(np.int64)
-    for name in values:
-        chunks = _by_sample(template[name])
-        for i in range(n):
-            d = value_digest(chunks[i])
-            ledger[i, fields.index(COMMITTED + name)] = ledger[i, fields.index(PENDING + name)] = d
-    config = str(template.attrs["config_hash"])
-    for i in range(n):
-        ledger[i, -1] = row_digest(i, config, ledger[i, :-1])
-    encoded = template.drop_vars(list(PROGRESS))
-    encoded[LEDGER] = (("sample", LEDGER_FIELD), ledger)
-    return encoded.assign_coords({LEDGER_FIELD: np.array(fields, dtype=object)})  # zarr-safe strings
-
-
 def _create(path: Path, template: xr.Dataset, *, replace: bool) -> None:
     """Lay out the empty result, one sample per chunk along `sample`, then rename it in."""
     values = [n for n, v in template.data_vars.items() if "sample" in v.dims and n not in PROGRESS]
-    encoded = _encode(template, values)
+    encoded = ledger.encode(template, values)
     encoding = {}
     for name, var in encoded.variables.items():
         if "sample" in var.dims and name != "sample":
