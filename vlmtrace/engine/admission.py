@@ -128,8 +128,8 @@ def check_sample(vlm: VLM, sample: Sample, index: int = 0) -> None:
     who = _named(sample, index)
     for field in ("prompt", "answer"):
         _check_text(getattr(sample, field), f"{who}: {field}")
-    if sample.foil is not None:
-        _check_text(sample.foil, f"{who}: foil")
+    if sample.foil is not None:  # an empty foil is no foil (metrics that need one say so)
+        _check_text(sample.foil, f"{who}: foil", empty_ok=True)
     for field in ("spans", "replacements"):
         value = getattr(sample, field)
         if not isinstance(value, Mapping) or not all(
@@ -158,7 +158,7 @@ def _span_holds_last(who: str, name: str, span: str) -> AdmissionError:
     )
 
 
-def _check_text(value: Any, what: str) -> None:
+def _check_text(value: Any, what: str, *, empty_ok: bool = False) -> None:
     if isinstance(value, float) and math.isnan(value):
         raise AdmissionError(
             f"{what} is NaN, a missing value (an empty cell or a NaN in a JSON or CSV file), not text; "
@@ -168,7 +168,7 @@ def _check_text(value: Any, what: str) -> None:
         raise AdmissionError(
             f"{what} must be text; got {type(value).__name__} {value!r}: write it as a string."
         )
-    if not value.strip():
+    if not value.strip() and not empty_ok:
         raise AdmissionError(f"{what} is empty; give the text.")
 
 
@@ -253,7 +253,8 @@ def check_prepared(vlm: VLM, prepared: Prepared) -> None:
                 "the answer is read) is an image token. Put the question (and the answer cue) after the "
                 "image."
             )
-        _check_last_not_in_spans(vlm, encoded, ids, last, who, side, sample)
+        if side == "clean":  # a corrupted side's spans are replacements, placed like the originals
+            _check_last_not_in_spans(vlm, sample, ids[: last + 1], who)
     answers = [("answer", prepared.answer)] + ([("foil", prepared.foil)] if prepared.foil is not None else [])
     for what, answer_ids in answers:
         if image_token is not None and image_token in [int(i) for i in answer_ids]:
@@ -263,20 +264,21 @@ def check_prepared(vlm: VLM, prepared: Prepared) -> None:
             )
 
 
-def _check_last_not_in_spans(vlm: VLM, encoded: Any, ids: torch.Tensor, last: int, who, side, sample) -> None:
-    """A span whose tokens reach the last position (a tokenizer may join the span's last word
-    with what follows it): the span would lose that token to 'last'."""
-    spans = dict(sample.spans)
-    if side == "corrupted" or not spans:
+def _check_last_not_in_spans(vlm: VLM, sample: Sample, prompt_ids: torch.Tensor, who: str) -> None:
+    """Refuse a span whose tokens reach the prompt's last position (the last of `prompt_ids`):
+    the span would silently lose that token to the "last" label. Found with the tokenizer's own
+    offsets (`TokenText`), as the encoder found the span."""
+    if not sample.spans:
         return
+    last = len(prompt_ids) - 1
     image_token = vlm.shape.image_token_id if vlm.adapter.image_in_sequence else None
     text = TokenText.of(
-        vlm.tokenizer, [int(i) for i in ids[: last + 1]], prompt=sample.prompt, image_token_id=image_token
+        vlm.tokenizer, [int(i) for i in prompt_ids], prompt=sample.prompt, image_token_id=image_token
     )
-    for name, span in spans.items():
+    for name, span in sample.spans.items():
         try:
             positions = text.span_positions(span, name)
         except UserError:
-            continue  # reported by the encoder itself
+            continue  # the encoder reported it already
         if last in positions:
             raise _span_holds_last(who, name, span)
