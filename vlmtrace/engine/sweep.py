@@ -21,8 +21,8 @@ fill the same forward, each sample with its own baseline rows (`vlmtrace.engine.
 With `store=`, each finished chunk is written to zarr at once and a rerun of the same command
 resumes after the last written chunk (`vlmtrace.results.store`); the sweep holds the store's
 lock until its last chunk, so no other run replaces the store under it. `shard=(i, n)` runs
-the i-th of n disjoint parts of the samples into the same store. On an out-of-memory error a forward is
-halved and retried.
+the i-th of n disjoint parts of the samples into the same store. On an out-of-memory error a
+forward is halved and retried.
 """
 
 from __future__ import annotations
