@@ -44,7 +44,7 @@ def values_equal(a: xr.Dataset, b: xr.Dataset) -> bool:
 
 def running_job(store: Path) -> subprocess.Popen:
     """`tests/sweep_job.py` writing `store` slowly, returned once its first chunk is on disk."""
-    job = subprocess.Popen([sys.executable, str(JOB), str(store), "--slow", "0.4"])
+    job = subprocess.Popen([sys.executable, str(JOB), str(store), "--slow", "0.25"])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
