@@ -54,9 +54,7 @@ def main() -> None:
     parser.add_argument("--count-writes", action="store_true")
     args = parser.parse_args()
     writes = count_writes(die_at=args.die_at_write)
-    torch.set_num_threads(1)
-    model, processor = build_llava(word_tokenizer(WORDS), layers=3, seed=1)
-    vlm = vt.wrap(model, processor, name="tiny-llava")
+    vlm = job_model()
     if args.slow:
         original = sweep.run_chunk
 
@@ -67,6 +65,20 @@ def main() -> None:
 
         sweep.run_chunk = slow_chunk
     shard = tuple(int(x) for x in args.shard.split("/")) if args.shard else None
+    job_sweep(vlm, args.store, shard=shard)
+    if args.count_writes:
+        print(writes["n"])
+
+
+def job_model() -> vt.VLM:
+    """The seeded tiny LLaVA every run builds (one thread: tiny matrices gain nothing from more)."""
+    torch.set_num_threads(1)
+    model, processor = build_llava(word_tokenizer(WORDS), layers=3, seed=1)
+    return vt.wrap(model, processor, name="tiny-llava")
+
+
+def job_sweep(vlm: vt.VLM, store: str | Path, *, shard: tuple[int, int] | None = None) -> None:
+    """The sweep of the job: 4 samples, two sites, two windows, into `store`."""
     vt.patch(
         vlm,
         job_samples(),
@@ -74,12 +86,10 @@ def main() -> None:
         grid=vt.Grid(sites=("block", "mlp"), windows=(1, 2), skip=("image",)),
         metric=vt.LogProb(),
         max_batch=16,
-        store=args.store,
+        store=store,
         shard=shard,
         progress=False,
     )
-    if args.count_writes:
-        print(writes["n"])
 
 
 def count_writes(die_at: int | None) -> dict[str, int]:

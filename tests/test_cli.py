@@ -206,3 +206,47 @@ def test_a_screened_recipe_patches_only_the_screened_cells_and_records_how(tmp_p
     for site in ("mlp", "attn"):
         kept = ds[site].notnull().sum(["layer", "position"]).values
         assert kept.shape == (8, ds.sizes["window"]) and (kept >= 1).all() and (kept <= 2).all(), kept
+
+
+def test_overwrite_never_writes_over_a_folder_that_is_not_a_store(tmp_path):
+    mine = tmp_path / "mine.zarr"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("chapter 1")
+    result = runner.invoke(app, ["recipe", "visual_constraint", "--out", str(mine), "--overwrite"])
+    assert result.exit_code == 2 and "so vlmtrace leaves it as it is" in _text(result)
+    assert (mine / "thesis.tex").read_text() == "chapter 1"
+
+
+def test_overwrite_never_replaces_a_plain_file(tmp_path):
+    file = tmp_path / "afile.zarr"
+    file.write_text("mine")
+    result = runner.invoke(app, ["recipe", "visual_constraint", "--out", str(file), "--overwrite"])
+    assert result.exit_code == 2 and "is a file, not a store" in _text(result) and file.read_text() == "mine"
+
+
+def test_a_device_torch_does_not_know_is_refused_before_loading(tmp_path):
+    out = str(tmp_path / "x.zarr")
+    result = runner.invoke(app, ["recipe", "visual_constraint", "--device", "bogus", "--out", out])
+    assert result.exit_code == 2 and "device 'bogus' is not a device" in _text(result)
+
+
+def test_remote_with_no_server_is_one_paragraph_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("NDIF_API_KEY", "k")
+    out = tmp_path / "x.zarr"
+    args = ["recipe", "visual_constraint", "--remote", "--host", "http://127.0.0.1:9", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "no server answers at http://127.0.0.1:9" in _text(result)
+    assert "Traceback" not in result.output and not out.with_suffix(".parts").exists()
+
+
+def test_serve_refuses_a_port_out_of_range_and_an_unassignable_host_before_loading(tmp_path):
+    key = str(tmp_path / "key")
+    assert runner.invoke(app, ["serve", "no-such-model", "--port", "99999"]).exit_code == 2
+    result = runner.invoke(app, ["serve", "no-such-model", "--host", "10.255.255.1", "--key-file", key])
+    assert result.exit_code == 2 and "this machine has no such address" in _text(result)
+    assert not os.path.exists(key)  # refused before the key file (and the model) was touched
+
+
+def test_serve_refuses_a_body_limit_that_is_not_a_finite_size():
+    result = runner.invoke(app, ["serve", "no-such-model", "--max-body", "1e400"])
+    assert result.exit_code == 2 and "use a finite size" in _text(result)

@@ -126,3 +126,61 @@ def test_a_report_renders_in_headless_chromium_with_every_figure_decoded(runs):
         )
     images = len(list((runs / "notice").glob("*.png")))
     assert f"<title>decoded {images} of {images}</title>" in done.stdout, done.stderr[-2000:]
+
+
+# --- issue 20: a complete store's finishing stage is resumed by the same command -------------
+
+
+@pytest.fixture
+def finished_store(runs, tmp_path) -> Path:
+    """What a kill (or a full disk) in the figures stage leaves: a complete store, a half-written
+    figure and no report."""
+    out = tmp_path / "visual_constraint.zarr"
+    shutil.copytree(runs / "visual_constraint.zarr", out)
+    (tmp_path / "visual_constraint").mkdir()
+    (tmp_path / "visual_constraint" / "mlp_windows.png").write_bytes(b"\x89PNG\r\n")
+    return out
+
+
+def rerun(out: Path, *extra: str):
+    from typer.testing import CliRunner
+
+    from vlmtrace.cli import app
+
+    args = ["recipe", "visual_constraint", "--n-samples", "2", "--out", str(out), *extra]
+    return CliRunner().invoke(app, args)
+
+
+def test_rerunning_the_command_of_a_complete_store_draws_its_figures_and_report_without_the_model(
+    finished_store, runs, monkeypatch
+):
+    import vlmtrace.models.load
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the finishing stage loaded the model")
+
+    monkeypatch.setattr(vlmtrace.models.load, "load", no_model)
+    result = rerun(finished_store)
+    assert result.exit_code == 0, result.output
+    drawn = sorted(p.name for p in finished_store.with_suffix("").glob("*.png"))
+    assert drawn == sorted(p.name for p in (runs / "visual_constraint").glob("*.png"))
+    assert finished_store.with_suffix(".html").read_text().count("data:image/png;base64,") == len(drawn)
+
+
+def test_another_command_on_a_complete_store_is_refused_naming_the_command_that_wrote_it(finished_store):
+    result = rerun(finished_store, "--seed", "3")
+    words = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "exists, written by" in words and "--overwrite" in words
+
+
+def test_a_full_disk_in_the_finishing_stage_keeps_the_store_and_says_to_rerun(finished_store, monkeypatch):
+    import errno
+
+    def disk_full(ds, folder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(registry.get("visual_constraint"), "figures", disk_full)
+    result = rerun(finished_store)
+    words = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "is complete, but its figures and report could not be written" in words
+    assert "rerun the same command" in words and xr.open_zarr(finished_store)["mlp"].size > 0

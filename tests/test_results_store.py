@@ -15,7 +15,7 @@ import pytest
 import xarray as xr
 
 import vlmtrace as vt
-from vlmtrace.results import store
+from vlmtrace.results import lock
 from vlmtrace.results.dataset import StoreError, open_result, save
 
 
@@ -156,7 +156,7 @@ def test_a_lock_held_by_a_killed_process_is_recovered(tmp_path):
 def test_a_live_lock_holder_is_named_by_pid_and_host(tmp_path, monkeypatch):
     path = tmp_path / "t.zarr"
     process = holder(path)
-    monkeypatch.setattr(store, "LOCK_TIMEOUT", 0.5)
+    monkeypatch.setattr(lock, "LOCK_TIMEOUT", 0.5)
     try:
         with pytest.raises(StoreError, match=rf"process {process.pid} on {socket.gethostname()}"):
             save(small_result(), path)

@@ -210,19 +210,20 @@ def test_a_truncated_chunk_file_is_named(uninterrupted, tmp_path):
         vt.open_result(store)
 
 
-def test_an_incompletely_laid_out_store_of_an_older_version_is_replaced_with_overwrite(
-    tiny_llava, llava_sample, tmp_path
-):
+def test_a_zarr_store_without_vlmtrace_metadata_is_never_replaced(tiny_llava, llava_sample, tmp_path):
     store = tmp_path / "t.zarr"
     store.mkdir()
     (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
-    ds = vt.patch(tiny_llava, [llava_sample], store=store, overwrite=True, **sweep_kwargs(tmp_path))
-    assert bool(ds["done"].all())
+    with pytest.raises(StoreError, match="vlmtrace did not write .* leaves it as it is"):
+        vt.patch(tiny_llava, [llava_sample], store=store, overwrite=True, **sweep_kwargs(tmp_path))
+    assert (store / "zarr.json").exists()
 
 
-def test_a_broken_store_names_overwrite_as_the_fix(tiny_llava, llava_sample, tmp_path):
+def test_a_broken_vlmtrace_store_names_overwrite_as_the_fix(tiny_llava, llava_sample, tmp_path):
     store = tmp_path / "t.zarr"
-    store.mkdir()
+    vt.patch(tiny_llava, [llava_sample], store=store, **sweep_kwargs(tmp_path))
     (store / "zarr.json").write_text("{not json")
     with pytest.raises(StoreError, match="overwrite=True"):
         vt.patch(tiny_llava, [llava_sample], store=store, **sweep_kwargs(tmp_path))
+    ds = vt.patch(tiny_llava, [llava_sample], store=store, overwrite=True, **sweep_kwargs(tmp_path))
+    assert bool(ds["done"].all())

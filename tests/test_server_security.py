@@ -259,6 +259,8 @@ def submit(vlm: vt.VLM, sample: vt.Sample, remote, body: str) -> None:
         if body == "loop":
             while True:
                 pass
+        if body == "exit":
+            os._exit(3)
         logits = tracer.result.save()  # noqa: F841 (collected with wait())
 
 
@@ -364,3 +366,173 @@ def test_a_signal_stops_a_server_whose_model_is_stuck_in_a_request(
         assert not (tmp_path / "key").exists()  # it shut down in order: its key file is gone
     finally:
         server.stop()
+
+
+# --- issue 20 -----------------------------------------------------------------------------------
+
+
+def uploading(port: int, key: str) -> socket.socket:
+    """A POST whose headers and first body bytes are sent, the rest held back: an upload in flight."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+    connection.sendall(
+        (
+            "POST /request HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{port}\r\n"
+            f"ndif-api-key: {key}\r\nnnsight-version: {NNSIGHT_HEADERS['nnsight-version']}\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\n"
+            f"Content-Length: {2**20}\r\n\r\n"
+            '--x\r\nContent-Disposition: form-data; name="blob"; filename="b"\r\n\r\n'
+        ).encode()
+        + b"x" * 1024
+    )
+    return connection
+
+
+def answered(connection: socket.socket) -> bool:
+    """True if the server has replied on (or closed) the connection."""
+    connection.setblocking(False)
+    try:
+        connection.recv(1, socket.MSG_PEEK)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        connection.setblocking(True)
+
+
+def test_uploads_still_arriving_count_against_the_queue_bound(servers, llava_dir, tmp_path):
+    guarded = servers["guarded"]  # --max-queue 2
+    headers = {**NNSIGHT_HEADERS, "ndif-api-key": guarded.key}
+    barrier(guarded, llava_dir, tmp_path, guarded.key)  # nothing else is queued
+    arriving = [uploading(guarded.port, guarded.key) for _ in range(2)]
+    try:
+        time.sleep(1.0)  # both are admitted and being read
+        assert not any(answered(connection) for connection in arriving), "an upload was turned away"
+        third = hostile_post(guarded.url, llava_dir, tmp_path / "marker", headers)
+    finally:
+        for connection in arriving:
+            connection.close()
+    assert third.status_code == 503 and "arriving, waiting or running" in third.json()["detail"]
+    deadline = time.monotonic() + 60  # the abandoned uploads leave the queue
+    while time.monotonic() < deadline:
+        response = hostile_post(guarded.url, llava_dir, tmp_path / "barrier", headers)
+        if response.status_code == 200:
+            break
+        time.sleep(0.2)
+    assert response.status_code == 200
+
+
+def test_a_key_in_a_query_string_is_refused_and_never_logged(servers):
+    guarded = servers["guarded"]
+    for url in (f"{guarded.url}/models?api_key={guarded.key}", f"{guarded.url}/ping?x={guarded.key}"):
+        response = httpx.get(url, headers={"ndif-api-key": guarded.key}, timeout=30)
+        assert response.status_code == 400 and "query string" in response.json()["detail"]
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(
+            f"ws://127.0.0.1:{guarded.port}/subscribe?ndif-api-key={guarded.key}",
+            header={"ndif-api-key": guarded.key},
+            timeout=30,
+        )
+    assert refused.value.status_code == 400
+    time.sleep(0.5)  # the handshake's log line is written
+    log = guarded.log.read_text()
+    assert "WebSocket /subscribe?<query removed>" in log and guarded.key not in log
+
+
+def test_a_second_server_on_the_same_port_is_refused_and_leaves_the_first_ones_key_file(servers):
+    from typer.testing import CliRunner
+
+    from vlmtrace.cli import app
+
+    guarded = servers["guarded"]
+    args = ["serve", "no-such-model", "--port", str(guarded.port), "--key-file", str(guarded.key_file)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "is in use" in " ".join(result.output.replace("│", " ").split())
+    assert guarded.key_file.read_text().strip() == guarded.key
+    assert httpx.get(f"{guarded.url}/models", headers={"ndif-api-key": guarded.key}).status_code == 200
+
+
+def test_a_trace_that_kills_its_model_process_is_not_reported_as_out_of_memory(servers, llava, llava_sample):
+    from vlmtrace.remote.client import RemoteOutOfMemoryError
+
+    guarded = servers["guarded"]
+    dying = backend(llava, host=guarded.url, api_key=guarded.key, mode="submit")
+    submit(llava, llava_sample, dying, "exit")
+    with pytest.raises(RemoteError, match=r"died while running this request \(exit code 3\)") as raised:
+        dying.wait(timeout=120)
+    assert not isinstance(raised.value, RemoteOutOfMemoryError) and "memory" not in str(raised.value)
+
+
+def test_only_a_kill_by_the_out_of_memory_killer_is_reported_as_out_of_memory():
+    from vlmtrace.remote.worker import death, killed_for_memory
+
+    assert killed_for_memory(-signal.SIGKILL, 4, 5) and "out of memory" in death(-signal.SIGKILL, True)
+    assert not killed_for_memory(-signal.SIGKILL, 4, 4) and not killed_for_memory(-signal.SIGSEGV, 4, 5)
+    assert "out of memory" not in death(-signal.SIGKILL, False)
+
+
+def test_port_0_serves_on_the_port_the_kernel_chose_and_result_urls_name_it(
+    llava_dir, llava, llava_sample, tmp_path
+):
+    server = Server([llava_dir], tmp_path / "log", args=("--port", "0", "--key-file", str(tmp_path / "key")))
+    try:
+        deadline = time.monotonic() + 180
+        while "vlmtrace serve:" not in server.log.read_text() and time.monotonic() < deadline:
+            assert server.process.poll() is None, server.log.read_text()
+            time.sleep(0.1)
+        announced = server.log.read_text().split(" at ", 1)[1].split(",", 1)[0]
+        port = int(announced.rsplit(":", 1)[1])
+        assert port != 0
+        server.url, server.port = f"http://127.0.0.1:{port}", port
+        server.wait_ready()
+        server.key = (tmp_path / "key").read_text().strip()
+        assert finished_job(server, llava, llava_sample)["data"].startswith(
+            f"http://127.0.0.1:{port}/result/"
+        )
+    finally:
+        server.stop()
+
+
+def test_a_key_file_is_created_new_never_through_a_link_or_into_another_users_file(tmp_path):
+    from vlmtrace.remote.access import KeyFileRefused, write_key_file
+
+    target = tmp_path / "elsewhere"
+    target.write_text("theirs")
+    link = tmp_path / "keys" / "link.key"
+    link.parent.mkdir(mode=0o700)
+    link.symlink_to(target)
+    with pytest.raises(KeyFileRefused, match="is a link"):
+        write_key_file(link, "secret")
+    assert target.read_text() == "theirs"
+    if os.geteuid() == 0:  # a file another user created first
+        foreign = tmp_path / "keys" / "foreign.key"
+        foreign.write_text("")
+        os.chown(foreign, 65534, 65534)
+        with pytest.raises(KeyFileRefused, match="owned by uid 65534"):
+            write_key_file(foreign, "secret")
+        assert foreign.read_text() == ""
+    stale = tmp_path / "keys" / "stale.key"  # left by a server that died: nobody holds it
+    stale.write_text("old")
+    stale.chmod(0o644)
+    written = write_key_file(stale, "secret")
+    assert stale.read_text() == "secret\n" and stat.S_IMODE(stale.stat().st_mode) == 0o600
+    with pytest.raises(KeyFileRefused, match="is the key file of a running server"):
+        write_key_file(stale, "another")
+    assert stale.read_text() == "secret\n"
+    written.remove()
+    assert not stale.exists()
+
+
+def test_a_second_server_on_another_port_leaves_the_key_file_a_running_server_holds(servers):
+    from served import free_port
+    from typer.testing import CliRunner
+
+    from vlmtrace.cli import app
+
+    guarded = servers["guarded"]
+    args = ["serve", "no-such-model", "--port", str(free_port()), "--key-file", str(guarded.key_file)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "key file of a running server" in " ".join(
+        result.output.replace("│", " ").split()
+    )
+    assert guarded.key_file.read_text().strip() == guarded.key

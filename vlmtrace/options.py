@@ -11,6 +11,7 @@ or metric) its own resumable store under `parts`:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,18 @@ class Options:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise UserError(f"max_batch must be a whole number of rows >= 1, not {self.max_batch!r}.")
+        memory = self.max_memory
+        if memory is not None and (
+            isinstance(memory, bool)
+            or not isinstance(memory, int | float)
+            or not math.isfinite(memory)
+            or memory <= 0
+        ):
+            raise UserError(
+                f"max_memory must be a finite number of bytes > 0 (CLI: --max-memory 20GB), not {memory!r}."
+            )
         if self.screen_method not in ("atp", "ig"):
             raise UserError(f"--screen-method must be 'atp' or 'ig', not {self.screen_method!r}.")
         if self.shard is not None and self.parts is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 from dataclasses import replace
@@ -38,11 +39,12 @@ def parse_bytes(text: str | None) -> float | None:
     if unit not in UNITS:
         raise typer.BadParameter(f"{text!r}: use a size such as 20GB or 512MiB.", param_hint="--max-memory")
     try:
-        return float(number) * UNITS[unit]
+        size = float(number) * UNITS[unit]
     except ValueError:
-        raise typer.BadParameter(
-            f"{text!r}: use a size such as 20GB or 512MiB.", param_hint="--max-memory"
-        ) from None
+        size = math.nan
+    if not math.isfinite(size) or size <= 0:
+        raise typer.BadParameter(f"{text!r}: use a size such as 20GB or 512MiB.", param_hint="--max-memory")
+    return size
 
 
 def recipe(
@@ -131,19 +133,28 @@ def recipe(
     if name not in registry.names():
         raise typer.BadParameter(f"no recipe {name!r}; choose one of {registry.names()}.", param_hint="NAME")
     out = check_out(out or Path(f"{name}.zarr"), overwrite=overwrite)
+    if os.path.lexists(out) and not overwrite:  # a complete store: only the finishing stage is left
+        finish_from_store(out, name=name, command=command_of(ctx))
+        return
     if data is not None and not data.exists():
         raise typer.BadParameter(
             f"{data} does not exist; give a dataset file or folder.", param_hint="--data"
         )
     # Everything below the checks imports torch; the checks above answer at once.
     from ..models.load import load
-    from ..presentation.report import write_report
     from ..results.dataset import assemble
     from .hub import check_model_source
 
     module = registry.get(name)
     model_name = model or module.DEFAULT_MODEL
     check_organism(module, name, model_name)
+    if not remote:
+        from ..models.load import NotAModelError, check_device
+
+        try:
+            check_device(device)
+        except NotAModelError as error:
+            raise typer.BadParameter(str(error), param_hint="--device") from None
     if data is not None:  # read (and check) the data before any weights load
         from ..data.loaders import load_dataset
 
@@ -168,6 +179,7 @@ def recipe(
 
         vlm = skeleton(model_name)
         backend = remote_backend(vlm, host=host)
+        backend.check_reachable()  # a server that is not there is named now, not at the first chunk
     else:
         vlm = load(model_name, device=device)
     if data is None:  # the recipe's own scenes; those it cannot corrupt or the model gets wrong are left out
@@ -227,14 +239,32 @@ def recipe(
             f"{options.parts}. The last shard to finish assembles {out} and its figures."
         )
         return
+    ds.attrs["command"] = command_of(ctx)  # what reproduces it; a rerun of it finishes the figures
     if not assemble(ds, out, overwrite=overwrite):  # shards that finish together assemble once
         typer.echo(f"store: {out} (already assembled by another shard, with equal values)")
         return
-    figures = module.figures(ds, out.with_suffix(""))
-    summary = module.summary(ds)
-    report = write_report(
-        ds, out.with_suffix(".html"), summary=summary, figures=figures, command=command_of(ctx)
-    )
+    finish(module, ds, out, command=command_of(ctx))
+
+
+def finish(module, ds, out: Path, *, command: str) -> None:
+    """The finishing stage: figures and report of a complete store, then the summary.
+
+    Drawn from the store alone, so a run killed here (or out of disk space here) is finished
+    by rerunning the same command, which finds the store complete (`finish_from_store`).
+    """
+    from ..presentation.report import write_report
+
+    try:
+        figures = module.figures(ds, out.with_suffix(""))
+        summary = module.summary(ds)
+        report = write_report(ds, out.with_suffix(".html"), summary=summary, figures=figures, command=command)
+    except OSError as error:
+        raise FinishingError(
+            f"the store {out} is complete, but its figures and report could not be written "
+            f"({error.strerror or error}{f': {error.filename}' if error.filename else ''}). Free space (or "
+            "fix the folder's permissions) and rerun the same command: it draws them from the store, "
+            "without the model."
+        ) from None
     typer.echo(f"store: {out}")
     for figure in figures:
         typer.echo(f"figure: {figure}")
@@ -242,12 +272,58 @@ def recipe(
     typer.echo(summary)
 
 
+class FinishingError(UserError):
+    """A complete store whose figures or report could not be written."""
+
+
+def same_run(command: str) -> str:
+    """A recipe command without what does not change its result: where the store is (--out,
+    the store found there), --overwrite, --shard and --threads."""
+    kept, words = [], iter(shlex.split(command))
+    for word in words:
+        if word in ("--out", "--shard", "--threads"):
+            next(words, None)
+        elif word != "--overwrite":
+            kept.append(word)
+    return shlex.join(kept)
+
+
+def finish_from_store(out: Path, *, name: str, command: str) -> None:
+    """Rerunning the command that wrote the complete store `out`: draw its figures and report.
+
+    A kill (or a full disk) in the finishing stage leaves a complete store; the same command
+    then finishes that stage from it. Any other command is refused: the store is not its.
+    """
+    from .. import recipes as registry
+    from ..results.dataset import open_result
+    from ..results.store import StoreError
+
+    try:
+        ds = open_result(out)
+    except StoreError as error:
+        raise typer.BadParameter(
+            f"{out} exists and cannot be read as a result ({error}). Pass --overwrite to replace it, or "
+            "choose another --out.",
+            param_hint="--out",
+        ) from None
+    written_by = str(ds.attrs.get("command", ""))
+    if ds.attrs.get("recipe") != name or same_run(written_by) != same_run(command):
+        raise typer.BadParameter(
+            f"{out} exists, written by {written_by or 'another command'!r}; pass --overwrite to replace "
+            "it, or choose another --out.",
+            param_hint="--out",
+        )
+    typer.echo(f"{out} is complete (written by this command): drawing its figures and report.")
+    finish(registry.get(name), ds, out, command=command)
+
+
 class DataMismatch(UserError):
     """Samples that a recipe cannot corrupt (no replacement phrase, no image pair)."""
 
 
 def check_out(out: Path, *, overwrite: bool) -> Path:
-    """The store path, checked before any work: a .zarr name in a writable folder, not taken."""
+    """The store path, checked before any work: a .zarr name in a writable folder, holding
+    nothing or a store vlmtrace wrote (which the same command finishes, or --overwrite replaces)."""
     if out.suffix != ".zarr":
         raise typer.BadParameter(
             f"{out}: name the store NAME.zarr (figures go to NAME/, the report to NAME.html).",
@@ -260,8 +336,12 @@ def check_out(out: Path, *, overwrite: bool) -> Path:
         raise typer.BadParameter(
             f"folder {folder} is not writable; choose another --out.", param_hint="--out"
         )
-    if out.exists() and not overwrite:
-        raise typer.BadParameter(f"{out} exists; pass --overwrite to replace it.", param_hint="--out")
+    from ..results.store import StoreError, check_replaceable
+
+    try:
+        check_replaceable(out)  # a folder or file of the user's is never written over
+    except StoreError as error:
+        raise typer.BadParameter(str(error), param_hint="--out") from None
     return out
 
 

@@ -8,6 +8,7 @@ docs/remote.md have the checks and the threat model.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +24,9 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Address to listen on. 0.0.0.0 (every address) requires --public-url.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free one, printed at start).")
+    ] = 8000,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -77,6 +80,7 @@ def serve(
 ) -> None:
     """Serve models to `backend=vlmtrace.remote.backend(...)` clients and nnsight's RemoteBackend."""
     try:
+        from ..remote.access import KeyFileRefused
         from ..remote.server import BindRefused, Limits, check_bind
         from ..remote.server import serve as run_server
         from ..remote.worker import LoadFailed
@@ -99,6 +103,13 @@ def serve(
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
+    if device is not None:  # before the model loads, as the port and host are
+        from ..models.load import NotAModelError, check_device
+
+        try:
+            check_device(device)
+        except NotAModelError as error:
+            raise typer.BadParameter(str(error), param_hint="--device") from None
     try:
         run_server(
             models,
@@ -116,6 +127,10 @@ def serve(
         )
     except LoadFailed as error:
         raise typer.BadParameter(str(error), param_hint="MODELS") from None
+    except BindRefused as error:  # the port is taken, or the address is not this machine's
+        raise typer.BadParameter(str(error), param_hint="--host/--port") from None
+    except KeyFileRefused as error:
+        raise typer.BadParameter(str(error), param_hint="--key-file") from None
     except OSError as error:  # the port is taken, or the key file's folder is not writable
         where = f" ({error.filename})" if error.filename else ""
         raise typer.BadParameter(
@@ -131,8 +146,12 @@ def size(text: str) -> int:
     try:
         if unit not in UNITS:
             raise ValueError
-        return int(float(number) * UNITS[unit])
+        value = float(number) * UNITS[unit]
+        if not math.isfinite(value) or value < 1:
+            raise ValueError
+        return int(value)
     except ValueError:
         raise typer.BadParameter(
-            f"{text!r}: use a size such as 256MiB or 1GB.", param_hint="--max-body"
+            f"{text!r}: use a finite size of at least one byte, such as 256MiB or 1GB.",
+            param_hint="--max-body",
         ) from None

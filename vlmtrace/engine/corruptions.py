@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Integral
 
 from ..data.sample import Sample
 from ..errors import UserError
@@ -159,6 +160,11 @@ class GaussianNoise(Corruption):
             raise CorruptionError(
                 f"GaussianNoise needs a finite scale >= 0 (a multiple of the embeddings' std; 0 is a "
                 f"no-op control), got {self.scale!r}; ROME and Palit et al. use 3.0."
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, Integral) or not 0 <= self.seed < 2**63:
+            raise CorruptionError(
+                f"GaussianNoise needs a whole-number seed between 0 and 2**63 - 1 (torch's generator "
+                f"takes no other), got {self.seed!r}."
             )
         clean = clean_side(vlm, sample, answer_ids)
         if self.target == "image":

@@ -45,6 +45,7 @@ from ..errors import UserError
 from ..models.load import VLM
 from ..presentation.progress import progress_bar
 from ..results.dataset import describe, provenance, sample_ids
+from .admission import check_arguments, check_samples
 from .corruptions import clean_side
 from .forward import SEQUENCE_FIELDS, Edits, run, stack_rows
 from .inputs import scored_answer_ids
@@ -120,6 +121,8 @@ def knockout(
     backend: Any = None,
 ) -> xr.Dataset:
     """The metric with attention K -> Q blocked, per (sample, block, window, layer)."""
+    check_arguments(metric=metric, max_batch=max_batch)
+    check_samples(vlm, samples)
     if not samples:
         raise ValueError("no samples for attention knockout: the data set is empty.")
     stack_name = stack or vlm.adapter.default_stack

@@ -26,6 +26,7 @@ from ..models.adapter import Stack
 from ..models.load import VLM
 from ..results.dataset import Layout, patching_attrs
 from ..results.store import config_hash
+from . import admission
 from .alignment import align
 from .corruptions import Corruption, Pair
 from .forward import SEQUENCE_FIELDS, Edits, NoisePlan
@@ -97,7 +98,7 @@ def prepare(vlm: VLM, sample: Sample, corruption: Corruption, metric: Metric, wh
         for sequence, (ids, _) in SEQUENCE_FIELDS.items()
         if ids in pair.clean.inputs
     }
-    return Prepared(sample, pair, torch.tensor(answer), foil, widths)
+    return admission.admitted(vlm, Prepared(sample, pair, torch.tensor(answer), foil, widths))  # issue 20
 
 
 def baseline_edits(
@@ -177,6 +178,7 @@ def checked_stack(
     """The grid's stack, after refusing inputs no sweep can run (before any forward)."""
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}.")
+    admission.check_samples(vlm, samples)  # issue 20: types, texts, images (admission.py)
     if not samples:
         raise ValueError(f"no samples to {verb}: the data set is empty.")
     stack_name = grid.stack or vlm.adapter.default_stack

@@ -87,9 +87,11 @@ class Grid:
                 )
             if value is None:
                 continue
-            if name in ("sites", "windows") and len(value) == 0:
+            if len(value) == 0 and name != "skip":
+                every = {"layers": " (None: every layer)", "heads": " (None: every head)"}
                 raise GridError(
-                    f"Grid({name}=()) is empty: the result would have no cells; give at least one."
+                    f"Grid({name}=()) is empty: the result would have no cells; give at least one"
+                    f"{every.get(name, ' (None: every segment)' if name == 'segments' else '')}."
                 )
             if len(set(value)) != len(value):
                 raise GridError(f"Grid({name}={tuple(value)!r}) repeats a value; each must appear once.")

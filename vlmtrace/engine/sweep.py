@@ -19,9 +19,10 @@ same forward, and holds whole cells (all k draws), so a cell's value (the mean o
 is final when its chunk ends. Where a sample's last chunk leaves room, the next samples' rows
 fill the same forward, each sample with its own baseline rows (`vlmtrace.engine.packing`).
 With `store=`, each finished chunk is written to zarr at once and a rerun of the same command
-resumes after the last written chunk (`vlmtrace.results.store`); `shard=(i, n)` runs the i-th
-of n disjoint parts of the samples into the same store. On an out-of-memory error a forward is
-halved and retried.
+resumes after the last written chunk (`vlmtrace.results.store`); the sweep holds the store's
+lock until its last chunk, so no other run replaces the store under it. `shard=(i, n)` runs
+the i-th of n disjoint parts of the samples into the same store. On an out-of-memory error a
+forward is halved and retried.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from ..presentation.progress import progress_bar
 from ..results.dataset import Layout, describe
 from ..results.store import SweepStore
 from . import attribution, screening
+from .admission import check_arguments
 from .corruptions import Corruption
 from .forward import Prefix, resume_cache, run_probed, stack_rows
 from .metrics import Metric, Probability
@@ -112,6 +114,7 @@ def patch(
     `pack_samples=False` runs one sample per forward, for benchmarks and tests: the results are
     the same, up to float rounding.
     """
+    check_arguments(metric=metric, max_batch=max_batch, max_memory=max_memory, shard=shard, store=store)
     stack_name, stack = checked_stack(vlm, samples, grid, direction, verb="patch")
     if getattr(backend, "mode", None) == "submit":
         raise ValueError(
@@ -133,59 +136,59 @@ def patch(
         vlm, samples, stack_name, grid, corruption, metric, direction, whole_answer, recipe, extra
     )
     ds = with_layer_kinds(layout.empty(attrs), vlm, stack_name)
-    sweep_store = SweepStore.open_or_create(store, ds, overwrite=overwrite) if store is not None else None
-    if sweep_store is not None:
-        ds = sweep_store.read()  # resume from what is on disk: chunks write whole samples back
-        done_cells, done = ds["progress"].values.copy(), ds["done"].values.copy()
-    else:
-        done_cells, done = np.zeros(len(samples), dtype=np.int64), np.zeros(len(samples), dtype=bool)
-    if screen is not None:
-        todo = [i for i in mine if not done[i]]
-        estimates = with_layer_kinds(layout.empty(attrs), vlm, stack_name)
-        attribution.estimate(
-            estimates,
-            layout,
-            plans,
-            vlm,
-            stack,
-            direction=direction,
-            metric=metric,
-            method=screen_method,
-            indices=todo,
-        )
-        masks = screening.screen(estimates, screen)
-        for i in todo:  # deterministic, so a resumed run screens the same cells
-            plans[i].work = screening.keep_screened(plans[i], layout, i, masks)
-    if reuse_prefix:
-        for p in plans:  # deterministic, so a resumed run continues the same order
-            p.work = sorted(p.work, key=lambda c, p=p: min(p.cells[c].layers))
-    pending = [(i, int(done_cells[i])) for i in mine if not done[i]]
-    total = sum(len(plans[i].work) - start for i, start in pending)
-    check = None
-    if verify is not False:
-        check = SweepCheck(vlm, backend=backend, tolerance=None if verify is True else float(verify))
-    with progress_bar(progress, f"patching {vlm.name}") as bar:
-        task = bar.add_task("cells", total=total)
-        for forward in run_forwards(
-            vlm,
-            stack,
-            plans,
-            pending,
-            direction,
-            metric,
-            max_batch,
-            max_memory,
-            backend,
-            reuse_prefix=reuse_prefix,
-            pack=pack_samples,
-            check=check,
-        ):
-            for share, finished in forward:  # a forward may finish one sample and start the next
-                record(ds, layout, share.sample, share.plan, finished)
-                if sweep_store is not None:
-                    sweep_store.write(ds, share.sample)
-                bar.advance(task, finished.cells)
-    result = sweep_store.read() if sweep_store is not None else ds
+    with SweepStore.opened(store, ds, overwrite=overwrite) as sweep_store:  # its lock held to the end
+        if sweep_store is not None:
+            ds = sweep_store.read()  # resume from what is on disk: chunks write whole samples back
+            done_cells, done = ds["progress"].values.copy(), ds["done"].values.copy()
+        else:
+            done_cells, done = np.zeros(len(samples), dtype=np.int64), np.zeros(len(samples), dtype=bool)
+        if screen is not None:
+            todo = [i for i in mine if not done[i]]
+            estimates = with_layer_kinds(layout.empty(attrs), vlm, stack_name)
+            attribution.estimate(
+                estimates,
+                layout,
+                plans,
+                vlm,
+                stack,
+                direction=direction,
+                metric=metric,
+                method=screen_method,
+                indices=todo,
+            )
+            masks = screening.screen(estimates, screen)
+            for i in todo:  # deterministic, so a resumed run screens the same cells
+                plans[i].work = screening.keep_screened(plans[i], layout, i, masks)
+        if reuse_prefix:
+            for p in plans:  # deterministic, so a resumed run continues the same order
+                p.work = sorted(p.work, key=lambda c, p=p: min(p.cells[c].layers))
+        pending = [(i, int(done_cells[i])) for i in mine if not done[i]]
+        total = sum(len(plans[i].work) - start for i, start in pending)
+        check = None
+        if verify is not False:
+            check = SweepCheck(vlm, backend=backend, tolerance=None if verify is True else float(verify))
+        with progress_bar(progress, f"patching {vlm.name}") as bar:
+            task = bar.add_task("cells", total=total)
+            for forward in run_forwards(
+                vlm,
+                stack,
+                plans,
+                pending,
+                direction,
+                metric,
+                max_batch,
+                max_memory,
+                backend,
+                reuse_prefix=reuse_prefix,
+                pack=pack_samples,
+                check=check,
+            ):
+                for share, finished in forward:  # a forward may finish one sample and start the next
+                    record(ds, layout, share.sample, share.plan, finished)
+                    if sweep_store is not None:
+                        sweep_store.write(ds, share.sample)
+                    bar.advance(task, finished.cells)
+        result = sweep_store.read() if sweep_store is not None else ds
     warn_if_corruption_did_nothing(result)
     # `progress` is the store's bookkeeping (`done` says what is finished); variables carry
     # their description and units in memory as on disk, so a saved result is identical

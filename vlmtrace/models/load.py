@@ -22,6 +22,7 @@ import torch
 import transformers
 from nnsight import NNsight
 
+from ..errors import UserError
 from .adapter import Adapter, Shape, UnknownArchitectureError, check_shape
 from .processor import load_processor
 from .registry import adapter_for
@@ -97,6 +98,14 @@ def describe(name: str, *, revision: str | None = None) -> tuple[str, Any, Any, 
     adapter describes) fails in a second with a message saying why, not after a 14 GB download.
     """
     path = resolve(name)
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        held = sorted(p.name for p in folder.iterdir())[:5]
+        raise NotAModelError(
+            f"{name} is a folder but not a model: it has no config.json (it holds {held or 'nothing'}). "
+            "Give a Hugging Face model folder (config.json, processor files and weights), a Hub repo id, "
+            "or a shipped organism (shapes-llava, shapes-blip)."
+        )
     config = transformers.AutoConfig.from_pretrained(path, revision=revision)
     architecture = (getattr(config, "architectures", None) or ["<none in config>"])[0]
     adapter = adapter_for(architecture, config)
@@ -122,6 +131,7 @@ def load(
     attn_implementation: str = "eager",
 ) -> VLM:
     """Load a model and its processor; `device` is "cpu", "cuda", "cuda:N" or "auto"."""
+    check_device(device)
     path, _, processor, model_class = describe(name, revision=revision)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -134,6 +144,35 @@ def load(
     if device != "auto":
         model = model.to(device)
     return wrap(model, processor, name=name, revision=revision or _commit_of(model))
+
+
+class NotAModelError(UserError):
+    """A path that holds no model, or a device this machine does not have."""
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch does not know, or one this machine lacks, before anything loads."""
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise NotAModelError(
+            f"device {device!r} is not a device; use cpu, cuda, cuda:N (N: the GPU's index) or auto."
+        ) from None
+    if parsed.type in ("cpu", "meta"):
+        return
+    backend = getattr(torch, parsed.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise NotAModelError(
+            f"device {device!r}: this machine has no {parsed.type} device that torch can use; use cpu."
+        )
+    count = getattr(backend, "device_count", lambda: 0)()
+    if parsed.index is not None and count and parsed.index >= count:
+        raise NotAModelError(
+            f"device {device!r}: this machine has {count} {parsed.type} device(s), 0..{count - 1}."
+        )
 
 
 def _commit_of(model: torch.nn.Module) -> str | None:

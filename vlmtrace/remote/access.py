@@ -16,8 +16,12 @@ websocket handshake passes four checks, in this order, before any byte of its bo
 4. **Client**: `POST /request` must carry nnsight's `nnsight-version` header, which no
    browser sends without a CORS preflight that this server never grants: 400.
 
-The body of `POST /request` is then read with a size limit that counts bytes as they arrive
-(413 past it, whatever `Content-Length` claimed). Keys are never logged or echoed.
+Before them, a request whose URL carries a key in its query string (`?api_key=...`) is refused
+(400): URLs end up in logs, proxies and shell histories. The body of `POST /request` is then
+read with a size limit that counts bytes as they arrive (413 past it, whatever
+`Content-Length` claimed). Keys are never logged or echoed: `Redacted` cuts query strings from
+uvicorn's log lines (it writes a websocket handshake's path whole) and masks the key. The key
+file is created new, never through a link or into another user's file (`write_key_file`).
 
     access = Access(api_key=key, hosts=allowed_hosts("127.0.0.1", public_url=None, extra=()))
     app = Guard(app, access, max_body=256 * 2**20)
@@ -28,6 +32,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
@@ -68,16 +73,107 @@ def default_key_file(port: int) -> Path:
     return Path.home() / ".vlmtrace" / f"serve-{port}.key"
 
 
-def write_key_file(path: Path, key: str) -> Path:
-    """Write `key` to `path`, readable by its owner only (0600 in a 0700 directory if new)."""
+class KeyFileRefused(ValueError):
+    """The key file's place is not safe to write a key to (another user's file, a link, a file
+    a running server holds)."""
+
+
+class KeyFile:
+    """A key file this server created and holds (`flock`) while it runs.
+
+    The lock tells a later server whether a key file at its path belongs to a live server
+    (refused) or to one that died (replaced). `remove` deletes the file only if it is still
+    the one created here.
+    """
+
+    def __init__(self, path: Path, descriptor: int) -> None:
+        self.path = path
+        self.descriptor = descriptor
+        found = os.fstat(descriptor)
+        self.identity = (found.st_dev, found.st_ino)
+
+    def remove(self) -> None:
+        try:
+            found = os.lstat(self.path)
+            if (found.st_dev, found.st_ino) == self.identity:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        finally:
+            if self.descriptor >= 0:
+                os.close(self.descriptor)  # releases the lock
+                self.descriptor = -1
+
+
+def write_key_file(path: Path, key: str) -> KeyFile:
+    """Write `key` to a new file at `path`, readable by its owner only (0600; a new folder 0700).
+
+    The file is created exclusively and without following links (`O_EXCL | O_NOFOLLOW`), so a
+    file or link someone else put there first never receives the key, and held (`flock`) until
+    the server stops. A key file of this user that no running server holds (its server died)
+    is replaced; a link, another user's file, a file a running server holds, and a folder that
+    others may write to without the sticky bit are refused.
+    """
+    import fcntl
+    import stat
+
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    me = os.geteuid()
+    folder = os.stat(path.parent)
+    if folder.st_uid not in (me, 0) or (folder.st_mode & 0o022 and not folder.st_mode & stat.S_ISVTX):
+        raise KeyFileRefused(
+            f"the key file's folder {path.parent} can be written by other users (owner uid "
+            f"{folder.st_uid}, mode {folder.st_mode & 0o7777:o}), who could swap the file; choose a "
+            "--key-file in a folder only you can write."
+        )
     try:
-        os.fchmod(descriptor, 0o600)  # an existing file keeps its mode through O_CREAT
+        found = os.lstat(path)
+    except FileNotFoundError:
+        found = None
+    if found is not None:
+        if stat.S_ISLNK(found.st_mode):
+            problem = "a link"
+        elif not stat.S_ISREG(found.st_mode):
+            problem = "not a regular file"
+        elif found.st_uid != me:
+            problem = f"owned by uid {found.st_uid}"
+        else:
+            problem = None
+        if problem is not None:
+            raise KeyFileRefused(
+                f"{path} exists and is {problem}: the key is written only to a new file of your own. "
+                "Remove it if it is yours, or choose another --key-file."
+            )
+        old = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KeyFileRefused(
+                f"{path} is the key file of a running server; give this one another --key-file (or "
+                "stop that server)."
+            ) from None
+        finally:
+            os.close(old)
+        path.unlink()  # this user's key file of a server that died
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise KeyFileRefused(
+            f"{path} was created by another process while this server started; choose another --key-file."
+        ) from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(descriptor).st_uid != me:
+            raise KeyFileRefused(
+                f"{path} is not owned by this user after creating it; choose another --key-file."
+            )
+        os.fchmod(descriptor, 0o600)
         os.write(descriptor, (key + "\n").encode())
-    finally:
+    except BaseException:
         os.close(descriptor)
-    return path
+        path.unlink(missing_ok=True)
+        raise
+    return KeyFile(path, descriptor)
 
 
 def split_host(netloc: str) -> tuple[str, str | None]:
@@ -157,6 +253,56 @@ class Access:
         return None
 
 
+KEY_NAMES = ("key", "token", "secret", "password", "auth")
+"""Query parameter names that hint at a credential (`api_key`, `ndif-api-key`, `token`, ...)."""
+
+
+def key_in_query(query: bytes, api_key: str | None) -> bool:
+    """True when a query string carries a credential: a parameter named like one, or the key."""
+    from urllib.parse import parse_qsl
+
+    text = query.decode("latin-1")
+    if api_key and api_key in text:
+        return True
+    return any(
+        any(hint in name.lower() for hint in KEY_NAMES) for name, _ in parse_qsl(text, keep_blank_values=True)
+    )
+
+
+class Redacted(logging.Filter):
+    """Keep credentials out of log lines: query strings are cut from paths, the key replaced.
+
+    uvicorn writes a websocket handshake's path *with* its query string; a key sent there
+    (refused, but logged first) would sit in the server's log.
+    """
+
+    def __init__(self, api_key: str | None) -> None:
+        super().__init__()
+        self.api_key = api_key
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(
+                a.split("?", 1)[0] + "?<query removed>"
+                if isinstance(a, str) and a.startswith("/") and "?" in a
+                else a
+                for a in record.args
+            )
+        if self.api_key:
+            message = record.getMessage()
+            if self.api_key in message:
+                record.msg, record.args = message.replace(self.api_key, "<key>"), ()
+        return True
+
+
+def redact_logs(api_key: str | None, loggers: Iterable[str]) -> Redacted:
+    """Install `Redacted` on these loggers (uvicorn's and the server's own)."""
+    redacted = Redacted(api_key)
+    for name in loggers:
+        logging.getLogger(name).addFilter(redacted)
+    return redacted
+
+
 class BodyTooLarge(Exception):
     """A request body grew past the limit while it was read."""
 
@@ -178,6 +324,11 @@ class Guard:
 
     def refusal(self, scope: Scope) -> tuple[int, str] | None:
         """(status, reason) for a request that may not proceed, else None."""
+        if key_in_query(scope.get("query_string", b""), self.access.api_key):
+            return 400, (
+                "a key was sent in the URL's query string, where logs, proxies and histories keep it; "
+                "send it in the ndif-api-key header (nnsight's client and vlmtrace's backend do)."
+            )
         host = _header(scope, b"host")
         reason = self.access.host_refusal(host)
         if reason:

@@ -46,6 +46,7 @@ from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
 from nnsight.schema.config import CONFIG
 from nnsight.schema.response import Status
 
+from ..errors import UserError
 from ..models.load import VLM
 from ..models.registry import FAMILY_MODULES
 from .keys import model_key as key_for
@@ -53,8 +54,9 @@ from .keys import model_key as key_for
 Mode = Literal["stream", "poll", "submit"]
 
 
-class ServerUnavailableError(RemoteError):
-    """The server could not be reached, or went away while a chunk ran."""
+class ServerUnavailableError(RemoteError, UserError):
+    """The server could not be reached, or went away while a chunk ran (the command line prints
+    it as one paragraph: the fix is to start the server, or to name the right one)."""
 
 
 class RemoteOutOfMemoryError(RemoteError, RuntimeError):
@@ -171,6 +173,21 @@ class ServerBackend(RemoteBackend):
             if "out of memory" in str(error).lower():
                 raise RemoteOutOfMemoryError(str(error)) from None
             raise
+
+    def check_reachable(self, timeout: float = 5.0) -> None:
+        """Raise `ServerUnavailableError` unless something accepts connections at `host`."""
+        import socket
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.host if "://" in self.host else f"http://{self.host}")
+        port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
+        try:
+            socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
+        except OSError as error:
+            raise ServerUnavailableError(
+                f"no server answers at {self.host} ({error.strerror or error}). Start it (`vlmtrace serve "
+                "MODEL` on the GPU machine), or name the right one with --host or $NDIF_HOST."
+            ) from None
 
     def _serialize(self, tracer: Any) -> bytes:
         with shipped_by_value(*ENGINE_MODULES):

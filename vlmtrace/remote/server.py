@@ -15,7 +15,8 @@ The protocol (what nnsight 0.8.1's client expects):
   frame carries the result inline (a binary `ResponseModel.pickle()` frame) when it is small,
   else a URL to fetch it from. Requests still waiting when their session closes are dropped.
 - `POST /request` (multipart: `data` = the RequestModel JSON, `blob` = the payload) answers
-  RECEIVED with the request id, or 503 when `max_queue` requests already wait; the request
+  RECEIVED with the request id, or 503 when `max_queue` requests are already admitted (bodies
+  still arriving count: at most `max_queue` bodies are held in memory); the request
   then waits for its model (one at a time per model: QUEUED while another runs) and runs in
   the model's process (`vlmtrace.remote.worker`), stopped after `max_runtime` seconds.
 - `GET /response/{id}`: the latest status, for clients that poll instead of subscribing
@@ -36,9 +37,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import secrets
+import socket
 import sys
 import time
 import uuid
@@ -57,10 +60,12 @@ from .access import (
     WILDCARDS,
     Access,
     Guard,
+    KeyFile,
     allowed_hosts,
     default_key_file,
     is_loopback,
     new_key,
+    redact_logs,
     write_key_file,
 )
 from .keys import served_name
@@ -110,7 +115,8 @@ class Limits:
     max_body: int = 256 * 2**20
     """Bytes a request body may have; counted while it is read."""
     max_queue: int = 16
-    """Requests received and not finished, all models together; more get a 503 busy reply."""
+    """Requests admitted and not finished (bodies arriving, waiting, running), all models together;
+    more get a 503 busy reply before their body is read."""
     result_ttl: float = 600.0
     """Seconds a finished request's status and result stay fetchable (downloads delete sooner)."""
     inline_limit: int = INLINE_LIMIT
@@ -141,6 +147,37 @@ def check_bind(host: str, *, insecure_no_key: bool = False, public_url: str | No
             "(e.g. http://gpu-box:8000, or https://... behind a TLS proxy): it is the only Host the "
             "server answers to, and the base of the result URLs it hands out."
         )
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), made before the model loads: a port in use, an address
+    this machine does not have or a name that does not resolve fails in a second, and with
+    port 0 the kernel's choice is known (`getsockname`) for the result URLs."""
+    if not 0 <= port <= 65535:
+        raise BindRefused(f"port {port} is out of range; choose a port from 1 to 65535 (0: any free one).")
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as error:
+        raise BindRefused(f"cannot listen on {host!r}: the name does not resolve ({error}).") from None
+    family, kind, proto, _, address = infos[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        listener.bind(address)
+    except OSError as error:
+        listener.close()
+        if error.errno == errno.EADDRINUSE:
+            raise BindRefused(
+                f"port {port} on {host} is in use (another `vlmtrace serve`?); choose another --port. The "
+                "running server and its key file are untouched."
+            ) from None
+        if error.errno == errno.EADDRNOTAVAIL:
+            raise BindRefused(
+                f"cannot listen on {host}: this machine has no such address. Use 127.0.0.1 (this machine "
+                "only), an address of one of its interfaces, or 0.0.0.0 with --public-url."
+            ) from None
+        raise BindRefused(f"cannot listen on {host}:{port}: {error.strerror or error}.") from None
+    return listener
 
 
 def base_url(host: str, port: int, public_url: str | None) -> str:
@@ -181,9 +218,13 @@ class State:
     """Request id -> its latest status, for `GET /response/{id}`."""
     results: dict[str, bytes] = field(default_factory=dict)
     """Result token -> blob, for `GET /result/{token}` (deleted on download)."""
+    uploading: int = 0
+    """Requests admitted whose bodies are still being read: they count against `max_queue`, so
+    at most `max_queue` bodies are ever held (queued or arriving)."""
 
     def pending(self) -> int:
-        return sum(1 for job in self.jobs.values() if job.state != "done")
+        """Requests admitted and not finished: arriving, waiting or running."""
+        return self.uploading + sum(1 for job in self.jobs.values() if job.state != "done")
 
     def worker_for(self, key: str) -> Worker:
         name = served_name(key)
@@ -290,6 +331,30 @@ class State:
             self.forget_old()
 
 
+async def read_request(http: Request, state: State) -> tuple[RequestModel, Worker, bytes]:
+    """The envelope, the worker it names and the payload of a `POST /request`."""
+    async with http.form(max_files=1, max_fields=1) as form:
+        data, blob = form.get("data"), form.get("blob")
+        if not isinstance(data, str) or blob is None or isinstance(blob, str):
+            raise HTTPException(
+                status_code=400,
+                detail="a request is multipart with a 'data' field (the RequestModel JSON) and a 'blob' "
+                "file.",
+            )
+        try:
+            envelope = RequestModel.model_validate_json(data)
+        except ValueError as error:
+            raise HTTPException(status_code=400, detail=f"malformed request envelope: {error}") from None
+        if envelope.env:
+            raise HTTPException(
+                status_code=400,
+                detail=f"this server applies no per-request environment (the request sent {envelope.env}).",
+            )
+        worker = state.worker_for(envelope.model_key)
+        payload = await blob.read()
+    return envelope, worker, payload
+
+
 def create_app(
     workers: dict[str, Worker],
     *,
@@ -370,36 +435,19 @@ def create_app(
             return JSONResponse(
                 {
                     "detail": (
-                        f"the server is busy: {limits.max_queue} requests are already waiting or running "
-                        "(its --max-queue). Retry in a few seconds; vlmtrace's client retries by itself."
+                        f"the server is busy: {limits.max_queue} requests are already arriving, waiting "
+                        "or running (its --max-queue). Retry in a few seconds; vlmtrace's client retries "
+                        "by itself."
                     )
                 },
                 status_code=503,
                 headers={"Retry-After": "2"},
             )
-        async with http.form(max_files=1, max_fields=1) as form:
-            data, blob = form.get("data"), form.get("blob")
-            if not isinstance(data, str) or blob is None or isinstance(blob, str):
-                raise HTTPException(
-                    status_code=400,
-                    detail=(
-                        "a request is multipart with a 'data' field (the RequestModel JSON) and a "
-                        "'blob' file."
-                    ),
-                )
-            try:
-                envelope = RequestModel.model_validate_json(data)
-            except ValueError as error:
-                raise HTTPException(status_code=400, detail=f"malformed request envelope: {error}") from None
-            if envelope.env:
-                raise HTTPException(
-                    status_code=400,
-                    detail=(
-                        f"this server applies no per-request environment (the request sent {envelope.env})."
-                    ),
-                )
-            worker = state.worker_for(envelope.model_key)
-            payload = await blob.read()
+        state.uploading += 1  # admitted now, before its body is read (no await since the check)
+        try:
+            envelope, worker, payload = await read_request(http, state)
+        finally:
+            state.uploading -= 1
         job = Job(
             id=uuid.uuid4().hex,
             worker=worker,
@@ -458,29 +506,35 @@ def serve(
     import uvicorn
 
     check_bind(host, insecure_no_key=insecure_no_key, public_url=public_url)
+    listener = listen(host, port)  # before the key file and the model: a taken port costs nothing
+    port = listener.getsockname()[1]  # the real one, also when port 0 let the kernel choose
     if not logger.handlers:  # one line per request, beside uvicorn's own lines (never a URL)
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     if not models:
+        listener.close()
         raise ValueError("name at least one model to serve (HF repo id, directory or organism name).")
     if insecure_no_key and api_key:
+        listener.close()
         raise ValueError("--insecure-no-key and an API key contradict each other: choose one.")
-    generated: Path | None = None
-    if not insecure_no_key and not api_key:
-        api_key = new_key()
-        generated = write_key_file(Path(key_file) if key_file else default_key_file(port), api_key)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    generated: KeyFile | None = None
     workers: dict[str, Worker] = {}
     try:
+        if not insecure_no_key and not api_key:
+            api_key = new_key()
+            generated = write_key_file(Path(key_file) if key_file else default_key_file(port), api_key)
+        redact_logs(api_key, ("uvicorn", "uvicorn.error", "uvicorn.access", logger.name))
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         for name in models:
             workers[name] = Worker(name, device=device, dtype=dtype)
     except BaseException:
         for worker in workers.values():
             worker.stop()
         if generated is not None:
-            generated.unlink(missing_ok=True)
+            generated.remove()
+        listener.close()
         raise
     access = Access(api_key=api_key, hosts=allowed_hosts(host, public_url=public_url, extra=allow_hosts))
     base = base_url(host, port, public_url)
@@ -489,11 +543,12 @@ def serve(
         access=access,
         limits=limits,
         base=base,
-        on_shutdown=(lambda: generated.unlink(missing_ok=True)) if generated is not None else None,
+        on_shutdown=generated.remove if generated is not None else None,
     )
     if generated is not None:
         access_line = (
-            f'the key written to {generated} (mode 0600); clients: export NDIF_API_KEY="$(cat {generated})"'
+            f"the key written to {generated.path} (mode 0600); clients: "
+            f'export NDIF_API_KEY="$(cat {generated.path})"'
         )
     elif insecure_no_key:
         access_line = (
@@ -512,10 +567,12 @@ def serve(
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
+    redact_logs(api_key, ("uvicorn", "uvicorn.error", "uvicorn.access"))  # again: Config set logging up
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[listener])
     finally:  # also when a stuck request outlasts the graceful shutdown and lifespan cannot finish
         for worker in workers.values():
             worker.stop()
         if generated is not None:
-            generated.unlink(missing_ok=True)
+            generated.remove()
+        listener.close()

@@ -158,6 +158,60 @@ def model_process(connection: Connection, name: str, device: str, dtype: str | N
             connection.send(("failed", f"{type(error).__name__}: {error}"))
 
 
+def oom_kills() -> int | None:
+    """How many processes the kernel's out-of-memory killer has ended: in this process's cgroup
+    (v2 `memory.events`) where readable, else on the whole machine (`/proc/vmstat`); None if
+    neither is."""
+    try:
+        for line in open("/proc/self/cgroup").read().splitlines():
+            if line.startswith("0::"):
+                events = f"/sys/fs/cgroup{line[3:].rstrip('/')}/memory.events"
+                for entry in open(events).read().splitlines():
+                    if entry.startswith("oom_kill "):
+                        return int(entry.split()[1])
+    except (OSError, ValueError):
+        pass
+    try:
+        for entry in open("/proc/vmstat").read().splitlines():
+            if entry.startswith("oom_kill "):
+                return int(entry.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def killed_for_memory(code: int | None, before: int | None, after: int | None) -> bool:
+    """True when a model process that died was ended by the out-of-memory killer: SIGKILL, while
+    the kernel's count of such kills went up."""
+    return code == -signal.SIGKILL and before is not None and after is not None and after > before
+
+
+def death(code: int | None, out_of_memory: bool) -> str:
+    """What the client is told of a model process that died running its request.
+
+    Only a real out-of-memory kill says "out of memory": that phrase makes a sweep halve its
+    chunk and retry (`vlmtrace.remote.client.RemoteOutOfMemoryError`), which any other death
+    would only repeat.
+    """
+    if code is not None and code < 0:
+        try:
+            how = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"killed by signal {-code}"
+    else:
+        how = f"exit code {code}"
+    if out_of_memory:
+        return (
+            f"the model process ran out of memory while running this request ({how} by the kernel's "
+            "out-of-memory killer); the model was reloaded. Send fewer rows per request (a smaller "
+            "max_batch)."
+        )
+    return (
+        f"the model process died while running this request ({how}); the model was reloaded. The "
+        "trace ended or crashed it; rerunning the same request will do the same."
+    )
+
+
 class Worker:
     """One served model, loaded in a child process; requests run on it one at a time."""
 
@@ -227,6 +281,7 @@ class Worker:
                 f"the model process of {self.name!r} is not running (the server is stopping)."
             )
         started = time.monotonic()
+        kills_before = oom_kills()
         try:
             self._connection.send((compress, payload))
         except (BrokenPipeError, OSError):
@@ -264,10 +319,7 @@ class Worker:
                 kind = "died"
             code = self._process.exitcode if self._process is not None else None
             self._replace()
-            raise RequestFailed(
-                f"the model process died while running this request (exit code {code}); the model "
-                "was reloaded. A trace that exits, or runs the machine out of memory, ends it."
-            )
+            raise RequestFailed(death(code, killed_for_memory(code, kills_before, oom_kills())))
 
     def stop(self) -> None:
         """Stop the model process; a request running on it is ended."""

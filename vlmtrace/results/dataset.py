@@ -29,6 +29,7 @@ stores, because zarr format 3 has no specification yet for fixed-width numpy str
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xarray as xr
 
-from .store import StoreError, path_lock, read_store, write_whole
+from .store import StoreError, check_replaceable, checked_path, path_lock, read_store, write_whole
 
 if TYPE_CHECKING:
     from ..data.sample import Sample
@@ -118,6 +119,15 @@ class Layout:
             self.keys = list(dict.fromkeys(cell.key for row in cells for cell in row))
         self.place = "position" if self.by_token else "segment"
         self.head_sites = HEAD_SITES
+        if not self.keys or not self.layers:
+            from ..engine.sites import GridError
+
+            chosen = list(grid.segments) if grid.segments is not None else "all"
+            raise GridError(
+                f"the grid selects no {self.place if not self.keys else 'layer'} of any sample (segments "
+                f"{chosen}, skipping {list(grid.skip)}), so the result would be empty. Skip fewer "
+                "segments, or choose segments the prompts hold."
+            )
 
     def dims(self, site: str) -> list[str]:
         head = ["head"] if site in self.head_sites else []
@@ -293,17 +303,23 @@ def save(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write a Dataset to a zarr store; refuses to replace an existing store unless asked.
 
     The store is zarr format 2 with consolidated metadata (see Format), and every data
-    variable is described (`describe`).
+    variable is described (`describe`). `overwrite` replaces only a store vlmtrace wrote:
+    a folder of the user's, a plain file or a foreign zarr store is refused and left as it
+    is. A path a running sweep holds is refused (`vlmtrace.results.lock`).
     """
 
-    path = Path(path)
+    path = checked_path(path)
     ds = describe(ds.copy())
     for variable in ds.variables.values():
         variable.encoding = {}  # a sweep store's zarr-3 codecs do not apply to format 2
     # one writer per path; the store appears complete or not at all (`vlmtrace.results.store`)
     with path_lock(path, purpose="saving a result"):
-        if path.exists() and not overwrite:
-            raise StoreError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+        if os.path.lexists(path):
+            check_replaceable(path)  # only a store vlmtrace wrote (or an empty folder) is replaced
+            if not overwrite:
+                raise StoreError(
+                    f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it."
+                )
         write_whole(ds, path, replace=overwrite, zarr_format=2, consolidated=True)
     return path
 
@@ -311,7 +327,8 @@ def save(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Path:
 def open_result(path: str | Path) -> xr.Dataset:
     """Read a store written by `save` (or a sweep's store), loaded into memory.
 
-    A missing or truncated chunk file is a StoreError naming the file (`vlmtrace.results.store`).
+    A missing, truncated or altered chunk file (every chunk's checksum is verified) is a
+    StoreError naming the file (`vlmtrace.results.store`).
     """
 
     return read_store(path)
@@ -357,7 +374,7 @@ def assemble(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> bo
     values and return False (their result is already saved). A store with other values is
     refused as `save` refuses it, unless `overwrite`.
     """
-    path = Path(path)
+    path = checked_path(path)
     with path_lock(path, purpose="assembling a result"):
         if path.exists() and not overwrite:
             try:

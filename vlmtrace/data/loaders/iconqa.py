@@ -24,10 +24,13 @@ from .question import (
     DEFAULT_TEMPLATE,
     DatasetError,
     MissingImages,
+    NotANumber,
     RawQuestion,
     SpanRequest,
     assemble,
     check_options,
+    not_a_number,
+    strict_json,
 )
 
 TASKS = ("choose_txt", "fill_in_blank")
@@ -118,7 +121,9 @@ def _pid_order(folder: Path) -> tuple[int, str]:
 
 def _problem(path: Path) -> dict:
     try:
-        problem = json.loads(path.read_text(encoding="utf-8"))
+        problem = strict_json(path.read_text(encoding="utf-8"))
+    except NotANumber as constant:
+        raise not_a_number(str(path), str(constant)) from None
     except FileNotFoundError:
         raise DatasetError(
             f"IconQA problem folder {path.parent} has no data.json; re-extract iconqa_data."

@@ -233,12 +233,34 @@ def check_options(n: int | None, prompt_template: str, spans: SpanRequest | None
             raise ValueError(f"spans {empty} are empty or not text; give each span the words it covers.")
 
 
+class NotANumber(ValueError):
+    """A JSON text held NaN or Infinity: not JSON, and a missing value where one is read."""
+
+
+def strict_json(text: str) -> Any:
+    """`json.loads` refusing NaN and Infinity, which Python's parser accepts: a NaN answer was
+    read as the text "nan" and scored as the token "n"."""
+
+    def refuse(constant: str) -> Any:
+        raise NotANumber(constant)
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def not_a_number(where: str, constant: str) -> DatasetError:
+    return DatasetError(
+        f"{where} holds {constant}, which is not JSON and not a value (a missing answer or field?); "
+        "write the value, or drop the entry."
+    )
+
+
 def read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist.")
     try:
-        with path.open(encoding="utf-8") as file:
-            return json.load(file)
+        return strict_json(path.read_text(encoding="utf-8"))
+    except NotANumber as constant:
+        raise not_a_number(str(path), str(constant)) from None
     except json.JSONDecodeError as error:
         raise DatasetError(f"{path} is not valid JSON ({error}); is it a {what} file?") from None
 

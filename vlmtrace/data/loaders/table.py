@@ -20,11 +20,14 @@ from .question import (
     DEFAULT_TEMPLATE,
     DatasetError,
     MissingImages,
+    NotANumber,
     RawQuestion,
     SpanRequest,
     assemble,
     check_options,
     describe_json,
+    not_a_number,
+    strict_json,
 )
 
 _TABLE_FIELDS = {"image", "question", "prompt", "answer", "spans", "replacements", "image_pair", "foil", "id"}
@@ -91,7 +94,9 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = strict_json(line)
+            except NotANumber as constant:
+                raise not_a_number(f"line {number} of {path}", str(constant)) from None
             except json.JSONDecodeError as error:
                 raise DatasetError(f"line {number} of {path} is not valid JSON ({error}).") from None
             if not isinstance(record, dict):
