@@ -317,7 +317,10 @@ class Worker:
                 continue
             else:
                 kind = "died"
-            code = self._process.exitcode if self._process is not None else None
+            code = None
+            if self._process is not None:  # its pipe can close a moment before it has exited
+                self._process.join(timeout=5)
+                code = self._process.exitcode
             self._replace()
             raise RequestFailed(death(code, killed_for_memory(code, kills_before, oom_kills())))
 
