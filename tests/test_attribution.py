@@ -366,7 +366,7 @@ def test_a_path_between_phrases_of_different_length_warns(tiny_llava, llava_samp
 
 
 def test_an_unknown_method_or_no_steps_is_a_clear_error(tiny_llava, llava_sample):
-    for bad in ({"method": "atp*"}, {"method": "ig", "steps": 0}):
+    for bad in ({"method": "atp**"}, {"method": "ig", "steps": 0}):
         with pytest.raises(ValueError, match="method|steps"):
             attribute(tiny_llava, [llava_sample], corruption=vt.ImagePair(), progress=False, **bad)
 
