@@ -59,7 +59,7 @@ def test_baselines_equal_exact_patching_baselines(tiny_llava, llava_sample):
     assert estimates["done"].all()
 
 
-@pytest.mark.parametrize("method", ["atp", "ig"])
+@pytest.mark.parametrize("method", ["atp", "ig", "atp+qk"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_estimates_approach_exact_patching_as_the_corruption_shrinks(
     tiny_llava, llava_sample, direction, method
@@ -78,7 +78,7 @@ def test_estimates_approach_exact_patching_as_the_corruption_shrinks(
         assert errors[0.01][site] < errors[1.0][site] / 5, (site, errors)
 
 
-@pytest.mark.parametrize("method", ["atp", "ig"])
+@pytest.mark.parametrize("method", ["atp", "ig", "atp+qk"])
 def test_blip_head_and_cross_attention_estimates_match_exact_patching_for_small_noise(
     tiny_blip, blip_sample, method
 ):
@@ -88,7 +88,7 @@ def test_blip_head_and_cross_attention_estimates_match_exact_patching_for_small_
         assert relative_error(estimates, exact, site) < 0.05, site
 
 
-@pytest.mark.parametrize("method", ["atp", "ig"])
+@pytest.mark.parametrize("method", ["atp", "ig", "atp+qk"])
 def test_blip_decoder_stack_estimates_match_exact_patching_for_small_noise(tiny_blip, blip_sample, method):
     grid = vt.Grid(sites=("block", "attn_head"), stack="decoder")
     estimates, exact = both(tiny_blip, [blip_sample], method, corruption=SMALL_NOISE, grid=grid)
