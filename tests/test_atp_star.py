@@ -336,3 +336,9 @@ def test_every_method_is_named_and_an_undeclared_stack_refuses_the_qk_fix(tiny_l
     vlm = replace(tiny_llava, adapter=undeclared)
     with pytest.raises(QKFixError, match="Stack.scores"):
         attribute(vlm, [llava_sample], corruption=vt.ImagePair(), method="atp*", progress=False)
+
+
+def test_options_accept_every_estimator_and_name_them_for_a_bad_one():
+    assert vt.Options(screen_method="atp*").screen_method == "atp*"
+    with pytest.raises(vt.UserError, match="atp\\+graddrop"):
+        vt.Options(screen_method="atp**")

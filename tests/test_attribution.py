@@ -371,14 +371,15 @@ def test_an_unknown_method_or_no_steps_is_a_clear_error(tiny_llava, llava_sample
             attribute(tiny_llava, [llava_sample], corruption=vt.ImagePair(), progress=False, **bad)
 
 
-def test_patch_screens_with_integrated_gradients_when_asked(tiny_llava, llava_sample):
+@pytest.mark.parametrize("method", ["ig", "atp*"])
+def test_patch_screens_with_the_estimator_it_is_asked_for(tiny_llava, llava_sample, method):
     kwargs = dict(
         corruption=vt.ImagePair(), grid=vt.Grid(sites=("mlp",), skip=("image",)), metric=vt.LogProb()
     )
-    estimates = attribute(tiny_llava, [llava_sample], method="ig", progress=False, **kwargs)
-    screened = vt.patch(tiny_llava, [llava_sample], screen=3, screen_method="ig", progress=False, **kwargs)
+    estimates = attribute(tiny_llava, [llava_sample], method=method, progress=False, **kwargs)
+    screened = vt.patch(tiny_llava, [llava_sample], screen=3, screen_method=method, progress=False, **kwargs)
     np.testing.assert_array_equal(screened["mlp"].notnull().values, screen(estimates, 3)["mlp"].values)
-    assert screened.attrs["screen_method"] == "ig"
+    assert screened.attrs["screen_method"] == method
 
 
 def test_material_recall_counts_what_a_wider_screen_patches_exactly():
