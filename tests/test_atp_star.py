@@ -342,3 +342,102 @@ def test_options_accept_every_estimator_and_name_them_for_a_bad_one():
     assert vt.Options(screen_method="atp*").screen_method == "atp*"
     with pytest.raises(vt.UserError, match="atp\\+graddrop"):
         vt.Options(screen_method="atp**")
+
+
+def reference_blip_key_fix(vlm, sample) -> tuple[np.ndarray, float]:
+    """AtP + the QK fix of every block cell of BLIP's last encoder layer, image pair, denoising,
+    and the clean log P(answer): the answer decoder's cross-attention keys are what that layer's
+    output meets first, in every decoder layer. Plain hooks on the unwrapped model: the key at
+    the patched position moved by eps towards its patched value, one decoder layer at a time."""
+    model = vlm.model
+    last = model.text_encoder.encoder.layer[-1]
+    crosses = [layer.crossattention.self for layer in model.text_decoder.bert.encoder.layer]
+    answer = vlm.tokenizer.convert_tokens_to_ids(sample.answer)
+
+    def batch(image):
+        row = vlm.adapter.encode(vlm.processor, sample.prompt, image, [answer])
+        return {name: value[None] for name, value in row.items()}
+
+    rows = {"clean": batch(sample.image), "corrupt": batch(sample.image_pair)}
+
+    def score(side):
+        return torch.log_softmax(vlm.adapter.forward(model, **rows[side])[0, 0].float(), -1)[answer]
+
+    def hooked(*pairs):
+        return Reference.hooks(None, *pairs)
+
+    seen, patterns, keys = {}, {}, {}
+
+    def keeper(store, name, index=None):
+        def hook(module, args, output):
+            store[name] = output if index is None else output[index]
+
+        return hook
+
+    with torch.no_grad(), hooked((last, keeper(seen, "clean"))):
+        clean = float(score("clean"))
+    with hooked(
+        (last, keeper(seen, "corrupt")),
+        *[(cross, keeper(patterns, j, 1)) for j, cross in enumerate(crosses)],
+        *[(cross.key, keeper(keys, j)) for j, cross in enumerate(crosses)],
+    ):
+        base = score("corrupt")
+    grads = torch.autograd.grad(base, [seen["corrupt"], *patterns.values()])
+    grad, weights = grads[0], grads[1:]
+    delta = (seen["clean"] - seen["corrupt"]).detach()
+    estimates = []
+    for p in range(delta.shape[1]):
+        moved = {}
+
+        def patch(module, args, output, p=p):
+            out = output.clone()
+            out[0, p] = seen["clean"][0, p]
+            return out
+
+        with (
+            torch.no_grad(),
+            hooked((last, patch), *[(c.key, keeper(moved, j)) for j, c in enumerate(crosses)]),
+        ):
+            score("corrupt")
+        fix = 0.0
+        for j, cross in enumerate(crosses):
+            eps = torch.zeros((), requires_grad=True)
+            pattern = {}
+
+            def move(module, args, output, p=p, j=j, eps=eps, moved=moved):
+                out = output.clone()
+                out[0, p] = keys[j][0, p].detach() + eps * (moved[j][0, p] - keys[j][0, p].detach())
+                return out
+
+            def weighed(cross=cross, move=move, pattern=pattern, j=j):
+                with hooked((cross.key, move), (cross, keeper(pattern, "value", 1))):
+                    score("corrupt")
+                return (weights[j] * pattern["value"]).sum()
+
+            start = weighed()
+            (linear,) = torch.autograd.grad(start, eps)
+            with torch.no_grad():
+                eps.fill_(1.0)
+                fix += float(weighed() - start) - float(linear)
+        estimates.append(float((grad[0, p] * delta[0, p]).sum()) + fix)
+    return np.array(estimates), clean
+
+
+def test_the_qk_fix_meets_the_answer_decoders_cross_attention_after_the_last_encoder_layer(
+    tiny_blip, blip_sample
+):
+    """BLIP's question encoder: a patch of its last layer reaches the answer through the
+    decoder's cross-attention keys; the fix recomputes those softmaxes, as the reference does."""
+    kwargs = dict(
+        corruption=vt.ImagePair(), grid=vt.Grid(sites=("block",)), metric=vt.LogProb(), progress=False
+    )
+    fixed = attribute(tiny_blip, [blip_sample], method="atp+qk", **kwargs)
+    plain = attribute(tiny_blip, [blip_sample], method="atp", **kwargs)
+    last = tiny_blip.shape.layers["encoder"] - 1
+    engine = effects(fixed, "block").isel(sample=0, window=0).sel(layer=last).values
+    reference, clean = reference_blip_key_fix(tiny_blip, blip_sample)
+    assert float(fixed["clean"].squeeze()) == pytest.approx(clean, abs=1e-5)  # the same metric
+    assert (
+        np.abs(engine - effects(plain, "block").isel(sample=0, window=0).sel(layer=last).values).max() > 1e-4
+    )
+    np.testing.assert_allclose(engine, reference, rtol=1e-4, atol=1e-6)

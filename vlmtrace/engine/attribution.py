@@ -86,7 +86,7 @@ from .planning import (
     warn_if_corruption_did_nothing,
     with_layer_kinds,
 )
-from .qk_fix import LayerScores, correction
+from .qk_fix import LayerScores, Reader, correction
 from .sites import Cell, Grid
 
 __all__ = ["AttributionWarning", "attribute", "estimate"]
@@ -229,14 +229,9 @@ def _fill_sample(
     )
     moves: Moves = {}
     if scores:
-        # one patched row per (layer, site, head) whose next layer is scored
+        # one patched row per (layer, site, head) that an attention reads first
         groups = sorted(
-            {
-                (layer, cells[c].site, cells[c].head)
-                for c in sample_plan.work
-                for layer in cells[c].layers
-                if layer + 1 in scores
-            },
+            {(layer, cells[c].site, cells[c].head) for c in sample_plan.work for layer in cells[c].layers},
             key=lambda group: (group[0], group[1], -1 if group[2] is None else group[2]),
         )
         moves = queries_keys_moved(vlm, stack, prepared, pairs, groups, direction)
@@ -316,8 +311,10 @@ def _cell_sum(cell: Cell, terms: Terms, pair_of: dict[int, int]) -> np.ndarray:
     return np.atleast_1d(total)
 
 
-def _cell_fix(cell: Cell, fixes: dict, scores: dict[int, LayerScores], moves: Moves, pair_of) -> np.ndarray:
-    """The QK fix of one cell per gradient copy, over its layers that a scored layer follows.
+def _cell_fix(
+    cell: Cell, fixes: dict, scores: dict[Reader, LayerScores], moves: Moves, pair_of: dict[int, int]
+) -> np.ndarray:
+    """The QK fix of one cell per gradient copy: over its layers and the attentions reading them.
 
     `fixes` holds each (layer, site, head)'s fix of every single position, computed at once;
     a cell of several positions is fixed jointly (its columns move together).
@@ -326,25 +323,28 @@ def _cell_fix(cell: Cell, fixes: dict, scores: dict[int, LayerScores], moves: Mo
     total = 0.0
     for layer in cell.layers:
         group = (layer, cell.site, cell.head)
-        if layer + 1 not in scores or not index:
+        if group not in moves or not index:
             continue
         if len(index) == 1:
             total = total + fixes[group][index[0]]
-        else:
-            dq, dk = moves[group]
-            joint = correction(scores[layer + 1], dq, dk, torch.tensor([index]))
+            continue
+        for reader, (dq, dk) in moves[group].items():
+            joint = correction(scores[reader], dq, dk, torch.tensor([index]))
             total = total + joint[0].mean(-1).numpy()
     return np.atleast_1d(total)
 
 
-def _single_position_fixes(scores: dict[int, LayerScores], moves: Moves) -> dict:
+def _single_position_fixes(scores: dict[Reader, LayerScores], moves: Moves) -> dict:
     """(layer, site, head) -> [pairs, copies]: the QK fix of patching each position alone."""
     fixes = {}
-    for group, (dq, dk) in moves.items():
-        singles = torch.arange(dq.shape[1])
-        parts = [
-            correction(scores[group[0] + 1], dq, dk, singles[start : start + FIX_CHUNK, None])
-            for start in range(0, len(singles), FIX_CHUNK)
-        ]
-        fixes[group] = torch.cat(parts).mean(-1).numpy()
+    for group, by_reader in moves.items():
+        total = 0.0
+        for reader, (dq, dk) in by_reader.items():
+            singles = torch.arange(dk.shape[1])
+            parts = [
+                correction(scores[reader], dq, dk, singles[start : start + FIX_CHUNK, None])
+                for start in range(0, len(singles), FIX_CHUNK)
+            ]
+            total = total + torch.cat(parts).mean(-1).numpy()
+        fixes[group] = total
     return fixes

@@ -26,13 +26,13 @@ import nnsight
 import numpy as np
 import torch
 
-from ..models.adapter import Hook, Stack, module_at
+from ..models.adapter import Stack, module_at
 from ..models.load import VLM
 from .forward import SEQUENCE_FIELDS, _activation, _noise, driver, envoy_at, stack_rows
 from .layouts import interpolate, patch_through_layout, rows_view, skip_in_backward
 from .metrics import Metric
 from .planning import Direction, Prepared, alignment, baseline_edits, image_units
-from .qk_fix import PATTERN_TOLERANCE, LayerScores, QKFixError, declared, read, summarize
+from .qk_fix import PATTERN_TOLERANCE, LayerScores, QKFixError, Reader, declared, read, readers, summarize
 from .sites import HEAD_SITES
 
 __all__ = ["Passes", "QK_ROWS", "Terms", "gradient_terms", "queries_keys_moved"]
@@ -45,9 +45,10 @@ Terms = dict[tuple[int, str], np.ndarray]
 [copies, draws, pairs(, head)]. Copy 0 is the plain gradient (the path's mean for IG), copy
 1 + i the gradient with `Passes.skipped[i]` skipped in the backward pass."""
 
-Moves = dict[tuple[int, str, int | None], tuple[torch.Tensor, torch.Tensor]]
-"""(layer, site, head) -> the next layer's (queries, keys) moved by patching that site at each
-position: patched minus unpatched, [draws, pairs, heads, head_dim] each."""
+Moves = dict[tuple[int, str, int | None], dict[Reader, tuple[torch.Tensor | None, torch.Tensor]]]
+"""(layer, site, head) -> reader -> its (queries, keys) moved by patching that site at each
+position: patched minus unpatched, [draws, pairs, heads, head_dim] each (queries None for a
+cross-attention: the patch does not move them)."""
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,15 @@ def gradient_terms(
     direction: Direction,
     metric: Metric,
     passes: Passes,
-) -> tuple[np.ndarray, Terms, float, dict[int, LayerScores]]:
+) -> tuple[np.ndarray, Terms, float, dict[Reader, LayerScores]]:
     """One forward of the rows `passes` asks for and one backward of their metrics.
 
     Returns the metric of each baseline row (clean, then one per noise draw); for every wanted
     (layer, site), `grad . delta` at every aligned position pair, reduced over features (per
     head for head sites) inside the trace, so only small arrays leave it (`Terms`); with a
     path, how far its end row's metric is from the run it should reproduce; and with
-    `passes.scores`, what the QK fix needs of each layer after a wanted one (`LayerScores`).
+    `passes.scores`, what the QK fix needs of each attention that reads a wanted layer first
+    (`qk_fix.Reader`, `LayerScores`).
 
     Gradients come from nnsight's backward trace (`with values.sum().backward():`, reading
     `.grad` of the activations captured in the forward, latest first).
@@ -109,14 +111,9 @@ def gradient_terms(
     grad_rows = torch.tensor(copies)  # [copies, draws]
     path = _path_edits(vlm, prepared, inputs, alphas, direction) if steps else []
     stack_name = next(name for name, s in vlm.adapter.stacks.items() if s is stack)
-    n_heads, n_layers = vlm.shape.heads[stack_name], vlm.shape.layers[stack_name]
+    n_heads = vlm.shape.heads[stack_name]
     by_layer = {layer: [site for lay, site in wanted if lay == layer] for layer, _ in wanted}
-    scored = sorted({layer + 1 for layer in by_layer if layer + 1 < n_layers}) if passes.scores else []
-    scores = declared(stack, stack_name) if passes.scores else None
-    pattern = stack.patterns.get("self") if scored else None
-    if scored and pattern is None:
-        raise QKFixError(f"the {stack_name!r} stack declares no self-attention pattern (Stack.patterns).")
-    scales = {layer: _scale(vlm, stack, scores, layer) for layer in scored}
+    targets = _targets(vlm, stack_name, by_layer) if passes.scores else {}
     answer_slice = prepared.answer_slice(vlm)
     answer, foil = prepared.answer, prepared.foil
     envoy = vlm.envoy
@@ -126,32 +123,24 @@ def gradient_terms(
         with envoy.trace(fn=driver(vlm), **batch) as tracer:
             _corrupt_embeddings(vlm, envoy, edits, path, rows, prompt_width)
             captured = []  # (key, hook, activation) in the order autograd creates them
-            layer_scores = {}
+            read_scores = {}
             for name, each in vlm.adapter.stacks.items():  # in the order the model runs them
                 layers = envoy_at(envoy, each.layers)
                 traced = each is stack
                 skips = {layer: at for (s, layer), at in skipped.items() if s == name}
-                touched = sorted(set(skips) | (set(by_layer) | set(scored) if traced else set()))
+                reading = {reader.layer: reader for reader in targets if reader.stack == name}
+                touched = sorted(set(skips) | set(reading) | (set(by_layer) if traced else set()))
                 if traced and wanted:
                     first = layers[0].input
                     if not first.requires_grad:
                         first.requires_grad_(True)  # weights are frozen: the graph starts at the stack
                 for layer in touched:
                     into = layers[layer].input if layer in skips else None
-                    if traced and layer in scored:
-                        layer_scores[layer] = read(
-                            layers[layer],
-                            scores,
-                            n_heads=n_heads,
-                            rows=rows,
-                            width=width,
-                            causal=stack.causal,
-                        )
-                    if traced:
-                        sites = by_layer.get(layer, [])
-                        captured += _captures(
-                            layers[layer], layer, stack, sites, pattern if layer in scored else None
-                        )
+                    reader = reading.get(layer)
+                    if reader is not None:
+                        read_scores[reader] = _read(vlm, reader, layers[layer], batch, rows, width)
+                    sites = by_layer.get(layer, []) if traced else []
+                    captured += _captures(layers[layer], layer, each, sites, reader)
                     if into is not None:
                         _skip_layer(layers[layer], into, each, name, layer, skips[layer], rows, batch)
             logits = tracer.result[:, answer_slice]
@@ -166,18 +155,19 @@ def gradient_terms(
             if captured:
                 with scored_rows.sum().backward():
                     for key, hook, live in reversed(captured):  # autograd reaches them latest first
-                        if isinstance(key, int):  # a layer's attention pattern
-                            queries, keys, mask = layer_scores[key]
+                        if isinstance(key, Reader):  # an attention pattern
+                            queries, keys, mask = read_scores[key]
                             summary = summarize(
                                 queries,
                                 keys,
                                 mask,
-                                scales[key],
+                                targets[key],
                                 live,
                                 live.grad,
                                 base_rows=copies[0],
                                 grad_rows=copies,
                                 at=patched_at,
+                                cross=key.cross,
                             )
                             summaries[key] = {part: value.detach().cpu() for part, value in summary.items()}
                             continue
@@ -202,33 +192,60 @@ def gradient_terms(
     miss = 0.0
     if steps:
         ends = values[1 + k + steps * k : 1 + k + (steps + 1) * k]
-        targets = np.full(k, values[0]) if direction == "denoise" else values[1 : 1 + k]
-        miss = float(np.abs(ends - targets).max())
-    checked = {
-        layer: _checked(stack_name, layer, summary, scales[layer]) for layer, summary in summaries.items()
-    }
+        other_run = np.full(k, values[0]) if direction == "denoise" else values[1 : 1 + k]
+        miss = float(np.abs(ends - other_run).max())
+    checked = {reader: _checked(reader, summary, targets[reader]) for reader, summary in summaries.items()}
     return values[: 1 + k], {key: term.numpy() for key, term in terms.items()}, miss, checked
 
 
-def _captures(layer_envoy, layer: int, stack: Stack, sites: list[str], pattern: Hook | None) -> list:
-    """The wanted sites of one layer, and its attention pattern, as (key, hook, activation).
+def _captures(layer_envoy, layer: int, stack: Stack, sites: list[str], reader) -> list:
+    """The wanted sites of one layer, and the attention pattern a reader needs, as (key, hook,
+    activation).
 
     They are read in the order the model's hooks fire (a module's output after everything
     inside it) but listed in the order autograd creates them: the pattern exists before the
     heads it weighs, so it comes first.
     """
+    pattern = None
+    if reader is not None:
+        kind = "cross" if reader.cross else "self"
+        pattern = stack.patterns.get(kind)
+        if pattern is None:
+            raise QKFixError(f"the {reader.stack!r} stack declares no {kind!r} pattern (Stack.patterns).")
     sites = [s for s in stack.sites if s in sites]  # in the order the model runs them
     inside = [s for s in sites if pattern is not None and _within(stack.sites[s].path, pattern.path)]
+    outside = [s for s in sites if s not in inside]
     found = [((layer, s), stack.sites[s], _activation(layer_envoy, stack.sites[s])) for s in inside]
-    first = []
-    if pattern is not None:
-        first = [(layer, pattern, _activation(layer_envoy, pattern))]
-    found += [
-        ((layer, s), stack.sites[s], _activation(layer_envoy, stack.sites[s]))
-        for s in sites
-        if s not in inside
-    ]
+    first = [] if pattern is None else [(reader, pattern, _activation(layer_envoy, pattern))]
+    found += [((layer, s), stack.sites[s], _activation(layer_envoy, stack.sites[s])) for s in outside]
     return first + found
+
+
+def _targets(vlm: VLM, stack_name: str, by_layer: dict) -> dict:
+    """Reader -> its scale (None: head_dim ** -0.5), for every attention a wanted layer meets first."""
+    found = {}
+    for layer in by_layer:
+        for reader in readers(vlm, stack_name, layer):
+            stack = vlm.adapter.stacks[reader.stack]
+            scores = stack.cross_scores if reader.cross else declared(stack, reader.stack)
+            found[reader] = _scale(vlm, stack, scores, reader.layer)
+    return found
+
+
+def _read(vlm: VLM, reader, layer_envoy, batch, rows: int, width: int):
+    """(queries, keys, mask) of the reader's attention: its own stack's positions as queries, the
+    traced stack's (`width`) as keys."""
+    stack = vlm.adapter.stacks[reader.stack]
+    scores = stack.cross_scores if reader.cross else stack.scores
+    return read(
+        layer_envoy,
+        scores,
+        n_heads=vlm.shape.heads[reader.stack],
+        rows=rows,
+        width=batch[SEQUENCE_FIELDS[stack.sequence][0]].shape[1],
+        key_width=width,
+        causal=stack.causal and not reader.cross,
+    )
 
 
 def _within(path: str, module: str) -> bool:
@@ -263,13 +280,15 @@ def _scale(vlm: VLM, stack: Stack, scores, layer: int) -> float | None:
     return float(getattr(module, scores.scale))
 
 
-def _checked(stack_name: str, layer: int, summary: dict, scale: float | None) -> LayerScores:
+def _checked(reader, summary: dict, scale: float | None) -> LayerScores:
     error = float(summary.pop("error"))
     if not error <= PATTERN_TOLERANCE:
+        kind = "cross_scores" if reader.cross else "scores"
         raise QKFixError(
-            f"the queries and keys that the {stack_name!r} stack's Stack.scores declares reproduce "
-            f"layer {layer}'s attention pattern only to {error:.2g} (tolerance {PATTERN_TOLERANCE:g}): "
-            "the declaration reads the wrong tensors, scale or mask for this model; fix it."
+            f"the queries and keys that the {reader.stack!r} stack's Stack.{kind} declares reproduce "
+            f"layer {reader.layer}'s attention pattern only to {error:.2g} (tolerance "
+            f"{PATTERN_TOLERANCE:g}): the declaration reads the wrong tensors, scale or mask for this "
+            "model; fix it."
         )
     head_dim = summary["queries"].shape[-1]
     return LayerScores(scale=head_dim**-0.5 if scale is None else scale, error=error, **summary)
@@ -283,11 +302,13 @@ def queries_keys_moved(
     groups: list[tuple[int, str, int | None]],
     direction: Direction,
 ) -> Moves:
-    """For each (layer, site, head), the next layer's queries and keys moved by patching it.
+    """For each (layer, site, head), the queries and keys its readers see moved by patching it.
 
     Queries and keys depend on the layer below position by position, so one row in which the
     site is patched at every aligned position at once holds, at each position, the query and
-    key that patching only that position gives. Forward only; `QK_ROWS` rows per trace.
+    key that patching only that position gives (`qk_fix.Reader`: the next layer's
+    self-attention, or after the last layer the cross-attention of a stack that reads this
+    one). Forward only; `QK_ROWS` rows per trace.
     """
     k = prepared.pair.samples
     per_trace = max(1, QK_ROWS // k)
@@ -300,7 +321,6 @@ def queries_keys_moved(
 def _moved(vlm, stack, prepared, pairs, groups, direction) -> Moves:
     k = prepared.pair.samples
     stack_name = next(name for name, s in vlm.adapter.stacks.items() if s is stack)
-    scores = declared(stack, stack_name)
     n_heads = vlm.shape.heads[stack_name]
     patched_input = "corrupt" if direction == "denoise" else "clean"
     inputs = ["clean"] + ["corrupt"] * k + [patched_input] * (len(groups) * k)
@@ -325,40 +345,48 @@ def _moved(vlm, stack, prepared, pairs, groups, direction) -> Moves:
             edit["src_row"] += [source[d]] * len(pairs)
             edit["src_pos"] += source_at
             edit["head"] += [] if head is None else [head] * len(pairs)
-    reads = sorted({layer + 1 for layer, _, _ in groups})
+    read_by = {}  # reader -> the groups whose patched rows it reads
+    for g, (layer, _, _) in enumerate(groups):
+        for reader in readers(vlm, stack_name, layer):
+            read_by.setdefault(reader, []).append(g)
     rows, width = batch[SEQUENCE_FIELDS[stack.sequence][0]].shape
     at = torch.tensor(patched_at)
     envoy = vlm.envoy
     with torch.no_grad(), envoy.trace(fn=driver(vlm), **batch):
         _corrupt_embeddings(vlm, envoy, edits, [], rows, batch["input_ids"].shape[1])
-        layers = envoy_at(envoy, stack.layers)
         moved = nnsight.save({})
-        for layer in sorted(set(reads) | {layer for layer, _ in patches}):
-            if layer in reads:
-                queries, keys, _ = read(
-                    layers[layer], scores, n_heads=n_heads, rows=rows, width=width, causal=stack.causal
-                )
-                for g, group in enumerate(groups):
-                    if group[0] + 1 != layer:
-                        continue
-                    patched = torch.arange(1 + k + g * k, 1 + k + (g + 1) * k)
-                    moved[group] = tuple(
-                        (x[patched][:, :, at] - x[base][:, :, at]).transpose(1, 2).float().cpu()
-                        for x in (queries, keys)
-                    )
-            for site, hook in stack.sites.items():
-                if (layer, site) in patches:
-                    edit = patches[(layer, site)]
-                    patch_through_layout(
-                        _activation(layers[layer], hook),
-                        hook.layout,
-                        rows=rows,
-                        width=width,
-                        hook=hook.path or "<layer>",
-                        n_heads=n_heads,
-                        **edit,
-                    )
-    return dict(moved)
+        for name, each in vlm.adapter.stacks.items():  # in the order the model runs them
+            layers = envoy_at(envoy, each.layers)
+            reading = {reader.layer: reader for reader in read_by if reader.stack == name}
+            patched = {layer for layer, _ in patches} if each is stack else set()
+            for layer in sorted(set(reading) | patched):
+                reader = reading.get(layer)
+                if reader is not None:
+                    queries, keys, _ = _read(vlm, reader, layers[layer], batch, rows, width)
+                    for g in read_by[reader]:
+                        rows_of = torch.arange(1 + k + g * k, 1 + k + (g + 1) * k)
+                        dq = None if reader.cross else _at(queries, rows_of, base, at)
+                        moved[(groups[g], reader)] = (dq, _at(keys, rows_of, base, at))
+                for site, hook in each.sites.items():
+                    if layer in patched and (layer, site) in patches:
+                        patch_through_layout(
+                            _activation(layers[layer], hook),
+                            hook.layout,
+                            rows=rows,
+                            width=width,
+                            hook=hook.path or "<layer>",
+                            n_heads=n_heads,
+                            **patches[(layer, site)],
+                        )
+    found: Moves = {}
+    for (group, reader), pair in moved.items():
+        found.setdefault(group, {})[reader] = pair
+    return found
+
+
+def _at(x, patched_rows, base_rows: list[int], at):
+    """Patched minus unpatched [row, head, position, dim] at the patched positions: [draws, P, H, dim]."""
+    return (x[patched_rows][:, :, at] - x[base_rows][:, :, at]).transpose(1, 2).float().cpu()
 
 
 def _corrupt_embeddings(vlm: VLM, envoy, edits, path: list[dict], rows: int, width: int) -> None:

@@ -175,6 +175,9 @@ class Stack:
     scores: Scores | None = None
     """How a layer's self-attention scores keys, for AtP*'s QK fix; None: not declared, and
     the fix refuses this stack."""
+    cross_scores: Scores | None = None
+    """The same for its cross-attention, whose keys are `cross_sequence`'s (BLIP's decoder
+    reads the question encoder's output there)."""
 
 
 @dataclass(frozen=True)

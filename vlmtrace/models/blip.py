@@ -110,6 +110,9 @@ def stack(layers: str, *, sequence: str, causal: bool, cross_sequence: str) -> S
         heads_config="text_config.num_attention_heads",
         layers_config="text_config.num_hidden_layers",
         scores=Scores(module="attention.self", query="query", key="key", scale=None),
+        cross_scores=Scores(
+            module="crossattention.self", query="query", key="key", scale=None, mask="encoder_attention_mask"
+        ),
     )
 
 
