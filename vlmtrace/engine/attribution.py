@@ -25,7 +25,7 @@ the patched run's metric in each cell:
 A cell's sum runs over its positions (segments, "all") and over the layers of its window;
 Gaussian noise with k draws averages the k estimates, as patching averages the k runs.
 
-Two estimators, chosen by `method`:
+Five estimators, chosen by `method` (`METHODS`):
 
     atp   the gradient at the patched run (above): one row per run, exact for small changes.
     ig    integrated gradients (Sundararajan et al. 2017; EAP-IG, Hanna et al. 2024): the
@@ -35,17 +35,31 @@ Two estimators, chosen by `method`:
           aligned prompt positions, each image whole), so its points are real forwards of
           the same model and its end is the other run. Each point is one more row of the
           same forward and backward: 1 + k (steps + 2) rows instead of 1 + k.
+    atp+qk        AtP*'s QK fix (Kramár et al. 2024): atp, with the attention softmax that the
+          patch meets first (the next layer's self-attention; after a stack's last layer, the
+          cross-attention of a stack reading it) recomputed exactly for the patched queries
+          and keys instead of linearised (`vlmtrace.engine.qk_fix`). One more forward, of a row
+          per (site, layer, head) patched at every position at once.
+    atp+graddrop  AtP*'s GradDrop: one more copy of the gradient rows per layer of every stack,
+          that layer passing its gradient straight from output to input (its own computation
+          cut out of the backward pass); a cell's score is the sum of |estimate| over the
+          copies / (L - 1), signed as the atp estimate. A path that cancels another through
+          some layer then shows in the copy that skips it. A screening score, not an estimate
+          of the patched metric: rank with it, do not read its values.
+    atp*          both: GradDrop over QK-fixed estimates (each copy's fix weighed by that copy's
+          gradient of the pattern), as AtP* combines them.
 
 What the first order misses, so read the estimates as a *screen*, not a measurement:
 - Saturation: where P(answer) is near 0 or 1 the gradient at the run is small and says
   little about a large change (AtP*'s first failure mode, Kramár et al. 2024). `ig` samples
-  the path where the metric moves. On the shipped organisms (`benchmarks/screen.py`) it
-  raised the worst top-5 overlap of P(answer) screens from 0.62 to 0.72 and ranked the
-  saturated heads of shapes-qwen right; with the logit difference `atp` ranked better, and
-  its rank correlation over all cells is higher everywhere.
+  the path where the metric moves; `atp+qk` and `atp*` compute the first attention softmax
+  exactly. On the shipped organisms (`benchmarks/screen.py`, RESULTS.md) the saturated heads
+  of shapes-qwen under STR, where atp finds 0.62 of what matters, are found by ig16 and atp*.
 - Cancellation and strongly non-linear paths (BLIP's bidirectional text encoder under STR)
-  defeat both: there the worst top-5 overlap is ~0.7. AtP*'s QK fix and GradDrop are not
-  implemented.
+  defeat every estimator: there the worst top-5 overlap stays ~0.7. Attention changes carry
+  much of those effects, but not only the first softmax a patch meets, which is all the QK fix
+  recomputes; and with every attention pattern frozen, first order still misses a quarter of
+  the cells that matter (`benchmarks/screen.py --frozen`): post-LayerNorm and MLP curvature.
 - So screen generously: the exact top 5 were among atp's top 15 in at least 0.94 of cases on
   every organism and site (`agreement(..., candidates=15)`), so `patch(..., screen=3 * k)`
   finds the k cells that matter where `screen=k` may miss some.

@@ -10,10 +10,12 @@ from the pattern on, through the gradient of the metric with respect to the patt
 vlmtrace's cells patch the *outputs* of sites (a block, an attention, an MLP, a head), not
 queries and keys. The first softmax a patch of layer l at position p meets is the self-attention
 of layer l + 1: its query at p (row p of the pattern) and its key at p (column p of every row).
-Queries and keys depend on the layer below position by position, so one extra row per
+After a stack's last layer it is the cross-attention of every layer of a stack that reads this
+one's output (BLIP's answer decoder reads the question encoder): its key at p (`Reader`).
+Queries and keys depend on the patched layer position by position, so one extra row per
 (site, layer, head) in which that site is patched at *every* position at once holds, at each
-position, the query and key that patching that one position gives (`patched_queries_keys`
-in `vlmtrace.engine.gradients`). With them, for every cell:
+position, the query and key that patching that one position gives (`queries_keys_moved` in
+`vlmtrace.engine.gradients`). With them, for every cell:
 
     query side   row p:      A'_p = softmax(s_p + ds),  ds_s = scale (q'_p - q_p) . k_s
     key side     every row t: s_tp moves by scale q_t . (k'_p - k_p), the row renormalises
@@ -27,8 +29,10 @@ second order), and a cell that patches several positions changes its rows indepe
 its columns jointly. A window sums its layers' fixes, as attribution sums their terms. The
 last layer has no next attention: its cells are plain attribution.
 
-The stack must declare where its attention computes scores (`Stack.scores`), and every use
-checks that the declaration reproduces the layer's attention pattern.
+The stack must declare where its attention computes scores (`Stack.scores`, and
+`Stack.cross_scores` for a reader's cross-attention), and every use checks that the
+declaration reproduces the attention's pattern. Cost: that extra forward (rows = sites x
+layers, plus heads, per noise draw, `QK_ROWS` per trace) and O(heads x positions) per cell.
 """
 
 from __future__ import annotations
