@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .engine.attribution import METHODS
 from .errors import UserError
 
 
@@ -43,6 +42,8 @@ class Options:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        from .engine.attribution import METHODS  # here: `vlmtrace --help` must not import torch
+
         if self.screen_method not in METHODS:
             raise UserError(
                 f"--screen-method must be one of {', '.join(METHODS)}, not {self.screen_method!r}."
