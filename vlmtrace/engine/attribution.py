@@ -100,7 +100,7 @@ from .planning import (
     warn_if_corruption_did_nothing,
     with_layer_kinds,
 )
-from .qk_fix import LayerScores, Reader, correction
+from .qk_fix import LayerScores, Reader, correction, readers
 from .sites import Cell, Grid
 
 __all__ = ["AttributionWarning", "attribute", "estimate"]
@@ -139,10 +139,13 @@ def attribute(
     """Estimates of `vlmtrace.patch(...)` for every cell, in `patch`'s layout.
 
     `method="atp"` (the default) takes the gradient at the patched run; `"ig"` averages it
-    over `steps` points of a path between the two runs (see the module docstring for when
-    each ranks better). One forward and one backward per sample, of 1 + k rows (atp) or
-    1 + k (steps + 2) rows (ig), k being the noise draws (1 without noise).
-    `attrs["experiment"]` is "attribution" so an estimate is never mistaken for a measurement.
+    over `steps` points of a path between the two runs; `"atp+qk"`, `"atp+graddrop"` and
+    `"atp*"` are AtP*'s fixes (see the module docstring for what each costs and when each ranks
+    better). One forward and one backward per sample, of 1 + k rows (atp), 1 + k (steps + 2)
+    rows (ig) or 1 + k + L k rows (GradDrop, L the layers of every stack), k being the noise
+    draws (1 without noise); the QK fix adds a forward-only pass of a row per (site, layer,
+    head) and draw. `attrs["experiment"]` is "attribution" so an estimate is never mistaken
+    for a measurement.
     """
     steps = _checked_steps(method, steps)
     stack_name, stack = checked_stack(vlm, samples, grid, direction, verb="attribute")
@@ -244,8 +247,15 @@ def _fill_sample(
     moves: Moves = {}
     if scores:
         # one patched row per (layer, site, head) that an attention reads first
+        name = next(each for each, s in vlm.adapter.stacks.items() if s is stack)
+        read = {layer for layer, _ in wanted if readers(vlm, name, layer)}
         groups = sorted(
-            {(layer, cells[c].site, cells[c].head) for c in sample_plan.work for layer in cells[c].layers},
+            {
+                (layer, cells[c].site, cells[c].head)
+                for c in sample_plan.work
+                for layer in cells[c].layers
+                if layer in read
+            },
             key=lambda group: (group[0], group[1], -1 if group[2] is None else group[2]),
         )
         moves = queries_keys_moved(vlm, stack, prepared, pairs, groups, direction)
