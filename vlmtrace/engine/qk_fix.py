@@ -91,7 +91,15 @@ def read(layer, scores: Scores, *, n_heads: int, rows: int, width: int, key_widt
     _, kwargs = module.inputs
     mask = kwargs.get(scores.mask)
     if scores.call:
-        queries, keys = getattr(module.source, scores.call).output[:2]
+        try:
+            call = getattr(module.source, scores.call)
+        except AttributeError as error:
+            raise QKFixError(
+                f"Stack.scores names the call {scores.call!r} inside {scores.module!r}, which this "
+                f"model's attention does not make ({error}); declare the call that returns its "
+                "queries and keys after rotary embeddings."
+            ) from None
+        queries, keys = call.output[:2]
     else:
         queries = _heads_first(envoy_at(module, scores.query).output, n_heads, rows, width, scores.query)
         keys = envoy_at(module, scores.key).output
