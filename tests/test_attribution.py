@@ -59,7 +59,7 @@ def test_baselines_equal_exact_patching_baselines(tiny_llava, llava_sample):
     assert estimates["done"].all()
 
 
-@pytest.mark.parametrize("method", ["atp", "ig"])
+@pytest.mark.parametrize("method", ["atp", "ig", "atp+qk"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_estimates_approach_exact_patching_as_the_corruption_shrinks(
     tiny_llava, llava_sample, direction, method
@@ -78,7 +78,7 @@ def test_estimates_approach_exact_patching_as_the_corruption_shrinks(
         assert errors[0.01][site] < errors[1.0][site] / 5, (site, errors)
 
 
-@pytest.mark.parametrize("method", ["atp", "ig"])
+@pytest.mark.parametrize("method", ["atp", "ig", "atp+qk"])
 def test_blip_head_and_cross_attention_estimates_match_exact_patching_for_small_noise(
     tiny_blip, blip_sample, method
 ):
@@ -88,7 +88,7 @@ def test_blip_head_and_cross_attention_estimates_match_exact_patching_for_small_
         assert relative_error(estimates, exact, site) < 0.05, site
 
 
-@pytest.mark.parametrize("method", ["atp", "ig"])
+@pytest.mark.parametrize("method", ["atp", "ig", "atp+qk"])
 def test_blip_decoder_stack_estimates_match_exact_patching_for_small_noise(tiny_blip, blip_sample, method):
     grid = vt.Grid(sites=("block", "attn_head"), stack="decoder")
     estimates, exact = both(tiny_blip, [blip_sample], method, corruption=SMALL_NOISE, grid=grid)
@@ -366,19 +366,20 @@ def test_a_path_between_phrases_of_different_length_warns(tiny_llava, llava_samp
 
 
 def test_an_unknown_method_or_no_steps_is_a_clear_error(tiny_llava, llava_sample):
-    for bad in ({"method": "atp*"}, {"method": "ig", "steps": 0}):
+    for bad in ({"method": "atp**"}, {"method": "ig", "steps": 0}):
         with pytest.raises(ValueError, match="method|steps"):
             attribute(tiny_llava, [llava_sample], corruption=vt.ImagePair(), progress=False, **bad)
 
 
-def test_patch_screens_with_integrated_gradients_when_asked(tiny_llava, llava_sample):
+@pytest.mark.parametrize("method", ["ig", "atp*"])
+def test_patch_screens_with_the_estimator_it_is_asked_for(tiny_llava, llava_sample, method):
     kwargs = dict(
         corruption=vt.ImagePair(), grid=vt.Grid(sites=("mlp",), skip=("image",)), metric=vt.LogProb()
     )
-    estimates = attribute(tiny_llava, [llava_sample], method="ig", progress=False, **kwargs)
-    screened = vt.patch(tiny_llava, [llava_sample], screen=3, screen_method="ig", progress=False, **kwargs)
+    estimates = attribute(tiny_llava, [llava_sample], method=method, progress=False, **kwargs)
+    screened = vt.patch(tiny_llava, [llava_sample], screen=3, screen_method=method, progress=False, **kwargs)
     np.testing.assert_array_equal(screened["mlp"].notnull().values, screen(estimates, 3)["mlp"].values)
-    assert screened.attrs["screen_method"] == "ig"
+    assert screened.attrs["screen_method"] == method
 
 
 def test_material_recall_counts_what_a_wider_screen_patches_exactly():

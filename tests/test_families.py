@@ -334,3 +334,27 @@ def test_prefix_reuse_equals_the_plain_sweep(name):
         np.testing.assert_allclose(
             reused[variable].values, plain[variable].values, atol=1e-6, err_msg=variable
         )
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_the_qk_fix_reads_queries_and_keys_that_reproduce_each_familys_attention(name):
+    """AtP*'s QK fix recomputes the softmax from the queries, keys, scale and mask that
+    `Stack.scores` declares, and stops (QKFixError) unless they reproduce the model's own
+    pattern at every layer it reads; a stack that declares none refuses the fix by name."""
+    from vlmtrace.engine.qk_fix import QKFixError
+
+    family = FAMILIES[name]
+    vlm = loaded(name)
+    kwargs = dict(
+        corruption=vt.SymmetricTokenReplacement("visual"),
+        grid=vt.Grid(sites=("block",), segments=("visual", "last")),
+        metric=vt.LogProb(),
+        method="atp+qk",
+        progress=False,
+    )
+    if vlm.adapter.stacks["lm"].scores is None:
+        with pytest.raises(QKFixError, match="Stack.scores"):
+            vt.attribute(vlm, [sample_of(family)], **kwargs)
+        return
+    estimates = vt.attribute(vlm, [sample_of(family)], **kwargs)
+    assert np.isfinite(estimates["block"].sel(layer=0).values).all()

@@ -34,7 +34,8 @@ class Options:
     screen: int | None = None
     """Patch only the top-k cells by attribution-patching estimate."""
     screen_method: str = "atp"
-    """How the screen estimates: "atp" (gradient at the run) or "ig" (integrated gradients)."""
+    """How the screen estimates: one of `vlmtrace.engine.attribution.METHODS` ("atp": the gradient at
+    the run; "ig": integrated gradients; "atp+qk", "atp+graddrop", "atp*": AtP*'s fixes)."""
     reuse_prefix: bool = False
     """Skip the layers (and, in decoders, the positions) below each cell's first patch."""
     backend: Any = None
@@ -54,8 +55,12 @@ class Options:
             raise UserError(
                 f"max_memory must be a finite number of bytes > 0 (CLI: --max-memory 20GB), not {memory!r}."
             )
-        if self.screen_method not in ("atp", "ig"):
-            raise UserError(f"--screen-method must be 'atp' or 'ig', not {self.screen_method!r}.")
+        from .engine.attribution import METHODS  # here: `vlmtrace --help` must not import torch
+
+        if self.screen_method not in METHODS:
+            raise UserError(
+                f"--screen-method must be one of {', '.join(METHODS)}, not {self.screen_method!r}."
+            )
         if self.shard is not None and self.parts is None:
             raise UserError("sharding needs a store the shards share: give `parts` (CLI: --out).")
 

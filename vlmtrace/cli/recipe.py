@@ -76,8 +76,9 @@ def recipe(
     screen_method: Annotated[
         str,
         typer.Option(
-            help="How --screen estimates: atp (gradient at the run) or ig (integrated gradients, "
-            "better where P(answer) saturates).",
+            help="How --screen estimates: atp (gradient at the run), ig (integrated gradients, "
+            "better where P(answer) saturates), or AtP*'s fixes: atp+qk (exact next-layer softmax), "
+            "atp+graddrop, 'atp*' (both; quote it in a shell).",
         ),
     ] = "atp",
     reuse_prefix: Annotated[

@@ -11,6 +11,9 @@ planning.py       samples -> encoded pairs and cells (shared by patching and att
 sweep.py          activation patching over a grid, chunked, resumable: `vt.patch`
 prefix_reuse.py   start each chunk where it first differs from the baseline rows
 attribution.py    attribution patching (a gradient screen): `vt.attribute`
+gradients.py      the traced forward and backward passes attribution estimates from
+qk_fix.py         AtP*'s QK fix: the first attention softmax a patch meets, recomputed
+screening.py      which cells to patch exactly, and how well estimates rank them
 knockout.py       attention knockout: `vt.knockout`
 attention.py      attention patterns (NOTICE)
 invariants.py     the engine's invariants on any model: `vt.check`, and each sweep's self-check

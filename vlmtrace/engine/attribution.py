@@ -25,7 +25,7 @@ the patched run's metric in each cell:
 A cell's sum runs over its positions (segments, "all") and over the layers of its window;
 Gaussian noise with k draws averages the k estimates, as patching averages the k runs.
 
-Two estimators, chosen by `method`:
+Five estimators, chosen by `method` (`METHODS`):
 
     atp   the gradient at the patched run (above): one row per run, exact for small changes.
     ig    integrated gradients (Sundararajan et al. 2017; EAP-IG, Hanna et al. 2024): the
@@ -35,17 +35,31 @@ Two estimators, chosen by `method`:
           aligned prompt positions, each image whole), so its points are real forwards of
           the same model and its end is the other run. Each point is one more row of the
           same forward and backward: 1 + k (steps + 2) rows instead of 1 + k.
+    atp+qk        AtP*'s QK fix (Kramár et al. 2024): atp, with the attention softmax that the
+          patch meets first (the next layer's self-attention; after a stack's last layer, the
+          cross-attention of a stack reading it) recomputed exactly for the patched queries
+          and keys instead of linearised (`vlmtrace.engine.qk_fix`). One more forward, of a row
+          per (site, layer, head) patched at every position at once.
+    atp+graddrop  AtP*'s GradDrop: one more copy of the gradient rows per layer of every stack,
+          that layer passing its gradient straight from output to input (its own computation
+          cut out of the backward pass); a cell's score is the sum of |estimate| over the
+          copies / (L - 1), signed as the atp estimate. A path that cancels another through
+          some layer then shows in the copy that skips it. A screening score, not an estimate
+          of the patched metric: rank with it, do not read its values.
+    atp*          both: GradDrop over QK-fixed estimates (each copy's fix weighed by that copy's
+          gradient of the pattern), as AtP* combines them.
 
 What the first order misses, so read the estimates as a *screen*, not a measurement:
 - Saturation: where P(answer) is near 0 or 1 the gradient at the run is small and says
   little about a large change (AtP*'s first failure mode, Kramár et al. 2024). `ig` samples
-  the path where the metric moves. On the shipped organisms (`benchmarks/screen.py`) it
-  raised the worst top-5 overlap of P(answer) screens from 0.62 to 0.72 and ranked the
-  saturated heads of shapes-qwen right; with the logit difference `atp` ranked better, and
-  its rank correlation over all cells is higher everywhere.
+  the path where the metric moves; `atp+qk` and `atp*` compute the first attention softmax
+  exactly. On the shipped organisms (`benchmarks/screen.py`, RESULTS.md) the saturated heads
+  of shapes-qwen under STR, where atp finds 0.62 of what matters, are found by ig16 and atp*.
 - Cancellation and strongly non-linear paths (BLIP's bidirectional text encoder under STR)
-  defeat both: there the worst top-5 overlap is ~0.7. AtP*'s QK fix and GradDrop are not
-  implemented.
+  defeat every estimator: there the worst top-5 overlap stays ~0.7. Attention changes carry
+  much of those effects, but not only the first softmax a patch meets, which is all the QK fix
+  recomputes; and with every attention pattern frozen, first order still misses a quarter of
+  the cells that matter (`benchmarks/screen.py --frozen`): post-LayerNorm and MLP curvature.
 - So screen generously: the exact top 5 were among atp's top 15 in at least 0.94 of cases on
   every organism and site (`agreement(..., candidates=15)`), so `patch(..., screen=3 * k)`
   finds the k cells that matter where `screen=k` may miss some.
@@ -62,11 +76,9 @@ What the first order misses, so read the estimates as a *screen*, not a measurem
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, get_args
 
-import nnsight
 import numpy as np
 import torch
 import xarray as xr
@@ -77,35 +89,34 @@ from ..models.adapter import Stack
 from ..models.load import VLM
 from ..presentation.progress import progress_bar
 from ..results.dataset import Layout, describe
-from .alignment import align
 from .corruptions import Corruption
-from .forward import SEQUENCE_FIELDS, _activation, _noise, driver, envoy_at, stack_rows
-from .layouts import interpolate, rows_view
+from .gradients import Moves, Passes, Terms, gradient_terms, queries_keys_moved
 from .metrics import KL, Metric, Probability
 from .planning import (
     Direction,
     Plan,
-    Prepared,
-    baseline_edits,
     checked_stack,
-    image_units,
     lay_out,
     warn_if_corruption_did_nothing,
     with_layer_kinds,
 )
-from .sites import HEAD_SITES, Cell, Grid
+from .qk_fix import LayerScores, Reader, correction, readers
+from .sites import Cell, Grid
 
 __all__ = ["AttributionWarning", "attribute", "estimate"]
 
-Method = Literal["atp", "ig"]
+Method = Literal["atp", "ig", "atp+qk", "atp+graddrop", "atp*"]
+METHODS: tuple[str, ...] = get_args(Method)
+"""Every estimator `attribute(method=...)` and `patch(screen_method=...)` accept."""
+QK_FIX = ("atp+qk", "atp*")
+GRADDROP = ("atp+graddrop", "atp*")
 STEPS = 4
 """Default path points of method="ig": on the organisms, 4 rank cells about as well as 8, 16 or 32
 (`benchmarks/screen.py`)."""
+FIX_CHUNK = 64
+"""Cells whose QK fixes are computed at once (memory: heads x positions x chunk per copy)."""
 PATH_TOLERANCE = 0.05
 """How far (a share of |clean - corrupt|) a path's end may be from the run it should reach."""
-
-Terms = dict[tuple[int, str], np.ndarray]
-"""(layer, site) -> grad . delta per noise draw and aligned position: [draws, pairs(, head)]."""
 
 
 class AttributionWarning(UserWarning):
@@ -128,10 +139,13 @@ def attribute(
     """Estimates of `vlmtrace.patch(...)` for every cell, in `patch`'s layout.
 
     `method="atp"` (the default) takes the gradient at the patched run; `"ig"` averages it
-    over `steps` points of a path between the two runs (see the module docstring for when
-    each ranks better). One forward and one backward per sample, of 1 + k rows (atp) or
-    1 + k (steps + 2) rows (ig), k being the noise draws (1 without noise).
-    `attrs["experiment"]` is "attribution" so an estimate is never mistaken for a measurement.
+    over `steps` points of a path between the two runs; `"atp+qk"`, `"atp+graddrop"` and
+    `"atp*"` are AtP*'s fixes (see the module docstring for what each costs and when each ranks
+    better). One forward and one backward per sample, of 1 + k rows (atp), 1 + k (steps + 2)
+    rows (ig) or 1 + k + L k rows (GradDrop, L the layers of every stack), k being the noise
+    draws (1 without noise); the QK fix adds a forward-only pass of a row per (site, layer,
+    head) and draw. `attrs["experiment"]` is "attribution" so an estimate is never mistaken
+    for a measurement.
     """
     steps = _checked_steps(method, steps)
     stack_name, stack = checked_stack(vlm, samples, grid, direction, verb="attribute")
@@ -196,7 +210,8 @@ def estimate(
     with progress_bar(progress, f"attributing {vlm.name}") as bar:
         task = bar.add_task("samples", total=len(chosen))
         for i in chosen:
-            misses.append(_fill_sample(ds, layout, i, plans[i], vlm, stack, direction, metric, steps))
+            miss = _fill_sample(ds, layout, i, plans[i], vlm, stack, direction, metric, method, steps)
+            misses.append(miss)
             bar.advance(task, 1)
     _warn_if_path_missed(ds, [i for i, miss in zip(chosen, misses, strict=True) if miss], direction)
 
@@ -210,6 +225,7 @@ def _fill_sample(
     stack: Stack,
     direction: Direction,
     metric: Metric,
+    method: str,
     steps: int,
 ) -> bool:
     """Estimate every cell of one sample's work list and write it, with the baselines, to `ds`.
@@ -220,27 +236,70 @@ def _fill_sample(
     pairs = sorted(sample_plan.aligned.items())  # (clean position, corrupted position), unpadded
     pair_of = {clean: n for n, (clean, _) in enumerate(pairs)}
     wanted = sorted({(layer, cells[c].site) for c in sample_plan.work for layer in cells[c].layers})
-    values, terms, miss = _gradient_terms(vlm, stack, prepared, pairs, wanted, direction, metric, steps)
+    passes = Passes(
+        steps=steps,
+        skipped=_every_layer(vlm) if method in GRADDROP else (),
+        scores=method in QK_FIX,
+    )
+    values, terms, miss, scores = gradient_terms(
+        vlm, stack, prepared, pairs, wanted, direction, metric, passes
+    )
+    moves: Moves = {}
+    if scores:
+        # one patched row per (layer, site, head) that an attention reads first
+        name = next(each for each, s in vlm.adapter.stacks.items() if s is stack)
+        read = {layer for layer, _ in wanted if readers(vlm, name, layer)}
+        groups = sorted(
+            {
+                (layer, cells[c].site, cells[c].head)
+                for c in sample_plan.work
+                for layer in cells[c].layers
+                if layer in read
+            },
+            key=lambda group: (group[0], group[1], -1 if group[2] is None else group[2]),
+        )
+        moves = queries_keys_moved(vlm, stack, prepared, pairs, groups, direction)
+    fixes = _single_position_fixes(scores, moves)
     clean, corrupt = float(values[0]), float(values[1:].mean())
     base = corrupt if direction == "denoise" else clean
     # The mean over noise draws commutes with the sums over layers and positions: take it first.
-    mean_terms = {key: term.mean(0) for key, term in terms.items()}
+    mean_terms = {key: term.mean(1) for key, term in terms.items()}
     for c in sample_plan.work:
         cell = cells[c]
-        ds[cell.site].values[layout.index(sample, cell)] = base + _cell_sum(cell, mean_terms, pair_of)
+        copies = _cell_sum(cell, mean_terms, pair_of) + _cell_fix(cell, fixes, scores, moves, pair_of)
+        ds[cell.site].values[layout.index(sample, cell)] = base + _combined(copies)
     ds["clean"].values[sample] = clean
     ds["corrupt"].values[sample] = corrupt
     ds["done"].values[sample] = True
     return miss > PATH_TOLERANCE * max(abs(clean - corrupt), 1e-6)
 
 
+def _combined(copies: np.ndarray) -> float:
+    """One cell's estimate from its gradient copies: the plain one, or GradDrop's score.
+
+    GradDrop (Kramár et al. 2024, eq. 11) averages |estimate| over the copies that each skip
+    one layer in the backward pass, dividing by L - 1: skipping the cell's own layer gives 0.
+    A path that cancels another through some layer then shows up in the copy that skips it.
+    The score keeps the sign of the plain estimate, so its effect reads like the others'.
+    """
+    if len(copies) == 1:
+        return float(copies[0])
+    dropped = np.abs(copies[1:]).sum() / max(len(copies) - 2, 1)
+    return float(np.sign(copies[0]) * dropped) if copies[0] != 0 else float(dropped)
+
+
+def _every_layer(vlm: VLM) -> tuple[tuple[str, int], ...]:
+    """GradDrop's copies: every layer of every stack, one at a time."""
+    return tuple((name, layer) for name in vlm.adapter.stacks for layer in range(vlm.shape.layers[name]))
+
+
 def _checked_steps(method: str, steps: int) -> int:
-    """Path points the method uses (0 for atp), or a clear error for a bad option."""
-    if method not in ("atp", "ig"):
+    """Path points the method uses (0 but for ig), or a clear error for a bad option."""
+    if method not in METHODS:
         raise UserError(
-            f"method must be 'ig' (integrated gradients) or 'atp' (attribution patching), not {method!r}."
+            f"method must be one of {', '.join(METHODS)} (see vlmtrace.engine.attribution), not {method!r}."
         )
-    if method == "atp":
+    if method != "ig":
         return 0
     if steps < 1:
         raise UserError(f"method='ig' needs steps >= 1 path points, got {steps}.")
@@ -266,174 +325,50 @@ def _warn_if_path_missed(ds: xr.Dataset, samples: list[int], direction: Directio
     )
 
 
-def _cell_sum(cell: Cell, terms: Terms, pair_of: dict[int, int]) -> float:
-    """The first-order change of one cell: its terms over its layers and aligned positions."""
+def _cell_sum(cell: Cell, terms: Terms, pair_of: dict[int, int]) -> np.ndarray:
+    """The first-order change of one cell per gradient copy: its terms over its layers and positions."""
     index = [pair_of[p] for p in cell.positions if p in pair_of]
     total = 0.0
     for layer in cell.layers:
-        term = terms[(layer, cell.site)][index]
-        total += float((term[:, cell.head] if cell.head is not None else term).sum())
-    return total
+        term = terms[(layer, cell.site)][:, index]
+        total = total + (term[:, :, cell.head] if cell.head is not None else term).sum(1)
+    return np.atleast_1d(total)
 
 
-def _gradient_terms(
-    vlm: VLM,
-    stack: Stack,
-    prepared: Prepared,
-    pairs: list[tuple[int, int]],
-    wanted: list[tuple[int, str]],
-    direction: Direction,
-    metric: Metric,
-    steps: int,
-) -> tuple[np.ndarray, Terms, float]:
-    """One forward of the baseline (and path) rows and one backward of their metrics.
+def _cell_fix(
+    cell: Cell, fixes: dict, scores: dict[Reader, LayerScores], moves: Moves, pair_of: dict[int, int]
+) -> np.ndarray:
+    """The QK fix of one cell per gradient copy: over its layers and the attentions reading them.
 
-    Returns the metric of each baseline row (clean, then one per noise draw); for every wanted
-    (layer, site), `grad . delta` at every aligned position pair, reduced over features (per
-    head for head sites) inside the trace, so only small arrays leave it; and, with a path
-    (`steps` > 0), how far its end row's metric is from the run it should reproduce.
-
-    Rows, in order: clean, the k corrupted draws, then (path only) `steps` midpoints and one
-    end point per draw: the patched input (corrupted for "denoise", clean for "noise") with
-    its embeddings moved a fraction alpha of the way to the other run's (`_path_edits`).
-
-    Gradients come from nnsight's backward trace (`with values.sum().backward():`, reading
-    `.grad` of the activations captured in the forward, latest first). Rows of a batch do not
-    interact, so the gradient of the summed metrics at a row is that row's own gradient.
+    `fixes` holds each (layer, site, head)'s fix of every single position, computed at once;
+    a cell of several positions is fixed jointly (its columns move together).
     """
-    k = prepared.pair.samples
-    alphas = [(j + 0.5) / steps for j in range(steps)] + [1.0] if steps else []
-    patched_input = "corrupt" if direction == "denoise" else "clean"
-    inputs = ["clean"] + ["corrupt"] * k + [patched_input] * (len(alphas) * k)
-    draws = [0, *range(k)] + [d for _ in alphas for d in range(k)]
-    edits = baseline_edits(vlm, prepared, inputs, draws)
-    batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
-    pad_clean, pad_corrupt = prepared.pad("clean", stack.sequence), prepared.pad("corrupt", stack.sequence)
-    clean_at = torch.tensor([clean + pad_clean for clean, _ in pairs], dtype=torch.long)
-    corrupt_at = torch.tensor([corrupt + pad_corrupt for _, corrupt in pairs], dtype=torch.long)
-    # where the patched run's rows hold each pair, and which rows give the gradient
-    patched_at = corrupt_at if direction == "denoise" else clean_at
-    midpoints = torch.arange(1 + k, 1 + k + steps * k)  # [step * k + draw]
-    path = _path_edits(vlm, prepared, inputs, alphas, direction) if steps else []
-    n_heads = vlm.shape.heads[next(name for name, s in vlm.adapter.stacks.items() if s is stack)]
-    answer_slice = prepared.answer_slice(vlm)
-    answer, foil = prepared.answer, prepared.foil
-    envoy = vlm.envoy
-    layers = envoy_at(envoy, stack.layers)
-    by_layer = {layer: [site for lay, site in wanted if lay == layer] for layer, _ in wanted}
-    rows, width = batch[SEQUENCE_FIELDS[stack.sequence][0]].shape
-    prompt_width = batch["input_ids"].shape[1]
-    with torch.enable_grad(), _activation_gradients_only(vlm.model):
-        with envoy.trace(fn=driver(vlm), **batch) as tracer:
-            for name, hook in vlm.adapter.embeddings.items():  # in the order the model runs them
-                noised = [plan for plan in edits.noise if plan.hook is hook]
-                moves = [edit for edit in path if edit["embedding"] == name]
-                if not noised and not moves:
-                    continue
-                live = _activation(envoy, hook)
-                for plan in noised:
-                    _noise(plan, live, rows, prompt_width)
-                for edit in moves:
-                    interpolate(
-                        live, hook.layout, rows=rows, hook=hook.path, width=prompt_width, **edit["args"]
-                    )
-            if wanted:
-                first = layers[0].input
-                if not first.requires_grad:
-                    first.requires_grad_(True)  # weights are frozen: the graph starts at the stack
-            captured = []  # (key, activation), in the order the model runs them
-            for layer in sorted(by_layer):
-                for site, hook in stack.sites.items():
-                    if site in by_layer[layer]:
-                        captured.append(((layer, site), hook, _activation(layers[layer], hook)))
-            logits = tracer.result[:, answer_slice]
-            # A detached copy of the clean row as row 0: metrics that score against the clean run
-            # (KL) then treat it as a constant, so each row's gradient is that of its own score.
-            reference = torch.cat([logits[:1].detach(), logits])
-            foil_ids = None if foil is None else foil.to(logits.device)
-            scored = metric(reference, answer.to(logits.device), foil_ids)[1:]
-            values = scored.detach().float().cpu().save()
-            terms = nnsight.save({})
-            if captured:
-                with scored.sum().backward():
-                    for key, hook, live in reversed(captured):  # autograd reaches them latest first
-                        name = hook.path or "<layer>"
-                        activation = rows_view(live, hook.layout, rows=rows, width=width, hook=name)
-                        grad = rows_view(live.grad, hook.layout, rows=rows, width=width, hook=name)
-                        clean_side = activation[:1, clean_at].float()
-                        corrupt_side = activation[1 : 1 + k, corrupt_at].float()
-                        delta = (
-                            clean_side - corrupt_side if direction == "denoise" else corrupt_side - clean_side
-                        )
-                        if steps:  # the path's mean gradient, per draw: [k, pairs, features]
-                            slope = (
-                                grad[midpoints][:, patched_at]
-                                .float()
-                                .view(steps, k, *delta.shape[1:])
-                                .mean(0)
-                            )
-                        elif direction == "denoise":  # at the corrupted rows, towards clean
-                            slope = grad[1 : 1 + k, corrupt_at].float()
-                        else:  # at the clean row, towards each corrupted draw
-                            slope = grad[:1, clean_at].float()
-                        product = slope * delta
-                        if key[1] in HEAD_SITES:
-                            product = product.view(*product.shape[:-1], n_heads, -1)
-                        terms[key] = product.sum(-1).detach().cpu()
-    values = values.numpy()
-    miss = 0.0
-    if steps:
-        ends = values[1 + k + steps * k :]
-        targets = np.full(k, values[0]) if direction == "denoise" else values[1 : 1 + k]
-        miss = float(np.abs(ends - targets).max())
-    return values[: 1 + k], {key: term.numpy() for key, term in terms.items()}, miss
+    index = [pair_of[p] for p in cell.positions if p in pair_of]
+    total = 0.0
+    for layer in cell.layers:
+        group = (layer, cell.site, cell.head)
+        if group not in moves or not index:
+            continue
+        if len(index) == 1:
+            total = total + fixes[group][index[0]]
+            continue
+        for reader, (dq, dk) in moves[group].items():
+            joint = correction(scores[reader], dq, dk, torch.tensor([index]))
+            total = total + joint[0].mean(-1).numpy()
+    return np.atleast_1d(total)
 
 
-def _path_edits(
-    vlm: VLM, prepared: Prepared, inputs: list[str], alphas: list[float], direction: Direction
-) -> list[dict]:
-    """The interpolations that put each path row at its point between the two runs.
-
-    The path runs through the embeddings, where corruptions act (`Adapter.embeddings`: token
-    embeddings at aligned prompt positions, each image whole), so its end point is the other
-    run itself wherever the two align. Path row `1 + k + j * k + d` is draw d at `alphas[j]`;
-    it moves toward the clean row (denoise) or toward corrupted draw d (noise).
-    """
-    k = prepared.pair.samples
-    moved = list(range(1 + k, 1 + k + len(alphas) * k))
-    toward = [0 if direction == "denoise" else 1 + d for _ in alphas for d in range(k)]
-    point = [a for a in alphas for _ in range(k)]
-    edits = []
-    for name, hook in vlm.adapter.embeddings.items():
-        args: dict = {"moved_rows": moved, "toward_rows": toward, "alphas": point}
-        if hook.layout.startswith("image_"):
-            args["units"] = image_units(vlm, prepared.rows(inputs))
-        if name == "tokens":
-            aligned = align(prepared.pair.clean.segments("prompt"), prepared.pair.corrupt.segments("prompt"))
-            pairs = sorted(aligned.pairs.items())
-            clean = [c + prepared.pad("clean", "prompt") for c, _ in pairs]
-            corrupt = [c + prepared.pad("corrupt", "prompt") for _, c in pairs]
-            args["moved_pos"], args["toward_pos"] = (
-                (corrupt, clean) if direction == "denoise" else (clean, corrupt)
-            )
-        edits.append({"embedding": name, "args": args})
-    return edits
-
-
-@contextmanager
-def _activation_gradients_only(model: torch.nn.Module) -> Iterator[None]:
-    """Freeze the weights for one backward, restoring their flags after.
-
-    Only gradients of activations are wanted. With trainable weights, backward would also
-    compute and keep a gradient per parameter (as large as the model: 14 GB for a 7B LLaVA)
-    and leave it in `param.grad`; frozen, it computes none, and the trace instead makes the
-    stack's input require grad so the graph starts there.
-    """
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    for parameter, _ in flags:
-        parameter.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
+def _single_position_fixes(scores: dict[Reader, LayerScores], moves: Moves) -> dict:
+    """(layer, site, head) -> [pairs, copies]: the QK fix of patching each position alone."""
+    fixes = {}
+    for group, by_reader in moves.items():
+        total = 0.0
+        for reader, (dq, dk) in by_reader.items():
+            singles = torch.arange(dk.shape[1])
+            parts = [
+                correction(scores[reader], dq, dk, singles[start : start + FIX_CHUNK, None])
+                for start in range(0, len(singles), FIX_CHUNK)
+            ]
+            total = total + torch.cat(parts).mean(-1).numpy()
+        fixes[group] = total
+    return fixes

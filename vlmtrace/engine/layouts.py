@@ -206,3 +206,33 @@ def interpolate(
     here = view[moved_r[:, None], moved_p[None, :]]
     there = view[toward_r[:, None], toward_p[None, :]]
     view[moved_r[:, None], moved_p[None, :]] = here + alpha.view(-1, *[1] * (here.dim() - 1)) * (there - here)
+
+
+def skip_in_backward(
+    output: torch.Tensor,
+    layer_input: torch.Tensor,
+    layout: str,
+    *,
+    rows: int,
+    width: int,
+    hook: str,
+    skipped_rows: Sequence[int],
+) -> None:
+    """Make a layer the identity in the backward pass of `skipped_rows`, its forward values unchanged.
+
+    `output[r] = input[r] + (output[r] - input[r]).detach()`, in place: the value is the same,
+    but the gradient reaching the output goes straight to the input and none flows through the
+    layer's own computation (GradDrop, `vlmtrace.engine.attribution`). `output` and
+    `layer_input` hold the same rows and positions (a layer's hidden states in and out).
+    """
+    if not skipped_rows:
+        return
+    out = rows_view(output, layout, rows=rows, width=width, hook=hook)
+    into = rows_view(layer_input, layout, rows=rows, width=width, hook=f"{hook} (input)")
+    if out.shape != into.shape:
+        raise LayoutError(
+            f"hook {hook!r}: the layer's output is {tuple(out.shape)} but its input is "
+            f"{tuple(into.shape)}; a layer skipped in the backward pass must keep its shape."
+        )
+    r = torch.tensor(list(skipped_rows))
+    out[r] = into[r] + (out[r] - into[r]).detach()

@@ -108,6 +108,38 @@ LLAVA_INPUTS: Mapping[str, Input] = {"input_ids": IDS, "attention_mask": MASK, "
 
 
 @dataclass(frozen=True)
+class Scores:
+    """Where one layer's self-attention computes its scores `scale * q . k + mask`.
+
+    AtP*'s QK fix (`vlmtrace.engine.qk_fix`) recomputes a softmax for patched queries and keys,
+    so it needs the queries and keys exactly as they enter the product (after rotary position
+    embeddings), the factor and the additive mask. Every use checks that the declared pieces
+    reproduce the layer's attention pattern, so a wrong declaration stops with an error.
+    """
+
+    module: str
+    """Path (relative to a layer) of the attention module that receives the mask keyword and
+    holds the `scale` attribute (LLaVA "self_attn"; BLIP "attention.self")."""
+    call: str = ""
+    """A call inside `module`'s forward (nnsight's `.source`) that returns (queries, keys) as
+    [row, head, position, head_dim] after rotary embeddings, e.g. "apply_rotary_pos_emb_0"."""
+    query: str = ""
+    """Without `call`: the child of `module` whose output is the queries, [row, position,
+    heads * head_dim] (models without rotary embeddings: BLIP's "query")."""
+    key: str = ""
+    """Without `call`: the child of `module` whose output is the keys, as `query`."""
+    scale: str | None = "scaling"
+    """Attribute of `module` that multiplies q . k; None: head_dim ** -0.5."""
+    mask: str = "attention_mask"
+    """Keyword of `module` holding the additive mask (None passed: nothing masked but the
+    future, for a causal stack)."""
+
+
+ROTARY_SCORES = Scores(module="self_attn", call="apply_rotary_pos_emb_0")
+"""Llama-style attention (transformers 5): rotary queries and keys, `self.scaling`."""
+
+
+@dataclass(frozen=True)
 class Stack:
     """A stack of transformer layers over one token sequence.
 
@@ -147,6 +179,12 @@ class Stack:
     T5's `key_value_states`."""
     cross_sequence: str | None = None
     """What cross-attention keys are: "image" (patches) or "prompt" (BLIP's decoder reads the question)."""
+    scores: Scores | None = None
+    """How a layer's self-attention scores keys, for AtP*'s QK fix; None: not declared, and
+    the fix refuses this stack."""
+    cross_scores: Scores | None = None
+    """The same for its cross-attention, whose keys are `cross_sequence`'s (BLIP's decoder
+    reads the question encoder's output there)."""
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .adapter import IDS, MASK, ROW, Adapter, Hook, Stack, token
+from .adapter import IDS, MASK, ROW, Adapter, Hook, Scores, Stack, token
 
 TEXT_LAYER_SITES = {
     "attn_head": Hook("attention.output.dense", "input"),
@@ -109,6 +109,10 @@ def stack(layers: str, *, sequence: str, causal: bool, cross_sequence: str) -> S
         patterns={"self": Hook("attention", index=1), "cross": Hook("crossattention", index=1)},
         heads_config="text_config.num_attention_heads",
         layers_config="text_config.num_hidden_layers",
+        scores=Scores(module="attention.self", query="query", key="key", scale=None),
+        cross_scores=Scores(
+            module="crossattention.self", query="query", key="key", scale=None, mask="encoder_attention_mask"
+        ),
     )
 
 

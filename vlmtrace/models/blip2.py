@@ -55,7 +55,7 @@ from typing import Any
 import torch
 
 from ..engine.positions import MissingImageTokenError
-from .adapter import IDS, LLAVA_INPUTS, MASK, ROW, ROW_PADDED, Adapter, Hook, Stack, token
+from .adapter import IDS, LLAVA_INPUTS, MASK, ROW, ROW_PADDED, Adapter, Hook, Scores, Stack, token
 from .llava import LANGUAGE_MODEL
 
 
@@ -103,6 +103,8 @@ OPT = replace(
         "mlp": Hook("fc2", layout="flat_rows"),  # OPT flattens rows and positions before fc1
         "block": Hook(""),
     },
+    # no rotary embeddings; the query projection is scaled after it, the product is not
+    scores=Scores(module="self_attn", query="q_proj", key="k_proj", scale="scaling"),
 )
 
 BLIP2 = Adapter(

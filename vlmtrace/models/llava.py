@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..engine.positions import MissingImageTokenError
-from .adapter import IDS, LLAVA_INPUTS, MASK, ROW, ROW_PADDED, Adapter, Hook, Stack
+from .adapter import IDS, LLAVA_INPUTS, MASK, ROTARY_SCORES, ROW, ROW_PADDED, Adapter, Hook, Stack
 
 
 def encode(processor: Any, prompt: str, image: Any, decoder_ids: list[int] | None = None) -> dict:
@@ -54,6 +54,7 @@ LANGUAGE_MODEL = Stack(
     patterns={"self": Hook("self_attn", index=1)},
     heads_config="text_config.num_attention_heads",
     layers_config="text_config.num_hidden_layers",
+    scores=ROTARY_SCORES,
 )
 
 PROMPT = "USER: {image}\n{question} ASSISTANT:"
