@@ -19,7 +19,7 @@ else the file's own, else one drawn from the data set: another sample's span of 
 the same token count, with a different answer, as NOTICE builds STR pairs; the donor is recorded in
 `meta["replaced_from"]` and its answer becomes the foil); an image pair if the recipe needs one
 (another image with the same question and a different answer; VQA v2's complementary pairs are read
-by the loader); object regions mapped to the model's patch grid; the model's prompt
+by the loader); object regions mapped to the model's image tokens; the model's prompt
 (`vlmtrace.prompts`); and finally the encoding the engine will do (answer ids, segments, both sides
 of each span replacement), whose errors become reasons. `prepare` fails only when nothing is left.
 """
@@ -99,7 +99,7 @@ def prepare(
     """Load `path` and make up to `n` samples ready for `vlm` and a recipe that `needs` them.
 
     `needs` is a recipe's `NEEDS` (`replacements`: spans a corruption replaces; `image_pair`).
-    `regions=True` keeps only samples with an object region on the model's patch grid.
+    `regions=True` maps object regions onto the model's image tokens (samples without one are kept).
     """
     finders = parse_span_options(spans)
     phrases = parse_pairs(replace, "--replace")
@@ -251,19 +251,27 @@ def _normal(sample: Sample) -> str:
 
 
 def _regions(vlm, samples: list[Sample], leave) -> list[Sample]:
-    from .regions import PatchGrid, RegionError, region_cells
+    """Each sample's object regions mapped onto `vlm`'s image tokens (`region_tokens`, `image_tokens`).
+
+    A sample without a region is kept (a recipe runs what needs none and says what it skipped, with
+    `meta["region_skipped"]` saying why); one whose region falls outside what the model sees is left out.
+    """
+    from .regions import RegionError, region_tokens
 
     out = []
     for sample in samples:
-        try:
-            cells = region_cells(vlm, sample)
-        except RegionError as error:
-            if "no grid" in str(error) or "tiles" in str(error):
-                raise
-            leave(sample, "no object region" if "no object region" in str(error) else "region outside crop")
+        if not sample.meta.get("regions"):
+            out.append(sample.with_(meta={**sample.meta, "region_skipped": "no object region in the data"}))
             continue
-        side = PatchGrid.of(vlm).side
-        out.append(sample.with_(meta={**sample.meta, "region_cells": cells, "region_grid": side}))
+        try:
+            tokens, count = region_tokens(vlm, sample)
+        except RegionError as error:
+            if "declares no image grid" not in str(error):
+                leave(sample, "region outside crop")
+                continue
+            out.append(sample.with_(meta={**sample.meta, "region_skipped": _first_clause(error)}))
+            continue
+        out.append(sample.with_(meta={**sample.meta, "region_tokens": tokens, "image_tokens": count}))
     return out
 
 

@@ -197,6 +197,10 @@ class Adapter:
     prompt_template: str | None = None
     """The family's documented prompt, with `{image}` (the processor's image placeholder) and
     `{question}`, used when the processor has no chat template."""
+    image_grid: Any = None
+    """How one image becomes the grid of image tokens (`vlmtrace.models.image_grid.ImageGrid`): what
+    object regions, head functions and inpainting masks map boxes onto. None: not declared, and a
+    region on this family is an error that says so."""
     fixes: tuple[Callable[[torch.nn.Module], None], ...] = ()
     """Corrections of known upstream bugs, installed once when the model is wrapped (BLIP's
     cross-attention mask). Each is a function of the model that registers its own hooks."""

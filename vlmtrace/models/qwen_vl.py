@@ -28,6 +28,7 @@ from typing import Any
 
 from ..engine.positions import MissingImageTokenError
 from .adapter import FLAT, IDS, MASK, Adapter, Hook
+from .image_grid import ImageGrid
 from .llava import LANGUAGE_MODEL, forward
 
 INPUTS = {
@@ -60,6 +61,10 @@ def patches(row: dict) -> int:
     return int(row["image_grid_thw"].prod(-1).sum())
 
 
+GRID = ImageGrid(view="dynamic", patch="image_processor.patch_size", merge="image_processor.merge_size")
+"""The image resized to multiples of patch x merge (`image_grid_thw`); one token per merge x merge patches."""
+
+
 def qwen_adapter(family: str, architecture: str, image: Hook, **extra: Any) -> Adapter:
     return Adapter(
         family=family,
@@ -75,6 +80,7 @@ def qwen_adapter(family: str, architecture: str, image: Hook, **extra: Any) -> A
         image_token_config="image_token_id",
         image_encoder=Hook("model.visual", layout="image_tokens"),  # flat: never reused by row
         prompt_template=PROMPT,
+        image_grid=GRID,
         **extra,
     )
 
