@@ -106,6 +106,13 @@ def recipe(
             "ASSISTANT:'. Default: the processor's chat template, else the family's documented prompt."
         ),
     ] = None,
+    inpaint: Annotated[
+        str | None,
+        typer.Option(
+            help="Add counterfactual inpainting (the object region painted over) as an image corruption in "
+            "notice and gn_vs_str: opencv (offline, deterministic) or a diffusers inpainting pipeline's id.",
+        ),
+    ] = None,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -153,6 +160,7 @@ def recipe(
         screen=screen,
         screen_method=screen_method,
         reuse_prefix=reuse_prefix,
+        inpaint=inpaint,
     )
     backend = None
     if remote:  # the client only plans and encodes: no weights needed here
