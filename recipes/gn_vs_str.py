@@ -29,7 +29,7 @@ import xarray as xr
 
 import vlmtrace as vt
 from vlmtrace.data import synthetic_samples
-from vlmtrace.engine.inpainting import inpainting_record
+from vlmtrace.engine.inpainting import as_inpainting, inpainting_record
 from vlmtrace.options import Options
 from vlmtrace.presentation import plots
 from vlmtrace.presentation.progress import sweeping
@@ -63,7 +63,7 @@ def run(
         "str": vt.SymmetricTokenReplacement("visual"),
     }
     if options.inpaint:  # the seed's third column: SIP with generative models (the object region inpainted)
-        corruptions["inpaint"] = vt.InpaintPair(backend=options.inpaint, seed=seed)
+        corruptions["inpaint"] = as_inpainting(options.inpaint, seed=seed)
     grid = vt.Grid(sites=("block",), skip=("image",))
     by_corruption = {}
     for name, corruption in corruptions.items():

@@ -37,7 +37,7 @@ import vlmtrace as vt
 from vlmtrace.data import synthetic_samples
 from vlmtrace.engine.attention import attention_over_image
 from vlmtrace.engine.head_functions import FUNCTIONS, head_functions
-from vlmtrace.engine.inpainting import inpainting_record
+from vlmtrace.engine.inpainting import as_inpainting, inpainting_record
 from vlmtrace.options import Options
 from vlmtrace.presentation import plots
 from vlmtrace.presentation.progress import sweeping
@@ -81,7 +81,7 @@ def run(
     modules, head_grid = plan(vlm)
     corruptions = {"str": vt.SymmetricTokenReplacement("visual"), "sip": vt.ImagePair()}
     if options.inpaint:  # Visual Jenga's "SIP with generative models": the object's region painted over
-        corruptions["inpaint"] = vt.InpaintPair(backend=options.inpaint)
+        corruptions["inpaint"] = as_inpainting(options.inpaint, seed=seed)
     parts = {}
     for name, corruption in corruptions.items():
         common = dict(corruption=corruption, metric=vt.LogitDiff(), recipe="notice")

@@ -167,6 +167,11 @@ class InpaintPair(Corruption):
         return Pair(clean=clean, corrupt=corrupt)
 
 
+def as_inpainting(spec: str | InpaintPair, *, seed: int = 0) -> InpaintPair:
+    """The InpaintPair a recipe runs: `Options.inpaint` as given, or a backend name with default settings."""
+    return spec if isinstance(spec, InpaintPair) else InpaintPair(backend=str(spec), seed=seed)
+
+
 def inpainting_record(corruption: InpaintPair, samples: Sequence[Sample]) -> xr.Dataset:
     """The mask and the inpainted image of every sample, for a store: `inpaint_mask` (sample, y, x) and
     `inpainted` (sample, y, x, rgb), padded to the largest image (`image_height` / `image_width` say
