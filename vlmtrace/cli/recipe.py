@@ -200,6 +200,8 @@ def recipe(
     ds = module.run(vlm, samples, seed=seed, options=replace(options, backend=backend))
     if data is not None:  # which phrase replaced which, which image paired which: kept with the results
         ds.attrs["data"] = {"path": str(data), **prepared.provenance()}
+        if "sample" in ds.dims:  # labels results split by (COOCO's relatedness level)
+            ds = ds.assign_coords(prepared.coordinates(ds["sample"].values))
     if "done" in ds and not bool(ds["done"].all()):
         typer.echo(
             f"shard {shard} done: {int(ds['done'].sum())} of {ds['done'].size} (sample, part) results are in "

@@ -39,6 +39,10 @@ from .loaders.question import DatasetError
 from .sample import Sample
 from .spans import find_spans, parse_pairs, parse_span_options
 
+SAMPLE_COORDINATES = ("relatedness",)
+"""Per-sample labels a loader puts in `meta` that results keep as coordinates along `sample`, so they
+split by them (COOCO's relatedness level)."""
+
 LOAD_FACTOR = 4
 """Questions read per sample wanted: samples are left out after reading (no span, no pair...)."""
 
@@ -72,6 +76,15 @@ class Prepared:
                 for s in self.samples
             ],
         }
+
+    def coordinates(self, ids) -> dict[str, tuple[str, list[str]]]:
+        """`SAMPLE_COORDINATES` the samples carry, for the results' `sample` ids (in their order)."""
+        by_id = {s.id: s for s in self.samples}
+        found = {}
+        for name in SAMPLE_COORDINATES:
+            if any(name in s.meta for s in self.samples):
+                found[name] = ("sample", [str(by_id[str(i)].meta.get(name, "")) for i in ids])
+        return found
 
     def report(self) -> str:
         """A small table: how many samples were read, kept, and left out for each reason."""
