@@ -634,3 +634,39 @@ def clevr_math(root: Path) -> Path:
         )
     write_json(root / "clevr-math-val.json", {"info": {"split": "val"}, "questions": questions})
     return root
+
+
+def clevr_concept_scenes(root: Path) -> Path:
+    """CLEVR_v1.0 as unpacked, scenes only: scenes/CLEVR_val_scenes.json and images/val/, one object a
+    scene, every (colour, shape, material) of red / blue, cylinder / cube / sphere, metal / rubber once:
+    each member of the concepts' B_s and B_d sets has a scene."""
+    scenes = []
+    combinations = [
+        (colour, shape, material)
+        for colour in ("red", "blue")
+        for shape in ("cylinder", "cube", "sphere")
+        for material in ("metal", "rubber")
+    ]
+    for i, (colour, shape, material) in enumerate(combinations):
+        filename = f"CLEVR_val_{i:06d}.png"
+        image(root / "images" / "val" / filename, i, size=(96, 64))
+        scenes.append(
+            {
+                "image_index": i,
+                "image_filename": filename,
+                "split": "val",
+                "objects": [
+                    {
+                        "color": colour,
+                        "shape": shape,
+                        "size": "large",
+                        "material": material,
+                        "pixel_coords": [40, 30, 10.5],
+                        "3d_coords": [0.0, 0.0, 0.7],
+                        "rotation": 0.0,
+                    }
+                ],
+            }
+        )
+    write_json(root / "scenes" / "CLEVR_val_scenes.json", {"info": {"split": "val"}, "scenes": scenes})
+    return root

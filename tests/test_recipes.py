@@ -86,6 +86,7 @@ def test_every_recipe_is_listed_with_its_paper():
         "information_flow",
         "universal_heads",
         "multimodal_edit",
+        "concepts",
     ]
 
 

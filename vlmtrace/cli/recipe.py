@@ -144,10 +144,15 @@ def recipe(
     module = registry.get(name)
     model_name = model or module.DEFAULT_MODEL
     check_organism(module, name, model_name)
+    own_loader = getattr(module, "load_data", None)  # a recipe that builds its samples from the files
+    read_data = (lambda path, count: own_loader(path, count, seed)) if own_loader else None
     if data is not None:  # read (and check) the data before any weights load
         from ..data.loaders import load_dataset
 
-        samples = load_dataset(data, n=n_samples, missing_images="mark")  # left out by prepare, counted
+        if read_data is not None:
+            samples = read_data(data, n_samples)
+        else:  # missing images are marked, then left out by prepare and counted
+            samples = load_dataset(data, n=n_samples, missing_images="mark")
     check_model_source(model_name)
     set_threads(threads, model_name)
     quiet_transformers()
@@ -186,6 +191,7 @@ def recipe(
             template=prompt_template,
             seed=seed,
             regions=getattr(module, "OBJECT_REGIONS", False),
+            load=read_data,
         )
         typer.echo(prepared.report())
         samples = prepared.samples

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,15 +108,21 @@ def prepare(
     template: str | None = None,
     seed: int = 0,
     regions: bool = False,
+    load: Callable[[Path, int], list[Sample]] | None = None,
 ) -> Prepared:
     """Load `path` and make up to `n` samples ready for `vlm` and a recipe that `needs` them.
 
     `needs` is a recipe's `NEEDS` (`replacements`: spans a corruption replaces; `image_pair`).
     `regions=True` maps object regions onto the model's image tokens (samples without one are kept).
+    `load(path, count)` reads the samples instead of `load_dataset` (a recipe that builds its own
+    pairs from a data set's files: `concepts` from CLEVR's scenes).
     """
     finders = parse_span_options(spans)
     phrases = parse_pairs(replace, "--replace")
-    loaded = load_dataset(path, n=max(n * LOAD_FACTOR, n + 32), missing_images="mark")
+    count = max(n * LOAD_FACTOR, n + 32)
+    loaded = (
+        load(Path(path), count) if load is not None else load_dataset(path, n=count, missing_images="mark")
+    )
     left_out: dict[str, list[str]] = {}
 
     def leave(sample: Sample, reason: str) -> None:
