@@ -92,7 +92,19 @@ def readme_commands() -> list[list[str]]:
     ]
 
 
-@pytest.mark.parametrize("command", readme_commands(), ids=lambda c: f"{c[0]}:{c[c.index('--data') + 1]}")
+SLOW = {"mit_states/", "facial-emotion-expressions/", "cooco/"}
+"""Layouts whose README command runs `notice` (15-30 s each on 2 cores) like SVO-Probes' does: the same
+code path, run with `-m slow`; `tests/test_semantic_pair_loaders.py` traces each from the CLI cheaply."""
+
+
+def readme_cases() -> list:
+    return [
+        pytest.param(c, marks=pytest.mark.slow) if c[c.index("--data") + 1] in SLOW else c
+        for c in readme_commands()
+    ]
+
+
+@pytest.mark.parametrize("command", readme_cases(), ids=lambda c: f"{c[0]}:{c[c.index('--data') + 1]}")
 def test_every_readme_data_command_writes_a_store_with_traced_cells(tmp_path, command):
     recipe, rest = command[0], command[1:]
     data = rest[rest.index("--data") + 1]

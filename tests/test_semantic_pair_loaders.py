@@ -108,6 +108,19 @@ def test_cooco_relatedness_is_a_coordinate_of_the_stored_results(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("layout", [layouts.mit_states, layouts.facial_expressions], ids=lambda f: f.__name__)
+def test_a_notice_pair_set_reaches_traced_cells_from_the_cli_at_n_8(tmp_path, layout):
+    """The cheap knockout recipe; `notice` on every pair set is the README's command (slow tests)."""
+    data = layout(tmp_path / "data")
+    out = tmp_path / "run.zarr"
+    args = ["recipe", "information_flow", "--data", str(data), "--out", str(out), "--n-samples", "8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    ds = open_result(out)
+    traced = np.isfinite(ds["knockout"]).any(["block", "window", "layer"])
+    assert ds.sizes["sample"] == 8 and bool(traced.all())
+
+
 def test_shapeworld_captions_are_answered_by_their_agreement(tmp_path):
     samples = load_dataset(layouts.shapeworld(tmp_path / "shapeworld"))
     expected = ["yes" if agreement else "no" for _, agreement, _, _ in layouts.SHAPEWORLD_WORLDS]
