@@ -567,6 +567,30 @@ def cooco(root: Path) -> Path:
     return root
 
 
+COOCO_BY_SCENE = [  # scene folder, image, target, its edits (replacement, level): underscores in names
+    ("living_room", "000000004321", "teddy_bear", [("elk", "low"), ("fan", "high"), ("toy_car", "middle")]),
+    (
+        "kitchen",
+        "000000008765",
+        "cup",
+        [("owl", "low"), ("pan", "high"), ("hat", "middle"), ("cup", "same_target")],
+    ),
+]
+
+
+def cooco_by_scene(root: Path) -> Path:
+    """COOCO as making_COOCO's utils_powerpaint.py writes it (the layout its filter_dataset.py reads):
+    generated_images/{scene}/{image}_{scene}_{target}_original.jpg, ..._clean.jpg, and
+    ..._{replacement}_relscore_{level}.jpg."""
+    for s, (scene, name, target, edits) in enumerate(COOCO_BY_SCENE):
+        folder = root / "generated_images" / scene
+        image(folder / f"{name}_{scene}_{target}_original.jpg", 50 + s)
+        image(folder / f"{name}_{scene}_{target}_clean.jpg", 60 + s)
+        for e, (replacement, level) in enumerate(edits):
+            image(folder / f"{name}_{scene}_{target}_{replacement}_relscore_{level}.jpg", 70 + 5 * s + e)
+    return root
+
+
 SHAPEWORLD_WORLDS = [  # (caption, agreement, shape, colour of the one entity)
     ("there is a red square .", 1.0, "square", "red"),
     ("there is a red square .", 0.0, "circle", "blue"),

@@ -86,6 +86,22 @@ def test_cooco_asks_about_the_original_scene_paired_with_the_edited_one(tmp_path
     )
 
 
+def test_cooco_by_scene_folders_takes_the_target_from_the_original_file_name(tmp_path):
+    root = layouts.cooco_by_scene(tmp_path / "cooco")
+    samples = load_dataset(root)
+    folder = root / "generated_images" / "living_room"
+    teddy = next(s for s in samples if s.meta["replacement"] == "toy car")
+    assert (
+        (teddy.answer, teddy.foil, teddy.meta["relatedness"], teddy.meta["scene"])
+        == ("teddy bear", "toy car", "middle", "living room")
+        and shows(teddy.image, folder / "000000004321_living_room_teddy_bear_original.jpg")
+        and shows(
+            teddy.image_pair, folder / "000000004321_living_room_teddy_bear_toy_car_relscore_middle.jpg"
+        )
+    )
+    assert len(samples) == 6  # the same-target control and the clean (object removed) files are not read
+
+
 def test_cooco_reads_the_same_target_control_only_when_asked(tmp_path):
     root = layouts.cooco(tmp_path / "cooco")
     levels = [s.meta["relatedness"] for s in load_dataset(root)]

@@ -56,8 +56,9 @@ NOTICE's semantic image pairs and the seed's proposed data sets:
   pos_url, neg_url, pos_image_id, neg_image_id); downloaded images {image_id}.jpg in IMAGES.
 - MIT-States: release_dataset/images/'adjective noun'/*.jpg (DIR, DIR/images or DIR/release_dataset/images).
 - Facial expressions (NOTICE's Kaggle set): DIR/images/{train,validation}/{emotion}/*.jpg.
-- COOCO: DIR/generated_images/{image}__{scene}__{target}__{replacement}_relscore_{level}.jpg with the
-  original scenes {image}.jpg in DIR/images.
+- COOCO: DIR/generated_images/{scene}/{image}_{scene}_{target}_{replacement}_relscore_{level}.jpg beside
+  {image}_{scene}_{target}_original.jpg, or DIR/generated_images/{image}__{scene}__{target}__{replacement}
+  _relscore_{level}.jpg with the original scenes {image}.jpg in DIR/images.
 - ShapeWorld: an extracted caption-agreement folder (world-{n}.bmp, caption.txt, agreement.txt,
   optional world_model.json).
 - CLEVR-Math: DIR/clevr-math-{split}.json; CLEVR images in DIR/CLEVR_v1.0/images/{split}/ (or DIR/images).
@@ -119,7 +120,8 @@ _LAYOUTS = """\
   SVO-Probes:   svo_probes.csv; downloaded images {pos,neg}_image_id.jpg in DIR/images (or DIR)
   MIT-States:   release_dataset/images/'adjective noun'/*.jpg
   Facial expressions: DIR/images/train/{angry,disgust,fear,happy,neutral,sad,surprise}/*.jpg
-  COOCO:        DIR/generated_images/*_relscore_{low,middle,high,same_target}.jpg; originals in DIR/images
+  COOCO:        DIR/generated_images/{scene}/*_relscore_{low,middle,high}.jpg beside *_original.jpg,
+                or DIR/generated_images/*__*__*__*_relscore_{low,middle,high}.jpg; originals in DIR/images
   ShapeWorld:   DIR/world-{n}.bmp, caption.txt, agreement.txt (world_model.json for object regions)
   CLEVR-Math:   DIR/clevr-math-{split}.json; CLEVR images in DIR/CLEVR_v1.0/images/{split}/"""
 

@@ -4,20 +4,25 @@ COOCO (Merlo, Takmaz, Chen & Gatt, "Common Objects Out-of-Context: Semantic Viol
 ...", github cs-nlp-uu/scenereg) takes a COCO-Search18 scene with a target object and inpaints a
 replacement of low, middle or high semantic relatedness to the scene, plus a same-target
 control. Its README documents no file layout; the generation code (github
-filippo-merlo/making_COOCO, `code/dataset/utils_powerpaint*.py`) saves each edited scene as
+filippo-merlo/making_COOCO, `code/dataset/`) writes one of two ('/' and ' ' in names as '_'):
 
+    generated_images/{scene}/{image}_{scene}_{target}_original.jpg          utils_powerpaint.py, the
+    generated_images/{scene}/{image}_{scene}_{target}_{replacement}_relscore_{level}.jpg
+                                                                             layout filter_dataset.py reads
     generated_images/{image}__{scene}__{target}__{replacement}_relscore_{level}.jpg
+                                                                             utils_powerpaint_high_sim.py,
+                                                                             utils_powerpaint_gen_target.py
 
-with `level` in low, middle, high, same_target ('/' and ' ' in names written as '_'), and the
-scenes themselves are COCO-Search18's `{image}.jpg`. This loader reads that layout: DIR/generated_images/
-and the originals in DIR/images (or DIR/original_images, or DIR). Each edited scene becomes one
-NOTICE-style choice about the original scene, "Which is in the scene, {a} or {b}?" (target and
-replacement, in a seeded order), answered by the target; its image pair is the edited scene,
-whose answer (the foil) is the replacement. The choice is the `visual` span (STR replaces it
-with another scene's choice). The relatedness level is `meta["relatedness"]`, which the CLI
-stores as a `relatedness` coordinate along `sample`, so results split by it. The same-target
-control changes no answer (its choice would be "cup or cup") and is read only when `levels`
-asks for it, as a yes/no question "Is there a {target} in the scene?".
+with `level` in low, middle, high, same_target. In the first, the `_original` file of an image is
+its scene and names its target (single underscores alone are ambiguous: "teddy_bear"); in the
+second, the scenes are COCO-Search18's `{image}.jpg` in DIR/images (or DIR/original_images, or DIR).
+Each edited scene becomes one NOTICE-style choice about the original scene, "Which is in the
+scene, {a} or {b}?" (target and replacement, in a seeded order), answered by the target; its image
+pair is the edited scene, whose answer (the foil) is the replacement. The choice is the `visual`
+span (STR replaces it with another scene's choice). The relatedness level is `meta["relatedness"]`,
+which the CLI stores as a `relatedness` coordinate along `sample`, so results split by it. The
+same-target control changes no answer (its choice would be "cup or cup") and is read only when
+`levels` asks for it, as a yes/no question "Is there a {target} in the scene?".
 
     samples = load_cooco("cooco", n=100)
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..sample import Sample
@@ -54,11 +60,68 @@ SPAN = "visual"
 
 
 def cooco_root(root: Path) -> Path | None:
-    """ROOT when ROOT/generated_images holds edited scenes by COOCO's names."""
+    """ROOT when ROOT/generated_images holds edited scenes by either of COOCO's names."""
     folder = root / "generated_images"
-    if folder.is_dir() and any(EDITED.match(p.name) for p in folder.iterdir()):
+    if folder.is_dir() and (_by_scene(folder) or any(EDITED.match(p.name) for p in folder.iterdir())):
         return root
     return None
+
+
+@dataclass(frozen=True)
+class _Edit:
+    """One edited scene: its file, the original scene's file, and the words its name gives."""
+
+    path: Path
+    original: Path
+    image: str
+    scene: str
+    target: str
+    replacement: str
+    level: str
+
+
+def _by_scene(folder: Path) -> list[_Edit]:
+    """Edits of the per-scene layout: each {image}_{scene}_{target}_original.jpg and the files that
+    extend its name with _{replacement}_relscore_{level}."""
+    edits = []
+    for scene_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for original in sorted(scene_dir.glob("*_original.*")):
+            prefix = original.stem.removesuffix("_original")
+            image = prefix.split("_", 1)[0]
+            head = f"{image}_{scene_dir.name}_"
+            if not prefix.startswith(head):
+                continue  # not named after its folder's scene: the target cannot be told apart
+            pattern = re.compile(
+                re.escape(prefix) + r"_(?P<replacement>.+)_relscore_(?P<level>" + "|".join(LEVELS) + r")"
+                r"\.(?:jpg|jpeg|png)$"
+            )
+            for path in sorted(scene_dir.iterdir()):
+                match = pattern.match(path.name)
+                if match:
+                    edits.append(
+                        _Edit(
+                            path, original, image, scene_dir.name, prefix[len(head) :], match["replacement"],
+                            match["level"],
+                        )
+                    )  # fmt: skip
+    return edits
+
+
+def _flat(root: Path, folder: Path) -> list[_Edit]:
+    """Edits of the flat layout, {image}__{scene}__{target}__{replacement}_relscore_{level}.jpg, with the
+    original scenes in ROOT/images (or ROOT/original_images, or ROOT)."""
+    originals = [f for f in (root / "images", root / "original_images", root) if f.is_dir()]
+    edits = []
+    for path in sorted(folder.iterdir()):
+        match = EDITED.match(path.name)
+        if match:
+            edits.append(
+                _Edit(
+                    path, _original(originals, match["image"]), match["image"], match["scene"],
+                    match["target"], match["replacement"], match["level"],
+                )
+            )  # fmt: skip
+    return edits
 
 
 def load_cooco(
@@ -83,17 +146,17 @@ def load_cooco(
     if unknown:
         raise ValueError(f"COOCO's relatedness levels are {LEVELS}; got {unknown}.")
     rng = random.Random(f"vlmtrace.cooco/{seed}")
-    found: dict[str, list[tuple[Path, re.Match]]] = {level: [] for level in levels}
-    for path in sorted(edited.iterdir()):
-        match = EDITED.match(path.name)
-        if match and match["level"] in found:
-            found[match["level"]].append((path, match))
+    found: dict[str, list[_Edit]] = {level: [] for level in levels}
+    for edit in _by_scene(edited) + _flat(root, edited):
+        if edit.level in found:
+            found[edit.level].append(edit)
     if not any(found.values()):
         raise DatasetError(
-            f"{edited} holds no COOCO edits named "
+            f"{edited} holds no COOCO edits of the levels {list(levels)} named "
+            "{scene}/{image}_{scene}_{target}_{replacement}_relscore_{level}.jpg (beside "
+            "{image}_{scene}_{target}_original.jpg) or "
             "{image}__{scene}__{target}__{replacement}_relscore_{level}.jpg."
         )
-    originals = [folder for folder in (root / "images", root / "original_images", root) if folder.is_dir()]
 
     def read() -> Iterator[RawQuestion]:
         longest = max(len(items) for items in found.values())
@@ -101,18 +164,16 @@ def load_cooco(
             for level in levels:
                 if index >= len(found[level]):
                     continue
-                path, match = found[level][index]
-                target, replacement = _words(match["target"]), _words(match["replacement"])
+                edit = found[level][index]
+                target, replacement = _words(edit.target), _words(edit.replacement)
                 meta = {
                     "relatedness": level,
-                    "scene": _words(match["scene"]),
+                    "scene": _words(edit.scene),
                     "target": target,
                     "replacement": replacement,
-                    "pair_id": path.name,
+                    "pair_id": edit.path.name,
                 }
-                common = dict(
-                    id=f"cooco-{path.stem}", image=_original(originals, match["image"]), image_pair=path
-                )
+                common = dict(id=f"cooco-{edit.path.stem}", image=edit.original, image_pair=edit.path)
                 if level == "same_target":
                     article = "an" if target[:1] in "aeiou" else "a"
                     yield RawQuestion(
@@ -134,7 +195,10 @@ def load_cooco(
                     **common,
                 )
 
-    hint = "COOCO's original scenes are COCO-Search18's {image}.jpg, in ROOT/images."
+    hint = (
+        "COOCO's original scenes are {image}_{scene}_{target}_original.jpg beside the edits, or "
+        "COCO-Search18's {image}.jpg in ROOT/images."
+    )
     return assemble(
         read(),
         source=edited,
