@@ -59,6 +59,15 @@ def test_mit_states_folders_named_by_the_noun_alone_are_not_read(tmp_path):
     assert len(samples) == 12 and all(" " in Path(s.meta["image"]).parent.name for s in samples)
 
 
+def test_mit_states_never_asks_to_choose_between_near_synonyms(tmp_path):
+    root = tmp_path / "mit"
+    for i, state in enumerate(["old car", "ancient car", "new car", "rusty car"]):
+        layouts.image(root / "release_dataset" / "images" / state / "image_0.jpg", i)
+    foils = {s.answer: s.foil for s in load_dataset(root)}
+    assert foils == {"old": "new", "ancient": "new", "rusty": "new", "new": foils["new"]}
+    assert foils["new"] in ("old", "ancient", "rusty")
+
+
 def test_facial_expressions_pair_each_face_with_a_face_of_the_foils_emotion(tmp_path):
     root = layouts.facial_expressions(tmp_path / "faces")
     samples = load_dataset(root, n=8)

@@ -9,8 +9,9 @@ or {other}?", the other adjective being one that the same noun also has images o
 drawn at random, and pairs the image with one of the same noun in the other state (SIP). Here the
 same, seeded: the choice "{adjective} or {other}" is the `visual` span, the other state's image
 the image pair, its adjective the foil; `meta["noun"]` and `meta["state"]` keep both words.
-(NOTICE also drops near-synonyms from the other adjectives by hand-made lists; they are not
-published as data and are not applied here.)
+The other adjective is never a near-synonym of the answer: NOTICE's notebook lists them per
+adjective ("old": ancient, weathered, rusty), grouped here in `NEAR_SYNONYMS`. (NOTICE also keeps
+only the 58 adjectives its lists name; every state is read here.)
 
     samples = load_mit_states("release_dataset/images", n=100)
 """
@@ -33,6 +34,21 @@ from .question import (
     require_dir,
 )
 
+NEAR_SYNONYMS = (
+    {"small", "tiny", "little"},
+    {"large", "huge", "massive", "thick"},
+    {"thin", "slim"},
+    {"cracked", "broken", "chipped", "shattered", "splintered", "crushed", "scratched"},
+    {"sliced", "diced"},
+    {"cut", "torn"},
+    {"wet", "moist"},
+    {"old", "ancient", "weathered", "rusty"},
+    {"new", "fresh", "clean"},
+    {"crumpled", "wrinkled", "crinkled"},
+    {"ruffled", "frayed"},
+    {"windblown", "barren"},
+)
+"""Adjectives too close to ask "old or ancient?" about (NOTICE, 1_preprocessing_mit_states.ipynb)."""
 QUESTION = "Is this {noun} {first} or {second}?"
 SPAN = "visual"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -82,7 +98,7 @@ def load_mit_states(
 
     def read() -> Iterator[RawQuestion]:
         for (adjective, noun), images in states.items():
-            others = [a for a in adjectives[noun] if a != adjective]
+            others = [a for a in adjectives[noun] if a != adjective and not _near(a, adjective)]
             if not others:
                 continue  # one state of this noun: no counterfactual image
             for image in images:
@@ -110,3 +126,7 @@ def load_mit_states(
         hint=hint,
         missing_images=missing_images,
     )
+
+
+def _near(first: str, second: str) -> bool:
+    return any(first in group and second in group for group in NEAR_SYNONYMS)
