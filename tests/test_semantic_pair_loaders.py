@@ -41,7 +41,7 @@ def test_svo_probes_rows_become_two_questions_whose_images_pair_each_other(tmp_p
 def test_svo_probes_asks_about_the_role_the_negative_changes(tmp_path):
     samples = load_dataset(layouts.svo_probes(tmp_path / "svo" / "svo_probes.csv"))
     verb = [s for s in samples if s.meta["negative"] == "verb"]
-    assert [s.prompt for s in verb] == ["is lady ride or walk bike ?"] * 2
+    assert [s.prompt for s in verb] == ["is lady ride or walk bike?"] * 2
 
 
 def test_mit_states_pairs_each_image_with_the_same_noun_in_another_state(tmp_path):

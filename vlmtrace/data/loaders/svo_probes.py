@@ -11,7 +11,7 @@ loader looks for downloaded copies in IMAGES (the CSV's folder's `images/`, else
 
 NOTICE (Golovanevsky et al., github wrudman/NOTICE, `preprocessing/1_preprocessing_svo_probes.ipynb`)
 turns each row into two questions that name both words of the changed role, "is girl sit shore
-or beach ?", answered by the word the image shows: one for the positive image, one for the
+or beach?", answered by the word the image shows: one for the positive image, one for the
 negative; each image is the other's semantic pair (SIP). Here the same: the choice "shore or
 beach" is the `visual` span (STR replaces it with another question's choice), the other
 image's word is the foil, and `meta["negative"]` says which role changed. Rows whose negative
@@ -43,11 +43,12 @@ from .question import (
 COLUMNS = ("sentence", "pos_triplet", "neg_triplet", "subj_neg", "verb_neg", "obj_neg", "pos_url", "neg_url")
 ROLES = ("subject", "verb", "object")
 QUESTIONS = {
-    "subject": "is {a} or {b} {verb} {object} ?",
-    "verb": "is {subject} {a} or {b} {object} ?",
-    "object": "is {subject} {verb} {a} or {b} ?",
+    "subject": "is {a} or {b} {verb} {object}?",
+    "verb": "is {subject} {a} or {b} {object}?",
+    "object": "is {subject} {verb} {a} or {b}?",
 }
-"""NOTICE's questions (before its GPT-3.5 rewording, which is not published): the changed role's two words."""
+"""NOTICE's questions (before its GPT-3.5 rewording, which is not published): the changed role's two words.
+(NOTICE also drops the questions that name "person"; they are kept here.)"""
 SPAN = "visual"
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 
