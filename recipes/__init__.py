@@ -9,6 +9,8 @@ module defines:
     DEFAULT_MODEL: str                   the shipped organism it runs on by default
     ORGANISMS: tuple[str, ...]           the shipped organisms it runs on (tested at n = 8)
     NEEDS: Needs                         what a sample must carry (replacement phrases, image pair)
+    load_data(path, n, seed) -> list[Sample]   optional: how `--data` is read, when the recipe builds
+                                         its samples from a data set's files itself (concepts: scenes)
     figures(ds, out_dir) -> list[Path]   PNGs (plotting stays out of `run`)
     summary(ds) -> str                   the headline finding, in a sentence or two
 
@@ -50,6 +52,7 @@ def names() -> list[str]:
         "information_flow",
         "universal_heads",
         "multimodal_edit",
+        "concepts",
     ]
     return sorted(found, key=lambda n: (order.index(n) if n in order else len(order), n))
 

@@ -9,7 +9,9 @@ symmetric token replacement (STR) keeps it in distribution; probability saturate
 logit difference does not; KL needs no answer at all.
 
 Corruption. (a) GN: 3 x std noise on the visual-constraint phrase's token embeddings (5
-seeded draws, ROME); (b) STR: the phrase replaced by one of the same token count.
+seeded draws, ROME); (b) STR: the phrase replaced by one of the same token count; with
+`Options(inpaint=...)` (CLI `--inpaint`) also (c) the seed's "SIP with generative models": the
+selected object's region inpainted (`vt.InpaintPair`, OpenCV or a diffusers pipeline).
 
 Intervention. Restore the clean residual stream (block output) at every (text token, layer).
 
@@ -27,6 +29,7 @@ import xarray as xr
 
 import vlmtrace as vt
 from vlmtrace.data import synthetic_samples
+from vlmtrace.engine.inpainting import as_inpainting, inpainting_record
 from vlmtrace.options import Options
 from vlmtrace.presentation import plots
 from vlmtrace.presentation.progress import sweeping
@@ -59,6 +62,8 @@ def run(
         "gaussian_noise": vt.GaussianNoise("visual", scale=3.0, samples=5, seed=seed),
         "str": vt.SymmetricTokenReplacement("visual"),
     }
+    if options.inpaint:  # the seed's third column: SIP with generative models (the object region inpainted)
+        corruptions["inpaint"] = as_inpainting(options.inpaint, seed=seed)
     grid = vt.Grid(sites=("block",), skip=("image",))
     by_corruption = {}
     for name, corruption in corruptions.items():
@@ -82,6 +87,10 @@ def run(
         "(patched - corrupt) / (clean - corrupt)",
         "units": "fraction of the clean-corrupted gap (0 = corrupted, 1 = clean)",
     }
+    if "inpaint" in corruptions:
+        record = inpainting_record(corruptions["inpaint"], samples)
+        ds = xr.merge([ds, record.drop_vars(["image_height", "image_width"])], combine_attrs="override")
+        ds.attrs["inpainting"] = record.attrs["inpainting"]
     return ds
 
 
@@ -123,5 +132,13 @@ def summary(ds: xr.Dataset) -> str:
                 continue
             layer, segment = np.unravel_index(int(np.nanargmax(values)), cell.shape)
             peaks.append(f"{corruption} peak L{int(cell['layer'][layer])}/{cell['segment'].values[segment]}")
-        lines.append(f"{metric}: GN vs STR map correlation r={r:+.2f}; " + ", ".join(peaks))
+        line = f"{metric}: GN vs STR map correlation r={r:+.2f}; " + ", ".join(peaks)
+        if "inpaint" in mean["corruption"].values:
+            inpainted = mean.sel(corruption="inpaint", metric=metric).values.ravel()
+            both = np.isfinite(inpainted) & np.isfinite(st)
+            r_inpaint = (
+                float(np.corrcoef(inpainted[both], st[both])[0, 1]) if both.sum() > 2 else float("nan")
+            )
+            line += f"; inpainting vs STR r={r_inpaint:+.2f}"
+        lines.append(line)
     return "\n".join(lines)

@@ -8,7 +8,8 @@ layers), and finally the fused representation reaches the last position (higher 
 
 Intervention. Attention knockout over a window of layers: queries of one position set may
 not attend to keys of another. Blocks: whole image -> question; the selected object's image
-patches -> question; image + question -> last position.
+patches -> question; image + question -> last position. Data without object regions (VQA v2,
+COCO-QA) runs the two knockouts that need none, and the result says the object one was skipped.
 
 Metric. Relative change in P(answer): (P_knockout - P_clean) / P_clean, per layer (window
 centre), averaged over samples with a 95% bootstrap interval. As in the paper, only samples the
@@ -19,6 +20,7 @@ near-zero probability measures nothing.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,37 +43,45 @@ NEEDS = Needs()
 FAMILY = "fact"
 WINDOWS = (1, 3)
 QUESTION = ("question", "visual", "textual")
-OBJECT_REGIONS = True  # --data keeps only samples whose object region maps to image tokens
+OBJECT_REGIONS = True  # --data maps each sample's object region onto the model's image tokens
 
 
-def object_region(sample: vt.Sample, segments: Segments) -> list[int]:
+def has_region(sample: vt.Sample) -> bool:
+    """Whether the sample names its object's region (mapped on loading, or boxes to map)."""
+    return any(key in sample.meta for key in ("region_tokens", "region_cells", "regions"))
+
+
+def object_region(vlm: vt.VLM, sample: vt.Sample, segments: Segments) -> list[int]:
     """Image-token positions of the patches that hold the question's object.
 
-    Real data: the dataset's boxes, mapped to patch cells when loaded (`vlmtrace.data.regions`).
-    Synthetic scenes place each object's centre in one cell of the vision tower's patch grid, and image
-    tokens follow the patches in row-major order, so the cell names the token.
+    The sample's boxes (a dataset's, or the exact boxes of a synthetic scene) are mapped onto the
+    model's image tokens by the family's declared image grid (`vlmtrace.data.regions`).
     """
-    from vlmtrace.data.drawing import GRID
-    from vlmtrace.data.regions import RegionError, cell_positions
+    from vlmtrace.data.regions import RegionError, cell_positions, region_tokens, token_positions
 
-    if "region_cells" in sample.meta:  # real data: boxes mapped to the model's patch grid on loading
+    if "region_tokens" in sample.meta:  # real data: mapped when it was loaded (vlmtrace.data.preparation)
+        return token_positions(
+            sample.meta["region_tokens"], sample.meta["image_tokens"], segments, sample_id=sample.id
+        )
+    if "region_cells" in sample.meta:  # cells of a square grid, written by hand
         return cell_positions(
             sample.meta["region_cells"], sample.meta["region_grid"], segments, sample_id=sample.id
         )
-    if "selected" not in sample.meta:
+    if not sample.meta.get("regions"):
         raise RegionError(
             f"sample {sample.id!r} names no object region, so object->question would block nothing; "
             "load GQA with its scene graphs or CLEVR with its scenes (see README, Your own data)."
         )
-    row, column = sample.meta["scene"][sample.meta["selected"]]["cell"]
-    return cell_positions([(row, column)], GRID, segments, sample_id=sample.id)
+    return token_positions(*region_tokens(vlm, sample), segments, sample_id=sample.id)
 
 
-BLOCKS = {
+WHOLE = {
     "image->question": ("image", QUESTION),
-    "object->question": (object_region, QUESTION),
     "image+question->last": (("image",) + QUESTION, "last"),
 }
+"""The knockouts that need no object region."""
+OBJECT = "object->question"
+BLOCKS = ("image->question", OBJECT, "image+question->last")
 
 
 def default_samples(vlm: vt.VLM, n: int, seed: int) -> list[vt.Sample]:
@@ -87,18 +97,45 @@ def run(
     relative_floor: float = CLEAN_FLOOR,
     options: Options = Options(),
 ) -> xr.Dataset:
-    with sweeping(f"information_flow: knock out {', '.join(BLOCKS)}"):
-        ds = vt.knockout(
-            vlm,
-            samples,
-            blocks=BLOCKS,
-            windows=windows,
-            **options.knockout(),
-            recipe="information_flow",
-        )
+    located = [sample for sample in samples if has_region(sample)]
+    blocks = {**WHOLE, OBJECT: (partial(object_region, vlm), QUESTION)}
+    common = dict(windows=windows, **options.knockout(), recipe="information_flow")
+    if len(located) == len(samples):
+        with sweeping(f"information_flow: knock out {', '.join(BLOCKS)}"):
+            ds = vt.knockout(vlm, samples, blocks={name: blocks[name] for name in BLOCKS}, **common)
+    else:  # the whole-image and last-position knockouts need no region; the object one is skipped
+        with sweeping(f"information_flow: knock out {', '.join(WHOLE)}"):
+            ds = vt.knockout(vlm, samples, blocks=WHOLE, **common)
+        if located:
+            with sweeping(f"information_flow: knock out {OBJECT} ({len(located)} samples with a region)"):
+                found = vt.knockout(vlm, located, blocks={OBJECT: blocks[OBJECT]}, **common)
+            ds = xr.concat(
+                [ds, found.reindex(sample=ds["sample"])],
+                dim="block",
+                data_vars="minimal",
+                coords="minimal",
+                compat="override",
+                join="outer",
+                combine_attrs="override",
+            ).reindex(block=list(BLOCKS))
+        ds.attrs["skipped"] = skipped_note(samples, located)
     ds["relative"] = relative_change(ds, "knockout", floor=relative_floor)
     ds.attrs["relative_floor"] = relative_floor
     return ds
+
+
+def skipped_note(samples: list[vt.Sample], located: list[vt.Sample]) -> str:
+    """Which samples the object knockout skipped, and why (the reasons preparation recorded)."""
+    reasons: dict[str, int] = {}
+    for sample in samples:
+        if not has_region(sample):
+            reason = sample.meta.get("region_skipped", "no object region")
+            reasons[reason] = reasons.get(reason, 0) + 1
+    why = "; ".join(f"{count} with {reason}" for reason, count in reasons.items())
+    return (
+        f"{OBJECT} skipped for {len(samples) - len(located)} of {len(samples)} samples ({why}); "
+        "image->question and image+question->last ran on all of them"
+    )
 
 
 def relative(ds: xr.Dataset) -> xr.DataArray:
@@ -141,8 +178,12 @@ def summary(ds: xr.Dataset) -> str:
             "would divide by a probability the model barely gives its answer."
         )
         return "\n".join(lines)
+    if ds.attrs.get("skipped"):
+        lines.append(f"  note: {ds.attrs['skipped']}")
     for block in mean["block"].values:
         curve = mean.sel(block=block, window=window)
+        if not np.isfinite(curve.values).any():
+            continue
         worst = int(np.nanargmin(curve.values))
         lowest = float(curve[worst])
         at = f"at layer {int(curve['layer'][worst])}"

@@ -17,7 +17,13 @@ has) at every text (token, layer). (2) Restore single attention heads at the ans
 
 Metric. Logit difference between the answer and the corrupted side's answer, normalised to
 1 = fully restored. Attention of the answer position over image patches is stored for the
-figures (`attention`, `image`).
+figures (`attention`, `image`), and labels every head per sample with NOTICE's head functions
+(object detection, object suppression, outlier suppression; `vlmtrace.engine.head_functions`),
+with each statistic and its permutation null, drawn next to the head effects.
+
+With `Options(inpaint=...)` (CLI `--inpaint opencv` or a diffusers pipeline id) a third image
+corruption runs: the object's region inpainted (Visual Jenga's counterfactual inpainting; the
+masks and inpainted images are stored as `inpaint_mask` and `inpainted`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import xarray as xr
 
 import vlmtrace as vt
 from vlmtrace.data import synthetic_samples
-from vlmtrace.engine.attention import attention_pattern
+from vlmtrace.engine.attention import attention_over_image
+from vlmtrace.engine.head_functions import FUNCTIONS, head_functions
+from vlmtrace.engine.inpainting import as_inpainting, inpainting_record
 from vlmtrace.options import Options
 from vlmtrace.presentation import plots
 from vlmtrace.presentation.progress import sweeping
@@ -72,6 +80,8 @@ def run(
 ) -> xr.Dataset:
     modules, head_grid = plan(vlm)
     corruptions = {"str": vt.SymmetricTokenReplacement("visual"), "sip": vt.ImagePair()}
+    if options.inpaint:  # Visual Jenga's "SIP with generative models": the object's region painted over
+        corruptions["inpaint"] = as_inpainting(options.inpaint, seed=seed)
     parts = {}
     for name, corruption in corruptions.items():
         common = dict(corruption=corruption, metric=vt.LogitDiff(), recipe="notice")
@@ -103,23 +113,22 @@ def run(
         "units": "softmax weight (0 to 1)",
     }
     ds["image"].attrs = {"description": "the sample's image, RGB", "units": "8-bit intensity (0 to 255)"}
+    functions = head_functions(vlm, samples, attention=ds["attention"], seed=seed, backend=options.backend)
+    ds = xr.merge([ds, functions], combine_attrs="override")
+    ds.attrs["head_functions"] = functions.attrs["head_functions"]
+    if "inpaint" in corruptions:
+        record = inpainting_record(corruptions["inpaint"], samples)
+        ds = xr.merge([ds, record.drop_vars(["image_height", "image_width"])], combine_attrs="override")
+        ds.attrs["inpainting"] = record.attrs["inpainting"]
     return ds
 
 
 def image_attention(vlm: vt.VLM, samples: list[vt.Sample], backend=None):
-    """Attention of the answer position over image patches, per (sample, layer, head, patch)."""
-    kind = "self" if vlm.adapter.image_in_sequence else "cross"
-    weights, images = [], []
-    for sample in samples:
-        pattern = attention_pattern(vlm, sample, kind=kind, backend=backend)
-        if kind == "self":
-            pattern = pattern.where(pattern["label"] == "image", drop=True)
-        else:
-            pattern = pattern.isel(key=slice(1, None))  # the vision encoder's first token is CLS
-        weights.append(pattern.values)
-        images.append(np.asarray(sample.image.convert("RGB")))
-    attention = xr.DataArray(np.stack(weights), dims=("sample", "layer", "head", "patch"))
-    image = xr.DataArray(np.stack(images), dims=("sample", "y", "x", "rgb"))
+    """Attention of the answer position over image patches (sample, layer, head, patch), and the images."""
+    attention = attention_over_image(vlm, samples, backend=backend).drop_vars("sample")
+    image = xr.DataArray(
+        np.stack([np.asarray(s.image.convert("RGB")) for s in samples]), dims=("sample", "y", "x", "rgb")
+    )
     return attention, image
 
 
@@ -150,11 +159,12 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
         part = ds.sel(corruption=corruption)
         paths += patching_figures(part, out_dir, sites=modules, tag=f"{corruption}_")
         paths.append(
-            plots.head_grid(
+            plots.head_functions(
                 part["head_effect"].mean("sample"),
+                function_shares(ds),
                 path=out_dir / f"{corruption}_heads.png",
                 title=f"{ds.attrs.get('model', '')}, {corruption}: single heads restored at the answer "
-                f"position, mean over {ds.sizes['sample']} samples",
+                f"position, mean over {ds.sizes['sample']} samples; letters: head functions",
                 label="normalised logit difference (0 = corrupted, 1 = clean)",
             )
         )
@@ -177,8 +187,27 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
     return paths
 
 
+def function_shares(ds: xr.Dataset) -> xr.DataArray:
+    """Share of samples on which each head is labelled with each function (function, layer, head)."""
+    labels = ds["function_label"]
+    return xr.concat([(labels == name).mean("sample") for name in FUNCTIONS], dim="function").assign_coords(
+        function=list(FUNCTIONS)
+    )
+
+
 def summary(ds: xr.Dataset) -> str:
     modules = [s for s in MODULES if s in ds]
     lines = [headline(ds.sel(corruption=c), sites=modules, label=f"[{c}] ") for c in ds["corruption"].values]
-    heads = ", ".join(f"{c}: L{layer}.H{head} ({v:+.2f})" for c, layer, head, v in top_heads(ds))
+    shares = function_shares(ds)
+
+    def what(layer: int, head: int) -> str:
+        share = shares.sel(layer=layer, head=head)
+        best = int(share.argmax("function"))
+        if float(share[best]) == 0:
+            return "no function"
+        return f"{FUNCTIONS[best].replace('_', ' ')} on {float(share[best]):.0%} of samples"
+
+    heads = ", ".join(
+        f"{c}: L{layer}.H{head} ({v:+.2f}; {what(layer, head)})" for c, layer, head, v in top_heads(ds)
+    )
     return "\n".join(lines + [f"strongest heads: {heads}"])

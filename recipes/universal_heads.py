@@ -13,7 +13,11 @@ heads at the last token; BLIP: cross-attention heads over the question).
 
 Metric. Normalised logit difference per head, averaged over samples; a head is "top" for a
 (task, corruption) condition if it is among the `k` strongest; universal heads are top in
-every condition.
+every condition. What each head does with the image ("Universal attention heads perform
+distinct functions"): every sample's heads are labelled object detection, object suppression
+or outlier suppression by their attention over image patches at the answer position, each
+statistic stored with its permutation null (`vlmtrace.engine.head_functions`); the share of
+samples per label is drawn next to the head effects.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import xarray as xr
 
 import vlmtrace as vt
 from vlmtrace.data import synthetic_samples
+from vlmtrace.engine.head_functions import FUNCTIONS, head_functions
 from vlmtrace.options import Options
 from vlmtrace.presentation import plots
 from vlmtrace.presentation.progress import sweeping
@@ -100,6 +105,16 @@ def run(
         "units": "boolean",
     }
     ds.attrs["top_k"] = TOP_K
+    functions = head_functions(vlm, samples, seed=seed, backend=options.backend)
+    ds = xr.merge([ds, functions], combine_attrs="override")
+    ds["function_fraction"] = xr.concat(
+        [(functions["function_label"] == name).mean("sample") for name in FUNCTIONS], dim="function"
+    ).assign_coords(function=list(FUNCTIONS))
+    ds["function_fraction"].attrs = {
+        "description": "share of all samples (every task) on which the head is labelled with the function",
+        "units": "fraction (0 to 1)",
+    }
+    ds.attrs["head_functions"] = functions.attrs["head_functions"]
     return ds
 
 
@@ -124,7 +139,15 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
             f"is top-{ds.attrs['top_k']}",
             label=f"conditions (0 to {conditions})",
             counts=True,
-        )
+        ),
+        plots.head_functions(
+            ds["head_effect"].mean(["task", "corruption"]),
+            ds["function_fraction"],
+            path=Path(out_dir) / "head_functions.png",
+            title=f"{ds.attrs.get('model', '')}: head effect, mean over tasks and corruptions; letters: "
+            "head functions",
+            label="normalised logit difference (0 = corrupted, 1 = clean)",
+        ),
     ]
 
 
@@ -135,8 +158,16 @@ def summary(ds: xr.Dataset) -> str:
     overlap = ds["top"].sum(["task", "corruption"])
     best = np.unravel_index(int(np.argmax(overlap.values)), overlap.shape)
     names = ", ".join(f"L{ds['layer'].values[la]}.H{ds['head'].values[h]}" for la, h in universal) or "none"
+    layer, head = ds["layer"].values[best[0]], ds["head"].values[best[1]]
+    fraction = ds["function_fraction"].sel(layer=layer, head=head)
+    strongest = int(fraction.argmax("function"))
+    function = (
+        f"{FUNCTIONS[strongest].replace('_', ' ')} on {float(fraction[strongest]):.0%} of samples"
+        if float(fraction[strongest]) > 0
+        else "no head function"
+    )
     return (
         f"universal heads (top-{ds.attrs['top_k']} in all {ds.sizes['task'] * ds.sizes['corruption']} "
-        f"task x corruption conditions): {names}; most shared: L{ds['layer'].values[best[0]]}."
-        f"H{ds['head'].values[best[1]]} in {int(overlap.values[best])} conditions"
+        f"task x corruption conditions): {names}; most shared: L{layer}.H{head} in "
+        f"{int(overlap.values[best])} conditions ({function})"
     )

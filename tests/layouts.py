@@ -550,4 +550,205 @@ def gqa_shapes(root: Path, *, n: int = 12, mislabelled: tuple[int, ...] = (0, 2)
         add(f"{i}2", multi, multi.image, label(multi, i))
     write_json(root / "testdev_balanced_questions.json", questions)
     write_json(root / "testdev_sceneGraphs.json", graphs)
+
+
+# --- NOTICE's semantic image pairs and the seed's proposed data sets ----------------------------------------
+
+SVO_ROWS = [  # (positive triplet, negative triplet, the role the negative changes): four-letter words
+    ("girl,ride,bike", "girl,ride,boat", "obj"),
+    ("lady,hold,ball", "lady,hold,kite", "obj"),
+    ("baby,sits,sand", "baby,sits,snow", "obj"),
+    ("duck,eats,corn", "duck,eats,bread", "obj"),
+    ("girl,pets,lion", "girl,pets,wolf", "obj"),
+    ("lady,ride,bike", "lady,walk,bike", "verb"),
+]
+
+
+def svo_probes(path: Path) -> Path:
+    """google-deepmind/svo_probes' svo_probes.csv (pandas index first), images/{image_id}.jpg beside it."""
+    header = ["", "sentence", "pos_triplet", "neg_triplet", "subj_neg", "verb_neg", "obj_neg"]
+    header += ["pos_url", "neg_url", "pos_image_id", "neg_image_id"]
+    rows = []
+    for i, (positive, negative, role) in enumerate(SVO_ROWS):
+        pos_id, neg_id = 5000 + 2 * i, 5001 + 2 * i
+        image(path.parent / "images" / f"{pos_id}.jpg", 2 * i)
+        image(path.parent / "images" / f"{neg_id}.jpg", 2 * i + 1)
+        subject, verb, obj = positive.split(",")
+        flags = [str(role == r) for r in ("subj", "verb", "obj")]
+        rows.append(
+            [i, f"A {subject} {verb}s the {obj}.", positive, negative, *flags,
+             f"http://example.org/{pos_id}.jpg", f"http://example.org/{neg_id}.jpg", pos_id, neg_id]
+        )  # fmt: skip
+    return _write_csv(path, header, rows)
+
+
+def mit_states(root: Path) -> Path:
+    """MIT-States' release_dataset/images/'adjective noun'/ (three-letter adjectives: STR lengths agree)."""
+    states = ["old car", "new car", "wet car", "dry box", "wet box", "old box"]
+    for i, state in enumerate(states):
+        for k in range(2):
+            image(root / "release_dataset" / "images" / state / f"image_{k}.jpg", 3 * i + k)
+    (root / "release_dataset" / "images" / "car").mkdir()  # a noun-only folder: not a state, not read
+    return root
+
+
+def facial_expressions(root: Path) -> Path:
+    """Kaggle's facial-emotion-expressions: images/{train,validation}/{emotion}/*.jpg (5-letter emotions)."""
+    for split in ("train", "validation"):
+        for e, emotion in enumerate(("angry", "happy")):
+            for k in range(5):
+                image(root / "images" / split / emotion / f"{k}.jpg", 5 * e + k)
+    return root
+
+
+COOCO_EDITS = [  # image, scene, target, replacement, level: three-letter names, equal STR lengths
+    ("000000478726", "kitchen", "cup", "owl", "low"),
+    ("000000478726", "kitchen", "cup", "pan", "high"),
+    ("000000478726", "kitchen", "cup", "hat", "middle"),
+    ("000000001234", "living_room", "toy", "elk", "low"),
+    ("000000001234", "living_room", "toy", "fan", "high"),
+    ("000000005678", "bedroom", "bed", "car", "low"),
+    ("000000005678", "bedroom", "bed", "cot", "high"),
+    ("000000005678", "bedroom", "bed", "rug", "middle"),
+    ("000000009999", "street", "bus", "yak", "low"),
+    ("000000009999", "street", "bus", "van", "high"),
+    ("000000009999", "street", "bus", "bus", "same_target"),
+]
+
+
+def cooco(root: Path) -> Path:
+    """COOCO as its generation code writes it: generated_images/{image}__{scene}__{target}__{replacement}
+    _relscore_{level}.jpg, the COCO-Search18 originals {image}.jpg in images/."""
+    for i, (name, scene, target, replacement, level) in enumerate(COOCO_EDITS):
+        image(root / "images" / f"{name}.jpg", 100 + int(name) % 7)
+        image(root / "generated_images" / f"{name}__{scene}__{target}__{replacement}_relscore_{level}.jpg", i)
+    return root
+
+
+COOCO_BY_SCENE = [  # scene folder, image, target, its edits (replacement, level): underscores in names
+    ("living_room", "000000004321", "teddy_bear", [("elk", "low"), ("fan", "high"), ("toy_car", "middle")]),
+    (
+        "kitchen",
+        "000000008765",
+        "cup",
+        [("owl", "low"), ("pan", "high"), ("hat", "middle"), ("cup", "same_target")],
+    ),
+]
+
+
+def cooco_by_scene(root: Path) -> Path:
+    """COOCO as making_COOCO's utils_powerpaint.py writes it (the layout its filter_dataset.py reads):
+    generated_images/{scene}/{image}_{scene}_{target}_original.jpg, ..._clean.jpg, and
+    ..._{replacement}_relscore_{level}.jpg."""
+    for s, (scene, name, target, edits) in enumerate(COOCO_BY_SCENE):
+        folder = root / "generated_images" / scene
+        image(folder / f"{name}_{scene}_{target}_original.jpg", 50 + s)
+        image(folder / f"{name}_{scene}_{target}_clean.jpg", 60 + s)
+        for e, (replacement, level) in enumerate(edits):
+            image(folder / f"{name}_{scene}_{target}_{replacement}_relscore_{level}.jpg", 70 + 5 * s + e)
+    return root
+
+
+SHAPEWORLD_WORLDS = [  # (caption, agreement, shape, colour of the one entity)
+    ("there is a red square .", 1.0, "square", "red"),
+    ("there is a red square .", 0.0, "circle", "blue"),
+    ("there is a blue circle .", 1.0, "circle", "blue"),
+    ("there is a blue circle .", 0.0, "square", "green"),
+    ("a shape is a green triangle .", 1.0, "triangle", "green"),
+    ("a shape is a green triangle .", 0.0, "triangle", "red"),
+    ("there is a yellow cross .", 1.0, "cross", "yellow"),
+    ("there is a yellow cross .", 0.0, "square", "yellow"),
+    ("a square is red .", 1.0, "square", "red"),
+    ("a square is red .", 0.0, "square", "blue"),
+]
+
+
+def shapeworld(root: Path) -> Path:
+    """A ShapeWorld caption-agreement folder as generate.py -U extracts it: world-{n}.bmp, caption.txt,
+    agreement.txt and (-M) world_model.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    models = []
+    for n, (_, _, shape, colour) in enumerate(SHAPEWORLD_WORLDS):
+        picture = Image.new("RGB", (64, 64), (0, 0, 0))
+        x0, y0 = 8 + 4 * n, 16 + 2 * n
+        ImageDraw.Draw(picture).rectangle([x0, y0, x0 + 15, y0 + 15], fill=(200, 40 + 20 * n, 40))
+        picture.save(root / f"world-{n}.bmp", "BMP")
+        models.append(
+            {
+                "size": 64,
+                "entities": [
+                    {
+                        "id": 0,
+                        "shape": {"name": shape, "size": {"x": 0.25, "y": 0.25}},
+                        "color": {"name": colour, "rgb": [1.0, 0.0, 0.0], "shade": 0.0},
+                        "bounding_box": {
+                            "topleft": {"x": x0 / 64, "y": y0 / 64},
+                            "bottomright": {"x": (x0 + 16) / 64, "y": (y0 + 16) / 64},
+                        },
+                        "center": {"x": (x0 + 8) / 64, "y": (y0 + 8) / 64},
+                    }
+                ],
+            }
+        )
+    (root / "caption.txt").write_text("".join(f"{c}\n" for c, _, _, _ in SHAPEWORLD_WORLDS))
+    (root / "agreement.txt").write_text("".join(f"{a}\n" for _, a, _, _ in SHAPEWORLD_WORLDS))
+    write_json(root / "world_model.json", models)
+    return root
+
+
+def clevr_math(root: Path) -> Path:
+    """CLEVR-Math as clevr-math.zip unpacks: clevr-math-val.json; CLEVR images in CLEVR_v1.0/images/val/."""
+    questions = []
+    for i in range(12):
+        colour, noun = ("red", "blue", "green")[i % 3], ("cubes", "spheres")[(i // 3) % 2]
+        filename = f"CLEVR_val_{i:06d}.png"
+        image(root / "CLEVR_v1.0" / "images" / "val" / filename, i, size=(96, 64))
+        questions.append(
+            {
+                "split": "val",
+                "image_index": i,
+                "image_filename": filename,
+                "question": f"Remove all {colour} {noun}. How many objects are left?",
+                "answer": (i * 3) % 7,
+                "template_filename": "subtraction.json",
+                "question_family_index": 0,
+            }
+        )
+    write_json(root / "clevr-math-val.json", {"info": {"split": "val"}, "questions": questions})
+    return root
+
+
+def clevr_concept_scenes(root: Path) -> Path:
+    """CLEVR_v1.0 as unpacked, scenes only: scenes/CLEVR_val_scenes.json and images/val/, one object a
+    scene, every (colour, shape, material) of red / blue, cylinder / cube / sphere, metal / rubber once:
+    each member of the concepts' B_s and B_d sets has a scene."""
+    scenes = []
+    combinations = [
+        (colour, shape, material)
+        for colour in ("red", "blue")
+        for shape in ("cylinder", "cube", "sphere")
+        for material in ("metal", "rubber")
+    ]
+    for i, (colour, shape, material) in enumerate(combinations):
+        filename = f"CLEVR_val_{i:06d}.png"
+        image(root / "images" / "val" / filename, i, size=(96, 64))
+        scenes.append(
+            {
+                "image_index": i,
+                "image_filename": filename,
+                "split": "val",
+                "objects": [
+                    {
+                        "color": colour,
+                        "shape": shape,
+                        "size": "large",
+                        "material": material,
+                        "pixel_coords": [40, 30, 10.5],
+                        "3d_coords": [0.0, 0.0, 0.7],
+                        "rotation": 0.0,
+                    }
+                ],
+            }
+        )
+    write_json(root / "scenes" / "CLEVR_val_scenes.json", {"info": {"split": "val"}, "scenes": scenes})
     return root

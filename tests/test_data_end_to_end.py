@@ -80,6 +80,12 @@ WRITERS = {
     "zhang/GQA_val_correct_question_with_choose_ChooseAttr.csv": layouts.zhang_gqa,
     "Datasets/color_coco_qa.csv": layouts.palit_coco_qa,
     "Datasets/clevr_vqa_dataset_3.csv": layouts.palit_clevr,
+    "svo/svo_probes.csv": layouts.svo_probes,
+    "mit_states/": layouts.mit_states,
+    "facial-emotion-expressions/": layouts.facial_expressions,
+    "cooco/": layouts.cooco,
+    "shapeworld/": layouts.shapeworld,
+    "clevr-math/": layouts.clevr_math,
 }
 
 
@@ -95,7 +101,19 @@ def readme_commands() -> list[list[str]]:
     ]
 
 
-@pytest.mark.parametrize("command", readme_commands(), ids=lambda c: c[0])
+SLOW = {"mit_states/", "facial-emotion-expressions/", "cooco/"}
+"""Layouts whose README command runs `notice` (15-30 s each on 2 cores) like SVO-Probes' does: the same
+code path, run with `-m slow`; `tests/test_semantic_pair_loaders.py` traces each from the CLI cheaply."""
+
+
+def readme_cases() -> list:
+    return [
+        pytest.param(c, marks=pytest.mark.slow) if c[c.index("--data") + 1] in SLOW else c
+        for c in readme_commands()
+    ]
+
+
+@pytest.mark.parametrize("command", readme_cases(), ids=lambda c: f"{c[0]}:{c[c.index('--data') + 1]}")
 def test_every_readme_data_command_writes_a_store_with_traced_cells(tmp_path, command):
     recipe, rest = command[0], command[1:]
     data = rest[rest.index("--data") + 1]

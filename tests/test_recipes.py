@@ -47,7 +47,10 @@ def test_every_recipe_runs_on_its_default_data_of_8_samples_and_draws_and_summar
     samples = recipe.default_samples(vlm, 8, 0)
     small = {"windows": (1, 3)} if "windows" in recipe.run.__code__.co_varnames else {}  # a small grid
     ds = recipe.run(vlm, samples, options=QUIET, **small)
-    assert ds.sizes.get("sample", 8) == 8  # universal_heads averages its samples away
+    # universal_heads averages its samples away, but labels heads on every task's samples
+    assert ds.sizes.get("sample", 8) == (
+        8 * len(registry.get(name).TASKS) if name == "universal_heads" else 8
+    )
     assert recipe.figures(ds, tmp_path) and recipe.summary(ds)
 
 
@@ -83,6 +86,7 @@ def test_every_recipe_is_listed_with_its_paper():
         "information_flow",
         "universal_heads",
         "multimodal_edit",
+        "concepts",
     ]
 
 

@@ -21,7 +21,7 @@ from vlmtrace.data.regions import (
     TOO_LARGE,
     RegionTooLargeError,
     cell_positions,
-    region_cells,
+    region_tokens,
 )
 from vlmtrace.engine.corruptions import clean_side
 from vlmtrace.engine.inputs import scored_answer_ids
@@ -70,9 +70,9 @@ def test_a_region_covering_more_than_the_maximum_share_of_image_tokens_is_an_err
 def test_a_box_over_the_whole_image_is_refused_and_one_patch_is_kept(llava, scene):
     whole = scene.with_(meta={**scene.meta, "regions": [(0, 0, 32, 32)]})
     with pytest.raises(RegionTooLargeError, match="Give a tighter box"):
-        region_cells(llava, whole)
+        region_tokens(llava, whole)
     one = scene.with_(meta={**scene.meta, "regions": [(17, 9, 23, 15)]})  # inside patch row 1, column 2
-    assert region_cells(llava, one) == [(1, 2)]
+    assert region_tokens(llava, one) == ([1 * 4 + 2], 16)
 
 
 def test_data_whose_objects_fill_the_image_are_left_out_naming_the_reason_and_the_fix(llava, tmp_path):

@@ -22,6 +22,7 @@ _HOMES = {
     "attribute": ".engine.attribution",
     "GaussianNoise": ".engine.corruptions",
     "ImagePair": ".engine.corruptions",
+    "InpaintPair": ".engine.inpainting",
     "ReplaceSpan": ".engine.corruptions",
     "SymmetricTokenReplacement": ".engine.corruptions",
     "Sample": ".data.sample",
@@ -53,6 +54,7 @@ __all__ = [
     "GaussianNoise",
     "Grid",
     "ImagePair",
+    "InpaintPair",
     "LogProb",
     "LogitDiff",
     "Options",
@@ -94,6 +96,7 @@ if TYPE_CHECKING:
     from .engine.attribution import attribute
     from .engine.corruptions import GaussianNoise, ImagePair, ReplaceSpan, SymmetricTokenReplacement
     from .engine.editing import edit
+    from .engine.inpainting import InpaintPair
     from .engine.invariants import check
     from .engine.knockout import knockout
     from .engine.metrics import KL, LogitDiff, LogProb, Probability, normalised

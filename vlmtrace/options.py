@@ -40,6 +40,9 @@ class Options:
     """Skip the layers (and, in decoders, the positions) below each cell's first patch."""
     backend: Any = None
     """An nnsight backend (remote execution); None runs here."""
+    inpaint: Any = None
+    """Recipes that compare image corruptions add inpainted pairs: a backend ("opencv", or a diffusers
+    inpainting pipeline's id or directory) or a configured `vt.InpaintPair`. None: no inpainting."""
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -116,6 +116,13 @@ def recipe(
             "counted, as the papers do: the model's top next token must be the answer's first token.",
         ),
     ] = False,
+    inpaint: Annotated[
+        str | None,
+        typer.Option(
+            help="Add counterfactual inpainting (the object region painted over) as an image corruption in "
+            "notice and gn_vs_str: opencv (offline, deterministic) or a diffusers inpainting pipeline's id.",
+        ),
+    ] = None,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -156,10 +163,15 @@ def recipe(
             check_device(device)
         except NotAModelError as error:
             raise typer.BadParameter(str(error), param_hint="--device") from None
+    own_loader = getattr(module, "load_data", None)  # a recipe that builds its samples from the files
+    read_data = (lambda path, count: own_loader(path, count, seed)) if own_loader else None
     if data is not None:  # read (and check) the data before any weights load
         from ..data.loaders import load_dataset
 
-        samples = load_dataset(data, n=n_samples, missing_images="mark")  # left out by prepare, counted
+        if read_data is not None:
+            samples = read_data(data, n_samples)
+        else:  # missing images are marked, then left out by prepare and counted
+            samples = load_dataset(data, n=n_samples, missing_images="mark")
     check_model_source(model_name)
     set_threads(threads, model_name)
     quiet_transformers()
@@ -172,6 +184,7 @@ def recipe(
         screen=screen,
         screen_method=screen_method,
         reuse_prefix=reuse_prefix,
+        inpaint=inpaint,
     )
     backend = None
     if remote:  # the client only plans and encodes: no weights needed here
@@ -214,6 +227,7 @@ def recipe(
             keep_wrong=keep_wrong,
             max_batch=max_batch,
             backend=backend,
+            load=read_data,
         )
         typer.echo(prepared.report())
     samples, note = registry.fitting(module, prepared.samples)
@@ -234,6 +248,8 @@ def recipe(
     }
     if data is not None:  # which phrase replaced which, which image paired which: kept with the results
         ds.attrs["data"] = {"path": str(data), **prepared.provenance()}
+        if "sample" in ds.dims:  # labels results split by (COOCO's relatedness level)
+            ds = ds.assign_coords(prepared.coordinates(ds["sample"].values))
     if "done" in ds and not bool(ds["done"].all()):
         typer.echo(
             f"shard {shard} done: {int(ds['done'].sum())} of {ds['done'].size} (sample, part) results are in "

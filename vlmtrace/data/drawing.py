@@ -145,6 +145,12 @@ def _mask(shape: Shape) -> np.ndarray:
     raise ValueError(f"unknown shape kind {shape.kind!r}; expected one of {KINDS}")
 
 
+def box(shape: Shape) -> tuple[int, int, int, int]:
+    """The exact box (x0, y0, x1, y1, pixels, x1 and y1 exclusive) of the pixels `shape` covers."""
+    ys, xs = np.nonzero(_mask(shape))
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
 def render(scene: Scene) -> np.ndarray:
     """The scene as a uint8 [IMAGE_SIZE, IMAGE_SIZE, 3] array on a black background."""
     pixels = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)

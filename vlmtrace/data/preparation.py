@@ -19,7 +19,7 @@ else the file's own, else one drawn from the data set: another sample's span of 
 the same token count, with a different answer, as NOTICE builds STR pairs; the donor is recorded in
 `meta["replaced_from"]` and its answer becomes the foil); an image pair if the recipe needs one
 (another image with the same question and a different answer; VQA v2's complementary pairs are read
-by the loader); object regions mapped to the model's patch grid; the model's prompt
+by the loader); object regions mapped to the model's image tokens; the model's prompt
 (`vlmtrace.prompts`); the encoding the engine will do (answer ids, segments, both sides of each
 span replacement), whose errors become reasons; and finally, unless `keep_wrong`, the check that the
 model answers the sample (`vlmtrace.data.correctness`: its greedy next token is the answer's first),
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,10 @@ from .loaders.question import DatasetError
 from .regions import TOO_LARGE
 from .sample import Sample
 from .spans import find_spans, parse_pairs, parse_span_options
+
+SAMPLE_COORDINATES = ("relatedness",)
+"""Per-sample labels a loader puts in `meta` that results keep as coordinates along `sample`, so they
+split by them (COOCO's relatedness level)."""
 
 LOAD_FACTOR = 4
 """Questions read per sample wanted: samples are left out after reading (no span, no pair...)."""
@@ -88,6 +92,15 @@ class Prepared:
             if (fix := fix_for(reason)) is not None
         ]
         return "\n".join(["How to keep them:", *lines]) if lines else ""
+
+    def coordinates(self, ids) -> dict[str, tuple[str, list[str]]]:
+        """`SAMPLE_COORDINATES` the samples carry, for the results' `sample` ids (in their order)."""
+        by_id = {s.id: s for s in self.samples}
+        found = {}
+        for name in SAMPLE_COORDINATES:
+            if any(name in s.meta for s in self.samples):
+                found[name] = ("sample", [str(by_id[str(i)].meta.get(name, "")) for i in ids])
+        return found
 
     def report(self) -> str:
         """A small table: how many samples were read, kept, and left out for each reason."""
@@ -150,17 +163,23 @@ def prepare(
     keep_wrong: bool = False,
     max_batch: int = 64,
     backend: Any = None,
+    load: Callable[[Path, int], list[Sample]] | None = None,
 ) -> Prepared:
     """Load `path` and make up to `n` samples ready for `vlm` and a recipe that `needs` them.
 
     `needs` is a recipe's `NEEDS` (`replacements`: spans a corruption replaces; `image_pair`).
-    `regions=True` keeps only samples with an object region on the model's patch grid.
+    `regions=True` maps object regions onto the model's image tokens (samples without one are kept).
     Samples the model answers wrongly are left out (counted) unless `keep_wrong`; the check runs
     batched forwards of up to `max_batch` rows, on `backend` if one is given (remote).
+    `load(path, count)` reads the samples instead of `load_dataset` (a recipe that builds its own
+    pairs from a data set's files: `concepts` from CLEVR's scenes).
     """
     finders = parse_span_options(spans)
     phrases = parse_pairs(replace, "--replace")
-    loaded = load_dataset(path, n=max(n * LOAD_FACTOR, n + 32), missing_images="mark")
+    count = max(n * LOAD_FACTOR, n + 32)
+    loaded = (
+        load(Path(path), count) if load is not None else load_dataset(path, n=count, missing_images="mark")
+    )
     left_out: dict[str, list[str]] = {}
 
     def leave(sample: Sample, reason: str) -> None:
@@ -324,22 +343,30 @@ def _normal(sample: Sample) -> str:
 
 
 def _regions(vlm, samples: list[Sample], leave) -> list[Sample]:
-    from .regions import PatchGrid, RegionError, RegionTooLargeError, region_cells
+    """Each sample's object regions mapped onto `vlm`'s image tokens (`region_tokens`, `image_tokens`).
+
+    A sample without a region is kept (a recipe runs what needs none and says what it skipped, with
+    `meta["region_skipped"]` saying why); one whose region falls outside what the model sees is left out.
+    """
+    from .regions import RegionError, RegionTooLargeError, region_tokens
 
     out = []
     for sample in samples:
+        if not sample.meta.get("regions"):
+            out.append(sample.with_(meta={**sample.meta, "region_skipped": "no object region in the data"}))
+            continue
         try:
-            cells = region_cells(vlm, sample)
+            tokens, count = region_tokens(vlm, sample)
         except RegionTooLargeError:
             leave(sample, TOO_LARGE)
             continue
         except RegionError as error:
-            if "no grid" in str(error) or "tiles" in str(error):
-                raise
-            leave(sample, "no object region" if "no object region" in str(error) else "region outside crop")
+            if "declares no image grid" not in str(error):
+                leave(sample, "region outside crop")
+                continue
+            out.append(sample.with_(meta={**sample.meta, "region_skipped": _first_clause(error)}))
             continue
-        side = PatchGrid.of(vlm).side
-        out.append(sample.with_(meta={**sample.meta, "region_cells": cells, "region_grid": side}))
+        out.append(sample.with_(meta={**sample.meta, "region_tokens": tokens, "image_tokens": count}))
     return out
 
 

@@ -2,31 +2,28 @@
 
 Zhang et al. knock out attention from "the question-relevant object" to the question. GQA's
 scene graphs give object boxes and CLEVR's scenes give object centres, in the pixels of the image
-file; the model sees patches of a resized, cropped copy. `PatchGrid` declares that mapping for
-processors that resize the shortest edge to S, centre-crop S x S and cut it into (S / patch)^2
-patches, whose tokens follow in row-major order (LLaVA-1.5 and the organisms):
+file; the model sees tokens of a resized, cropped, tiled, merged or pooled copy. Each family
+declares how as adapter data (`vlmtrace.models.image_grid`), so one mapping serves LLaVA-1.5's
+fixed grid, Qwen-VL's dynamic one, Gemma 3's pooled tokens and LLaVA-NeXT's tiles:
 
-    grid = PatchGrid.of(vlm)                        # 32 px, patch 8 -> 4 x 4 (LLaVA-1.5: 336, 14 -> 24 x 24)
-    cells = grid.cells((640, 480), (100, 50, 220, 170))   # [(row, column), ...] the box overlaps
-    cells = region_cells(vlm, sample)                      # the cells of sample.meta["regions"]
+    tokens, count = region_tokens(vlm, sample)       # indices among the image's tokens, and their number
+    positions = token_positions(tokens, count, segments)   # prompt positions, checked against the prompt
 
-A box that covers no patch (cropped away, or empty) is an error: a knockout with nothing to block
-would read as "no effect". So is a region that covers almost every patch (more than
-`MAX_REGION_SHARE` of them): object->question would then equal image->question, and a reader
-would take the whole image for the object. Tiled images (LLaVA-NeXT) and models that read the
-image by cross-attention have no such grid, which is an error that says so.
+A box that covers no image token (cropped away, or empty) is an error: a knockout with nothing to
+block would read as "no effect". So is a region that covers almost every image token (more than
+`MAX_REGION_SHARE` of them): object->question would then equal image->question, and a reader would
+take the whole image for the object. So is a prompt whose image tokens are not as many as the
+mapping counted: the mapping would be off by a tile or a row, and knock out the wrong patches.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from ..errors import UserError
 
 MAX_REGION_SHARE = 0.9
-"""The largest share of a grid's image tokens an object region may cover. Above it the object is
+"""The largest share of an image's tokens an object region may cover. Above it the object is
 (nearly) the whole image, and blocking it is blocking the image."""
 TOO_LARGE = f"object region covers more than {MAX_REGION_SHARE:.0%} of the image tokens"
 """The reason a sample with such a region is left out for, in the start-of-run table."""
@@ -40,95 +37,60 @@ class RegionTooLargeError(RegionError):
     """An object region that covers (almost) every image token: it would be the whole image."""
 
 
-def check_share(cells: Sequence[Sequence[int]], side: int, sample_id: str) -> None:
-    """Refuse a region covering more than `MAX_REGION_SHARE` of a `side` x `side` grid."""
-    count = len({(int(r), int(c)) for r, c in cells})
-    if count > MAX_REGION_SHARE * side * side:
+def check_share(tokens: Sequence[int], count: int, sample_id: str) -> None:
+    """Refuse a region covering more than `MAX_REGION_SHARE` of an image's `count` tokens."""
+    covered = len({int(t) for t in tokens})
+    if covered > MAX_REGION_SHARE * count:
         raise RegionTooLargeError(
-            f"the object region of sample {sample_id!r} covers {count} of the {side * side} image tokens "
-            f"({count / (side * side):.0%}, above MAX_REGION_SHARE = {MAX_REGION_SHARE:.0%}): blocking it "
+            f"the object region of sample {sample_id!r} covers {covered} of the {count} image tokens "
+            f"({covered / count:.0%}, above MAX_REGION_SHARE = {MAX_REGION_SHARE:.0%}): blocking it "
             "would block the whole image, so object->question would equal image->question. Give a tighter "
             "box (boxes are in the pixels of the image file), or leave out questions about objects that "
             "fill the picture."
         )
 
 
-@dataclass(frozen=True)
-class PatchGrid:
-    """Resize the shortest edge to `size`, centre-crop `size` x `size`, cut into `patch`-px patches."""
+def region_tokens(vlm, sample) -> tuple[list[int], int]:
+    """(indices among the image's tokens covered by `sample.meta["regions"]`, the image's token count)."""
+    from ..models.image_grid import ImageGridError, box_tokens, token_blocks, token_count
 
-    size: int
-    patch: int
-
-    @property
-    def side(self) -> int:
-        return self.size // self.patch
-
-    @classmethod
-    def of(cls, vlm) -> PatchGrid:
-        processor = vlm.processor
-        image_processor = getattr(processor, "image_processor", None)
-        patch = getattr(processor, "patch_size", None)
-        crop = getattr(image_processor, "crop_size", None) or {}
-        if not vlm.adapter.image_in_sequence or image_processor is None or not patch or not crop:
-            raise RegionError(
-                f"{vlm.name} has no grid of image tokens that a box can be mapped to (a processor with "
-                "patch_size and crop_size, image tokens in the prompt: LLaVA-1.5 style); object regions "
-                "need such a model."
-            )
-        if getattr(image_processor, "image_grid_pinpoints", None):
-            raise RegionError(
-                f"{vlm.name} tiles images (any-resolution); mapping a box onto tiles is not declared yet. "
-                "Use a LLaVA-1.5-style model for object regions."
-            )
-        height = crop.get("height") if isinstance(crop, dict) else getattr(crop, "height", None)
-        return cls(size=int(height), patch=int(patch))
-
-    def cells(self, image_size: tuple[int, int], box: Sequence[float]) -> list[tuple[int, int]]:
-        """(row, column) of every patch the box (x0, y0, x1, y1, image pixels) overlaps."""
-        width, height = image_size
-        scale = self.size / min(width, height)
-        left = (round(width * scale) - self.size) / 2
-        top = (round(height * scale) - self.size) / 2
-        x0, y0, x1, y1 = (float(v) for v in box)
-        xs = [min(max(x * scale - left, 0.0), self.size) for x in (x0, x1)]
-        ys = [min(max(y * scale - top, 0.0), self.size) for y in (y0, y1)]
-        if xs[1] <= xs[0] or ys[1] <= ys[0]:
-            return []
-        columns = range(int(xs[0] // self.patch), math.ceil(xs[1] / self.patch))
-        rows = range(int(ys[0] // self.patch), math.ceil(ys[1] / self.patch))
-        return [(r, c) for r in rows for c in columns]
-
-
-def region_cells(vlm, sample) -> list[tuple[int, int]]:
-    """Patch cells (row, column) covered by the boxes in `sample.meta["regions"]`, for `vlm`'s grid."""
     boxes = sample.meta.get("regions")
     if not boxes:
         raise RegionError(
             f"sample {sample.id!r} has no object region (meta['regions']); GQA needs "
             "{split}_sceneGraphs.json beside the questions, CLEVR scenes/CLEVR_{split}_scenes.json."
         )
-    grid = PatchGrid.of(vlm)
-    cells = sorted({cell for box in boxes for cell in grid.cells(sample.image.size, box)})
-    if not cells:
+    if sample.image is None:
+        raise RegionError(f"sample {sample.id!r} has an object region but no image to place it on.")
+    try:
+        blocks = token_blocks(vlm, sample.image)
+    except ImageGridError as error:
+        raise RegionError(str(error)) from None
+    tokens = sorted({token for box in boxes for token in box_tokens(blocks, box)})
+    if not tokens:
         raise RegionError(
-            f"the object region(s) {list(boxes)} of sample {sample.id!r} cover no image patch once the image "
-            f"is resized and cropped to {grid.size} px; the object lies outside the crop."
+            f"the object region(s) {list(boxes)} of sample {sample.id!r} cover no image token once the image "
+            f"is resized and cropped for {vlm.name}; the object lies outside what the model sees."
         )
-    check_share(cells, grid.side, sample.id)
-    return cells
+    count = token_count(blocks)
+    check_share(tokens, count, sample.id)
+    return tokens, count
+
+
+def token_positions(tokens: Sequence[int], count: int, segments, *, sample_id: str = "") -> list[int]:
+    """Prompt positions of image tokens `tokens`, after checking the prompt has the `count` counted
+    and that they are not (almost) all of them (`check_share`)."""
+    image = segments.positions("image")
+    if len(image) != count:
+        raise RegionError(
+            f"the prompt has {len(image)} image tokens, not the {count} its object regions were mapped onto; "
+            "the family's image grid (Adapter.image_grid) does not match its processor."
+        )
+    check_share(tokens, count, sample_id)
+    return [image[int(token)] for token in tokens]
 
 
 def cell_positions(cells: Sequence[Sequence[int]], side: int, segments, *, sample_id: str = "") -> list[int]:
-    """Image-token positions of patch cells on a `side` x `side` grid (row-major image tokens).
-
-    Refuses cells that cover almost the whole grid (`check_share`): the knockout would block the image.
-    """
-    image = segments.positions("image")
-    if len(image) != side * side:
-        raise RegionError(
-            f"the prompt has {len(image)} image tokens, not the {side}x{side} patches of the grid its object "
-            "regions were mapped to; object regions cannot be placed on them."
-        )
-    check_share(cells, side, sample_id)
-    return [image[int(row) * side + int(column)] for row, column in cells]
+    """Image-token positions of patch cells on a `side` x `side` grid (row-major image tokens)."""
+    tokens = [int(row) * side + int(column) for row, column in cells]
+    return token_positions(tokens, side * side, segments, sample_id=sample_id)

@@ -51,6 +51,7 @@ from vlmtrace.data.drawing import (
     SIZES,
     Scene,
     Shape,
+    box,
     free_cells,
     jitters,
     pick,
@@ -106,6 +107,10 @@ class Question:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_sample(self, id: str) -> Sample:
+        # Exact boxes: object regions (knockout, head functions, inpainting) need no detector here.
+        boxes = [box(s) for s in self.scene]
+        selected = self.meta.get("selected")
+        regions = {"regions": [boxes[selected]]} if selected is not None else {}
         return Sample(
             prompt=f"{IMAGE_TOKEN} {self.text}",
             answer=self.answer,
@@ -119,6 +124,8 @@ class Question:
                 "family": self.family,
                 "template": self.template,
                 "scene": [vars(s) for s in self.scene],
+                "boxes": boxes,
+                **regions,
                 "answers": dict(self.answers),
                 "subject": self.subject,
                 **self.meta,

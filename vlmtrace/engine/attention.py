@@ -85,3 +85,26 @@ def _has_module(model: torch.nn.Module, path: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def attention_over_image(vlm: VLM, samples: list[Sample], *, backend: Any = None) -> xr.DataArray:
+    """Attention of the answer position over the image's tokens, per (sample, layer, head, patch).
+
+    Early fusion: self-attention of the last prompt position over the image tokens (in prompt
+    order). Cross-attention (BLIP): over the vision encoder's patches, its first token (CLS) left
+    out. NOTICE draws these maps; `vlmtrace.engine.head_functions` labels heads by them.
+    """
+    kind = "self" if vlm.adapter.image_in_sequence else "cross"
+    weights = []
+    for sample in samples:
+        pattern = attention_pattern(vlm, sample, kind=kind, backend=backend)
+        if kind == "self":
+            pattern = pattern.where(pattern["label"] == "image", drop=True)
+        else:
+            pattern = pattern.isel(key=slice(1, None))  # the vision encoder's first token is CLS
+        weights.append(pattern.values)
+    return xr.DataArray(
+        np.stack(weights),
+        dims=("sample", "layer", "head", "patch"),
+        coords={"sample": [s.id for s in samples]},
+    )

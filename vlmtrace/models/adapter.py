@@ -245,6 +245,10 @@ class Adapter:
     """Config path -> the values this adapter describes, for an HF class that wraps several
     language models (BLIP-2 with OPT or Flan-T5: `{"text_config.model_type": ("t5",)}`). The
     registry picks the adapter from the config alone, before any weight is read; empty: any."""
+    image_grid: Any = None
+    """How one image becomes the grid of image tokens (`vlmtrace.models.image_grid.ImageGrid`): what
+    object regions, head functions and inpainting masks map boxes onto. None: not declared, and a
+    region on this family is an error that says so."""
     fixes: tuple[Callable[[torch.nn.Module], None], ...] = ()
     """Corrections of known upstream bugs, installed once when the model is wrapped (BLIP's
     cross-attention mask). Each is a function of the model that registers its own hooks."""

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .adapter import IDS, MASK, ROW, Adapter, Hook, Scores, Stack, token
+from .image_grid import ImageGrid
 
 TEXT_LAYER_SITES = {
     "attn_head": Hook("attention.output.dense", "input"),
@@ -143,6 +144,8 @@ BLIP = Adapter(
     forward=forward,
     answer_sequence="decoder",
     prompt_template="{question}",
+    # the cross-attention keys after the vision encoder's CLS: one per patch of the resized square
+    image_grid=ImageGrid(view="stretch"),
     fixes=(give_cross_attention_its_mask,),
 )
 

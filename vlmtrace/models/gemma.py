@@ -29,6 +29,7 @@ import torch
 
 from ..engine.positions import MissingImageTokenError
 from .adapter import FLAT, IDS, MASK, ROW, Adapter, Hook, token
+from .image_grid import ImageGrid
 from .llava import LANGUAGE_MODEL, encode, forward
 
 
@@ -68,6 +69,8 @@ GEMMA3 = Adapter(
     image_token_config="image_token_id",
     image_encoder=Hook("model.vision_tower", layout="image_tiles"),
     prompt_template="<start_of_turn>user\n{image}{question}<end_of_turn>\n<start_of_turn>model\n",
+    # resized to the tower's square, patches average-pooled to mm_tokens_per_image; crops follow
+    image_grid=ImageGrid(view="stretch", pooled_tokens="config.mm_tokens_per_image", crops=True),
     notes="Sliding-window and full layers alternate; images attend bidirectionally within themselves.",
 )
 
@@ -104,6 +107,7 @@ PALIGEMMA = Adapter(
     image_token_config="image_token_id",
     image_encoder=Hook("model.vision_tower"),
     prompt_template="{image}answer en {question}",
+    image_grid=ImageGrid(view="stretch"),  # SigLIP: resized to a square, one token per patch
     notes="Prefix LM over image + prompt; the processor adds <bos> after the image and a newline.",
 )
 

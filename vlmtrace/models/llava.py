@@ -20,6 +20,7 @@ import torch
 
 from ..engine.positions import MissingImageTokenError
 from .adapter import IDS, LLAVA_INPUTS, MASK, ROTARY_SCORES, ROW, ROW_PADDED, Adapter, Hook, Stack
+from .image_grid import ImageGrid
 
 
 def encode(processor: Any, prompt: str, image: Any, decoder_ids: list[int] | None = None) -> dict:
@@ -77,6 +78,7 @@ LLAVA = Adapter(
     image_encoder=Hook("model.vision_tower"),
     language_model="model.language_model",
     prompt_template=PROMPT,
+    image_grid=ImageGrid(view="crop"),  # shortest edge resized, centre crop, row-major patches
 )
 
 
@@ -103,6 +105,7 @@ LLAVA_NEXT = Adapter(
     image_encoder=Hook("model.vision_tower", layout="image_tiles"),
     language_model="model.language_model",
     prompt_template="[INST] {image}\n{question} [/INST]",
+    image_grid=ImageGrid(view="anyres", newline=True),  # base view, then unpadded tiles, newline per row
 )
 
 ADAPTERS = (LLAVA, LLAVA_NEXT)

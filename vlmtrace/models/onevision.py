@@ -23,6 +23,7 @@ ONEVISION = replace(
     architectures=("LlavaOnevisionForConditionalGeneration",),
     inputs={**LLAVA_NEXT.inputs, "batch_num_images": ROW},
     language_model=None,
+    image_grid=None,  # anyres_max packing (features interpolated past a budget) is not declared yet
     prompt_template="<|im_start|>user {image}\n{question}<|im_end|><|im_start|>assistant\n",
 )
 

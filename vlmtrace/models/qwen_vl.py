@@ -40,6 +40,7 @@ from typing import Any
 
 from ..engine.positions import MissingImageTokenError
 from .adapter import FLAT, IDS, MASK, Adapter, Hook, Stack
+from .image_grid import ImageGrid
 from .llava import LANGUAGE_MODEL, LANGUAGE_MODEL_SITES, forward
 
 INPUTS = {
@@ -67,6 +68,15 @@ def encode(processor: Any, prompt: str, image: Any, decoder_ids: list[int] | Non
     return {name: value[0] if INPUTS[name].kind == "token" else value for name, value in inputs.items()}
 
 
+def patches(row: dict) -> int:
+    """Patches of one row's image(s), as the vision tower's patch embedding holds them."""
+    return int(row["image_grid_thw"].prod(-1).sum())
+
+
+GRID = ImageGrid(view="dynamic", patch="image_processor.patch_size", merge="image_processor.merge_size")
+"""The image resized to multiples of patch x merge (`image_grid_thw`); one token per merge x merge patches."""
+
+
 def qwen_adapter(
     family: str, architecture: str, image: Hook, *, stack: Stack = LANGUAGE_MODEL, **extra: Any
 ) -> Adapter:
@@ -84,6 +94,7 @@ def qwen_adapter(
         image_token_config="image_token_id",
         image_encoder=Hook("model.visual", layout="image_tokens"),  # flat: never reused by row
         prompt_template=PROMPT,
+        image_grid=GRID,
         **extra,
     )
 

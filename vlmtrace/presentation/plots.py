@@ -153,6 +153,45 @@ def head_grid(
     return _save(figure, path)
 
 
+LETTERS = {"object_detection": "D", "object_suppression": "S", "outlier_suppression": "O"}
+"""How `head_functions` marks NOTICE's head functions in a cell: D(etection), S(uppression), O(utliers)."""
+
+
+def head_functions(
+    effect: xr.DataArray, shares: xr.DataArray, *, path: str | Path, title: str = "", label: str = "effect"
+) -> Path:
+    """Head effects (layer, head) on a diverging scale, each cell marked with the head functions
+    (shares: function, layer, head; the share of samples labelled) held by at least half the samples."""
+    effect = effect.transpose("layer", "head")
+    figure, ax = plt.subplots(figsize=(0.6 * effect.sizes["head"] + 3.5, 0.5 * effect.sizes["layer"] + 2.0))
+    _diverging(
+        ax,
+        effect.values,
+        effect["head"].values,
+        effect["layer"].values,
+        annot=False,
+        cbar_kws={"label": label},
+    )
+    for i, layer in enumerate(effect["layer"].values):
+        for j, head in enumerate(effect["head"].values):
+            held = {
+                str(f): float(shares.sel(function=f, layer=layer, head=head))
+                for f in shares["function"].values
+            }
+            marks = [
+                f"{LETTERS.get(f, f[:1].upper())}{share:.0%}" for f, share in held.items() if share >= 0.5
+            ]
+            value = effect.values[i, j]
+            text = (f"{value:.2f}" if np.isfinite(value) else "") + ("\n" + " ".join(marks) if marks else "")
+            ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=7)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(
+        title + "\nD: object detection, S: object suppression, O: outlier suppression (share of samples)"
+    )
+    return _save(figure, path)
+
+
 def knockout_curves(
     summary: xr.Dataset, *, path: str | Path, title: str = "", floor: float | None = None
 ) -> Path:

@@ -51,8 +51,21 @@ The seed papers' own data, recognised by their published names and columns:
   IMAGES) and CLEVR CSV (Image_IDs, Questions_Answers; {Image_IDs}.png in IMAGES or IMAGES/val).
 Any other CSV is a table.
 
+NOTICE's semantic image pairs and the seed's proposed data sets:
+- SVO-Probes: svo_probes.csv (sentence, pos_triplet, neg_triplet, subj_neg, verb_neg, obj_neg,
+  pos_url, neg_url, pos_image_id, neg_image_id); downloaded images {image_id}.jpg in IMAGES.
+- MIT-States: release_dataset/images/'adjective noun'/*.jpg (DIR, DIR/images or DIR/release_dataset/images).
+- Facial expressions (NOTICE's Kaggle set): DIR/images/{train,validation}/{emotion}/*.jpg.
+- COOCO: DIR/generated_images/{scene}/{image}_{scene}_{target}_{replacement}_relscore_{level}.jpg beside
+  {image}_{scene}_{target}_original.jpg, or DIR/generated_images/{image}__{scene}__{target}__{replacement}
+  _relscore_{level}.jpg with the original scenes {image}.jpg in DIR/images.
+- ShapeWorld: an extracted caption-agreement folder (world-{n}.bmp, caption.txt, agreement.txt,
+  optional world_model.json).
+- CLEVR-Math: DIR/clevr-math-{split}.json; CLEVR images in DIR/CLEVR_v1.0/images/{split}/ (or DIR/images).
+
 One module per format (`vqa`, `gqa`, `clevr`, `cocoqa`, `table`, `iconqa`, `finecops`, `basu`,
-`zhang_gqa`, `palit`), each reading its layout into the records that `question` turns into
+`zhang_gqa`, `palit`, `svo_probes`, `mit_states`, `facial_expressions`, `cooco`, `shapeworld`,
+`clevr_math`), each reading its layout into the records that `question` turns into
 `Sample`s; `coco_images` finds COCO images by id for VQA v2 and COCO-QA. This module recognises a
 layout and calls the format's loader.
 """
@@ -66,10 +79,15 @@ from typing import Any
 from ..sample import Sample
 from .basu import load_basu_constraints
 from .clevr import load_clevr
+from .clevr_math import FILE as CLEVR_MATH_FILE
+from .clevr_math import clevr_math_files, load_clevr_math
 from .cocoqa import _COCO_QA_FILES, load_coco_qa
+from .cooco import cooco_root, load_cooco
+from .facial_expressions import facial_expressions_split, load_facial_expressions
 from .finecops import is_finecops, load_finecops_ref
 from .gqa import load_gqa
 from .iconqa import iconqa_root, load_iconqa
+from .mit_states import load_mit_states, mit_states_images
 from .palit import load_palit_clevr, load_palit_coco_qa
 from .question import (
     DEFAULT_TEMPLATE,
@@ -81,6 +99,8 @@ from .question import (
     images_folder,
     read_json,
 )
+from .shapeworld import is_shapeworld, load_shapeworld
+from .svo_probes import load_svo_probes
 from .table import load_table
 from .vqa import load_vqa_v2
 from .zhang_gqa import load_zhang_gqa
@@ -96,7 +116,14 @@ _LAYOUTS = """\
   FineCops-Ref: ROOT/annotations/*_coco_format.json; GQA images in ROOT/gqa (or ROOT/images)
   Basu et al.:  data_constraints/*.csv (question, main_entity, image_url); images as image_url says
   Zhang et al.: GQA_val_correct_question_with_*.csv; GQA images in DIR/images (or DIR)
-  Palit et al.: *_coco_qa.csv (COCO images) or clevr_vqa_dataset_*.csv (CLEVR images) in DIR/images"""
+  Palit et al.: *_coco_qa.csv (COCO images) or clevr_vqa_dataset_*.csv (CLEVR images) in DIR/images
+  SVO-Probes:   svo_probes.csv; downloaded images {pos,neg}_image_id.jpg in DIR/images (or DIR)
+  MIT-States:   release_dataset/images/'adjective noun'/*.jpg
+  Facial expressions: DIR/images/train/{angry,disgust,fear,happy,neutral,sad,surprise}/*.jpg
+  COOCO:        DIR/generated_images/{scene}/*_relscore_{low,middle,high}.jpg beside *_original.jpg,
+                or DIR/generated_images/*__*__*__*_relscore_{low,middle,high}.jpg; originals in DIR/images
+  ShapeWorld:   DIR/world-{n}.bmp, caption.txt, agreement.txt (world_model.json for object regions)
+  CLEVR-Math:   DIR/clevr-math-{split}.json; CLEVR images in DIR/CLEVR_v1.0/images/{split}/"""
 
 _CLEVR_FILE = re.compile(r"^CLEVR_\w+_questions\.json$")
 _GQA_FILE = re.compile(r"^\w+_balanced_questions\.json$")
@@ -150,6 +177,8 @@ def _load_csv(file: Path, options: dict[str, Any]) -> list[Sample]:
         return load_palit_coco_qa(file, images_folder(file.parent), **options)
     if {"Image_IDs", "Questions_Answers"} <= columns:
         return load_palit_clevr(file, images_folder(file.parent), **options)
+    if {"sentence", "pos_triplet", "neg_triplet", "pos_url", "neg_url"} <= columns:
+        return load_svo_probes(file, images_folder(file.parent), **options)
     return load_table(file, **options)
 
 
@@ -161,6 +190,19 @@ def _load_directory(root: Path, options: dict[str, Any]) -> list[Sample]:
             return load_coco_qa(root, image_dir=images_folder(root), split=split, **options)
     if all((root / f"{name}.txt").is_file() for name in _COCO_QA_FILES):
         return load_coco_qa(root.parent, image_dir=images_folder(root.parent), split=root.name, **options)
+    if is_shapeworld(root):
+        return load_shapeworld(root, **options)
+    if cooco_root(root) is not None:
+        return load_cooco(root, **options)
+    math = clevr_math_files(root)
+    if math:
+        return _load_question_file(_one_of(root, math), options)
+    faces = facial_expressions_split(root)
+    if faces is not None:
+        return load_facial_expressions(faces, **options)
+    states = mit_states_images(root)
+    if states is not None:
+        return load_mit_states(states, **options)
     folders = [folder for folder in (root, root / "questions") if folder.is_dir()]
     candidates = [p for folder in folders for p in sorted(folder.glob("*.json")) if _kind(p) is not None]
     if len(candidates) == 1:
@@ -174,7 +216,20 @@ def _load_directory(root: Path, options: dict[str, Any]) -> list[Sample]:
     raise DatasetError(f"{root} matches no dataset layout vlmtrace reads. Accepted layouts:\n{_LAYOUTS}")
 
 
+def _one_of(root: Path, files: list[Path]) -> Path:
+    """The only question file, or the val split's; else an error listing them."""
+    if len(files) == 1:
+        return files[0]
+    val = [p for p in files if p.stem.endswith("-val")]
+    if len(val) == 1:
+        return val[0]
+    listing = "\n".join(f"  {p}" for p in files)
+    raise DatasetError(f"{root} holds several question files:\n{listing}\npass the one to load as PATH.")
+
+
 def _load_question_file(file: Path, options: dict[str, Any]) -> list[Sample]:
+    if CLEVR_MATH_FILE.match(file.name):
+        return load_clevr_math(file, **options)
     root = file.parent.parent if file.parent.name == "questions" else file.parent
     kind = _kind(file)
     if kind == "clevr":
@@ -234,13 +289,19 @@ __all__ = [
     "MissingImages",
     "load_basu_constraints",
     "load_clevr",
+    "load_clevr_math",
     "load_coco_qa",
+    "load_cooco",
+    "load_facial_expressions",
     "load_dataset",
     "load_finecops_ref",
     "load_gqa",
     "load_iconqa",
+    "load_mit_states",
     "load_palit_clevr",
     "load_palit_coco_qa",
+    "load_shapeworld",
+    "load_svo_probes",
     "load_table",
     "load_vqa_v2",
     "load_zhang_gqa",
