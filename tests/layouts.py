@@ -550,6 +550,7 @@ def gqa_shapes(root: Path, *, n: int = 12, mislabelled: tuple[int, ...] = (0, 2)
         add(f"{i}2", multi, multi.image, label(multi, i))
     write_json(root / "testdev_balanced_questions.json", questions)
     write_json(root / "testdev_sceneGraphs.json", graphs)
+    return root
 
 
 # --- NOTICE's semantic image pairs and the seed's proposed data sets ----------------------------------------

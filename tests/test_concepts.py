@@ -125,7 +125,7 @@ def test_interleaving_keeps_both_concepts_in_a_cut():
 def test_concepts_runs_from_clevr_scenes_on_disk_to_a_store_with_traced_cells(tmp_path):
     root = layouts.clevr_concept_scenes(tmp_path / "CLEVR_v1.0")
     out = tmp_path / "concepts.zarr"
-    args = ["recipe", "concepts", "--data", str(root), "--out", str(out), "--n-samples", "8"]
+    args = ["recipe", "concepts", "--data", str(root), "--out", str(out), "--n-samples", "8", "--keep-wrong"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     ds = open_result(out)

@@ -285,11 +285,6 @@ def test_clevr_object_regions_block_a_few_image_tokens_not_the_whole_image(tmp_p
 
 
 NOTHING_LEFT = {  # a run that keeps no sample, and the way out its error must name
-    "no scene graphs": (
-        ["information_flow", "--keep-wrong"],
-        lambda root: _without_scene_graphs(layouts.gqa(root)),
-        "{split}_sceneGraphs.json",
-    ),
     "no span": (["visual_constraint", "--span", "visual=zebra", "--keep-wrong"], layouts.vqa_v2, "--span"),
     "no STR phrase": (  # every span is "What": no other phrase to draw
         ["visual_constraint", "--span", "visual=What", "--keep-wrong"],
@@ -298,11 +293,6 @@ NOTHING_LEFT = {  # a run that keeps no sample, and the way out its error must n
     ),
     "wrong answers": (["information_flow"], layouts.gqa, "--keep-wrong"),
 }
-
-
-def _without_scene_graphs(root: Path) -> Path:
-    (root / "testdev_sceneGraphs.json").unlink()
-    return root
 
 
 @pytest.mark.parametrize("case", NOTHING_LEFT)

@@ -123,7 +123,17 @@ def test_cooco_reads_the_same_target_control_only_when_asked(tmp_path):
 def test_cooco_relatedness_is_a_coordinate_of_the_stored_results(tmp_path):
     data = layouts.cooco(tmp_path / "cooco")
     out = tmp_path / "cooco.zarr"
-    args = ["recipe", "information_flow", "--data", str(data), "--out", str(out), "--n-samples", "8"]
+    args = [
+        "recipe",
+        "information_flow",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--n-samples",
+        "8",
+        "--keep-wrong",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     ds = open_result(out)
@@ -138,7 +148,17 @@ def test_a_notice_pair_set_reaches_traced_cells_from_the_cli_at_n_8(tmp_path, la
     """The cheap knockout recipe; `notice` on every pair set is the README's command (slow tests)."""
     data = layout(tmp_path / "data")
     out = tmp_path / "run.zarr"
-    args = ["recipe", "information_flow", "--data", str(data), "--out", str(out), "--n-samples", "8"]
+    args = [
+        "recipe",
+        "information_flow",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--n-samples",
+        "8",
+        "--keep-wrong",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     ds = open_result(out)
