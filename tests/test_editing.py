@@ -14,20 +14,20 @@ from vlmtrace.engine.editing import (  # the same forward the edit uses
     Edit,
     EditError,
     Parts,
-    _encode_request,
-    _forward,
     check_disjoint,
     edit,
     evaluate,
     key_covariance,
     least_squares_update,
 )
+from vlmtrace.engine.editing.contexts import encode_row
+from vlmtrace.engine.editing.parts import forward_rows
 
 
 def logits_of(vlm: vt.VLM, sample: vt.Sample) -> torch.Tensor:
-    row = _encode_request(vlm, sample, sample.answer, "visual").inputs
+    row = encode_row(vlm, sample, sample.answer, "visual", "prompt").inputs
     with torch.no_grad():
-        return _forward(vlm, [row])[0][0]
+        return forward_rows(vlm, [row])[0][0]
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +114,13 @@ def test_an_edit_round_trips_through_zarr_with_its_provenance(organism, ordinary
 
 
 def test_the_recipes_specificity_set_is_disjoint_from_the_edit_set(organism):
-    from vlmtrace.recipes.multimodal_edit import default_samples, unrelated
+    from vlmtrace.data.scene_edits import locality
+    from vlmtrace.recipes.multimodal_edit import default_samples
 
     samples = default_samples(organism, 8, seed=0)
     entities = {s.meta["entity"] for s in samples}
-    specificity = unrelated(entities, 8, seed=0)
+    text, image = locality(entities, 8, seed=0)
+    specificity = text + image
     in_view = {(x["colour"], x["kind"]) for s in specificity for x in s.meta["scene"]}
     assert specificity and not in_view & entities
 
@@ -135,8 +137,8 @@ def test_evaluate_reports_scores_side_by_side_with_the_unedited_model(organism, 
     samples = make_samples("fact", 2, seed=11)
     others = [s for s in make_samples("fact", 10, seed=12) if s.meta["entity"] != samples[0].meta["entity"]]
     changed = edit(organism, [(samples[0], "avalor")], layers=(4, 5), preserve=ordinary, span="last")
-    ds = evaluate(organism, changed, efficacy=[samples[0].with_(answer="avalor")], generalisation=[],
-                  specificity=others[:4], seed=random.Random(0).randrange(10))  # fmt: skip
+    ds = evaluate(organism, changed, reliability=[samples[0].with_(answer="avalor")],
+                  image_locality=others[:4], seed=random.Random(0).randrange(10))  # fmt: skip
     assert ds["score"].sel(metric="efficacy").values.tolist() == [0.0, 1.0]
 
 

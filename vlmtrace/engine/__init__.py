@@ -14,5 +14,6 @@ attribution.py    attribution patching (a gradient screen): `vt.attribute`
 knockout.py       attention knockout: `vt.knockout`
 attention.py      attention patterns (NOTICE)
 invariants.py     the engine's invariants on any model: `vt.check`, and each sweep's self-check
-editing.py        rank-one / MEMIT edits at the layers a trace located: `vt.edit`
+editing/          MEMIT over contexts and MultEdit at the layers a trace located (`vt.edit`), and
+                  their evaluation by the editing literature's probes (`editing.evaluate`)
 """
