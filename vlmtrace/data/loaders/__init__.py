@@ -51,6 +51,9 @@ The seed papers' own data, recognised by their published names and columns:
   IMAGES) and CLEVR CSV (Image_IDs, Questions_Answers; {Image_IDs}.png in IMAGES or IMAGES/val).
 Any other CSV is a table.
 
+Knowledge-editing records are cases, not questions: `load_edit_records` reads MMEdit's E-VQA and
+VLKEB's JSON files into `EditCase`s (the edited question and its probes; `edit_records`).
+
 One module per format (`vqa`, `gqa`, `clevr`, `cocoqa`, `table`, `iconqa`, `finecops`, `basu`,
 `zhang_gqa`, `palit`), each reading its layout into the records that `question` turns into
 `Sample`s; `coco_images` finds COCO images by id for VQA v2 and COCO-QA. This module recognises a
@@ -67,6 +70,7 @@ from ..sample import Sample
 from .basu import load_basu_constraints
 from .clevr import load_clevr
 from .cocoqa import _COCO_QA_FILES, load_coco_qa
+from .edit_records import load_edit_records
 from .finecops import is_finecops, load_finecops_ref
 from .gqa import load_gqa
 from .iconqa import iconqa_root, load_iconqa
@@ -236,6 +240,7 @@ __all__ = [
     "load_clevr",
     "load_coco_qa",
     "load_dataset",
+    "load_edit_records",
     "load_finecops_ref",
     "load_gqa",
     "load_iconqa",
