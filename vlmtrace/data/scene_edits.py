@@ -61,7 +61,8 @@ def about(
             continue
         if by is not None and question.meta.get("selected_by", by) != by:
             continue
-        sample = question.to_sample(f"{probe or template}-{entity[0]}-{entity[1]}-{split}-{len(out)}")
+        when = f"-{year}" if year is not None else ""
+        sample = question.to_sample(f"{probe or template}-{entity[0]}-{entity[1]}{when}-{split}-{len(out)}")
         out.append(sample.with_(meta={**sample.meta, "probe": probe or template}))
     return out
 
