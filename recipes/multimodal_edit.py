@@ -18,8 +18,9 @@ Edit. For 8 entities, insert a city the entity never had. `method="memit"`: keys
 over the request, 8 other training-split pictures of the entity and 4 paraphrases (the other
 selector, the entity named in text), KL on the entity's visual questions
 (`vlmtrace.data.scene_edits`). `method="multedit"`: Basu et al.'s single key and ridge step.
-Both at both key positions; MEMIT at the last token also at the layer of least effect, and to
-correct: with a wrong city inserted, edit the true one back.
+Both at both key positions; MEMIT at the last token also on the request alone (no contexts: the
+ablation), at the layer of least effect, and to correct: with a wrong city inserted, edit the
+true one back.
 
 Metric. Token accuracy with 95% bootstrap intervals, on held-out scenes only: reliability, text
 generality (the request's picture asked the other two ways), image generality (other pictures),
@@ -42,6 +43,7 @@ from vlmtrace.data.scene_edits import locality, new_answer, scene_edit_case
 from vlmtrace.data.scenes import make_samples
 from vlmtrace.engine.editing import (
     METHODS,
+    SINGLE,
     Contexts,
     edit,
     effect_at,
@@ -98,17 +100,13 @@ def run(vlm: vt.VLM, samples: list[vt.Sample], *, seed: int = 0, options: Option
     for key in KEYS:
         traced, evidence = traced_layers(before, samples, span=key, n_layers=n_layers)
         conditions = [(method, traced, "traced") for method in METHODS]
-        if key == "last":  # the layer of least effect, for the comparison with the traced one
-            conditions.append(
-                (
-                    "memit",
-                    (min(set(range(n_layers)) - set(traced), key=lambda x: effect_at(evidence, x)),),
-                    "untraced",
-                )
-            )
+        if key == "last":  # MEMIT on the request alone (the ablation of contexts), and at the layer
+            least = min(set(range(n_layers)) - set(traced), key=lambda x: effect_at(evidence, x))
+            conditions += [("memit", traced, "single"), ("memit", (least,), "untraced")]
         for method, layers, label in conditions:
             settings = dict(method=method, layers=layers, span=key, preserve=preserve)
-            settings["contexts"] = CONTEXTS if method == "memit" else None
+            if method == "memit":
+                settings["contexts"] = SINGLE if label == "single" else CONTEXTS
             insert = edit(vlm, [c.request for c in inserts], **settings)
             results[f"insert/{method}/{key}/{label}"] = evaluate(
                 vlm, insert, **probes_of(inserts), **local, seed=seed
