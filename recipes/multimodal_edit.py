@@ -1,27 +1,32 @@
-"""MultEdit: locate a fact with a causal trace, edit it there, and measure what else moved.
+"""Locate, then edit: change a fact at the traced MLP layer, over many contexts, and measure it.
 
 Basu et al., "Understanding Information Storage and Transfer in Multi-modal Large Language
-Models" (2024), MultEdit; ROME (Meng et al., 2022) and MEMIT (Meng et al., 2023).
+Models" (2024), MultEdit; ROME (Meng et al., 2022) and MEMIT (Meng et al., 2023); the probes of
+MMEdit (Cheng et al., 2023) and VLKEB (Huang et al., 2024).
 
 Hypothesis. If the trace finds where a fact is retrieved, a closed-form edit of the MLP output
-projection at the traced layers changes that fact (efficacy), for other pictures and phrasings
-of the same entity (generalisation), and nothing else (specificity); an edit at a layer the
-trace did not select does worse.
+projection at the traced layer changes that fact for the edited question (reliability), for
+the same entity in other pictures and phrasings (generality), and nothing else (locality); an
+edit keyed on many contexts of the entity generalises where a single-key edit (MultEdit)
+memorises one input; an edit at a layer the trace did not select does worse.
 
 Trace. Corrupt with the semantic image pair (the picture, not the phrase, selects the entity),
-restore the MLP output at the constraint ("the red shape") and at the last token, windows 1
-and 3 (`vlmtrace.engine.editing.trace_for_edit`); `layers="traced"` takes the strongest window.
+restore the MLP output at the constraint ("the red shape") and at the last token, one layer at
+a time (`vlmtrace.engine.editing.trace_for_edit`); each key position takes its strongest layer.
 
-Edit. `vt.edit` (ROME's v*, MEMIT's spreading and covariance) with two key positions: the
-constraint's last token (Basu et al., ROME) and the last token, where this organism's trace
-sits. Tasks: insert a city the entity never had; correct a deliberately wrong answer (an
-inserted wrong city, edited back). Every edit is compared with one at an untraced layer.
+Edit. For 8 entities, insert a city the entity never had. `method="memit"`: keys and one value
+over the request, 8 other training-split pictures of the entity and 4 paraphrases (the other
+selector, the entity named in text), KL on the entity's visual questions
+(`vlmtrace.data.scene_edits`). `method="multedit"`: Basu et al.'s single key and ridge step.
+Both at both key positions; MEMIT at the last token also on the request alone (no contexts: the
+ablation), at the layer of least effect, and to correct: with a wrong city inserted, edit the
+true one back.
 
-Metric. Greedy-answer hit rates with 95% bootstrap intervals: efficacy (edited question),
-generalisation (the entity in held-out scenes, selected by the other attribute, named in
-text), specificity (other entities' facts and visual questions about scenes without edited
-entities, disjoint by construction: `vlmtrace.engine.editing.check_disjoint`), and KL of the latter.
-After the edit the trace is run again on the new answers: the effect map before and after.
+Metric. Token accuracy with 95% bootstrap intervals, on held-out scenes only: reliability, text
+generality (the request's picture asked the other two ways), image generality (other pictures),
+text locality (other entities named) and image locality (pictures with no edited entity), pooled
+as efficacy, generalisation and specificity, and KL on the locality items. After the MEMIT edit
+at the last token the trace is run again on the new answers: the effect map before and after.
 """
 
 from __future__ import annotations
@@ -34,23 +39,33 @@ import numpy as np
 import xarray as xr
 
 import vlmtrace as vt
-from vlmtrace.data.mascots import CITIES, YEARS, city_in_year, mascot_city
-from vlmtrace.data.scenes import ask, make_samples
-from vlmtrace.engine.editing import edit, evaluate, trace_for_edit, traced_layers
+from vlmtrace.data.scene_edits import locality, new_answer, scene_edit_case
+from vlmtrace.data.scenes import make_samples
+from vlmtrace.engine.editing import (
+    METHODS,
+    SINGLE,
+    Contexts,
+    edit,
+    effect_at,
+    evaluate,
+    probes_of,
+    trace_for_edit,
+    traced_layers,
+)
 from vlmtrace.options import Options
 from vlmtrace.presentation.progress import sweeping
 from vlmtrace.recipes import Needs
 from vlmtrace.results.dataset import provenance
 
 DESCRIPTION = (
-    "Basu et al. MultEdit: edit facts at the traced MLP layers; efficacy, generalisation, "
-    "specificity vs an untraced layer"
+    "Basu et al. MultEdit vs MEMIT over contexts: edit facts at the traced MLP layer; reliability, "
+    "generality, locality"
 )
 DEFAULT_MODEL = "shapes-llava"
-ORGANISMS = ("shapes-llava",)
+ORGANISMS = ("shapes-llava", "shapes-qwen")
 NEEDS = Needs(image_pair=True)
 KEYS = ("visual", "last")  # where the key is read: the constraint's last token, the last token
-SETTINGS = dict(preserve_weight=100.0)
+CONTEXTS = Contexts(images=8, paraphrases=4)
 WINDOWS = (1,)  # compare single layers: a wider window always restores more
 
 
@@ -64,83 +79,52 @@ def default_samples(vlm: vt.VLM, n: int, seed: int) -> list[vt.Sample]:
     return samples[:n]
 
 
-def new_city(entity: tuple[str, str], rng: random.Random) -> str:
-    """A city the entity never had: not its mascot city, not the city of any year."""
-    had = {mascot_city(entity)} | {city_in_year(entity, year) for year in YEARS}
-    return rng.choice([c for c in CITIES if c not in had])
-
-
-def probes(entity: tuple[str, str], answer: str, *, seed: int, n: int = 2) -> list[vt.Sample]:
-    """Generalisation: the entity in held-out scenes selected by the same / other attribute, or named."""
-    rng, out = random.Random(f"multimodal_edit/{entity}/{seed}"), []
-    for template, by, kind in [
-        ("fact", "colour", "scene"),
-        ("fact", "kind", "selector"),
-        ("named-fact", None, "named"),
-    ]:
-        found = 0
-        while found < n:
-            q = ask(rng, template, split="test")
-            if q.meta["entity"] == entity and (by is None or q.meta["selected_by"] == by):
-                sample = q.to_sample(f"{kind}-{entity[0]}-{entity[1]}-{found}")
-                out.append(sample.with_(answer=answer, meta={**sample.meta, "probe": kind}))
-                found += 1
-    return out
-
-
-def unrelated(edited: set, n: int, *, seed: int) -> list[vt.Sample]:
-    """Specificity: fact questions about other entities and visual questions, no edited entity in view."""
-    out = []
-    for family, probe in (("fact", "other entity"), ("visual", "visual question")):
-        for s in make_samples(family, 6 * n, seed=seed + 1):
-            if not any((shape["colour"], shape["kind"]) in edited for shape in s.meta["scene"]):
-                out.append(s.with_(meta={**s.meta, "probe": probe}))
-    return out
+def ordinary(seed: int, n: int = 150) -> list[vt.Sample]:
+    """The keys MEMIT preserves: every token of 4n training-split questions (fact, visual, multi,
+    named), the organisms' stand-in for MEMIT's Wikipedia statistics."""
+    families = ("fact", "visual", "multi", "named")
+    return [s for f in families for s in make_samples(f, n, seed=seed + 7, split="train")]
 
 
 def run(vlm: vt.VLM, samples: list[vt.Sample], *, seed: int = 0, options: Options = Options()) -> xr.Dataset:
     rng = random.Random(seed)
     n_layers = vlm.shape.layers[vlm.adapter.default_stack]
-    entities = {s.meta["entity"] for s in samples}
-    inserts = [(s, new_city(s.meta["entity"], rng)) for s in samples]
-    preserve = [
-        s for f in ("fact", "visual", "multi") for s in make_samples(f, 40, seed=seed + 7, split="train")
-    ]
-    specificity = unrelated(entities, len(samples), seed=seed)
+    inserts = [scene_edit_case(s, new_answer(s.meta["entity"], rng), seed=seed) for s in samples]
+    corrects = [scene_edit_case(s, s.answer, seed=seed) for s in samples]
+    text_locality, image_locality = locality({s.meta["entity"] for s in samples}, len(samples), seed=seed)
+    local = {"text_locality": text_locality, "image_locality": image_locality}
+    preserve = ordinary(seed)
     with sweeping("multimodal_edit: trace the MLP at the constraint and the last token"):
-        trace = trace_for_edit(vlm, samples, span="visual", windows=WINDOWS, segments=KEYS)
-    results, provenance = {}, {}
+        before = trace_for_edit(vlm, samples, span="visual", windows=WINDOWS, segments=KEYS)
+    results, edits = {}, {}
     for key in KEYS:
-        traced, evidence = traced_layers(trace, samples, span=key, n_layers=n_layers)
-        untraced = min(set(range(n_layers)) - set(traced), key=lambda x: _effect(evidence, x))
-        for layers, label in ((traced, "traced"), ((untraced,), "untraced")):
-            insert = edit(vlm, inserts, layers=layers, preserve=preserve, span=key, **SETTINGS)
-            insert.attrs.update(layers_chosen=label, evidence=evidence)
-            gen = [p for s, city in inserts for p in probes(s.meta["entity"], city, seed=seed)]
-            efficacy = [s.with_(answer=city) for s, city in inserts]
-            results[f"insert/{key}/{label}"] = evaluate(
-                vlm, insert, efficacy=efficacy, generalisation=gen, specificity=specificity, seed=seed
+        traced, evidence = traced_layers(before, samples, span=key, n_layers=n_layers)
+        conditions = [(method, traced, "traced") for method in METHODS]
+        if key == "last":  # MEMIT on the request alone (the ablation of contexts), and at the layer
+            least = min(set(range(n_layers)) - set(traced), key=lambda x: effect_at(evidence, x))
+            conditions += [("memit", traced, "single"), ("memit", (least,), "untraced")]
+        for method, layers, label in conditions:
+            settings = dict(method=method, layers=layers, span=key, preserve=preserve)
+            if method == "memit":
+                settings["contexts"] = SINGLE if label == "single" else CONTEXTS
+            insert = edit(vlm, [c.request for c in inserts], **settings)
+            results[f"insert/{method}/{key}/{label}"] = evaluate(
+                vlm, insert, **probes_of(inserts), **local, seed=seed
             )
-            with insert:  # the deliberately wrong answers, corrected by a second edit
-                fix = edit(vlm, [(s, s.answer) for s in samples], layers=layers,
-                           preserve=preserve, span=key, **SETTINGS)  # fmt: skip
-                gen = [p for s in samples for p in probes(s.meta["entity"], s.answer, seed=seed)]
-                results[f"correct/{key}/{label}"] = evaluate(
-                    vlm, fix, efficacy=samples, generalisation=gen, specificity=specificity, seed=seed
-                )
-            provenance[f"{key}/{label}"] = {
-                k: insert.attrs[k] for k in ("layers", "layers_chosen", "evidence")
-            }
-            if label == "traced" and key == "last":
+            edits[f"{method}/{key}/{label}"] = {
+                "layers": list(layers), "evidence": evidence, "contexts": insert.attr("contexts"),
+                "hyperparameters": insert.attr("hyperparameters"),
+            }  # fmt: skip
+            if key == "last" and label == "traced" and method == "memit":
+                with insert:  # the deliberately wrong answers, corrected by a second edit
+                    fix = edit(vlm, [c.request for c in corrects], **settings)
+                    results[f"correct/{method}/{key}/{label}"] = evaluate(
+                        vlm, fix, **probes_of(corrects), **local, seed=seed
+                    )
                 with insert, sweeping("multimodal_edit: trace again after the edit"):
+                    efficacy = [c.probes["reliability"][0] for c in inserts]
                     after = trace_for_edit(vlm, efficacy, span="visual", windows=WINDOWS, segments=KEYS)
-    return _assemble(results, trace, after, provenance, vlm)
-
-
-def _effect(evidence: dict, layer: int) -> float:
-    """The traced indirect effect of one layer (smallest window), from an edit's evidence."""
-    table = evidence["table"][min(evidence["table"], key=int)]
-    return table[evidence["table_layers"].index(layer)]
+    return _assemble(results, before, after, edits, vlm)
 
 
 def _assemble(results: dict, before: xr.Dataset, after: xr.Dataset, edits: dict, vlm: vt.VLM) -> xr.Dataset:
@@ -150,14 +134,14 @@ def _assemble(results: dict, before: xr.Dataset, after: xr.Dataset, edits: dict,
         ds["target"].attrs.update(description="the answer an item should get", units="text")
         ds.attrs = {}  # the edits' provenance is written once, below
         parts.append(ds)
-    ds = xr.concat(parts, dim="condition", coords="minimal", compat="override")
+    ds = xr.concat(parts, dim="condition", coords="minimal", compat="override", join="outer")
     ds = ds.assign_coords(condition=np.array(list(results), dtype=object))
     for name, trace in (("trace_before", before), ("trace_after", after)):
         effect = (trace["mlp"] - trace["corrupt"]).transpose("sample", "window", "layer", "segment")
         ds[name] = (("trace_sample", "window", "layer", "segment"), effect.values)
         ds[name].attrs.update(
             description=f"MLP indirect effect (image pair corruption), {name.split('_')[1]} the edit "
-            "(insert/last/traced), on the answer the model should give",
+            "(insert/memit/last/traced), on the answer the model should give",
             units="probability (0 to 1)",
         )
     ds = ds.assign_coords(
@@ -181,29 +165,27 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
         ds[n].isel(window=0).mean("trace_sample").transpose("segment", "layer")
         for n in ("trace_before", "trace_after")
     ]
-    for ax, name, data in zip(
-        axes, ("MLP effect before (true answer)", "after (inserted answer)"), maps, strict=True
-    ):
+    titles = ("MLP effect before (true answer)", "after the MEMIT edit (inserted answer)")
+    for ax, title, data in zip(axes, titles, maps, strict=True):
         image = ax.imshow(data.values, vmin=-1, vmax=1, cmap="RdBu_r", aspect="auto")
-        ax.set(title=name, xlabel="layer", xticks=range(data.sizes["layer"]))
+        ax.set(title=title, xlabel="layer", xticks=range(data.sizes["layer"]))
         ax.set_yticks(range(data.sizes["segment"]), [str(x) for x in data["segment"].values])
-    fig.colorbar(image, ax=axes)
+    fig.colorbar(image, ax=axes, label="indirect effect on P(answer)")
     paths = [out_dir / "trace_before_after.png"]
     fig.savefig(paths[0], dpi=120, bbox_inches="tight")
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(10, 3.5))
-    scores = ds["score"].sel(model="edited")
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    shown = [m for m in ("efficacy", "generalisation", "specificity") if m in ds["metric"].values]
+    scores = ds["score"].sel(model="edited", metric=shown)
     width = 0.8 / scores.sizes["condition"]
     for i, condition in enumerate(scores["condition"].values):
         mean = scores.sel(condition=condition).values
-        low = ds["score_low"].sel(model="edited", condition=condition).values
-        high = ds["score_high"].sel(model="edited", condition=condition).values
+        low = ds["score_low"].sel(model="edited", condition=condition, metric=shown).values
+        high = ds["score_high"].sel(model="edited", condition=condition, metric=shown).values
         x = np.arange(len(mean)) + i * width
         ax.bar(x, mean, width, yerr=[mean - low, high - mean], label=str(condition))
-    ax.set_xticks(
-        np.arange(scores.sizes["metric"]) + 0.4 - width / 2, [str(m) for m in scores["metric"].values]
-    )
-    ax.set(ylim=(0, 1.05), ylabel="hit rate (95% CI)", title="edited model, by condition")
+    ax.set_xticks(np.arange(len(shown)) + 0.4 - width / 2, shown)
+    ax.set(ylim=(0, 1.05), ylabel="token accuracy (95% CI)", title="edited model, by condition")
     ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1, 1), loc="upper left")
     paths.append(out_dir / "scores.png")
     fig.savefig(paths[1], dpi=120, bbox_inches="tight")
@@ -213,17 +195,16 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
 
 def summary(ds: xr.Dataset) -> str:
     edits = json.loads(ds.attrs["edits"])
-    lines = ["hit rates before -> after the edit [95% CI] (correct: before = with the wrong insert applied)"]
+    lines = ["scores before -> after the edit [95% CI] (correct: before = with the wrong insert applied)"]
     for condition in ds["condition"].values:
-        task, key, label = str(condition).split("/")
+        task, method, key, label = str(condition).split("/")
         s, before = ds.sel(condition=condition, model="edited"), ds.sel(condition=condition, model="unedited")
         cells = ", ".join(
             f"{m} {float(before['score'].sel(metric=m)):.2f} -> {float(s['score'].sel(metric=m)):.2f} "
             f"[{float(s['score_low'].sel(metric=m)):.2f}, {float(s['score_high'].sel(metric=m)):.2f}]"
-            for m in s["metric"].values
+            for m in ("efficacy", "generalisation", "specificity")
         )
-        layers = edits[f"{key}/{label}"]["layers"]
-        lines.append(
-            f"{task:<7} key {key:<6} {label:<8} layers {layers}: {cells}, KL {float(s['specificity_kl']):.3f}"
-        )
+        layers = edits[f"{method}/{key}/{label}"]["layers"]
+        kl = float(s["locality_kl"])
+        lines.append(f"{task:<7} {method:<8} key {key:<6} {label:<8} layers {layers}: {cells}, KL {kl:.3f}")
     return "\n".join(lines)

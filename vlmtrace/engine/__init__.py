@@ -17,5 +17,6 @@ screening.py      which cells to patch exactly, and how well estimates rank them
 knockout.py       attention knockout: `vt.knockout`
 attention.py      attention patterns (NOTICE)
 invariants.py     the engine's invariants on any model: `vt.check`, and each sweep's self-check
-editing.py        rank-one / MEMIT edits at the layers a trace located: `vt.edit`
+editing/          MEMIT over contexts and MultEdit at the layers a trace located (`vt.edit`), and
+                  their evaluation by the editing literature's probes (`editing.evaluate`)
 """

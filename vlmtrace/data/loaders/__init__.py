@@ -63,6 +63,9 @@ NOTICE's semantic image pairs and the seed's proposed data sets:
   optional world_model.json).
 - CLEVR-Math: DIR/clevr-math-{split}.json; CLEVR images in DIR/CLEVR_v1.0/images/{split}/ (or DIR/images).
 
+Knowledge-editing records are cases, not questions: `load_edit_records` reads MMEdit's E-VQA and
+VLKEB's JSON files into `EditCase`s (the edited question and its probes; `edit_records`).
+
 One module per format (`vqa`, `gqa`, `clevr`, `cocoqa`, `table`, `iconqa`, `finecops`, `basu`,
 `zhang_gqa`, `palit`, `svo_probes`, `mit_states`, `facial_expressions`, `cooco`, `shapeworld`,
 `clevr_math`), each reading its layout into the records that `question` turns into
@@ -83,6 +86,7 @@ from .clevr_math import FILE as CLEVR_MATH_FILE
 from .clevr_math import clevr_math_files, load_clevr_math
 from .cocoqa import _COCO_QA_FILES, load_coco_qa
 from .cooco import cooco_root, load_cooco
+from .edit_records import load_edit_records
 from .facial_expressions import facial_expressions_split, load_facial_expressions
 from .finecops import is_finecops, load_finecops_ref
 from .gqa import load_gqa
@@ -294,6 +298,7 @@ __all__ = [
     "load_cooco",
     "load_facial_expressions",
     "load_dataset",
+    "load_edit_records",
     "load_finecops_ref",
     "load_gqa",
     "load_iconqa",

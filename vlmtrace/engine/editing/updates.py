@@ -1,0 +1,115 @@
+"""The closed-form weight updates: MEMIT's covariance-weighted least squares, MultEdit's ridge.
+
+Both solve for a change ΔW of one layer's output projection W that moves the edited keys'
+outputs by residuals R (one column per key) and disturbs little else:
+
+    MEMIT   min_Δ |Δ K - R|² + (preserve_weight / N) Σ_j |Δ k_j|²   over ordinary keys k_j
+            ΔW = R Kᵀ (C + K Kᵀ)⁻¹,   C = preserve_weight * mean_j k_j k_jᵀ   (`key_covariance`)
+    MultEdit min_W' |W' K - V|² + ridge |W' - W|²      (Basu et al.'s own code, no covariance)
+            ΔW = R Kᵀ (ridge I + K Kᵀ)⁻¹,   R = V - W K
+
+so they differ only in what stands for "everything else": the measured second moment of the
+layer's keys, or a multiple of the identity (every direction equally). `least_squares_update`
+is checked against `torch.linalg.lstsq` in the tests. `keys_at` reads the keys (the projection's
+input) and the block output of a later layer at each row's key position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ...data.sample import Sample
+from ...models.load import VLM
+from .contexts import Row
+from .parts import EditError, Parts, chunks, forward_rows, hooks, output_of
+
+
+def least_squares_update(
+    keys: torch.Tensor, residual: torch.Tensor, covariance: torch.Tensor
+) -> torch.Tensor:
+    """ΔW = R Kᵀ (C + K Kᵀ)⁻¹ for keys K [key, in], residuals R [key, out], C [in, in].
+
+    Solved in float64; returns float32 [out, in]. Zero residuals give exactly zero.
+    """
+    k = keys.double().T  # [in, key]
+    r = residual.double().T  # [out, key]
+    system = covariance.double() + k @ k.T
+    return torch.linalg.solve(system, k @ r.T).T.float()
+
+
+def ridge_update(keys: torch.Tensor, residual: torch.Tensor, ridge: float) -> torch.Tensor:
+    """MultEdit's ΔW = R Kᵀ (ridge I + K Kᵀ)⁻¹ (the least-squares update with C = ridge I)."""
+    if not ridge > 0:
+        raise EditError(f"ridge must be > 0 (Basu et al. use 0.01); got {ridge!r}.")
+    return least_squares_update(keys, residual, ridge * torch.eye(keys.shape[1], dtype=torch.float64))
+
+
+def key_covariance(
+    vlm: VLM, parts: Parts, samples: Sequence[Sample], layers: Sequence[int], *, max_batch: int = 64
+) -> dict[int, torch.Tensor]:
+    """mean_j k_j k_jᵀ over every token of `samples`, per layer (float64 [in, in]), unedited model."""
+    sums = {layer: 0.0 for layer in layers}
+    count = 0
+    for chunk in chunks(list(samples), max_batch):
+        rows = [vlm.adapter.encode(vlm.processor, s.prompt, s.image, None) for s in chunk]
+        seen: dict[int, torch.Tensor] = {}
+        keep = [(parts.projections[x], _keep_input(seen, x), True) for x in layers]
+        with torch.no_grad(), hooks(*keep):
+            _, offsets = forward_rows(vlm, rows)
+        mask = torch.zeros(seen[layers[0]].shape[:2], dtype=torch.bool)
+        for i, offset in enumerate(offsets):
+            mask[i, offset:] = True
+        for layer in layers:
+            keys = seen[layer][mask.to(seen[layer].device)].double().cpu()
+            sums[layer] = sums[layer] + keys.T @ keys
+        count += int(mask.sum())
+    return {layer: total / count for layer, total in sums.items()}
+
+
+def _keep_input(seen: dict, name: int):
+    return lambda module, args: seen.__setitem__(name, args[0].detach())
+
+
+def keys_at(
+    vlm: VLM, parts: Parts, rows: Sequence[Row], layer: int, last: int, *, max_batch: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys at `layer` [row, in] and block outputs of layer `last` [row, hidden] at each row's key.
+
+    Also checks, on the live tensors, that the projection's output is the `mlp` site's output
+    (the table's claim that editing the projection edits that site).
+    """
+    keys, hidden = [], []
+    for group in chunks(list(rows), max_batch):
+        seen: dict[str, torch.Tensor] = {}
+        watch = _watch(parts, layer, last, seen)
+        with torch.no_grad(), hooks(*watch):
+            _, offsets = forward_rows(vlm, [row.inputs for row in group])
+        if not torch.equal(seen["mlp"], seen["proj"]):
+            raise EditError(
+                f"layer {layer}: the output of {parts.projection.path} differs from the "
+                f"{parts.projection.site!r} site's output, so editing it does not edit that site; "
+                "fix vlmtrace.engine.editing.parts.PROJECTIONS."
+            )
+        at = torch.tensor([offset + row.key for row, offset in zip(group, offsets, strict=True)])
+        index = torch.arange(len(group))
+        keys.append(seen["key"][index, at.to(seen["key"].device)].float().cpu())
+        hidden.append(seen["hidden"][index, at.to(seen["hidden"].device)].float().cpu())
+    return torch.cat(keys), torch.cat(hidden)
+
+
+def _watch(parts: Parts, layer: int, last: int, seen: dict[str, torch.Tensor]) -> list:
+    """Hooks keeping the projection's input and output, the MLP's output and layer `last`'s output."""
+
+    def keep(name: str, pre: bool = False):
+        if pre:
+            return lambda module, args: seen.__setitem__(name, args[0].detach())
+        return lambda module, args, output: seen.__setitem__(name, output_of(output).detach())
+
+    return [
+        (parts.projections[layer], keep("key", pre=True), True),
+        (parts.mlps[layer], keep("mlp"), False),
+        (parts.layers[last], keep("hidden"), False),
+        (parts.projections[layer], keep("proj"), False),
+    ]
