@@ -10,6 +10,7 @@ of doing the same thing by hand in plain torch, and how much it gains over the o
     vlmtrace      `vt.patch(...)`, `max_batch` rows per forward
     vlmtrace prefix  the same with `reuse_prefix=True` (layers below and positions before each
                   cell's patch computed once per sample; also printed as `prefix_vs_ceiling`)
+    vlmtrace unchecked  `vt.patch(verify=False)`: the self-check's cost is `check_cost`
     ceiling       plain torch, vlmtrace's rows in the same chunks, one forward per chunk, forward
                   hooks doing the same indexed edits `h[rows, pos] = h[0, pos]`; no nnsight
 
@@ -179,7 +180,7 @@ def nnsight_loop(setup: Setup) -> np.ndarray:
     return values
 
 
-def vlmtrace_sweep(setup: Setup, reuse_prefix: bool = False) -> np.ndarray:
+def vlmtrace_sweep(setup: Setup, reuse_prefix: bool = False, verify: bool = True) -> np.ndarray:
     """`vt.patch` over the whole grid; the block site's values at window 1."""
     ds = vt.patch(
         setup.vlm,
@@ -190,8 +191,14 @@ def vlmtrace_sweep(setup: Setup, reuse_prefix: bool = False) -> np.ndarray:
         max_batch=setup.max_batch,
         progress=False,
         reuse_prefix=reuse_prefix,
+        verify=verify,
     )
     return ds["block"].sel(window=1).isel(sample=0).transpose("layer", "position").values
+
+
+def vlmtrace_unchecked(setup: Setup) -> np.ndarray:
+    """The same without the self-check (`verify=False`): what the check costs a sweep."""
+    return vlmtrace_sweep(setup, verify=False)
 
 
 def vlmtrace_prefix(setup: Setup) -> np.ndarray:
@@ -245,6 +252,7 @@ METHODS: dict[str, Callable[[Setup], np.ndarray]] = {
     "nnsight loop": nnsight_loop,
     "vlmtrace": vlmtrace_sweep,
     "vlmtrace prefix": vlmtrace_prefix,
+    "vlmtrace unchecked": vlmtrace_unchecked,
     "ceiling": ceiling,
 }
 
@@ -364,14 +372,16 @@ def main() -> None:
         f"{args.repeats} (batched) calls taken in turns; seconds = best call (median for spread); "
         f"runs/s from the best; {time.perf_counter() - began:.0f} s in all"
     )
-    print(f"{'method':<14}{'runs':>6}{'seconds':>10}{'median s':>10}{'runs/s':>10}{'/ceiling':>10}")
+    print(f"{'method':<19}{'runs':>6}{'seconds':>10}{'median s':>10}{'runs/s':>10}{'/ceiling':>10}")
     for name in METHODS:
         print(
-            f"{name:<14}{runs:>6}{best[name]:>10.4f}{median[name]:>10.4f}{rate[name]:>10.1f}"
+            f"{name:<19}{runs:>6}{best[name]:>10.4f}{median[name]:>10.4f}{rate[name]:>10.1f}"
             f"{rate[name] / rate['ceiling']:>10.3f}"
         )
     print(f"ceiling_vs_loop={rate['ceiling'] / rate['torch loop']:.2f} (the most vs_loop can be here)")
     print(f"prefix_vs_ceiling={rate['vlmtrace prefix'] / rate['ceiling']:.2f} (vt.patch(reuse_prefix=True))")
+    check_cost = best["vlmtrace"] / best["vlmtrace unchecked"] - 1
+    print(f"check_cost={check_cost:+.3f} (the self-check's share of a sweep: verify=True vs False)")
     vs_ceiling = rate["vlmtrace"] / rate["ceiling"]
     vs_loop = rate["vlmtrace"] / rate["torch loop"]
     print(f"sweep_speed vs_ceiling={vs_ceiling:.2f} vs_loop={vs_loop:.2f}")

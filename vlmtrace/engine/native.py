@@ -43,9 +43,19 @@ def image_digest(image: Any) -> str:
     return hashlib.sha256(image.tobytes() + repr((image.size, image.mode)).encode()).hexdigest()
 
 
+_parameters: WeakKeyDictionary[torch.nn.Module, list[torch.nn.Parameter]] = WeakKeyDictionary()
+
+
 def weights_version(model: torch.nn.Module) -> int:
-    """A number that changes whenever any parameter is written in place (an edit, a restore)."""
-    return sum(p._version for p in model.parameters())
+    """A number that changes whenever any parameter is written in place (an edit, a restore).
+
+    The parameter list is gathered once per model (walking the module tree costs more than the
+    sweep's self-check itself on a small model); edits write into these same tensors.
+    """
+    parameters = _parameters.get(model)
+    if parameters is None:
+        parameters = _parameters[model] = list(model.parameters())
+    return sum(p._version for p in parameters)
 
 
 def native_log_probs(vlm: VLM, prompt: str, image: Any, backend: Any = None) -> torch.Tensor:
