@@ -352,7 +352,7 @@ def test_the_qk_fix_reads_queries_and_keys_that_reproduce_each_familys_attention
         method="atp+qk",
         progress=False,
     )
-    if vlm.adapter.stacks["lm"].scores is None:
+    if vlm.adapter.stacks[vlm.adapter.default_stack].scores is None:
         with pytest.raises(QKFixError, match="Stack.scores"):
             vt.attribute(vlm, [sample_of(family)], **kwargs)
         return
