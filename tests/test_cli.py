@@ -153,6 +153,17 @@ def test_an_unreachable_hub_fails_at_once_naming_the_ways_around(tmp_path):
     assert "unreachable" in done.stderr and "--remote" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_misspelt_organism_is_answered_with_the_one_it_probably_means(tmp_path):
+    result = runner.invoke(
+        app, ["recipe", "visual_constraint", "--model", "shapes-lava", "--out", str(tmp_path / "x.zarr")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "did you mean 'shapes-llava'?" in result.output
+    for organism in ("shapes-blip", "shapes-llava", "shapes-qwen"):
+        assert organism in result.output
+    assert "Hugging Face Hub" not in result.output  # answered at once, without a hub lookup
+
+
 def test_a_missing_data_path_is_refused_before_the_model_is_looked_up(tmp_path):
     result = runner.invoke(
         app,

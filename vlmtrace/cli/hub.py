@@ -11,6 +11,7 @@ answers.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from pathlib import Path
 
@@ -21,7 +22,7 @@ WAYS_AROUND = (
     "cache that holds them (then HF_HUB_OFFLINE=1 keeps every later run offline), pass a local "
     "directory as --model, or run on a server that has them with --remote (NDIF or `vlmtrace "
     "serve`; this machine then needs only the config and processor). A shipped organism "
-    "(--model shapes-llava or shapes-blip) needs no hub."
+    "(--model {organisms}) needs no hub."
 )
 
 
@@ -36,10 +37,25 @@ class HubError(UserError):
     """A model that is neither shipped, local nor reachable on the Hugging Face Hub."""
 
 
+def ways_around() -> str:
+    """What to do instead of the hub, naming every shipped organism."""
+    return WAYS_AROUND.format(organisms=", ".join(organism_names()))
+
+
 def check_model_source(name: str, *, timeout: float = 5.0) -> None:
-    """Return if `name` can be loaded here; raise HubError naming the ways around otherwise."""
-    if name in organism_names() or Path(name).expanduser().is_dir():
+    """Return if `name` can be loaded here; raise HubError naming the ways around otherwise.
+
+    A name one typo away from a shipped organism (`shapes-lava`) is answered at once with the
+    organism it probably means, instead of a hub lookup that cannot succeed offline.
+    """
+    organisms = organism_names()
+    if name in organisms or Path(name).expanduser().is_dir():
         return
+    if "/" not in name and (close := difflib.get_close_matches(name, organisms, n=1, cutoff=0.75)):
+        raise HubError(
+            f"model {name!r} is neither a shipped organism nor a local directory; did you mean "
+            f"{close[0]!r}? The shipped organisms are {', '.join(organisms)} (`vlmtrace zoo list`)."
+        )
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
@@ -48,7 +64,7 @@ def check_model_source(name: str, *, timeout: float = 5.0) -> None:
     if constants.HF_HUB_OFFLINE:
         raise HubError(
             f"model {name!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-            f"HF_HUB_OFFLINE is set, so it cannot be downloaded. {WAYS_AROUND}"
+            f"HF_HUB_OFFLINE is set, so it cannot be downloaded. {ways_around()}"
         )
     try:
         HfApi().model_info(name, timeout=timeout)
@@ -63,9 +79,9 @@ def check_model_source(name: str, *, timeout: float = 5.0) -> None:
             "the repo id's spelling; a private repo needs HF_TOKEN."
         ) from None
     except HfHubHTTPError as error:
-        raise HubError(f"the Hugging Face Hub refused {name!r}: {error}. {WAYS_AROUND}") from None
+        raise HubError(f"the Hugging Face Hub refused {name!r}: {error}. {ways_around()}") from None
     except Exception as error:  # DNS, refused connection, timeout, proxy: the hub is unreachable
         raise HubError(
             f"model {name!r} is not cached here and the Hugging Face Hub "
-            f"({constants.ENDPOINT}) is unreachable ({type(error).__name__}: {error}). {WAYS_AROUND}"
+            f"({constants.ENDPOINT}) is unreachable ({type(error).__name__}: {error}). {ways_around()}"
         ) from None
