@@ -164,6 +164,31 @@ def test_a_misspelt_organism_is_answered_with_the_one_it_probably_means(tmp_path
     assert "Hugging Face Hub" not in result.output  # answered at once, without a hub lookup
 
 
+def test_span_without_data_is_refused_instead_of_ignored(tmp_path):
+    out = str(tmp_path / "x.zarr")
+    result = runner.invoke(app, ["recipe", "visual_constraint", "--span", "visual=@object", "--out", out])
+    said = " ".join(result.output.replace("│", " ").split())  # rich wraps the message in a box
+    assert result.exit_code == 2 and "would be ignored" in said and "Add --data PATH" in said
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_the_reproduce_command_repeats_each_value_of_a_repeatable_option_and_omits_empty_ones():
+    import click
+
+    from vlmtrace.cli.recipe import command_of
+
+    def context(**values):
+        params = [click.Option(["--span"], multiple=True), click.Option(["--n-samples"], default=8)]
+        ctx = click.Context(click.Command("recipe", params=params))
+        ctx.params = {"name": "notice", **values}
+        return ctx
+
+    assert command_of(context(span=(), n_samples=8)) == "vlmtrace recipe notice"
+    assert command_of(context(span=("visual=@object", "textual=@year"), n_samples=3)) == (
+        "vlmtrace recipe notice --span visual=@object --span textual=@year --n-samples 3"
+    )
+
+
 def test_a_missing_data_path_is_refused_before_the_model_is_looked_up(tmp_path):
     result = runner.invoke(
         app,

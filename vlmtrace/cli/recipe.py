@@ -148,6 +148,13 @@ def recipe(
         raise typer.BadParameter(
             f"{data} does not exist; give a dataset file or folder.", param_hint="--data"
         )
+    if data is None and (span or replace_phrase):  # the recipe's own scenes carry their own spans and phrases
+        given = "--span" if span else "--replace"
+        raise typer.BadParameter(
+            f"{given} applies to your own data and would be ignored: the recipe's own scenes declare their "
+            "spans and replacement phrases. Add --data PATH, or leave out --span / --replace.",
+            param_hint=given,
+        )
     # Everything below the checks imports torch; the checks above answer at once.
     from ..models.load import load
     from ..results.dataset import assemble
@@ -407,5 +414,9 @@ def command_of(ctx: typer.Context) -> str:
         if param.name == "name" or value is None or value == param.default or value is False:
             continue
         flag = max(param.opts, key=len)
+        if isinstance(value, list | tuple):  # a repeatable option: one flag per value, none if empty
+            for item in value:
+                words += [flag, str(item)]
+            continue
         words += [flag] if value is True else [flag, str(value)]
     return shlex.join(words)
