@@ -64,17 +64,33 @@ def get(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
 
 
-def describe(name: str) -> str:
-    """A recipe's DESCRIPTION, read from its source without importing it (or torch)."""
+def constant(name: str, variable: str, default: Any = None) -> Any:
+    """A literal module constant of recipe `name`, read from its source without importing it (or torch)."""
     if name not in names():
         raise KeyError(f"no recipe {name!r}; choose one of {names()} (see `vlmtrace recipe list`).")
     tree = ast.parse((Path(__file__).parent / f"{name}.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "DESCRIPTION" for t in node.targets
+            isinstance(t, ast.Name) and t.id == variable for t in node.targets
         ):
-            return str(ast.literal_eval(node.value))
-    return ""
+            return ast.literal_eval(node.value)
+    return default
+
+
+def describe(name: str) -> str:
+    """A recipe's DESCRIPTION, read from its source without importing it (or torch)."""
+    return str(constant(name, "DESCRIPTION", ""))
+
+
+def support_table(organisms: list[str]) -> str:
+    """Recipe x shipped organism: which organism each recipe runs on (its `ORGANISMS`), as text."""
+    width = max(len(n) for n in names()) + 2
+    lines = [" " * width + "  ".join(organisms)]
+    for name in names():
+        runs = set(constant(name, "ORGANISMS", ()))
+        cells = "  ".join(("yes" if o in runs else "-").center(len(o)) for o in organisms)
+        lines.append(f"{name:<{width}}{cells}")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,22 @@ def test_a_misspelt_organism_is_answered_with_the_one_it_probably_means(tmp_path
     assert "Hugging Face Hub" not in result.output  # answered at once, without a hub lookup
 
 
+def test_recipe_list_prints_which_organism_each_recipe_runs_on():
+    from vlmtrace import recipes as registry
+
+    result = runner.invoke(app, ["recipe", "list"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = next(
+        i for i, line in enumerate(lines) if line.split() == ["shapes-blip", "shapes-llava", "shapes-qwen"]
+    )
+    rows = {line.split()[0]: line.split()[1:] for line in lines[header + 1 :] if line.strip()}
+    assert list(rows) == registry.names()
+    for name, cells in rows.items():  # the table agrees with each recipe's imported ORGANISMS
+        runs = registry.get(name).ORGANISMS
+        assert cells == ["yes" if o in runs else "-" for o in ("shapes-blip", "shapes-llava", "shapes-qwen")]
+
+
 def test_span_without_data_is_refused_instead_of_ignored(tmp_path):
     out = str(tmp_path / "x.zarr")
     result = runner.invoke(app, ["recipe", "visual_constraint", "--span", "visual=@object", "--out", out])

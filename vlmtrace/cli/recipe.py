@@ -135,8 +135,12 @@ def recipe(
     from .. import recipes as registry
 
     if name == "list":
+        from .hub import organism_names
+
         for recipe_name in registry.names():
             typer.echo(f"{recipe_name:<20} {registry.describe(recipe_name)}")
+        typer.echo("\nWhich shipped organism each recipe runs on (--model; any supported family runs too):")
+        typer.echo(registry.support_table([o for o in organism_names() if o.startswith("shapes-")]))
         return
     if name not in registry.names():
         raise typer.BadParameter(f"no recipe {name!r}; choose one of {registry.names()}.", param_hint="NAME")
@@ -375,7 +379,8 @@ def check_organism(module, name: str, model: str) -> None:
 
     if model in organism_names() and model not in module.ORGANISMS:
         raise typer.BadParameter(
-            f"recipe {name} runs on {', '.join(module.ORGANISMS)}, not {model} (README: recipe table).",
+            f"recipe {name} runs on {', '.join(module.ORGANISMS)}, not {model} (`vlmtrace recipe list` "
+            "shows which organism each recipe runs on).",
             param_hint="--model",
         )
 
