@@ -51,9 +51,12 @@ def main() -> None:
     parser.add_argument("--shard", default=None)
     parser.add_argument("--slow", type=float, default=0.0, help="sleep after each chunk (to be killed)")
     parser.add_argument("--die-at-write", type=int, default=None)
+    parser.add_argument(
+        "--die-at-path", default=None, help="die as the first write to a path ending so starts"
+    )
     parser.add_argument("--count-writes", action="store_true")
     args = parser.parse_args()
-    writes = count_writes(die_at=args.die_at_write)
+    writes = count_writes(die_at=args.die_at_write, die_at_path=args.die_at_path)
     vlm = job_model()
     if args.slow:
         original = sweep.run_chunk
@@ -92,8 +95,9 @@ def job_sweep(vlm: vt.VLM, store: str | Path, *, shard: tuple[int, int] | None =
     )
 
 
-def count_writes(die_at: int | None) -> dict[str, int]:
-    """Count zarr's file writes; SIGKILL this process as write number `die_at` starts."""
+def count_writes(die_at: int | None, die_at_path: str | None = None) -> dict[str, int]:
+    """Count zarr's file writes; SIGKILL this process as write number `die_at` starts, or as the
+    first write to a path ending in `die_at_path` (e.g. "corrupt/c/0": a variable's chunk) starts."""
     import zarr.storage._local as local
 
     original, writes, lock = local._put, {"n": 0}, threading.Lock()
@@ -101,7 +105,8 @@ def count_writes(die_at: int | None) -> dict[str, int]:
     def put(*args, **kwargs):
         with lock:
             writes["n"] += 1
-            if writes["n"] == die_at:
+            path = Path(args[0] if args else kwargs["path"]).as_posix()
+            if writes["n"] == die_at or (die_at_path is not None and path.endswith(die_at_path)):
                 os.kill(os.getpid(), signal.SIGKILL)
         return original(*args, **kwargs)
 

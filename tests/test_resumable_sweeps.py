@@ -172,6 +172,25 @@ def test_kill_at_seeded_writes_of_layout_and_chunks_then_rerun_equals_the_uninte
     assert unequal == []
 
 
+def test_a_kill_as_a_samples_first_values_are_written_resumes_clean_and_corrupted(uninterrupted, tmp_path):
+    """Killed as sample 0's first `clean` write starts (after layout, whatever the write count): the
+    rerun fills its clean and corrupted values. Around this write `benchmarks/store_soak.py --fork`
+    once found `corrupt` left NaN (one rerun per sample of 313; zarr writes a chunk's files from
+    threads, so which of the two is on disk at the kill varies); the soak is the exhaustive check."""
+    store = tmp_path / "between.zarr"
+    job = [
+        sys.executable,
+        str(JOB),
+        str(store),
+        "--die-at-path",
+        "between.zarr/clean/c/0",
+    ]  # not the layout's
+    killed = subprocess.run(job, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, "the job never wrote sample 0's clean value"
+    run_job(store)
+    assert values_equal(vt.open_result(store), uninterrupted)
+
+
 def test_kill_9_at_random_instants_then_rerun_equals_the_uninterrupted_store(uninterrupted, tmp_path):
     rng = random.Random(7)
     for attempt in range(3):

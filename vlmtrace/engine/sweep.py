@@ -227,15 +227,17 @@ def record(ds: xr.Dataset, layout: Layout, sample: int, plan: Plan, finished: Fi
 
     A sample's clean and corrupted values are its first chunk's (checked against the model's
     own forward when the self-check picked it); every later chunk recomputes them, and the
-    self-check holds those to the first, so they never replace it.
+    self-check holds those to the first, so they never replace it. Each is filled where it is
+    still missing, on its own: a sweep killed between the store's `clean` and `corrupt` writes
+    resumes with `clean` on disk and `corrupt` not.
     """
     arrays = {site: ds[site].values for site in layout.grid.sites}  # one lookup per site, not per cell
     for c, value in finished.values.items():
         cell = plan.cells[c]
         arrays[cell.site][layout.index(sample, cell)] = value
-    if np.isnan(ds["clean"].values[sample]):
-        ds["clean"].values[sample] = finished.clean
-        ds["corrupt"].values[sample] = finished.corrupt
+    for name, value in (("clean", finished.clean), ("corrupt", finished.corrupt)):
+        if np.isnan(ds[name].values[sample]):
+            ds[name].values[sample] = value
     ds["progress"].values[sample] = finished.progress
     ds["done"].values[sample] = finished.complete
 
