@@ -16,15 +16,20 @@ their traces show.
 
 from .evaluation import evaluate, held_out_accuracy, load_organism
 from .organisms import ORGANISMS, OrganismSpec, organism_dir
+from .planted import PLANTED, PlantedSpec, fit_planted, train_planted
 from .training import fit, train
 
 __all__ = [
     "ORGANISMS",
     "OrganismSpec",
+    "PLANTED",
+    "PlantedSpec",
     "evaluate",
     "fit",
+    "fit_planted",
     "held_out_accuracy",
     "load_organism",
     "organism_dir",
     "train",
+    "train_planted",
 ]
