@@ -48,6 +48,7 @@ class Scored:
     normalised: np.ndarray  # [sample, cell]
     truth: np.ndarray  # [sample, cell] bool
     covers: list[list[Key]]  # per cell, the components it covers (one layout for all samples)
+    places: list[tuple[int, str]]  # per cell, (centre layer, segment of its positions) for reports
     returned: np.ndarray | None = None  # [sample, cell] bool; default normalised >= RETURNED
     extra: dict = field(default_factory=dict)
 
@@ -71,6 +72,11 @@ class Scored:
             for key in keys:
                 out[key] = max(out.get(key, -np.inf), float(value))
         return out
+
+    def top_place(self) -> tuple[int, str]:
+        """(centre layer, segment) of the cell with the best mean score over samples."""
+        mean = np.nan_to_num(np.nanmean(self.scores, axis=0), nan=-np.inf)
+        return self.places[int(np.argmax(mean))]
 
 
 def one_layout(ds: xr.Dataset) -> np.ndarray:
@@ -117,12 +123,13 @@ def from_patch(
     moved, normalised = moved.transpose(*order), normalised.transpose(*order)
     n = len(where)
     scores = moved.values.reshape(n, -1)
-    covers, truth_columns = [], []
+    covers, places, truth_columns = [], [], []
     for layer in ds["layer"].values:
         layers = window_layers(int(layer), window, n_layers)
         for head in heads:
             for p in index:
                 covers.append(covered(site, layers, [int(p)], head))
+                places.append((int(layer), where[0].label(int(p))))
                 truth_columns.append(
                     [
                         is_planted_cell(
@@ -148,6 +155,7 @@ def from_patch(
         normalised=normalised.values.reshape(n, -1),
         truth=np.array(truth_columns).T,
         covers=covers,
+        places=places,
     )
 
 
@@ -163,7 +171,7 @@ def from_knockout(
     n_layers = len(ds["layer"])
     lost = (ds["clean"] - ds["knockout"]).sel(window=window).transpose("sample", "block", "layer")
     relative = lost / ds["clean"]
-    covers, truth_columns = [], []
+    covers, places, truth_columns = [], [], []
     for block in ds["block"].values:
         keys_side, queries_side = blocks[str(block)]
         for layer in ds["layer"].values:
@@ -171,6 +179,7 @@ def from_knockout(
             keys = [p for name in keys_side for p in where[0].segments.get(name, ())]
             queries = [p for name in queries_side for p in where[0].segments.get(name, ())]
             covers.append(covered("attn", layers, queries, None))
+            places.append((int(layer), str(block)))
             truth_columns.append(
                 [
                     is_planted_block(
@@ -194,6 +203,7 @@ def from_knockout(
         normalised=relative.values.reshape(n, -1),
         truth=np.array(truth_columns).T,
         covers=covers,
+        places=places,
     )
 
 
@@ -204,13 +214,14 @@ def from_edit_choice(
     window x layer) as the scores of one row, and the chosen window as the returned cell."""
     table = evidence["table"]
     span = where.segments["visual"]
-    scores, covers, truth, returned = [], [], [], []
+    scores, covers, places, truth, returned = [], [], [], [], []
     planted = mechanism.assignment["city"].component.layer
     for window, values in table.items():
         for layer, value in zip(evidence["table_layers"], values, strict=True):
             layers = window_layers(int(layer), int(window), n_layers)
             scores.append(value)
             covers.append(covered("mlp", layers, span, None))
+            places.append((int(layer), "visual"))
             truth.append(planted in layers and where.constraint in span)
             returned.append(tuple(layers) == tuple(chosen))
     row = np.array([scores], dtype=float)
@@ -224,6 +235,7 @@ def from_edit_choice(
         normalised=row,  # the edit's own trace table; `returned` marks its choice
         truth=np.array([truth]),
         covers=covers,
+        places=places,
         returned=np.array([returned]),
         extra={"chosen_layers": list(chosen)},
     )

@@ -178,10 +178,12 @@ def space_kind(s: Scored) -> str:
     return s.site
 
 
-def faithfulness_of(vlm: vt.VLM, s: Scored, samples: list[Sample], settings: Settings) -> list[float]:
-    """The method's MIB faithfulness curve, averaged over the in-distribution counterfactuals."""
+def faithfulness_of(
+    vlm: vt.VLM, s: Scored, samples: list[Sample], settings: Settings, *, width: int
+) -> list[float]:
+    """The method's MIB faithfulness curve over every component at the `width` prompt positions,
+    averaged over the in-distribution counterfactuals."""
     config = vlm.model.config.get_text_config()
-    width = max(k[2] for keys in s.covers for k in keys) + 1
     space = space_of(
         space_kind(s), layers=config.num_hidden_layers, heads=config.num_attention_heads, width=width
     )
@@ -210,7 +212,7 @@ def calibrate_organism(
     for s in scored:
         row = localisation(s)
         if settings.faithfulness:
-            curve = faithfulness_of(vlm, s, samples, settings)
+            curve = faithfulness_of(vlm, s, samples, settings, width=where_of(vlm, samples[0]).last + 1)
             row["cpr"], row["cmd"] = curve_areas(SIZES, curve)
             row["curve"] = curve
         figures.append(row)
@@ -258,6 +260,8 @@ def calibrate(
     shape = (len(organisms), len(names))
     data = {k: np.full(shape, np.nan) for k in ("auroc", "precision", "recall", "cpr", "cmd")}
     planted = np.zeros(shape, dtype=np.int64)
+    top_layer = np.full(shape, -1, dtype=np.int64)
+    top_segment = np.full(shape, "", dtype=object)
     curve = np.full((*shape, len(SIZES)), np.nan)
     for o, organism in enumerate(organisms):
         scored, figures = results[organism]
@@ -266,6 +270,7 @@ def calibrate(
             for k in data:
                 data[k][o, m] = row.get(k, np.nan)
             planted[o, m] = int(s.truth[0].sum())
+            top_layer[o, m], top_segment[o, m] = s.top_place()
             if "curve" in row:
                 curve[o, m] = row["curve"]
     coords = {
@@ -282,6 +287,8 @@ def calibrate(
         {
             **{k: (("organism", "method"), v) for k, v in data.items()},
             "planted_cells": (("organism", "method"), planted),
+            "top_layer": (("organism", "method"), top_layer),
+            "top_segment": (("organism", "method"), top_segment),
             "faithfulness": (("organism", "method", "size"), curve),
         },
         coords=coords,
@@ -307,6 +314,8 @@ DESCRIPTIONS = {
     "cpr": ("MIB CPR: area under the faithfulness curve of the method's ranking (higher is better)", "1"),
     "cmd": ("MIB CMD: area between the faithfulness curve and 1 (lower is better)", "1"),
     "planted_cells": ("planted cells in the method's grid (first sample)", "cells"),
+    "top_layer": ("centre layer of the cell with the best mean score", "layer"),
+    "top_segment": ("segment (or knockout block) of the cell with the best mean score", "name"),
     "faithfulness": (
         "(m(circuit) - m(empty)) / (m(full) - m(empty)), logit difference, per circuit size",
         "1",

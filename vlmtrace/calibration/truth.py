@@ -74,6 +74,13 @@ class Where:
     def named(self, position: str) -> int:
         return self.constraint if position == "constraint" else self.last
 
+    def label(self, position: int) -> str:
+        """The segment a position belongs to ("image", "visual", "question", "last", ...)."""
+        for name, positions in self.segments.items():
+            if position in positions:
+                return name
+        raise ValueError(f"position {position} is in no segment")
+
 
 def planted_keys(mechanism: Mechanism, where: Where) -> set[Key]:
     """The planted components at their positions, as keys of the `mlp` / `attn_head` spaces."""

@@ -10,6 +10,7 @@ faithfulness (CPR, CMD), and a store (xarray on zarr) with every figure and fait
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -37,6 +38,13 @@ def calibrate(
     faithfulness: Annotated[
         bool, typer.Option(help="Measure each method's MIB faithfulness curve (CPR, CMD).")
     ] = True,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="torch CPU threads. Default: $VLMTRACE_THREADS, else 1 (organisms gain nothing from more).",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Zarr store to write.")] = Path("calibration.zarr"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
 ) -> None:
@@ -45,9 +53,12 @@ def calibrate(
     from ..calibration import calibrate as run
     from ..results.dataset import save
     from ..results.store import StoreError
+    from .recipe import quiet_transformers, set_threads
 
     if out.exists() and not overwrite:
         raise StoreError(f"{out} already exists; pass --overwrite to replace it.")
+    set_threads(threads or int(os.environ.get("VLMTRACE_THREADS", 1)), "")  # organisms are tiny
+    quiet_transformers()
     defaults = Settings()
     settings = Settings(
         samples=n_samples,

@@ -55,42 +55,55 @@ class Scorer:
         pairs: list[tuple[Question, Question]],
         *,
         chunk: int = 256,
+        rows: int = 1024,
     ):
         self.model = model
         self.encode = Encoder(tokenizer, architecture=architecture_of(model))
         self.swaps = Swaps(model)
         self.config = model.config.get_text_config()
         self.pairs = pairs
-        self.chunk = chunk
+        self.chunk = chunk  # pairs per forward
+        self.rows = rows  # rows per forward: the pairs' sources, then their bases once per swap set
         batch = self.encode([p[0] for p in pairs[:1]])
         self.width = batch.inputs["input_ids"].shape[1]
         self.named = {k: int(v[0]) for k, v in positions_of(batch.subject_position, self.width).items()}
 
-    @torch.no_grad()
     def top1(self, swaps: list[tuple[Component, list[int]]] | None) -> torch.Tensor:
         """[pair] top-1 token of each base run, with each (component, positions) swapped from its source."""
-        out = []
+        return self.top1_each([swaps or []])[0]
+
+    @torch.no_grad()
+    def top1_each(self, swap_sets: list[list[tuple[Component, list[int]]]]) -> list[torch.Tensor]:
+        """`top1` of every swap set; sets share their source rows, several sets per forward."""
+        results: list[list[torch.Tensor]] = [[] for _ in swap_sets]
         for start in range(0, len(self.pairs), self.chunk):
             part = self.pairs[start : start + self.chunk]
             n = len(part)
-            batch = self.encode([s for _, s in part] + [b for b, _ in part])
-            source = torch.cat([torch.arange(n), torch.arange(n)])
-            heads: dict[int, torch.Tensor] = {}
-            mlps: dict[int, torch.Tensor] = {}
-            for component, positions in swaps or []:
-                if component.site == "attn_head":
-                    mask = heads.setdefault(
-                        component.layer,
-                        torch.zeros(2 * n, self.width, self.config.num_attention_heads, dtype=torch.bool),
-                    )
-                    mask[n:, positions, component.head] = True
-                else:
-                    mask = mlps.setdefault(component.layer, torch.zeros(2 * n, self.width, dtype=torch.bool))
-                    mask[n:, positions] = True
-            with self.swaps.applied(source, heads=heads, mlps=mlps):
-                logits = _logits(self.model, batch.inputs)[:, -1]
-            out.append(logits[n:].argmax(-1))
-        return torch.cat(out)
+            per_forward = max(1, self.rows // n - 1)
+            for first in range(0, len(swap_sets), per_forward):
+                group = swap_sets[first : first + per_forward]
+                rows = n * (1 + len(group))
+                batch = self.encode([s for _, s in part] + [b for b, _ in part] * len(group))
+                source = torch.arange(rows) % n
+                heads: dict[int, torch.Tensor] = {}
+                mlps: dict[int, torch.Tensor] = {}
+                for j, swaps in enumerate(group):
+                    base = slice(n * (1 + j), n * (2 + j))
+                    for component, positions in swaps:
+                        if component.site == "attn_head":
+                            shape = (rows, self.width, self.config.num_attention_heads)
+                            mask = heads.setdefault(component.layer, torch.zeros(shape, dtype=torch.bool))
+                            mask[base, positions, component.head] = True
+                        else:
+                            mask = mlps.setdefault(
+                                component.layer, torch.zeros(rows, self.width, dtype=torch.bool)
+                            )
+                            mask[base, positions] = True
+                with self.swaps.applied(source, heads=heads, mlps=mlps):
+                    top = _logits(self.model, batch.inputs)[:, -1].argmax(-1)
+                for j in range(len(group)):
+                    results[first + j].append(top[n * (1 + j) : n * (2 + j)])
+        return [torch.cat(r) for r in results]
 
     def ids(self, words: list[str]) -> torch.Tensor:
         return torch.tensor(self.encode.ids(words))
@@ -122,19 +135,24 @@ def measure(
     figures["interchange"] = interchange
     figures["interchange_all_pairs"] = interchange_all
     planted = mechanism.planted()
-    strictness = {}
-    per_cell: dict[str, float] = {}
-    for component in Mechanism.components(
+    components = Mechanism.components(
         layers=scorer.config.num_hidden_layers, heads=scorer.config.num_attention_heads
-    ):
+    )
+    allowed = {}
+    for component in components:
         own = scorer.named[planted[component]] if component in planted else None
-        allowed = [p for p in range(scorer.width) if p != own]
-        strictness[component.name] = float((scorer.top1([(component, allowed)]) != clean).float().mean())
-        if per_position:
-            for p in allowed:
-                per_cell[f"{component.name}@{p}"] = float(
-                    (scorer.top1([(component, [p])]) != clean).float().mean()
-                )
+        allowed[component] = [p for p in range(scorer.width) if p != own]
+    swapped = scorer.top1_each([[(c, allowed[c])] for c in components])
+    strictness = {
+        c.name: float((got != clean).float().mean()) for c, got in zip(components, swapped, strict=True)
+    }
+    if per_position:
+        cells = [(c, p) for c in components for p in allowed[c]]
+        swapped = scorer.top1_each([[(c, [p])] for c, p in cells])
+        per_cell = {
+            f"{c.name}@{p}": float((got != clean).float().mean())
+            for (c, p), got in zip(cells, swapped, strict=True)
+        }
     figures["strictness"] = strictness
     if per_position:
         worst = max(per_cell, key=per_cell.get)

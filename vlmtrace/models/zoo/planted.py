@@ -56,8 +56,8 @@ class PlantedSpec:
     model: Mapping[str, int]  # keyword arguments of build_llava / build_qwen2_vl
     mechanism: Mechanism
     seed: int = 0
-    steps: int = 800
-    batch_size: int = 32  # (base, source) pairs per step: 3 rows each (source, interchanged, strict)
+    steps: int = 1000
+    batch_size: int = 32  # (base, source) pairs per step: 4 rows each (source, base, swapped, strict)
     learning_rate: float = 2e-3
     warmup: int = 100
     # One-shape scenes first (the colour needs no selection); then two shapes. Without the
@@ -65,7 +65,9 @@ class PlantedSpec:
     # (task loss stuck at ln 5: the kind from the text, the colour guessed; measured).
     perception_steps: int = 150
     iit_weight: float = 1.0
-    strict_weight: float = 1.0
+    strict_weight: float = 2.0
+    # Strict rows keep the base row's (centred) logits: mean squared difference, this weight.
+    match_weight: float = 0.1
     # Auxiliary: the constraint's last token names the colour, each shape's image token its
     # kind and colour (rows without swaps only).
     subject_weight: float = 1.0
@@ -150,6 +152,7 @@ def fit_planted(
             iit_weight=spec.iit_weight,
             strict_weight=spec.strict_weight,
             subject_weight=spec.subject_weight,
+            match_weight=spec.match_weight,
             perception_steps=spec.perception_steps,
             log_every=log_every,
         )
