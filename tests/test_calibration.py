@@ -14,7 +14,14 @@ from vlmtrace.calibration.faithfulness import circuit_values, space_of
 from vlmtrace.calibration.methods import where_of
 from vlmtrace.calibration.run import with_foil
 from vlmtrace.calibration.scores import circuit_sizes
-from vlmtrace.calibration.truth import TEXT_ROUTE, IMAGE_ROUTE, Where, is_planted_block, is_planted_cell, planted_keys
+from vlmtrace.calibration.truth import (
+    IMAGE_ROUTE,
+    TEXT_ROUTE,
+    Where,
+    is_planted_block,
+    is_planted_cell,
+    planted_keys,
+)
 from vlmtrace.cli import app
 from vlmtrace.data.planted import make_planted_samples
 from vlmtrace.models.zoo import PLANTED
@@ -117,7 +124,10 @@ def llava():
 def test_the_planted_circuit_alone_is_faithful_and_the_empty_one_is_not(llava, corruption):
     samples = with_foil(make_planted_samples(2, seed=0), corruption)
     where = [where_of(llava, s) for s in samples]
-    space = space_of("attn_head", layers=6, heads=4, width=25) + space_of("mlp", layers=6, heads=4, width=25)
+    text = range(16, 25)  # the prompt's text positions (after 16 image tokens)
+    space = space_of("attn_head", layers=6, heads=4, positions=text) + space_of(
+        "mlp", layers=6, heads=4, positions=text
+    )
     chosen = vt.ImagePair() if corruption == "image_pair" else vt.SymmetricTokenReplacement("visual")
     for sample, w in zip(samples, where, strict=True):
         full, empty, (planted, everything) = circuit_values(
@@ -134,8 +144,10 @@ def test_calibrate_runs_from_the_cli_to_a_store_and_finds_the_planted_mlp(tmp_pa
     args += ["--method", "knockout", "--corruption", "image_pair", "--direction", "denoise", "--window", "1"]
     result = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("planted-llava")]
-    assert len(lines) == 4  # mlp, attn, block traces and the knockout
+    printed = [line for line in result.output.splitlines() if line.startswith("planted-")]
+    methods = {" ".join(line.split()[1:-5]) for line in printed}
+    traces = {f"trace {site} image_pair denoise w1" for site in ("mlp", "attn", "block")}
+    assert methods == traces | {"knockout attn w1", "planted mlp w1", "planted attn w1"}
     ds = vt.open_result(out)
     mlp = ds.sel(organism="planted-llava", method="trace mlp image_pair denoise w1")
     assert float(mlp["auroc"]) >= 0.95 and 0 <= float(mlp["cmd"]) <= 1
@@ -143,5 +155,7 @@ def test_calibrate_runs_from_the_cli_to_a_store_and_finds_the_planted_mlp(tmp_pa
 
 
 def test_calibrate_refuses_an_organism_without_a_planted_mechanism(tmp_path):
-    result = CliRunner().invoke(app, ["calibrate", "--organism", "shapes-llava", "--out", str(tmp_path / "x.zarr")])
+    result = CliRunner().invoke(
+        app, ["calibrate", "--organism", "shapes-llava", "--out", str(tmp_path / "x.zarr")]
+    )
     assert result.exit_code == 2 and "mechanism.json" in result.output

@@ -119,7 +119,11 @@ def test_planted_organisms_answer_held_out_questions(planted):
 def test_interchanging_a_planted_component_gives_the_high_level_prediction(planted, variable):
     _, model, processor, mechanism = planted
     a = mechanism["assignment"][variable]
-    pairs = [(b, s) for b, s in _pairs(4 * PAIRS) if b.scene[b.meta["selected"]].colour != s.scene[s.meta["selected"]].colour]
+    pairs = [
+        (b, s)
+        for b, s in _pairs(4 * PAIRS)
+        if b.scene[b.meta["selected"]].colour != s.scene[s.meta["selected"]].colour
+    ]
     pairs = pairs[:PAIRS]
     bases, sources = [b for b, _ in pairs], [s for _, s in pairs]
     got = _swapped_top1(model, processor, bases, sources, a["site"], a["layer"], a.get("head"), a["position"])
@@ -156,7 +160,16 @@ def test_the_evaluation_swaps_agree_with_plain_hooks(planted):
     scorer = Scorer(model, processor.tokenizer, pairs)
     a = mechanism["assignment"]["colour"]
     ids = scorer.top1([(Component("attn_head", a["layer"], a["head"]), [scorer.named["constraint"]])])
-    expected = _swapped_top1(model, processor, [b for b, _ in pairs], [s for _, s in pairs], "attn_head", a["layer"], a["head"], "constraint")
+    expected = _swapped_top1(
+        model,
+        processor,
+        [b for b, _ in pairs],
+        [s for _, s in pairs],
+        "attn_head",
+        a["layer"],
+        a["head"],
+        "constraint",
+    )
     assert processor.tokenizer.convert_ids_to_tokens(ids.tolist()) == expected
 
 
@@ -193,6 +206,7 @@ def test_a_mechanism_must_go_up_the_layers():
         Mechanism(swapped)
 
 
+@pytest.mark.slow  # trains (twice); the tests above only load the shipped organisms
 def test_three_siit_steps_twice_give_identical_weights():
     first, _, _ = fit_planted("planted-llava", steps=3)
     second, _, _ = fit_planted("planted-llava", steps=3)

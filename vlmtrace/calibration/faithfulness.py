@@ -34,14 +34,14 @@ from .truth import Key
 ROWS = 48  # patched rows per forward
 
 
-def space_of(kind: str, *, layers: int, heads: int, width: int) -> list[Key]:
-    """Every component of a space, in a fixed order: "mlp", "attn", "attn_head", or "block"
-    (attention and MLP outputs: the parts of a residual-stream cell)."""
+def space_of(kind: str, *, layers: int, heads: int, positions: Sequence[int]) -> list[Key]:
+    """Every component of a space at `positions`, in a fixed order: "mlp", "attn", "attn_head",
+    or "block" (attention and MLP outputs: the parts of a residual-stream cell)."""
     sites = ("attn", "mlp") if kind == "block" else (kind,)
     keys: list[Key] = []
     for layer in range(layers):
         for site in sites:
-            for position in range(width):
+            for position in positions:
                 if site == "attn_head":
                     keys += [(site, layer, position, h) for h in range(heads)]
                 else:

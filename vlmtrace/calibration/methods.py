@@ -16,7 +16,7 @@ and the components it covers (for faithfulness).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import xarray as xr
@@ -176,7 +176,6 @@ def from_knockout(
         keys_side, queries_side = blocks[str(block)]
         for layer in ds["layer"].values:
             layers = window_layers(int(layer), window, n_layers)
-            keys = [p for name in keys_side for p in where[0].segments.get(name, ())]
             queries = [p for name in queries_side for p in where[0].segments.get(name, ())]
             covers.append(covered("attn", layers, queries, None))
             places.append((int(layer), str(block)))
@@ -237,5 +236,26 @@ def from_edit_choice(
         covers=covers,
         places=places,
         returned=np.array([returned]),
-        extra={"chosen_layers": list(chosen)},
+        # precision and recall of the chosen *layers* against the city MLP's
+        extra={
+            "chosen_layers": list(chosen),
+            "precision": float(planted in chosen) / len(chosen),
+            "recall": float(planted in chosen),
+        },
+    )
+
+
+def oracle(like: Scored) -> Scored:
+    """The planted ranking itself in `like`'s grid (planted cells 1, others 0): the best
+    localisation, and the faithfulness any method can reach on this organism."""
+    truth = like.truth.astype(float)
+    return replace(
+        like,
+        method="planted",
+        corruption="",
+        direction="",
+        scores=truth,
+        normalised=truth,
+        returned=None,
+        extra={},
     )

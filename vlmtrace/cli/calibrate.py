@@ -35,6 +35,9 @@ def calibrate(
         list[str] | None, typer.Option(help="denoise or noise (repeat; default: both).")
     ] = None,
     window: Annotated[list[int] | None, typer.Option(help="Window sizes (repeat; default: 1 and 3).")] = None,
+    image_positions: Annotated[
+        bool, typer.Option(help="Also patch the image tokens (3x the cells; text positions only by default).")
+    ] = False,
     faithfulness: Annotated[
         bool, typer.Option(help="Measure each method's MIB faithfulness curve (CPR, CMD).")
     ] = True,
@@ -68,6 +71,7 @@ def calibrate(
         corruptions=tuple(corruption or defaults.corruptions),
         directions=tuple(direction or defaults.directions),
         faithfulness=faithfulness,
+        skip_image=not image_positions,
     )
     ds = run(organism, settings, log=typer.echo)
     save(ds, out, overwrite=overwrite)

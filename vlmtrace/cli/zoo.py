@@ -73,9 +73,8 @@ def train(
     if name in zoo.PLANTED:
         path = zoo.train_planted(name, out or Path(name), seed=seed, steps=steps)
         record = json.loads((path / "organism.json").read_text())
-        typer.echo(
-            f"trained {name} in {record['train_seconds']:.0f} s -> {path}  ({_planted_line(record['figures'])})"
-        )
+        scores = _planted_line(record["figures"])
+        typer.echo(f"trained {name} in {record['train_seconds']:.0f} s -> {path}  ({scores})")
         return
     path = zoo.train(name, out or Path(name), seed=seed, steps=steps, progress=True)
     record = json.loads((path / "organism.json").read_text())
@@ -89,6 +88,12 @@ def evaluate(
     n_samples: Annotated[
         int, typer.Option("--n-samples", "--n", min=1, help="held-out questions (pairs) per family")
     ] = 400,
+    per_position: Annotated[
+        bool,
+        typer.Option(
+            help="Planted: also swap every unassigned (component, position) alone, as a trace does."
+        ),
+    ] = True,
 ) -> None:
     """Held-out accuracy per question family (planted: task, interchange, strictness); the last
     line is machine-readable."""
@@ -105,16 +110,22 @@ def evaluate(
         from vlmtrace.models.zoo.interchange import measure
         from vlmtrace.models.zoo.mechanism import Mechanism
 
-        figures = measure(model, processor.tokenizer, Mechanism.from_json(mechanism_file), pairs=n_samples)
+        mechanism = Mechanism.from_json(mechanism_file)
+        figures = measure(model, processor.tokenizer, mechanism, pairs=n_samples, per_position=per_position)
         typer.echo(f"task accuracy {figures['task']:.3f} on {n_samples} held-out questions")
         for variable, value in figures["interchange"].items():
-            typer.echo(
-                f"interchange {variable}: {value:.3f} (all pairs {figures['interchange_all_pairs'][variable]:.3f})"
-            )
+            every = figures["interchange_all_pairs"][variable]
+            typer.echo(f"interchange {variable}: {value:.3f} (all pairs {every:.3f})")
         worst = max(figures["strictness"], key=figures["strictness"].get)
         typer.echo(
             f"strictness: worst unassigned component {worst} changes {figures['strictness'][worst]:.3f}"
         )
+        if per_position:
+            cell = figures["strictness_per_position"]
+            typer.echo(
+                f"strictness per position: worst cell {cell['at']} changes {cell['max']:.3f} "
+                f"(of {cell['cells']} cells)"
+            )
         typer.echo(f"zoo_eval {name} {_planted_line(figures)}")
         return
     accuracies = zoo.held_out_accuracy(model, processor, n=n_samples, progress=True)

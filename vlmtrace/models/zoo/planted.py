@@ -68,6 +68,13 @@ class PlantedSpec:
     strict_weight: float = 2.0
     # Strict rows keep the base row's (centred) logits: mean squared difference, this weight.
     match_weight: float = 0.1
+    # Share of strict rows that swap a random share of *all* unassigned components at once.
+    # Off: with half the strict rows joint, interchange loss was still 1.6 after 800 of 1000
+    # steps (single swaps only: 0.002; measured on planted-llava, seed 0).
+    joint_share: float = 0.0
+    # Share of strict rows that swap a random share of the unassigned components at one of the
+    # mechanism's positions (the kind word, the last position), all at once.
+    position_share: float = 0.25
     # Auxiliary: the constraint's last token names the colour, each shape's image token its
     # kind and colour (rows without swaps only).
     subject_weight: float = 1.0
@@ -153,6 +160,8 @@ def fit_planted(
             strict_weight=spec.strict_weight,
             subject_weight=spec.subject_weight,
             match_weight=spec.match_weight,
+            joint_share=spec.joint_share,
+            position_share=spec.position_share,
             perception_steps=spec.perception_steps,
             log_every=log_every,
         )
@@ -234,6 +243,11 @@ def model_card(record: Mapping[str, Any], mechanism: Mechanism) -> str:
         rows="\n".join(rows),
         worst=worst,
         worst_value=f["strictness"][worst],
+        verdict=(
+            "met"
+            if f["strictness"][worst] <= record["targets"]["strictness"]
+            else "**not met**: this organism leaks through that component"
+        ),
         components=len(f["strictness"]),
         per_position=per_position.get("max", float("nan")),
         per_position_at=per_position.get("at", "-"),
@@ -286,13 +300,15 @@ Every other (component, position) is unassigned and trained to be causally inert
   pairs where the high-level model predicts a different answer than the base's)
 - strictness: swapping any single unassigned component (all its positions; a planted one at
   every position but its own) changes the answer on at most {worst_value:.3f} of pairs
-  ({worst}, the worst of {components}; target <= 0.02). Swapped one position at a time (the
-  cells a causal trace patches): at most {per_position:.3f} ({per_position_at}, of {cells} cells).
+  ({worst}, the worst of {components}; target <= 0.02: {verdict}). Swapped one position at a
+  time (the cells a causal trace patches): at most {per_position:.3f} ({per_position_at}, of
+  {cells} cells).
 
 ## Training
 
 {steps} SIIT steps of 32 (base, source) pairs, AdamW, seed {seed}, one thread with
 deterministic algorithms: {seconds:.0f} s on a shared 2-core machine (torch {torch},
 transformers {transformers}). `vlmtrace zoo train {name}` retrains it; on the same machine and
-software the weights are bit-identical (the test of that is `tests/test_planted.py`).
+software the weights are bit-identical (checked by the slow test
+`pytest -m slow tests/test_planted.py -k bit_for_bit`).
 """
