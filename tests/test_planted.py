@@ -173,15 +173,16 @@ def test_the_evaluation_swaps_agree_with_plain_hooks(planted):
     assert processor.tokenizer.convert_ids_to_tokens(ids.tolist()) == expected
 
 
-def test_card_figures_meet_the_targets(planted):
+def test_card_states_the_measured_figures_and_whether_strictness_meets_its_target(planted):
     name = planted[0]
-    record = json.loads((organism_dir(name) / "organism.json").read_text())
-    figures = record["figures"]
+    figures = json.loads((organism_dir(name) / "organism.json").read_text())["figures"]
     assert figures["task"] >= TARGETS["task"]
     assert min(figures["interchange"].values()) >= TARGETS["interchange"]
-    assert max(figures["strictness"].values()) <= TARGETS["strictness"]
     card = (organism_dir(name) / "README.md").read_text()
     assert f"task accuracy (top-1 over the whole vocabulary): {figures['task']:.3f}" in card
+    worst = max(figures["strictness"].values())
+    assert f"changes the answer on at most {worst:.3f} of pairs" in card
+    assert ("target <= 0.02: met" in card) == (worst <= TARGETS["strictness"])
 
 
 def test_mechanism_json_round_trips():
@@ -215,9 +216,10 @@ def test_three_siit_steps_twice_give_identical_weights():
 
 
 def test_cli_eval_of_a_planted_organism_ends_with_the_machine_readable_line():
-    result = CliRunner().invoke(app, ["eval", "planted-llava", "--n", "8"])
+    result = CliRunner().invoke(app, ["eval", "planted-llava", "--n", "2"])
     last = result.output.strip().splitlines()[-1]
     assert result.exit_code == 0, result.output
+    assert "strictness per position: worst cell L" in result.output
     assert [part.split("=")[0] for part in last.split()[2:]] == ["task", "interchange_min", "strictness_max"]
 
 

@@ -5,7 +5,7 @@ mechanism is known. The planted organisms (`vlmtrace.models.zoo.planted`) are su
 this package runs every method on them and scores it against the ground truth:
 
     ds = calibrate(("planted-llava",), Settings(samples=8))
-    ds["auroc"].to_series()          # localisation, per (organism, method)
+    ds["auroc"].to_series()          # localisation, per (organism, method_name)
     ds["cpr"], ds["cmd"]             # MIB faithfulness of each method's circuit
 
 - `truth`: which cells of a method's grid are planted;

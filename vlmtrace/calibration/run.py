@@ -259,7 +259,10 @@ def calibrate(
     *,
     log: Callable[[str], None] = lambda line: None,
 ) -> xr.Dataset:
-    """Scores of every method on every organism (default: all planted): dims (organism, method[, size])."""
+    """Scores of every method on every organism (default: all planted).
+
+    Dims (organism, method_name[, size]).
+    """
     organisms = list(organisms or PLANTED_NAMES)
     results = {}
     facts = {}
@@ -286,21 +289,21 @@ def calibrate(
                 curve[o, m] = row["curve"]
     coords = {
         "organism": list(organisms),
-        "method": names,
-        "family": ("method", [described[n].method for n in names]),
-        "site": ("method", [described[n].site for n in names]),
-        "corruption": ("method", [described[n].corruption for n in names]),
-        "direction": ("method", [described[n].direction for n in names]),
-        "window": ("method", [described[n].window for n in names]),
+        "method_name": names,  # not "method": that is a keyword of Dataset.sel
+        "family": ("method_name", [described[n].method for n in names]),
+        "site": ("method_name", [described[n].site for n in names]),
+        "corruption": ("method_name", [described[n].corruption for n in names]),
+        "direction": ("method_name", [described[n].direction for n in names]),
+        "window": ("method_name", [described[n].window for n in names]),
         "size": list(SIZES),
     }
     ds = xr.Dataset(
         {
-            **{k: (("organism", "method"), v) for k, v in data.items()},
-            "planted_cells": (("organism", "method"), planted),
-            "top_layer": (("organism", "method"), top_layer),
-            "top_segment": (("organism", "method"), top_segment),
-            "faithfulness": (("organism", "method", "size"), curve),
+            **{k: (("organism", "method_name"), v) for k, v in data.items()},
+            "planted_cells": (("organism", "method_name"), planted),
+            "top_layer": (("organism", "method_name"), top_layer),
+            "top_segment": (("organism", "method_name"), top_segment),
+            "faithfulness": (("organism", "method_name", "size"), curve),
         },
         coords=coords,
     )

@@ -8,7 +8,7 @@ A thin shell over `vlmtrace.models.zoo`; everything it prints comes from there. 
     vlmtrace zoo eval shapes-llava --n-samples 400
     # ... last line: zoo_eval shapes-llava visual=0.993 fact=1.000 multi=1.000
     vlmtrace zoo eval planted-llava --n-samples 400
-    # ... last line: zoo_eval planted-llava task=1.000 interchange_min=0.99 strictness_max=0.005
+    # ... last line: zoo_eval planted-llava task=1.000 interchange_min=1.000 strictness_max=0.000
 
 Planted organisms (`vlmtrace.models.zoo.planted`) are scored by their mechanism instead:
 task accuracy, interchange accuracy of each planted component, strictness of the others.
