@@ -3,6 +3,7 @@
 vlmtrace recipe list
 vlmtrace recipe multi_constraint --n-samples 8 --out trace.zarr
 vlmtrace zoo list
+vlmtrace calibrate --n-samples 8
 vlmtrace plot trace.zarr
 
 A user's mistake (any `vlmtrace.UserError`: a bad path, a span not in the prompt, an
@@ -22,6 +23,7 @@ import typer
 from typer.core import TyperGroup
 
 from ..errors import UserError
+from .calibrate import calibrate
 from .models import check, models
 from .recipe import recipe
 from .serve import serve
@@ -65,6 +67,7 @@ app.command(help="Run a recipe (one per seed paper); `vlmtrace recipe list` name
 app.command()(serve)
 app.command()(models)
 app.command()(check)
+app.command()(calibrate)
 app.add_typer(zoo_app, name="zoo", help="The shipped model organisms: list, train, eval.")
 
 

@@ -84,10 +84,10 @@ def resolve(name: str) -> str:
     if Path(name).exists():
         return name
     try:
-        from .zoo import ORGANISMS, organism_dir
+        from .zoo import ORGANISMS, PLANTED, organism_dir
     except ImportError:  # the zoo is optional at import time (e.g. while it is being built)
         return name
-    return str(organism_dir(name)) if name in ORGANISMS else name
+    return str(organism_dir(name)) if name in ORGANISMS or name in PLANTED else name
 
 
 def describe(name: str, *, revision: str | None = None) -> tuple[str, Any, Any, type]:

@@ -34,10 +34,13 @@ TARGETS = {"visual": 0.95, "fact": 0.95, "multi": 0.90}  # held-out accuracy the
 
 def load_organism(name_or_dir: str | Path) -> tuple[torch.nn.Module, Any]:
     """(model, processor) of a shipped organism name or of a directory `train` wrote."""
-    path = organism_dir(name_or_dir) if str(name_or_dir) in ORGANISMS else Path(name_or_dir)
+    from .planted import PLANTED
+
+    shipped = str(name_or_dir) in ORGANISMS or str(name_or_dir) in PLANTED
+    path = organism_dir(str(name_or_dir)) if shipped else Path(name_or_dir)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"{path} holds no organism (no config.json); pass one of {', '.join(ORGANISMS)} "
+            f"{path} holds no organism (no config.json); pass one of {', '.join([*ORGANISMS, *PLANTED])} "
             "or a directory written by `vlmtrace zoo train`"
         )
     architecture = AutoConfig.from_pretrained(path).architectures[0]

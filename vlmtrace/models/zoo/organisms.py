@@ -136,10 +136,13 @@ ORGANISMS: Mapping[str, OrganismSpec] = MappingProxyType(
 
 
 def organism_dir(name: str) -> Path:
-    """The HF-format directory of a shipped organism (weights, tokenizer, processor)."""
-    if name not in ORGANISMS:
+    """The HF-format directory of a shipped organism (weights, tokenizer, processor), trained
+    (`ORGANISMS`) or planted (`vlmtrace.models.zoo.planted.PLANTED`)."""
+    from .planted import PLANTED  # planted organisms train with this module's machinery
+
+    if name not in ORGANISMS and name not in PLANTED:
         raise ValueError(
-            f"no organism named {name!r}; the shipped organisms are {', '.join(ORGANISMS)} "
+            f"no organism named {name!r}; the shipped organisms are {', '.join([*ORGANISMS, *PLANTED])} "
             "(list them with `vlmtrace zoo list`)"
         )
     return HERE / name
