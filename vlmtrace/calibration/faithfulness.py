@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from vlmtrace.data.sample import Sample
+from vlmtrace.engine.alignment import align
 from vlmtrace.engine.corruptions import Corruption
 from vlmtrace.engine.forward import Edits, run, stack_rows
 from vlmtrace.engine.metrics import LogitDiff
-from vlmtrace.engine.planning import alignment, prepare
+from vlmtrace.engine.planning import prepare
 from vlmtrace.models.load import VLM
 
 from .scores import SIZES, circuit_sizes, faithfulness
@@ -67,9 +68,9 @@ def circuit_values(
     metric = LogitDiff()
     prepared = prepare(vlm, sample, corruption, metric, False)
     stack = vlm.adapter.stacks[vlm.adapter.default_stack]
-    aligned = alignment(
+    aligned = align(
         prepared.pair.clean.segments(stack.sequence), prepared.pair.corrupt.segments(stack.sequence)
-    )
+    ).pairs  # clean position -> corrupted position, paired by content
     clean_pad = prepared.pad("clean", stack.sequence)
     corrupt_pad = prepared.pad("corrupt", stack.sequence)
     wanted = [set(), *circuits]  # the empty circuit first
