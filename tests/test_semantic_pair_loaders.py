@@ -120,23 +120,18 @@ def test_cooco_reads_the_same_target_control_only_when_asked(tmp_path):
     ]
 
 
+def knocked_out(data, out):
+    """`vlmtrace recipe information_flow` on `data` at n = 8, into `out`; the store it wrote.
+    The organisms answer these real words wrongly, so the run keeps them (`--keep-wrong`)."""
+    args = ["recipe", "information_flow", "--data", str(data), "--out", str(out), "--n-samples", "8"]
+    result = CliRunner().invoke(app, [*args, "--keep-wrong"])
+    assert result.exit_code == 0, result.output
+    return open_result(out)
+
+
 def test_cooco_relatedness_is_a_coordinate_of_the_stored_results(tmp_path):
     data = layouts.cooco(tmp_path / "cooco")
-    out = tmp_path / "cooco.zarr"
-    args = [
-        "recipe",
-        "information_flow",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--n-samples",
-        "8",
-        "--keep-wrong",
-    ]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    ds = open_result(out)
+    ds = knocked_out(data, tmp_path / "cooco.zarr")
     expected = {s.id: s.meta["relatedness"] for s in load_dataset(data)}
     assert ds["relatedness"].dims == ("sample",) and [str(level) for level in ds["relatedness"].values] == [
         expected[str(i)] for i in ds["sample"].values
@@ -147,21 +142,7 @@ def test_cooco_relatedness_is_a_coordinate_of_the_stored_results(tmp_path):
 def test_a_notice_pair_set_reaches_traced_cells_from_the_cli_at_n_8(tmp_path, layout):
     """The cheap knockout recipe; `notice` on every pair set is the README's command (slow tests)."""
     data = layout(tmp_path / "data")
-    out = tmp_path / "run.zarr"
-    args = [
-        "recipe",
-        "information_flow",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--n-samples",
-        "8",
-        "--keep-wrong",
-    ]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    ds = open_result(out)
+    ds = knocked_out(data, tmp_path / "run.zarr")
     traced = np.isfinite(ds["knockout"]).any(["block", "window", "layer"])
     assert ds.sizes["sample"] == 8 and bool(traced.all())
 

@@ -21,6 +21,7 @@ from families.spec import (
     decoder_sites,
     tiny_model,
     tiny_text,
+    tiny_vision,
     without_video_processor,
 )
 from vlmtrace.models.build import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, word_tokenizer
@@ -32,14 +33,7 @@ PINPOINTS = [[32, 32], [32, 64], [64, 32]]
 def build():
     words = word_tokenizer([*WORDS, "<video>"])
     config = LlavaNextVideoConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
+        vision_config=CLIPVisionConfig(**tiny_vision()),
         text_config=LlamaConfig(**tiny_text(words), tie_word_embeddings=False),
         image_token_index=words.convert_tokens_to_ids(IMAGE_TOKEN),
         video_token_index=words.convert_tokens_to_ids("<video>"),

@@ -13,7 +13,7 @@ from transformers import (
     VipLlavaForConditionalGeneration,
 )
 
-from families.spec import QUESTION, WORDS, Family, decoder_sites, tiny_model, tiny_text
+from families.spec import QUESTION, WORDS, Family, decoder_sites, tiny_model, tiny_text, tiny_vision
 from vlmtrace.models.build import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, word_tokenizer
 
 LAYER = "model.language_model.layers.{i}"
@@ -22,14 +22,7 @@ LAYER = "model.language_model.layers.{i}"
 def build():
     words = word_tokenizer(WORDS)
     config = VipLlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
+        vision_config=CLIPVisionConfig(**tiny_vision()),
         text_config=LlamaConfig(**tiny_text(words), tie_word_embeddings=False),
         image_token_index=words.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=[1, -1],  # the middle and the last of the tower's three hidden states
