@@ -337,8 +337,15 @@ def _knock(
                 f"the cross-attention module receives no {states_keyword!r} keyword to count its keys "
                 f"from (it got {sorted(kwargs)}): set Stack.cross_states_keyword to the name it uses."
             )
-    # keys per row: Mllama hands its states over as [row x tiles, patches, dim], not [row, key, dim]
-    keys = keys_from[..., 0].numel() // rows if states_keyword is not None else keys_from.shape[-2]
+    keys = keys_from.shape[-2]
+    if states_keyword is not None:  # keys per row: Mllama hands them over as [row x tiles, patches, dim]
+        count = keys_from[..., 0].numel()
+        if count % rows:
+            raise AdapterMismatchError(
+                f"the cross-attention states under {states_keyword!r} are {tuple(keys_from.shape)}, which "
+                f"do not split into {rows} rows of keys: check Stack.cross_states_keyword."
+            )
+        keys = count // rows  # the mask's key width is checked against it in _knocked_mask
     kwargs[keyword] = _knocked_mask(
         kwargs.get(keyword), index, rows, queries, keys, causal, dtype, states.device
     )
