@@ -133,6 +133,19 @@ def gqa(root: Path) -> Path:
 CLEVR_SHAPES = ["cube", "sphere", "cylinder"]
 
 
+def clevr_object(colour: str, shape: str, size: str, material: str, pixel: list, place: list) -> dict:
+    """One object of a CLEVR scene file, as CLEVR's scenes JSON writes it."""
+    return {
+        "color": colour,
+        "shape": shape,
+        "size": size,
+        "material": material,
+        "pixel_coords": pixel,
+        "3d_coords": place,
+        "rotation": 0.0,
+    }
+
+
 def clevr(root: Path) -> Path:
     """CLEVR_v1.0 val: questions/ with programs, scenes/ with objects, images/val/."""
     questions, scenes = [], []
@@ -146,24 +159,8 @@ def clevr(root: Path) -> Path:
                 "image_filename": filename,
                 "split": "val",
                 "objects": [
-                    {
-                        "color": colour,
-                        "shape": shape,
-                        "size": "large",
-                        "material": "rubber",
-                        "pixel_coords": [20 + 4 * i, 30, 10.5],
-                        "3d_coords": [0.0, 0.0, 0.7],
-                        "rotation": 0.0,
-                    },
-                    {
-                        "color": "gray",
-                        "shape": "cube",
-                        "size": "small",
-                        "material": "metal",
-                        "pixel_coords": [80, 20, 12.0],
-                        "3d_coords": [1.0, 1.0, 0.35],
-                        "rotation": 0.0,
-                    },
+                    clevr_object(colour, shape, "large", "rubber", [20 + 4 * i, 30, 10.5], [0.0, 0.0, 0.7]),
+                    clevr_object("gray", "cube", "small", "metal", [80, 20, 12.0], [1.0, 1.0, 0.35]),
                 ],
             }
         )
@@ -738,17 +735,7 @@ def clevr_concept_scenes(root: Path) -> Path:
                 "image_index": i,
                 "image_filename": filename,
                 "split": "val",
-                "objects": [
-                    {
-                        "color": colour,
-                        "shape": shape,
-                        "size": "large",
-                        "material": material,
-                        "pixel_coords": [40, 30, 10.5],
-                        "3d_coords": [0.0, 0.0, 0.7],
-                        "rotation": 0.0,
-                    }
-                ],
+                "objects": [clevr_object(colour, shape, "large", material, [40, 30, 10.5], [0.0, 0.0, 0.7])],
             }
         )
     write_json(root / "scenes" / "CLEVR_val_scenes.json", {"info": {"split": "val"}, "scenes": scenes})
