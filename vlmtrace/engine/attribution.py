@@ -98,7 +98,6 @@ from .planning import (
     checked_stack,
     lay_out,
     warn_if_corruption_did_nothing,
-    with_layer_kinds,
 )
 from .qk_fix import LayerScores, Reader, correction, readers
 from .sites import Cell, Grid
@@ -168,7 +167,7 @@ def attribute(
         "",
         {"experiment": "attribution", "attribution_method": method, "attribution_steps": steps},
     )
-    ds = with_layer_kinds(layout.empty(attrs), vlm, stack_name)
+    ds = layout.empty(attrs)
     estimate(
         ds,
         layout,

@@ -181,17 +181,29 @@ def stack_rows(vlm: VLM, rows: list[Mapping[str, torch.Tensor]], widths: Mapping
 def _left_pad(
     name: str, values: list[torch.Tensor], rows, sequence: str, width: int, fill: int
 ) -> torch.Tensor:
-    """Left-pad per-token values (positions on dim 0) to `width`; each must match its row's ids."""
+    """Left-pad per-token values (positions on dim 0) to `width`; each must match its row's ids.
+
+    A forward repeats a few inputs (clean, corrupted) over many rows, as the same tensors: each
+    distinct one is checked and padded once, and the rows gather them in one indexing.
+    """
     ids = SEQUENCE_FIELDS[sequence][0]
-    padded = torch.full((len(values), width, *values[0].shape[1:]), fill, dtype=values[0].dtype)
-    for i, (row, value) in enumerate(zip(rows, values, strict=True)):
+    distinct: dict[tuple[int, int], int] = {}  # (value, its row's ids) by identity -> index
+    order, firsts = [], []
+    for row, value in zip(rows, values, strict=True):
+        key = (id(value), id(row[ids]))
+        if key not in distinct:
+            distinct[key] = len(firsts)
+            firsts.append((row, value))
+        order.append(distinct[key])
+    padded = torch.full((len(firsts), width, *values[0].shape[1:]), fill, dtype=values[0].dtype)
+    for i, (row, value) in enumerate(firsts):
         if len(value) != len(row[ids]):
             raise AdapterMismatchError(
                 f"input {name!r} is declared per-token of the {sequence!r} sequence but has "
                 f"{len(value)} entries for {len(row[ids])} tokens; declare it FLAT or ROW instead."
             )
         padded[i, width - len(value) :] = value
-    return padded
+    return padded if len(firsts) == len(values) else padded[torch.tensor(order)]
 
 
 def _stack(name: str, values: list[torch.Tensor], pad_to_largest: bool) -> torch.Tensor:

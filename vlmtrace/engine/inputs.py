@@ -53,8 +53,7 @@ def answer_token_ids(vlm: VLM, prompt: str, answer: str) -> list[int]:
     tokenizer = vlm.tokenizer
     if vlm.adapter.answer_sequence == "decoder":
         return list(tokenizer(answer, add_special_tokens=False).input_ids)
-    alone = tokenizer(prompt).input_ids
-    joined = tokenizer(prompt + " " + answer).input_ids
+    alone, joined = tokenizer([prompt, prompt + " " + answer]).input_ids  # one call: it is per sample
     if joined[: len(alone)] == alone and len(joined) > len(alone):
         return list(joined[len(alone) :])
     return list(tokenizer(answer, add_special_tokens=False).input_ids)

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import xarray as xr
 
@@ -212,7 +211,14 @@ def lay_out(
     stack = vlm.adapter.stacks[stack_name]
     plans = [plan(vlm, stack_name, prepare(vlm, s, corruption, metric, whole_answer), grid) for s in samples]
     segments = [p.prepared.pair.clean.segments(stack.sequence) for p in plans]
-    layout = Layout(list(samples), segments, [p.cells for p in plans], grid, [p.unpaired for p in plans])
+    layout = Layout(
+        list(samples),
+        segments,
+        [p.cells for p in plans],
+        grid,
+        [p.unpaired for p in plans],
+        layer_kinds=vlm.shape.layer_kinds.get(stack_name, ()),
+    )
     attrs = patching_attrs(
         vlm,
         grid=grid,
@@ -228,16 +234,6 @@ def lay_out(
         {**attrs, "created": None, "samples": [fingerprint(s) for s in samples]}
     )
     return plans, layout, attrs
-
-
-def with_layer_kinds(ds: xr.Dataset, vlm: VLM, stack_name: str) -> xr.Dataset:
-    """Name the kind of each layer (its module class) along `layer`: Mllama interleaves
-    self- and cross-attention layers, and a NaN cell there means "no such site", not "no effect"."""
-    kinds = vlm.shape.layer_kinds.get(stack_name)
-    if not kinds:
-        return ds
-    names = np.array([kinds[int(layer)] for layer in ds["layer"].values], dtype=object)  # zarr-safe strings
-    return ds.assign_coords(layer_kind=("layer", names))
 
 
 class NoEffectWarning(UserWarning):

@@ -56,7 +56,6 @@ from .planning import (
     checked_stack,
     lay_out,
     warn_if_corruption_did_nothing,
-    with_layer_kinds,
 )
 from .prefix_reuse import (
     check_prefix_reuse,
@@ -135,7 +134,7 @@ def patch(
     plans, layout, attrs = lay_out(
         vlm, samples, stack_name, grid, corruption, metric, direction, whole_answer, recipe, extra
     )
-    ds = with_layer_kinds(layout.empty(attrs), vlm, stack_name)
+    ds = layout.empty(attrs)
     with SweepStore.opened(store, ds, overwrite=overwrite) as sweep_store:  # its lock held to the end
         if sweep_store is not None:
             ds = sweep_store.read()  # resume from what is on disk: chunks write whole samples back
@@ -144,7 +143,7 @@ def patch(
             done_cells, done = np.zeros(len(samples), dtype=np.int64), np.zeros(len(samples), dtype=bool)
         if screen is not None:
             todo = [i for i in mine if not done[i]]
-            estimates = with_layer_kinds(layout.empty(attrs), vlm, stack_name)
+            estimates = layout.empty(attrs)
             attribution.estimate(
                 estimates,
                 layout,

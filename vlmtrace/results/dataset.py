@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,6 +88,16 @@ def sample_ids(samples: list[Sample]) -> np.ndarray:
     return np.array(ids, dtype=object)
 
 
+def strings(dims: str | tuple[str, ...], values: Any) -> xr.Variable:
+    """A variable of Python strings, as objects (see Format).
+
+    Built with xarray's `fastpath`, which takes the array as it is: otherwise xarray sends every
+    object array through pandas to look for dates, which these never hold, and on a one-sample
+    sweep that look was 40 % of laying out the result (`benchmarks/sweep_speed.py`).
+    """
+    return xr.Variable(dims, np.asarray(values, dtype=object), fastpath=True)
+
+
 class Layout:
     """Where every cell of every sample lives in the result arrays.
 
@@ -101,6 +112,7 @@ class Layout:
         cells: list[list[Cell]],
         grid: Grid,
         unpaired: list[dict[int, str]] | None = None,
+        layer_kinds: Sequence[str] = (),
     ):
         from ..engine.sites import HEAD_SITES
 
@@ -109,6 +121,8 @@ class Layout:
         self.segments = segments
         self.unpaired = unpaired if unpaired is not None else [{} for _ in samples]
         """Per sample, clean position -> why no corrupted position pairs with it."""
+        self.layer_kinds = tuple(layer_kinds)
+        """The module class of every layer of the stack (`ModelShape.layer_kinds`), or empty."""
         self.windows = list(grid.windows)
         self.layers = sorted({cell.layer for row in cells for cell in row})
         self.heads = sorted({cell.head for row in cells for cell in row if cell.head is not None})
@@ -118,6 +132,11 @@ class Layout:
         else:
             self.keys = list(dict.fromkeys(cell.key for row in cells for cell in row))
         self.place = "position" if self.by_token else "segment"
+        # where each coordinate value sits (`index` runs once per cell of a sweep)
+        self._window, self._layer, self._head, self._key = (
+            {value: i for i, value in enumerate(values)}
+            for values in (self.windows, self.layers, self.heads, self.keys)
+        )
         self.head_sites = HEAD_SITES
         if not self.keys or not self.layers:
             from ..engine.sites import GridError
@@ -135,11 +154,10 @@ class Layout:
 
     def index(self, sample: int, cell: Cell) -> tuple[int, ...]:
         """Array index of a cell of one sample, in its site's variable."""
-        index = [sample, self.windows.index(cell.window), self.layers.index(cell.layer)]
-        if cell.head is not None:
-            index.append(self.heads.index(cell.head))
-        index.append(self.keys.index(cell.key))
-        return tuple(index)
+        window, layer, key = self._window[cell.window], self._layer[cell.layer], self._key[cell.key]
+        if cell.head is None:
+            return (sample, window, layer, key)
+        return (sample, window, layer, self._head[cell.head], key)
 
     def empty(self, attrs: dict[str, Any]) -> xr.Dataset:
         """NaN-filled result with every coordinate, plus `progress` and `done` per sample."""
@@ -160,17 +178,20 @@ class Layout:
         data_vars["progress"] = (["sample"], np.zeros(n, dtype=np.int64))
         data_vars["done"] = (["sample"], np.zeros(n, dtype=bool))
         coords: dict[str, Any] = {
-            "sample": sample_ids(self.samples),
+            "sample": strings("sample", sample_ids(self.samples)),
             "window": self.windows,
             "layer": self.layers,
-            # segment names as objects (see Format); positions are ints
-            self.place: np.array(self.keys, dtype=object if not self.by_token else None),
+            self.place: np.array(self.keys) if self.by_token else strings(self.place, self.keys),
         }
         if self.heads:
             coords["head"] = self.heads
+        if self.layer_kinds:
+            # Mllama interleaves self- and cross-attention layers: a NaN cell there means "no such
+            # site", not "no effect"
+            coords["layer_kind"] = strings("layer", [self.layer_kinds[layer] for layer in self.layers])
         if self.by_token:
             coords.update(position_coords(self.segments, self.grid, len(self.keys)))
-        coords["unpaired"] = (("sample", self.place), self.unpaired_reasons())
+        coords["unpaired"] = strings(("sample", self.place), self.unpaired_reasons())
         return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
     def unpaired_reasons(self) -> np.ndarray:
@@ -230,7 +251,7 @@ def position_coords(segments: list[Segments], grid: Grid, width: int) -> dict[st
             labels[s, k] = sample_segments.labels[p]
             index[s, k] = p
     dims = ("sample", "position")
-    return {"token": (dims, tokens), "label": (dims, labels), "index": (dims, index)}  # objects: see Format
+    return {"token": strings(dims, tokens), "label": strings(dims, labels), "index": (dims, index)}
 
 
 METRIC_UNITS = {
