@@ -70,18 +70,25 @@ class EffectRange:
     note: str  # how the range was chosen, for the colour bar's label
 
 
-def effect_range(values: np.ndarray, total: float | None) -> EffectRange:
+def effect_range(values: np.ndarray, total: float | None, *, gap: str = "|clean - corrupted|") -> EffectRange:
     """The colour range for effects `values` of a sweep whose clean - corrupted gap is `total`.
 
     +-|total|, the whole effect the sweep could restore, unless some effect goes beyond it
     (then the largest |effect|). Without a gap (None, 0 or NaN) the range is the largest
-    |effect|, and the note says that nothing ties it to the gap.
+    |effect|, and the note says that nothing ties it to the gap. `gap` names the gap in the note
+    ("mean |clean - corrupted|" for a map of means).
     """
     finite = np.abs(np.asarray(values, dtype=float))
     finite = finite[np.isfinite(finite)]
     largest = float(finite.max()) if finite.size else 0.0
     if total is None or not np.isfinite(total) or total == 0:
-        why = "no clean - corrupted gap given" if total is None else "clean = corrupted, nothing to restore"
+        why = (
+            "no clean - corrupted gap given"
+            if total is None
+            else "clean = corrupted, nothing to restore"
+            if total == 0
+            else "the clean - corrupted gap is not a number"
+        )
         limit = largest if largest > 0 else 1.0
         return EffectRange(limit, None, f"range ±{limit:.2g}, the largest |effect| ({why})")
     total = abs(float(total))
@@ -90,10 +97,9 @@ def effect_range(values: np.ndarray, total: float | None) -> EffectRange:
         return EffectRange(
             largest,
             SIGNIFICANT * total,
-            f"range ±{largest:.2g}, the largest |effect|, beyond |clean - corrupted| = {total:.2g}; "
-            + hatched,
+            f"range ±{largest:.2g}, the largest |effect|, beyond {gap} = {total:.2g}; {hatched}",
         )
-    return EffectRange(total, SIGNIFICANT * total, f"range ±{total:.2g} = |clean - corrupted|; {hatched}")
+    return EffectRange(total, SIGNIFICANT * total, f"range ±{total:.2g} = {gap}; {hatched}")
 
 
 def stretched_note(values: np.ndarray, *, top: float = 1.0, what: str = "") -> tuple[float, str]:
@@ -305,7 +311,7 @@ def segment_heatmap(
     notes = np.vectorize(lambda m, lo, hi: f"{m:.2f}\n[{lo:.2f},{hi:.2f}]")(mean.values, low, high)
     height = 0.45 * mean.sizes["layer"] + 2.4
     figure, ax = _figure(1.3 * mean.sizes["segment"] + 3.0, height)
-    scale = effect_range(mean.values, total)
+    scale = effect_range(mean.values, total, gap="mean |clean - corrupted|")
     mesh = _effect_map(ax, mean.values, mean["segment"].values, mean["layer"].values, scale, notes=notes)
     if mark is not None:
         _mark(ax, _index(mean, "layer", mark["layer"]), _index(mean, "segment", mark["segment"]))
@@ -340,9 +346,9 @@ def window_panels(
     columns = min(3, len(values))
     rows = math.ceil(len(values) / columns)
     layers = da.sizes["layer"]
-    height = rows * (0.3 * layers + 1.4) + 1.0
+    height = rows * ((0.3 if layers <= 16 else 0.2) * layers + 1.4) + 1.0  # 32 layers: two screens, not three
     figure, axes = _figure(2.6 * columns + 1.4, height, nrows=rows, ncols=columns, squeeze=False)
-    scale = effect_range(da.values, total)
+    scale = effect_range(da.values, total, gap="mean |clean - corrupted|")
     shown = axes.ravel()[: len(values)]
     for ax, value in zip(shown, values, strict=True):
         panel = da.sel({by: value}).transpose("layer", "segment")
