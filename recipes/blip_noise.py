@@ -28,6 +28,8 @@ from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
 from vlmtrace.presentation import plots
 from vlmtrace.presentation.progress import sweeping
+from vlmtrace.presentation.report import total_effect
+from vlmtrace.presentation.titles import describe_run
 from vlmtrace.recipes import Needs
 from vlmtrace.results.dataset import joint_attrs
 from vlmtrace.results.stats import bootstrap_mean
@@ -108,9 +110,10 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
             plots.heatmap(
                 summary,
                 path=Path(out_dir) / f"{stack}.png",
-                title=f"{ds.attrs.get('model', 'BLIP')} {stack}: each state restored (window 1) under image "
-                f"noise,\nmean over {ds.sizes['sample']} samples",
+                title=f"{stack}: each state restored (window 1), mean over {ds.sizes['sample']} samples\n"
+                + describe_run(ds),
                 label="indirect effect, P(answer) patched - corrupted",
+                total=float(total_effect(ds).mean()),
             )
         )
     return paths

@@ -38,6 +38,7 @@ from vlmtrace.data.concepts import Concept, clevr_concept_samples, interleaved, 
 from vlmtrace.options import Options
 from vlmtrace.presentation import plots
 from vlmtrace.presentation.progress import sweeping
+from vlmtrace.presentation.titles import describe_run
 from vlmtrace.recipes import Needs
 from vlmtrace.results.stats import bootstrap_mean, by_segment
 
@@ -136,9 +137,10 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
         plots.segment_heatmap(
             groups.sel(group=group),
             path=Path(out_dir) / f"group_{i}.png",
-            title=f"{ds.attrs.get('model', '')}, {group}: block output restored under the B_s / B_d "
-            f"image pair (window 1), mean over {int((labels == group).sum())} samples",
+            title=f"{group}: block output restored (window 1), B_s / B_d image pairs, mean over "
+            f"{int((labels == group).sum())} samples\n{describe_run(ds)}",
             label="normalised logit difference (0 = corrupted, 1 = clean)",
+            total=1.0,  # normalised: 1 is the whole clean - corrupted gap
         )
         for i, group in enumerate(groups["group"].values)
     ]

@@ -33,6 +33,7 @@ from vlmtrace.engine.inpainting import as_inpainting, inpainting_record
 from vlmtrace.options import Options
 from vlmtrace.presentation import plots
 from vlmtrace.presentation.progress import sweeping
+from vlmtrace.presentation.titles import describe_run
 from vlmtrace.recipes import Needs
 from vlmtrace.results.dataset import combine
 from vlmtrace.results.stats import bootstrap_mean, by_segment
@@ -108,9 +109,10 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
                 summary.sel(corruption=corruption),
                 by="metric",
                 path=Path(out_dir) / f"{corruption}.png",
-                title=f"{ds.attrs.get('model', '')}, {corruption}: block output restored (window 1), "
-                f"mean over {ds.sizes['sample']} samples, by metric",
+                title=f"block output restored (window 1), mean over {ds.sizes['sample']} samples, by metric\n"
+                + describe_run(ds.sel(corruption=corruption)),
                 label="normalised effect (0 = corrupted, 1 = clean)",
+                total=1.0,  # normalised: 1 is the whole clean - corrupted gap
             )
         )
     return paths

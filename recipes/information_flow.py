@@ -33,6 +33,7 @@ from vlmtrace.engine.positions import Segments
 from vlmtrace.options import Options
 from vlmtrace.presentation import plots
 from vlmtrace.presentation.progress import sweeping
+from vlmtrace.presentation.titles import describe_run
 from vlmtrace.recipes import Needs
 from vlmtrace.results.stats import bootstrap_mean
 
@@ -153,16 +154,14 @@ def floor_note(ds: xr.Dataset) -> str:
 
 
 def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
-    summary = bootstrap_mean(relative(ds))
+    floored = relative(ds)  # floored at the clean probability, as the headline's
     return [
         plots.knockout_curves(
-            summary.sel(window=w),
+            floored.sel(window=w),
             path=Path(out_dir) / f"knockout_w{w}.png",
-            title=f"{ds.attrs.get('model', '')}: attention knockout over a window of {w} layers, "
-            f"{floor_note(ds)}",
-            floor=relative(ds).attrs["clean_floor"],
+            title=f"{describe_run(ds)}\nover a window of {w} layers, {floor_note(ds)}",
         )
-        for w in summary["window"].values
+        for w in floored["window"].values
     ]
 
 

@@ -42,6 +42,7 @@ from vlmtrace.options import Options
 from vlmtrace.presentation import plots
 from vlmtrace.presentation.progress import sweeping
 from vlmtrace.presentation.report import headline, patching_figures
+from vlmtrace.presentation.titles import condition_attrs, corruption_words, describe_run
 from vlmtrace.recipes import Needs, draw
 from vlmtrace.results.dataset import combine
 
@@ -163,9 +164,10 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
                 part["head_effect"].mean("sample"),
                 function_shares(ds),
                 path=out_dir / f"{corruption}_heads.png",
-                title=f"{ds.attrs.get('model', '')}, {corruption}: single heads restored at the answer "
-                f"position, mean over {ds.sizes['sample']} samples; letters: head functions",
+                title=f"single heads restored at the answer position, mean over {ds.sizes['sample']} "
+                f"samples; letters: head functions\n{describe_run(part)}",
                 label="normalised logit difference (0 = corrupted, 1 = clean)",
+                total=1.0,  # normalised: 1 is the whole clean - corrupted gap
             )
         )
     corruption, layer, head, _ = top_heads(ds, k=1)[0]
@@ -180,8 +182,9 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
             weights,
             grid=(side, side),
             path=out_dir / "top_head_attention.png",
-            title=f"{ds.attrs.get('model', '')} L{layer}.H{head} (top head under {corruption}): clean-run\n"
-            f"attention of the answer position over image patches, sample {ds['sample'].values[0]}",
+            title=f"{ds.attrs.get('model', '')} L{layer}.H{head}, top head under {corruption} "
+            f"({corruption_words(condition_attrs(ds.sel(corruption=corruption)).get('corruption'))}):\n"
+            f"clean-run attention of the answer position over image patches, sample {ds['sample'].values[0]}",
         )
     )
     return paths

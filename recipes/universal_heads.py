@@ -131,6 +131,7 @@ def top_mask(effect: xr.DataArray, k: int) -> xr.DataArray:
 def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
     overlap = ds["top"].sum(["task", "corruption"]).astype(float)
     conditions = ds.sizes["task"] * ds.sizes["corruption"]
+    tasks, corruptions = (list(map(str, ds[dim].values)) for dim in ("task", "corruption"))
     return [
         plots.head_grid(
             overlap,
@@ -139,14 +140,16 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
             f"is top-{ds.attrs['top_k']}",
             label=f"conditions (0 to {conditions})",
             counts=True,
+            most=conditions,  # the colour scale runs over every count a head can have
         ),
         plots.head_functions(
             ds["head_effect"].mean(["task", "corruption"]),
             ds["function_fraction"],
             path=Path(out_dir) / "head_functions.png",
-            title=f"{ds.attrs.get('model', '')}: head effect, mean over tasks and corruptions; letters: "
-            "head functions",
+            title=f"{ds.attrs.get('model', '')}: head effect, mean over tasks ({', '.join(tasks)}) "
+            f"and corruptions ({', '.join(corruptions)}); letters: head functions",
             label="normalised logit difference (0 = corrupted, 1 = clean)",
+            total=1.0,  # normalised: 1 is the whole clean - corrupted gap
         ),
     ]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -184,3 +186,25 @@ def test_multi_constraint_with_prefix_reuse_equals_the_plain_run(llava):
     reused = recipe.run(llava, samples, windows=(1, 3), options=vt.Options(progress=False, reuse_prefix=True))
     for name in ("mlp", "attn", "clean", "corrupt"):
         np.testing.assert_allclose(reused[name].values, plain[name].values, atol=1e-6, rtol=0)
+
+
+def test_multi_constraints_figures_show_the_window_and_cell_its_headline_names(llava, tmp_path):
+    from vlmtrace.presentation.plots import scales
+
+    recipe = registry.get("multi_constraint")
+    ds = recipe.run(llava, recipe.default_samples(llava, 8, 0), windows=(1, 3, 5), options=QUIET)
+    named = {
+        (constraint, site): int(window)
+        for constraint, site, window in re.findall(
+            r"\[(\w+) constraint\] (\w+): largest .* window (\d+),", recipe.summary(ds)
+        )
+    }
+    assert len(named) == 4  # two constraints x (mlp, attn)
+    paths = {path.name: path for path in recipe.figures(ds, tmp_path)}
+    for (constraint, site), window in named.items():
+        tag = f"{constraint}_{site}"
+        assert {f"{tag}_segments_w{window}.png", f"{tag}_sample0_w{window}.png"} <= set(paths)
+        panels = scales(paths[f"{tag}_windows.png"])
+        outlined = [p["title"] for p in panels["panels"] if "headline" in p["title"]]
+        assert outlined == [f"window {window} (headline, outlined)"]
+        assert f"{constraint} constraint replaced" in " ".join(panels["suptitle"].split())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,11 @@ import xarray as xr
 
 from ..results.stats import bootstrap_mean, by_segment
 from . import plots
+from .titles import condition_attrs, describe_run
+
+COLUMN = 1120
+"""Pixels: the page's column (its body's width). Figures are drawn at most `plots.WIDTH` wide, so
+that every one shows at full size, its text as legible as drawn, never scaled down to fit."""
 
 
 def indirect_effect(ds: xr.Dataset, site: str) -> xr.DataArray:
@@ -73,10 +77,21 @@ def headline(ds: xr.Dataset, *, sites: Sequence[str], label: str = "") -> str:
     return "\n".join(lines)
 
 
+def total_effect(ds: xr.Dataset) -> xr.DataArray:
+    """|clean - corrupted| per sample: the whole effect a sweep could restore, which fixes the
+    colour range of its effect maps (`plots.effect_range`)."""
+    return abs(ds["clean"] - ds["corrupt"])
+
+
 def patching_figures(
     ds: xr.Dataset, out_dir: str | Path, *, sites: Sequence[str], tag: str = ""
 ) -> list[Path]:
-    """Per site: window panels by segment, a CI-annotated heatmap, and sample 0's token map."""
+    """Per site: window panels by segment, a CI-annotated heatmap, and sample 0's token map.
+
+    The one-window figures show the headline's window (`strongest`, as `headline` finds it),
+    and the panels outline the headline's cell; every map's colour range is +-|clean - corrupted|
+    (`plots.effect_range`), and the titles name the corruption (`titles.describe_run`).
+    """
     from ..results.dataset import metric_units
 
     out_dir = Path(out_dir)
@@ -84,24 +99,32 @@ def patching_figures(
     run = describe_run(ds)
     label = f"indirect effect, patched - corrupted [{metric_units(ds)}]"
     n = ds.sizes["sample"]
+    gap = total_effect(ds)
+    verb = "corrupted" if condition_attrs(ds).get("direction") == "noise" else "restored"
     for site in sites:
         summary = segment_summary(ds, site)
+        best = strongest(summary)  # the headline's cell
+        window = best["window"]
         name = f"{tag}{site}"
         paths.append(
             plots.window_panels(
                 summary["mean"],
                 path=out_dir / f"{name}_windows.png",
-                title=f"{site} restored, mean over {n} samples by segment, per window\n{run}",
+                title=f"{site} {verb}, mean over {n} samples by segment, per window\n{run}",
                 label=label,
+                total=float(gap.mean()),
+                mark=best,
             )
         )
-        window = int(summary["window"].values[len(summary["window"]) // 2])
         paths.append(
             plots.segment_heatmap(
                 summary.sel(window=window),
                 path=out_dir / f"{name}_segments_w{window}.png",
-                title=f"{site} restored, window {window}: mean over {n} samples [95% CI]\n{run}",
+                title=f"{site} {verb}, window {window} (the headline's): mean over {n} samples [95% CI]\n"
+                + run,
                 label=label,
+                total=float(gap.mean()),
+                mark=best,
             )
         )
         first = indirect_effect(ds, site).isel(sample=0).sel(window=window)
@@ -110,28 +133,12 @@ def patching_figures(
             plots.heatmap(
                 first,
                 path=out_dir / f"{name}_sample0_w{window}.png",
-                title=f"{site} restored, window {window}, one sample: {ds['sample'].values[0]}\n{run}",
+                title=f"{site} {verb}, window {window}, one sample: {ds['sample'].values[0]}\n" + run,
                 label=label,
+                total=float(gap.isel(sample=0)),
             )
         )
     return paths
-
-
-def describe_run(ds: xr.Dataset) -> str:
-    """'model, corruption, metric' of a result, for figure titles."""
-    parts = [str(ds.attrs.get("model", "?"))]
-    corruption = ds.attrs.get("corruption")
-    if corruption:
-        try:
-            spec = json.loads(corruption)
-            kind = spec.pop("kind", "corruption").replace("_", " ")
-            detail = ", ".join(f"{k}={v}" for k, v in spec.items() if v not in (None, "", [], {}))
-            parts.append(f"{kind} ({detail})" if detail else kind)
-        except (TypeError, ValueError):
-            parts.append(str(corruption))
-    if ds.attrs.get("metric"):
-        parts.append(f"metric {ds.attrs['metric']}")
-    return ", ".join(parts)
 
 
 def write_report(
@@ -161,7 +168,8 @@ def write_report(
 <html lang="en"><head><meta charset="utf-8">
 <title>vlmtrace {esc(recipe)}: {esc(str(ds.attrs.get("model", "")))}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; max-width: 70em; margin: 2em auto; padding: 0 1em; color: #222; }}
+body {{ font-family: system-ui, sans-serif; max-width: {COLUMN}px; margin: 2em auto; padding: 0 1em;
+        color: #222; }}
 pre {{ background: #f4f4f4; padding: 0.8em; overflow-x: auto; white-space: pre-wrap; }}
 figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
 img {{ max-width: 100%; border: 1px solid #ddd; }}
