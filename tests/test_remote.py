@@ -290,29 +290,59 @@ def test_the_server_going_away_mid_sweep_is_a_clear_error_and_a_rerun_resumes(
     store = tmp_path / "t.zarr"
     whole = vt.patch(llava, [llava_sample], **patch_kwargs(max_batch=6))
     calls = {"n": 0}
-    original = sweep.run_chunk
+    original = sweep.run_together
 
-    def server_dies_before_the_third_chunk(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            servers["doomed"].stop()
+    def server_dies_before_the_second_request(*args, **kwargs):
+        calls["n"] += 1  # the first request holds one forward (run_plan), later ones a group
+        servers["doomed"].stop()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(sweep, "run_chunk", server_dies_before_the_third_chunk)
+    monkeypatch.setattr(sweep, "run_together", server_dies_before_the_second_request)
     with pytest.raises(ServerUnavailableError, match="lost the server at .* rerun the same call to resume"):
         vt.patch(
             llava,
             [llava_sample],
             **patch_kwargs(max_batch=6, store=store, backend=backend(llava, host=servers["doomed"].url)),
         )
-    assert int(vt.open_result(store)["progress"].sum()) == 2 * 4
-    monkeypatch.setattr(sweep, "run_chunk", original)
+    assert calls["n"] == 1
+    assert int(vt.open_result(store)["progress"].sum()) == 4  # the first forward's cells: 6 rows - 2
+    monkeypatch.setattr(sweep, "run_together", original)
     resumed = vt.patch(
         llava,
         [llava_sample],
         **patch_kwargs(max_batch=6, store=store, backend=backend(llava, host=servers["open"].url)),
     )
     assert same_values(resumed, whole)
+
+
+def test_a_remote_sweep_sends_its_forwards_in_a_few_requests(servers, llava, llava_sample, monkeypatch):
+    """One request per forward was 1-6 s of round trip each; forwards now travel in groups sized
+    to the backend's `request_seconds`, and the values do not change."""
+    local = vt.patch(llava, [llava_sample], **patch_kwargs(max_batch=6))
+    requests = {"n": 0, "forwards": 0}
+    for name in ("run_plan", "run_together"):
+        original = getattr(sweep, name)
+
+        def counted(vlm, plans, *args, original=original, **kwargs):
+            requests["n"] += 1
+            requests["forwards"] += 1 if not isinstance(plans, list) else len(plans)
+            return original(vlm, plans, *args, **kwargs)
+
+        monkeypatch.setattr(sweep, name, counted)
+    remote = vt.patch(
+        llava, [llava_sample], **patch_kwargs(max_batch=6, backend=backend(llava, host=servers["open"].url))
+    )
+    assert same_values(remote, local)
+    cells = int(np.isfinite(local["mlp"].values).sum())
+    assert requests["forwards"] == -(-cells // 4) > 2  # every forward ran, 4 cells each ...
+    assert requests["n"] == 2  # ... in two requests: the first alone, to time it, then the rest
+
+    requests.update(n=0, forwards=0)
+    slow = backend(llava, host=servers["open"].url)
+    slow.request_seconds = 1e-9  # a server that allows no time: one forward per request again
+    again = vt.patch(llava, [llava_sample], **patch_kwargs(max_batch=6, backend=slow))
+    assert same_values(again, local)
+    assert requests["n"] == requests["forwards"]
 
 
 def test_serve_refuses_a_public_address_without_an_api_key(no_key_configured):

@@ -414,60 +414,170 @@ def run_probed(
     each row computes there exactly what its baseline row computed once already). `image`
     replaces the image encoder's output (`Prefix.image_rows`): it runs once per distinct image.
     """
+    plan = forward_plan(
+        vlm,
+        stack,
+        batch,
+        edits,
+        metric=metric,
+        answer=answer,
+        foil=foil,
+        answer_slice=answer_slice,
+        scoring=scoring,
+        prefix=prefix,
+        image=image,
+    )
+    return run_plan(vlm, plan, backend)
+
+
+def run_plan(vlm: VLM, plan: ForwardPlan, backend: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one planned forward (`forward_plan`): its metric per row and its probes."""
     envoy = vlm.envoy
-    layers = envoy_at(envoy, stack.layers)
-    n_heads = vlm.shape.heads[_stack_name(vlm, stack)]
+    with torch.no_grad(), envoy.trace(fn=plan.fn, backend=backend, **plan.batch) as tracer:
+        values, probes = _intervene(envoy, plan, tracer)
+    return values, probes
+
+
+def run_together(vlm: VLM, plans: list[ForwardPlan], backend: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run several planned forwards as one request: one nnsight session holding their traces.
+
+    A remote sweep sends one request per forward otherwise, and each request pays a round trip
+    (and on NDIF a place in the queue). The traces run one after another on the server, each
+    with its own rows, so memory is one forward's; only their per-row floats come back, all at
+    the end of the session. Returns each forward's (values, probes), in order.
+    """
+    import nnsight
+
+    envoy = vlm.envoy
+    with torch.no_grad(), envoy.session(backend=backend):
+        results = nnsight.save([])
+        for plan in plans:
+            with envoy.trace(fn=plan.fn, **plan.batch) as tracer:
+                results.append(_intervene(envoy, plan, tracer))
+    return list(results)
+
+
+@dataclass
+class ForwardPlan:
+    """What one forward's trace needs, read from the VLM beforehand: a remote trace ships every
+    object its body names, and the VLM (processor included) has no business on the server."""
+
+    fn: Callable
+    batch: dict
+    edits: Edits
+    metric: Metric
+    scoring: list[Scoring]
+    rows: int
+    width: int
+    prompt_width: int
+    n_heads: int
+    dtype: torch.dtype
+    layers: str
+    sites: dict[str, Hook]
+    attention: str | None
+    cross_attention: str | None
+    cross_keyword: str | None
+    cross_states_keyword: str | None
+    causal: bool
+    encoder: str | None
+    first: int
+    states: torch.Tensor | None
+    image: Any
+
+
+def forward_plan(
+    vlm: VLM,
+    stack: Stack,
+    batch: dict,
+    edits: Edits,
+    *,
+    metric: Metric,
+    answer: torch.Tensor | None = None,
+    foil: torch.Tensor | None = None,
+    answer_slice: slice | None = None,
+    scoring: list[Scoring] | None = None,
+    prefix: tuple[int, torch.Tensor] | None = None,
+    image: Any = None,
+) -> ForwardPlan:
+    """One forward's trace, planned (the arguments are `run_probed`'s)."""
     rows, width = batch_geometry(batch, stack.sequence)
-    prompt_width = batch_geometry(batch, "prompt")[1]
     if scoring is None:
         scoring = [Scoring(0, rows, answer, foil, answer_slice)]
-    # Read before the trace: a remote trace ships every object its body names, and the VLM
-    # (processor included) has no business on the server.
-    dtype = vlm.model.dtype
     if vlm.adapter.keeps_last_logits and vlm.adapter.answer_sequence == "prompt":
         # logits of the answer positions only (each sample's are the last len(answer))
         batch = {**batch, "logits_to_keep": max(len(group.answer) for group in scoring)}
-    first, states = prefix if prefix is not None else (0, None)
-    encoder_path = None if vlm.adapter.image_encoder is None else vlm.adapter.image_encoder.path
-    sites = dict(stack.sites)
-    attention_path, cross_path = stack.attention, stack.cross_attention
-    cross_keyword, causal = stack.cross_mask_keyword, stack.causal
-    noise_plans = edits.noise
     for layer_index in edits.cross_knockouts:
         if any(layer == layer_index for layer, _ in edits.patches):
             raise ValueError("cross-attention knockout and patching at the same layer in one forward")
-    with torch.no_grad(), envoy.trace(fn=driver(vlm), backend=backend, **batch) as tracer:
-        if image is not None:
-            envoy_at(envoy, encoder_path).skip(image)
-        if noise_plans:  # also when skipping: BLIP's layers read the image again
-            embedded = _activation(envoy, noise_plans[0].hook)
-            for noise_plan in noise_plans:
-                _noise(noise_plan, embedded, rows, prompt_width)
-        for skipped in range(first):  # only the last skipped layer's output is ever read
-            layers[skipped].skip(states)
-        for layer_index in edits.layers():
-            layer = layers[layer_index]
-            if layer_index in edits.knockouts:
-                attention = envoy_at(layer, attention_path)
-                _knock(attention, edits.knockouts[layer_index], "attention_mask", rows, width, causal, dtype)
-            if layer_index in edits.cross_knockouts:
-                attention = envoy_at(layer, cross_path)
-                _knock(
-                    attention,
-                    edits.cross_knockouts[layer_index],
-                    cross_keyword,
-                    rows,
-                    width,
-                    False,
-                    dtype,
-                    states_keyword=stack.cross_states_keyword,
-                )
-            for site, hook in sites.items():
-                index = edits.patches.get((layer_index, site))
-                if index is not None:
-                    _apply_patch(_activation(layer, hook), index, hook, rows, width, n_heads)
-        values = _scored(tracer.result, metric, scoring).cpu().save()
-        probes = _probed(tracer.result, scoring).cpu().save()
+    first, states = prefix if prefix is not None else (0, None)
+    return ForwardPlan(
+        fn=driver(vlm),
+        batch=batch,
+        edits=edits,
+        metric=metric,
+        scoring=scoring,
+        rows=rows,
+        width=width,
+        prompt_width=batch_geometry(batch, "prompt")[1],
+        n_heads=vlm.shape.heads[_stack_name(vlm, stack)],
+        dtype=vlm.model.dtype,
+        layers=stack.layers,
+        sites=dict(stack.sites),
+        attention=stack.attention,
+        cross_attention=stack.cross_attention,
+        cross_keyword=stack.cross_mask_keyword,
+        cross_states_keyword=stack.cross_states_keyword,
+        causal=stack.causal,
+        encoder=None if vlm.adapter.image_encoder is None else vlm.adapter.image_encoder.path,
+        first=first,
+        states=states,
+        image=image,
+    )
+
+
+def _intervene(envoy, plan: ForwardPlan, tracer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The body of one forward's trace: every edit in the order the model runs, then the scores."""
+    layers = envoy_at(envoy, plan.layers)
+    edits, rows, width = plan.edits, plan.rows, plan.width
+    if plan.image is not None:
+        envoy_at(envoy, plan.encoder).skip(plan.image)
+    if edits.noise:  # also when skipping: BLIP's layers read the image again
+        embedded = _activation(envoy, edits.noise[0].hook)
+        for noise_plan in edits.noise:
+            _noise(noise_plan, embedded, rows, plan.prompt_width)
+    for skipped in range(plan.first):  # only the last skipped layer's output is ever read
+        layers[skipped].skip(plan.states)
+    for layer_index in edits.layers():
+        layer = layers[layer_index]
+        if layer_index in edits.knockouts:
+            attention = envoy_at(layer, plan.attention)
+            _knock(
+                attention,
+                edits.knockouts[layer_index],
+                "attention_mask",
+                rows,
+                width,
+                plan.causal,
+                plan.dtype,
+            )
+        if layer_index in edits.cross_knockouts:
+            attention = envoy_at(layer, plan.cross_attention)
+            _knock(
+                attention,
+                edits.cross_knockouts[layer_index],
+                plan.cross_keyword,
+                rows,
+                width,
+                False,
+                plan.dtype,
+                states_keyword=plan.cross_states_keyword,
+            )
+        for site, hook in plan.sites.items():
+            index = edits.patches.get((layer_index, site))
+            if index is not None:
+                _apply_patch(_activation(layer, hook), index, hook, rows, width, plan.n_heads)
+    values = _scored(tracer.result, plan.metric, plan.scoring).cpu().save()
+    probes = _probed(tracer.result, plan.scoring).cpu().save()
     return values, probes
 
 

@@ -27,6 +27,7 @@ forward is halved and retried.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import takewhile
@@ -46,7 +47,7 @@ from ..results.store import SweepStore
 from . import attribution, screening
 from .admission import check_arguments
 from .corruptions import Corruption
-from .forward import Prefix, resume_cache, run_probed, stack_rows
+from .forward import ForwardPlan, Prefix, forward_plan, resume_cache, run_plan, run_together, stack_rows
 from .metrics import Metric, Probability
 from .packing import Share, common_widths, next_forward, offsets, packed_edits, pad, scoring, signature
 from .planning import (
@@ -269,45 +270,57 @@ def run_forwards(
     Yields each forward's shares (`vlmtrace.engine.packing.Share`: one sample's whole cells)
     with what each finished. With `pack`, a forward that one sample's cells leave room in
     takes the next samples' too. With `reuse_prefix`, a forward holds one sample's cells of
-    one first patched layer only, and runs from that layer on (`prefix_of`, `run_chunk`).
+    one first patched layer only, and runs from that layer on (`prefix_of`, `plan_chunk`).
     After an out-of-memory error the forward is retried at half the rows, and no later forward
     of the sweep is larger. With `check`, every forward's baseline rows are probed and checked
     (`vlmtrace.engine.self_check`): the first forward's most padded sample against the model's
     own forward, every sample's later forwards against its first.
+
+    With a remote `backend`, forwards travel in groups, one request each
+    (`forward.run_together`): the first alone, then as many as fit the backend's
+    `request_seconds` (`REQUEST_SECONDS` by default) at the last request's seconds per forward,
+    at most `MAX_GROUP`. Each forward still holds only its own rows, and each is yielded (and
+    written to the store) as its request returns.
     """
     pending = list(pending)
     pack = pack and not reuse_prefix
     signatures = {i: signature(vlm, plans[i].prepared) for i, _ in pending} if pack else {}
     cap: int | None = None  # rows per forward, once one ran out of memory
     computed: tuple[int, Prefix] | None = None  # the prefix of the sample prefix reuse is on
+    group_size = 1
+    request_seconds = float(getattr(backend, "request_seconds", REQUEST_SECONDS))
 
     def rows(prepared: list[Prepared]) -> int:
         budget = rows_per_chunk(vlm, prepared, max_batch, max_memory)
         return budget if cap is None else min(budget, cap)
 
     while pending:
-        shares = next_forward(plans, pending, rows=rows, pack=pack, signatures=signatures)
-        prefix = None
-        if reuse_prefix and shares[0].cells:
-            share = shares[0]
-            first = min(share.plan.cells[share.cells[0]].layers)
-            same_first = takewhile(lambda c, s=share, f=first: min(s.plan.cells[c].layers) == f, share.cells)
-            shares = [replace(share, cells=tuple(same_first))]
-            if computed is None or computed[0] != share.sample:
-                computed = (share.sample, prefix_of(vlm, stack, share.prepared))
-            prefix = computed[1]
-        chunk = [
-            (j, c, draw)
-            for j, s in enumerate(shares)
-            for c in s.cells
-            for draw in range(s.prepared.pair.samples)
-        ]
-        probes = None
-        if check is not None:
-            native = most_padded(shares)
-            probes = [check.probes_for(s.sample, s.prepared, native=s is native) for s in shares]
-        try:
-            values, probed = run_chunk(
+        group: list[tuple[list[Share], list[torch.Tensor] | None, ForwardPlan]] = []
+        ahead = pending
+        while ahead and len(group) < group_size:
+            shares = next_forward(plans, ahead, rows=rows, pack=pack, signatures=signatures)
+            prefix = None
+            if reuse_prefix and shares[0].cells:
+                share = shares[0]
+                first = min(share.plan.cells[share.cells[0]].layers)
+                same_first = takewhile(
+                    lambda c, s=share, f=first: min(s.plan.cells[c].layers) == f, share.cells
+                )
+                shares = [replace(share, cells=tuple(same_first))]
+                if computed is None or computed[0] != share.sample:
+                    computed = (share.sample, prefix_of(vlm, stack, share.prepared))
+                prefix = computed[1]
+            chunk = [
+                (j, c, draw)
+                for j, s in enumerate(shares)
+                for c in s.cells
+                for draw in range(s.prepared.pair.samples)
+            ]
+            probes = None
+            if check is not None:
+                native = most_padded(shares)
+                probes = [check.probes_for(s.sample, s.prepared, native=s is native) for s in shares]
+            forward = plan_chunk(
                 vlm,
                 stack,
                 [s.prepared for s in shares],
@@ -316,25 +329,50 @@ def run_forwards(
                 [s.plan.aligned for s in shares],
                 direction,
                 metric,
-                backend,
                 prefix,
                 probes,
             )
+            group.append((shares, probes, forward))
+            ahead = after(ahead, shares)
+        started = time.monotonic()
+        try:
+            if len(group) == 1:
+                results = [run_plan(vlm, group[0][2], backend)]
+            else:
+                results = run_together(vlm, [forward for _, _, forward in group], backend)
         except Exception as error:
-            cap = halved(shares) if is_out_of_memory(error) else None
+            cap = halved(group[0][0]) if is_out_of_memory(error) else None
             if cap is None:
                 raise
+            group_size = 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
-        if check is not None:
-            for share, baseline in zip(shares, probed_rows(shares, probed, probes), strict=True):
-                check.verify(share.sample, share.prepared, baseline)
-        yield list(zip(shares, finished_by(shares, values), strict=True))
-        last = shares[-1]
-        pending = pending[len(shares) :]
-        if not last.completes:
-            pending.insert(0, (last.sample, last.end))
+        if backend is not None:
+            per_forward = (time.monotonic() - started) / len(group)
+            group_size = max(1, min(MAX_GROUP, int(request_seconds / max(per_forward, 1e-3))))
+        for (shares, probes, _), (values, probed) in zip(group, results, strict=True):
+            if check is not None:
+                for share, baseline in zip(shares, probed_rows(shares, probed, probes), strict=True):
+                    check.verify(share.sample, share.prepared, baseline)
+            yield list(zip(shares, finished_by(shares, values), strict=True))
+        pending = ahead
+
+
+REQUEST_SECONDS = 60.0
+"""How long one remote request may run by default: a group of forwards is sized to about this
+at the last request's pace (a backend's `request_seconds` overrides it). NDIF and `vlmtrace
+serve` (`--max-runtime`, 600 s by default) stop longer requests."""
+MAX_GROUP = 64
+"""Forwards per remote request at most, whatever their pace: a failed request loses no more."""
+
+
+def after(pending: list[tuple[int, int]], shares: list[Share]) -> list[tuple[int, int]]:
+    """What is pending once a forward of `shares` has run: its samples leave, and the last one
+    comes back at its first cell not run when the forward held only part of it."""
+    last = shares[-1]
+    rest = pending[len(shares) :]
+    return rest if last.completes else [(last.sample, last.end), *rest]
 
 
 def halved(shares: list[Share]) -> int | None:
@@ -385,7 +423,7 @@ def probed_rows(shares: list[Share], probed: torch.Tensor, probes: list[torch.Te
     return rows
 
 
-def run_chunk(
+def plan_chunk(
     vlm: VLM,
     stack: Stack,
     prepared: Sequence[Prepared],
@@ -394,10 +432,9 @@ def run_chunk(
     aligned: Sequence[Mapping[int, int]],
     direction: Direction,
     metric: Metric,
-    backend: Any = None,
     prefix: Prefix | None = None,
     probes: Sequence[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> ForwardPlan:
     """Each sample's baseline rows, then its patched rows, for every sample of one forward.
 
     `prepared`, `cells` and `aligned` hold one entry per sample of the forward; `chunk` one
@@ -410,8 +447,9 @@ def run_chunk(
     the first patched one on are computed, on top of the baseline rows' keys and values: each
     row starts from its own baseline row's states, which it equals up to there.
 
-    Returns the values in row order and the probes of each sample's baseline rows at its
-    `probes` tokens (`forward.run_probed`; empty without `probes`).
+    Returns the forward, planned: run, it gives the values in row order and the probes of
+    each sample's baseline rows at its `probes` tokens (`forward.run_plan`; empty without
+    `probes`).
     """
     patched_input = "corrupt" if direction == "denoise" else "clean"
     counts = [sum(1 for j, _, _ in chunk if j == sample) for sample in range(len(prepared))]
@@ -467,14 +505,13 @@ def run_chunk(
             skip = (first_layer, prefix.states[first_layer - 1][sources][:, start:])
         if start == 0 and prefix.image is not None:  # the suffix of a resumed run has no image
             image = prefix.image_rows(sources)
-    return run_probed(
+    return forward_plan(
         vlm,
         stack,
         batch,
         edits,
         metric=metric,
         scoring=scoring(vlm, prepared, counts, probes),
-        backend=backend,
         prefix=skip,
         image=image,
     )

@@ -115,6 +115,7 @@ class ServerBackend(RemoteBackend):
         poll_interval: float = 0.5,
         timeout: float | None = None,
         busy_wait: float = 300.0,
+        request_seconds: float = 60.0,
         verbose: bool = False,
     ) -> None:
         if mode not in ("stream", "poll", "submit"):
@@ -132,6 +133,11 @@ class ServerBackend(RemoteBackend):
         """Seconds a polled job may take before `wait` gives up (None: no limit)."""
         self.busy_wait = busy_wait
         """Seconds to keep retrying a request that a busy server refused (503 + Retry-After)."""
+        if not request_seconds > 0:
+            raise ValueError(f"request_seconds must be positive, not {request_seconds!r}.")
+        self.request_seconds = request_seconds
+        """About how long one request may run on the server: a sweep groups its forwards into
+        requests of about this length (`vlmtrace.engine.sweep.run_forwards`)."""
         # nnsight's live status line rewrites stdout once per chunk; the sweep's progress bar
         # already advances per chunk, so the line is shown only when asked for.
         self.display = StatusDisplay(enabled=verbose, verbose=verbose)
@@ -266,6 +272,7 @@ def backend(
     poll_interval: float = 0.5,
     timeout: float | None = None,
     busy_wait: float = 300.0,
+    request_seconds: float = 60.0,
     verbose: bool = False,
 ) -> ServerBackend:
     """A backend that runs `vlm`'s traces on a server; pass it as `backend=` to a sweep.
@@ -276,6 +283,8 @@ def backend(
     `vlmtrace.remote.keys`); needed when the client loaded it under another name.
     `mode`, `poll_interval`, `timeout`: how the client waits (module docstring).
     `busy_wait`: seconds to keep re-sending a request that a busy server turned away.
+    `request_seconds`: about how long one request may run on the server: a sweep sends its
+    forwards in groups sized to it (`vlmtrace.engine.sweep.run_forwards`).
     `verbose`: show nnsight's live status line and payload sizes.
     """
     name = vlm if isinstance(vlm, str) else vlm.name
@@ -287,5 +296,6 @@ def backend(
         poll_interval=poll_interval,
         timeout=timeout,
         busy_wait=busy_wait,
+        request_seconds=request_seconds,
         verbose=verbose,
     )
