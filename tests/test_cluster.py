@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from typer.testing import CliRunner
 
 from vlmtrace import cluster
 from vlmtrace.cli import app
-from vlmtrace.cluster.state import done_samples
+from vlmtrace.cluster.state import done_samples, local_job_state
 from vlmtrace.results.dataset import open_result
 
 pytest.importorskip("submitit")
@@ -66,18 +67,21 @@ def quiet(out: Path) -> bool:
 
 @pytest.fixture
 def stop_jobs_at_exit():
-    """Kill (by pid) whatever job processes a failing test leaves behind."""
-    outs: list[Path] = []
+    """Kill (by pid) the job processes, and the test's own, that a failing test leaves behind."""
+    outs: list[Path | subprocess.Popen] = []
     yield outs.append
-    for out in outs:
+    for process in [o for o in outs if isinstance(o, subprocess.Popen)]:
+        process.kill()
+        process.wait()
+    for out in [o for o in outs if isinstance(o, Path)]:
         folder = out.with_suffix(".cluster")
+        if not (folder / "job.json").exists():
+            continue
         pids = [int(j) for j in json.loads((folder / "job.json").read_text())["jobs"].values()]
         pids += [json.loads(p.read_text())["pid"] for p in folder.glob("shard-*.json")]
-        for pid in pids:
-            try:
+        for pid in pids:  # only a live submitit process: a finished job's pid may be another's by now
+            if local_job_state(str(pid), host=socket.gethostname()) == "running":
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def test_a_killed_shard_resubmitted_gives_the_store_of_one_process(tmp_path, monkeypatch, stop_jobs_at_exit):
@@ -87,6 +91,7 @@ def test_a_killed_shard_resubmitted_gives_the_store_of_one_process(tmp_path, mon
     one_process = subprocess.Popen(
         [sys.executable, "-m", "vlmtrace.cli", "recipe", *RECIPE, "--out", str(whole)]
     )
+    stop_jobs_at_exit(one_process)
     said = invoke("recipe", *RECIPE, "--out", str(out), "--cluster", "local", "--shards", str(SHARDS))
     assert f"submitted {SHARDS} shard job(s)" in said
 
