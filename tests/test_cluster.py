@@ -214,6 +214,24 @@ def test_another_sweep_into_the_same_store_is_refused(slurm, tmp_path):
     assert "holds another sweep: 4 shards of 'vlmtrace recipe visual_constraint" in said
 
 
+# --- local jobs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("visible", "asked", "expected"), [("2,3", None, [2, 3]), ("2,3", 1, [2]), ("", None, [])]
+)
+def test_local_jobs_see_the_gpus_this_shell_sees_or_as_many_as_asked(
+    monkeypatch, tmp_path, visible, asked, expected
+):
+    """submitit's LocalExecutor sets CUDA_VISIBLE_DEVICES for every job (to none by default)."""
+    from vlmtrace.cluster.submission import Resources, executor
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    local = executor("local", tmp_path, Resources(gpus_per_task=asked), name="x")
+    count = local.parameters["gpus_per_node"]
+    assert list(local.parameters.get("visible_gpus", []))[:count] == expected
+
+
 # --- what is refused before anything is submitted ----------------------------------------------
 
 

@@ -53,9 +53,6 @@ class RecipeShard:
     def __repr__(self) -> str:
         return shlex.join(["vlmtrace", "recipe", *self.arguments])
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RecipeShard) and other.arguments == self.arguments
-
 
 class ShardRun(submitit.helpers.Checkpointable):
     """One shard of a task, with its record written before and after (`vlmtrace.cluster.state`)."""

@@ -13,6 +13,7 @@ work.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from ..results.lock import path_lock
-from ..results.store import is_vlmtrace_store
 from .state import ClusterError, SweepState, state_folder
 
 CLUSTERS = ("slurm", "local")
@@ -93,7 +93,7 @@ def executor(cluster: str, folder: Path, resources: Resources, *, name: str) -> 
     if cluster == "local":
         local = submitit.LocalExecutor(folder=folder)
         time = minutes(resources.time) if resources.time else LOCAL_TIME_MINUTES
-        local.update_parameters(timeout_min=time, gpus_per_node=resources.gpus_per_task or 0)
+        local.update_parameters(timeout_min=time, **local_gpus(resources.gpus_per_task))
         return local
     if cluster != "slurm":
         raise ClusterError(f"cluster must be one of {', '.join(CLUSTERS)}, not {cluster!r}.")
@@ -116,6 +116,22 @@ def executor(cluster: str, folder: Path, resources: Resources, *, name: str) -> 
         parameters["mem"] = resources.mem
     slurm.update_parameters(**parameters)
     return slurm
+
+
+def local_gpus(asked: int | None) -> dict[str, Any]:
+    """The GPUs a local job sees: `asked` of them, or (None) those this process sees. submitit's
+    LocalExecutor sets CUDA_VISIBLE_DEVICES for every job, to none unless told otherwise."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and re.fullmatch(r"\d+(,\d+)*", visible.strip()):
+        indices = [int(i) for i in visible.split(",")]
+    elif visible is not None and not visible.strip():
+        indices = []
+    else:
+        import torch
+
+        indices = list(range(torch.cuda.device_count()))
+    count = len(indices) if asked is None else min(asked, len(indices))
+    return {"gpus_per_node": count, "visible_gpus": indices} if indices else {"gpus_per_node": 0}
 
 
 def submit(
@@ -174,8 +190,7 @@ def resume(out: str | Path) -> list[Any]:
 
 
 def _resubmit(state: SweepState, *, task: Callable[..., Any]) -> list[Any]:
-    if is_vlmtrace_store(state.out):
-        return []  # assembled: every shard has finished
+    # even with the store assembled: a shard killed while drawing the figures reruns to draw them
     stopped = [s.index for s in state.shards_now() if s.needs_rerun]
     return _submit_shards(state, task, stopped) if stopped else []
 
@@ -197,6 +212,9 @@ def describe(task: Callable[..., Any]) -> str:
 
     if isinstance(task, RecipeShard):
         return repr(task)
+    if isinstance(task, functools.partial):
+        bound = [repr(a) for a in task.args] + [f"{k}={v!r}" for k, v in task.keywords.items()]
+        return f"{describe(task.func)}({', '.join(bound)})"
     return f"{getattr(task, '__module__', '?')}.{getattr(task, '__qualname__', type(task).__qualname__)}"
 
 
