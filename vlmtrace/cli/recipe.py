@@ -14,6 +14,8 @@ import typer
 from ..errors import UserError
 from ..options import Options
 
+CLUSTER_PANEL = "Cluster: the shards as one job array (vlmtrace cluster status / resume)"
+
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -135,27 +137,45 @@ def recipe(
     cluster: Annotated[
         str | None,
         typer.Option(
+            rich_help_panel=CLUSTER_PANEL,
             help="slurm or local: submit --shards N jobs (one SLURM job array, through submitit) instead "
             "of running here; `vlmtrace cluster status OUT` watches them, `vlmtrace cluster resume OUT` "
             "resubmits the stopped ones.",
         ),
     ] = None,
     shards: Annotated[
-        int | None, typer.Option(min=1, help="With --cluster: how many jobs share the sweep.")
+        int | None,
+        typer.Option(
+            min=1, rich_help_panel=CLUSTER_PANEL, help="With --cluster: how many jobs share the sweep."
+        ),
     ] = None,
-    partition: Annotated[str | None, typer.Option(help="With --cluster slurm: sbatch --partition.")] = None,
+    partition: Annotated[
+        str | None,
+        typer.Option(rich_help_panel=CLUSTER_PANEL, help="With --cluster slurm: sbatch --partition."),
+    ] = None,
     gpus_per_task: Annotated[
-        int | None, typer.Option(min=0, help="With --cluster slurm: sbatch --gpus-per-task.")
+        int | None,
+        typer.Option(
+            min=0, rich_help_panel=CLUSTER_PANEL, help="With --cluster slurm: sbatch --gpus-per-task."
+        ),
     ] = None,
     time_limit: Annotated[
         str | None,
-        typer.Option("--time", help="With --cluster: each job's time limit (SLURM's forms, e.g. 4:00:00)."),
+        typer.Option(
+            "--time",
+            rich_help_panel=CLUSTER_PANEL,
+            help="With --cluster: each job's time limit (SLURM's forms, e.g. 4:00:00).",
+        ),
     ] = None,
-    mem: Annotated[str | None, typer.Option(help="With --cluster slurm: sbatch --mem, e.g. 32G.")] = None,
+    mem: Annotated[
+        str | None,
+        typer.Option(rich_help_panel=CLUSTER_PANEL, help="With --cluster slurm: sbatch --mem, e.g. 32G."),
+    ] = None,
     sbatch: Annotated[
         list[str] | None,
         typer.Option(
-            help="With --cluster slurm: any other sbatch option as KEY=VALUE, e.g. account=lab. Repeatable."
+            rich_help_panel=CLUSTER_PANEL,
+            help="With --cluster slurm: any other sbatch option as KEY=VALUE, e.g. account=lab. Repeatable.",
         ),
     ] = None,
 ) -> None:
