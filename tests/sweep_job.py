@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -80,9 +81,9 @@ def job_model() -> vt.VLM:
     return vt.wrap(model, processor, name="tiny-llava")
 
 
-def job_sweep(vlm: vt.VLM, store: str | Path, *, shard: tuple[int, int] | None = None) -> None:
+def job_sweep(vlm: vt.VLM, store: str | Path, *, shard: tuple[int, int] | None = None) -> xr.Dataset:
     """The sweep of the job: 4 samples, two sites, two windows, into `store`."""
-    vt.patch(
+    return vt.patch(
         vlm,
         job_samples(),
         corruption=vt.ImagePair(),
@@ -116,3 +117,8 @@ def count_writes(die_at: int | None, die_at_path: str | None = None) -> dict[str
 
 if __name__ == "__main__":
     main()
+
+
+def sharded_sweep(*, shard: tuple[int, int], store: str) -> xr.Dataset:
+    """A Python task for `vlmtrace.cluster.submit`: this job's shard of the sweep, returned."""
+    return job_sweep(job_model(), store, shard=shard)

@@ -271,3 +271,48 @@ def test_a_rerun_into_a_damaged_store_is_refused_before_any_chunk(copy, tiny_lla
     zarr.open_array(str(copy / "clean"), mode="r+")[0] = 0.5
     with pytest.raises(StoreError, match="clean/c/0 does not hold what was written"):
         sweep(tiny_llava, finished_samples(), copy)
+
+
+# --- reading while another shard writes -----------------------------------------------------
+
+
+def caught_between_values_and_row(store: Path) -> np.ndarray:
+    """Put `store` as a reader finds it when a shard has just written sample 1's next values but
+    not yet the ledger row that records them: sample 1 unfinished, its `mlp` chunk new. Returns
+    the row that shard writes next (committing those values), sealed."""
+    from vlmtrace.results import checksums, ledger
+
+    loaded = xr.open_zarr(store, consolidated=False).load()
+    fields = [str(f) for f in loaded["ledger_field"].values]
+    config = str(loaded.attrs["config_hash"])
+    rows = zarr.open_array(str(store / "ledger"), mode="r+")
+    unfinished = loaded["ledger"].values[1].astype(np.int64)
+    unfinished[fields.index("done")] = 0
+    rows[1] = ledger.sealed(unfinished, fields, sample=1, config=config)
+    new = ledger.by_sample(loaded["mlp"])[1] + 0.25  # the next chunk's cells
+    zarr.open_array(str(store / "mlp"), mode="r+")[1] = new
+    after = ledger.committed(
+        unfinished, fields, progress=0, done=False, digests={"mlp": checksums.value_digest(new)}
+    )
+    return ledger.sealed(after, fields, sample=1, config=config)
+
+
+def test_a_read_that_catches_a_shard_between_its_values_and_its_ledger_row_reads_again(copy):
+    import threading
+
+    row = caught_between_values_and_row(copy)
+    writer = threading.Timer(
+        0.3, lambda: zarr.open_array(str(copy / "ledger"), mode="r+").__setitem__(1, row)
+    )
+    writer.start()
+    try:
+        ds = vt.open_result(copy)
+    finally:
+        writer.join()
+    assert not bool(ds["done"][1])
+
+
+def test_a_damaged_chunk_of_an_unfinished_sample_is_still_named(copy):
+    caught_between_values_and_row(copy)  # and the row that would match never comes
+    with pytest.raises(StoreError, match=r"chunk file .*mlp/c/1/0/0/0 does not hold what was written"):
+        vt.open_result(copy)

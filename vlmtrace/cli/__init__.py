@@ -3,6 +3,7 @@
 vlmtrace recipe list
 vlmtrace recipe multi_constraint --n-samples 8 --out trace.zarr
 vlmtrace zoo list
+vlmtrace cluster status trace.zarr
 vlmtrace calibrate --n-samples 8
 vlmtrace plot trace.zarr
 
@@ -24,6 +25,7 @@ from typer.core import TyperGroup
 
 from ..errors import UserError
 from .calibrate import calibrate
+from .cluster import app as cluster_app
 from .models import check, models
 from .recipe import recipe
 from .serve import serve
@@ -69,6 +71,7 @@ app.command()(models)
 app.command()(check)
 app.command()(calibrate)
 app.add_typer(zoo_app, name="zoo", help="The shipped model organisms: list, train, eval.")
+app.add_typer(cluster_app, name="cluster", help="Sweeps submitted with `recipe --cluster`: status, resume.")
 
 
 @app.command()

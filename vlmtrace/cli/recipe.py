@@ -14,6 +14,8 @@ import typer
 from ..errors import UserError
 from ..options import Options
 
+CLUSTER_PANEL = "Cluster: the shards as one job array (vlmtrace cluster status / resume)"
+
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -131,6 +133,51 @@ def recipe(
             "(tiny matrices gain nothing from more), else torch's default.",
         ),
     ] = None,
+    # --- cluster submission (vlmtrace.cli.cluster): the jobs run this command with --shard I/N ---
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            rich_help_panel=CLUSTER_PANEL,
+            help="slurm or local: submit --shards N jobs (one SLURM job array, through submitit) instead "
+            "of running here; `vlmtrace cluster status OUT` watches them, `vlmtrace cluster resume OUT` "
+            "resubmits the stopped ones.",
+        ),
+    ] = None,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            min=1, rich_help_panel=CLUSTER_PANEL, help="With --cluster: how many jobs share the sweep."
+        ),
+    ] = None,
+    partition: Annotated[
+        str | None,
+        typer.Option(rich_help_panel=CLUSTER_PANEL, help="With --cluster slurm: sbatch --partition."),
+    ] = None,
+    gpus_per_task: Annotated[
+        int | None,
+        typer.Option(
+            min=0, rich_help_panel=CLUSTER_PANEL, help="With --cluster slurm: sbatch --gpus-per-task."
+        ),
+    ] = None,
+    time_limit: Annotated[
+        str | None,
+        typer.Option(
+            "--time",
+            rich_help_panel=CLUSTER_PANEL,
+            help="With --cluster: each job's time limit (SLURM's forms, e.g. 4:00:00).",
+        ),
+    ] = None,
+    mem: Annotated[
+        str | None,
+        typer.Option(rich_help_panel=CLUSTER_PANEL, help="With --cluster slurm: sbatch --mem, e.g. 32G."),
+    ] = None,
+    sbatch: Annotated[
+        list[str] | None,
+        typer.Option(
+            rich_help_panel=CLUSTER_PANEL,
+            help="With --cluster slurm: any other sbatch option as KEY=VALUE, e.g. account=lab. Repeatable.",
+        ),
+    ] = None,
 ) -> None:
     from .. import recipes as registry
 
@@ -145,7 +192,8 @@ def recipe(
     if name not in registry.names():
         raise typer.BadParameter(f"no recipe {name!r}; choose one of {registry.names()}.", param_hint="NAME")
     out = check_out(out or Path(f"{name}.zarr"), overwrite=overwrite)
-    if os.path.lexists(out) and not overwrite:  # a complete store: only the finishing stage is left
+    submitting = cluster is not None or shards is not None  # jobs run this command; no store here
+    if os.path.lexists(out) and not overwrite and not submitting:  # only the finishing stage is left
         finish_from_store(out, name=name, command=command_of(ctx))
         return
     if data is not None and not data.exists():
@@ -184,6 +232,11 @@ def recipe(
         else:  # missing images are marked, then left out by prepare and counted
             samples = load_dataset(data, n=n_samples, missing_images="mark")
     check_model_source(model_name)
+    if submitting:  # checked as far as can be without the weights: the jobs do the rest
+        from .cluster import submit_recipe_command
+
+        submit_recipe_command(ctx, out=out)
+        return
     set_threads(threads, model_name)
     quiet_transformers()
     options = Options(

@@ -129,9 +129,23 @@ def load(
     dtype: str | torch.dtype | None = None,
     revision: str | None = None,
     attn_implementation: str = "eager",
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> VLM:
-    """Load a model and its processor; `device` is "cpu", "cuda", "cuda:N" or "auto"."""
+    """Load a model and its processor; `device` is "cpu", "cuda", "cuda:N" or "auto".
+
+    `device="auto"` is for a model larger than one GPU: accelerate's device map fills every
+    GPU, then CPU memory, then `offload_folder` on disk, layer by layer, and hooks move
+    activations between them. `max_memory` caps what each may hold, e.g. `{0: "20GiB",
+    1: "20GiB", "cpu": "60GiB"}`. Sweeps on a model split so equal the unsplit model's
+    (`tests/test_device_map.py`, over CPU and disk).
+    """
     check_device(device)
+    if device != "auto" and (max_memory is not None or offload_folder is not None):
+        raise DevicePlacementError(
+            "max_memory and offload_folder place a model over several devices: give device='auto' "
+            f"with them (got device={device!r})."
+        )
     path, _, processor, model_class = describe(name, revision=revision)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -140,14 +154,24 @@ def load(
         kwargs["dtype"] = dtype
     if device == "auto":
         kwargs["device_map"] = "auto"
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     model = model_class.from_pretrained(path, **kwargs)
     if device != "auto":
         model = model.to(device)
+    else:
+        check_first_layers_in_memory(model)
     return wrap(model, processor, name=name, revision=revision or _commit_of(model))
 
 
 class NotAModelError(UserError):
     """A path that holds no model, or a device this machine does not have."""
+
+
+class DevicePlacementError(UserError):
+    """Placement over several devices (max_memory, offload_folder) asked for without device="auto"."""
 
 
 def check_device(device: str) -> None:
@@ -172,6 +196,24 @@ def check_device(device: str) -> None:
     if parsed.index is not None and count and parsed.index >= count:
         raise NotAModelError(
             f"device {device!r}: this machine has {count} {parsed.type} device(s), 0..{count - 1}."
+        )
+
+
+def check_first_layers_in_memory(model: torch.nn.Module) -> None:
+    """Refuse a device map that offloaded the model's first modules to disk.
+
+    nnsight moves a trace's inputs to the device of the model's first parameter; offloaded to
+    disk, that parameter is on the meta device, and every forward would fail deep inside
+    accelerate ("Cannot copy out of meta tensor"). A map filled in order puts the first
+    modules on the first device unless that device is given too little memory.
+    """
+    first = next(model.parameters()).device
+    if first.type == "meta":
+        placement = getattr(model, "hf_device_map", {})
+        raise DevicePlacementError(
+            f"device='auto' offloaded the model's first modules to disk ({next(iter(placement), '?')} -> "
+            f"{next(iter(placement.values()), '?')}), where inputs cannot go. Give the first device more "
+            "memory in max_memory (it must hold at least the first module)."
         )
 
 

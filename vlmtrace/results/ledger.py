@@ -126,3 +126,14 @@ def mismatch(loaded: xr.Dataset) -> tuple[str, tuple[int, ...]] | None:
             if value_digest(values[i]) not in (ledger[i, f], ledger[i, pending]):
                 return name, tuple(i if d == "sample" else 0 for d in loaded[name].dims)
     return None
+
+
+def unfinished(loaded: xr.Dataset, damaged: tuple[str, tuple[int, ...]]) -> bool:
+    """True if `mismatch`'s finding is a value chunk of a sample whose row says not done: one a
+    shard may be writing right now (a done sample is never written again; a row is written whole)."""
+    name, index = damaged
+    if name == LEDGER:
+        return False
+    sample = index[loaded[name].dims.index("sample")]
+    fields = [str(f) for f in loaded[LEDGER_FIELD].values]
+    return not bool(loaded[LEDGER].values[sample, fields.index("done")])

@@ -267,16 +267,33 @@ def _marker(path: Path) -> dict[str, Any]:
     return attrs
 
 
-def _verify(path: Path, loaded: xr.Dataset, marker: dict[str, Any]) -> None:
-    """Recompute every recorded digest of a loaded store (marker and ledger); a mismatch names the file."""
-    checksums.verify(path, loaded, marker)
-    damaged = ledger.mismatch(loaded)
-    if damaged is not None:
-        raise checksums.damaged(path, checksums.chunk_file(path, *damaged), checksums.FOREIGN)
+WRITING_RETRIES = 40
+"""Loads retried (0.05 s apart) while the only mismatch is in a sample that is not done: another
+shard may be writing it at this instant (its values and its ledger row are read at different
+moments). A damaged chunk stays damaged and is named after the retries."""
 
 
 def _load(path: Path) -> xr.Dataset:
-    """A store loaded into memory as on disk (ledger included), every checksum verified."""
+    """A store loaded into memory as on disk (ledger included), every checksum verified.
+
+    Shards fill one store at once, so a load can catch another shard between writing a
+    sample's values and its ledger row: the snapshot then mismatches in that unfinished
+    sample only, and is taken again (`WRITING_RETRIES`).
+    """
+    for attempt in range(WRITING_RETRIES + 1):
+        loaded, marker = _load_once(path)
+        checksums.verify(path, loaded, marker)
+        damaged = ledger.mismatch(loaded)
+        if damaged is None:
+            return loaded
+        if attempt == WRITING_RETRIES or not ledger.unfinished(loaded, damaged):
+            raise checksums.damaged(path, checksums.chunk_file(path, *damaged), checksums.FOREIGN)
+        time.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
+def _load_once(path: Path) -> tuple[xr.Dataset, dict[str, Any]]:
+    """A store loaded into memory as on disk, with its marker; the marker's chunks checked."""
     if not os.path.lexists(path):
         raise StoreError(f"no result store at {path}.")
     if not path.is_dir() or not is_store(path):
@@ -299,8 +316,7 @@ def _load(path: Path) -> xr.Dataset:
     marker = _marker(path)
     if marker:
         _check_chunks(path, read=False)
-    _verify(path, loaded, marker)
-    return loaded
+    return loaded, marker
 
 
 def read_store(path: str | Path) -> xr.Dataset:
