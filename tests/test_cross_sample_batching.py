@@ -2,7 +2,7 @@
 
 Each test sweeps samples of unequal prompt lengths twice: packed (the default: a forward that
 one sample's cells leave room in takes the next samples' rows) and one sample per forward
-(`pack_samples=False`), and requires every value to agree. A spy on `sweep.run_chunk` counts
+(`pack_samples=False`), and requires every value to agree. A spy on `sweep.run_plan` counts
 the samples of each forward, so that no test passes without a forward that packs several.
 """
 
@@ -50,17 +50,18 @@ def samples(n: int = 8, *, template: str = "<image> {question}") -> list[vt.Samp
 
 @contextmanager
 def forwards(monkeypatch):
-    """The number of samples of each forward a sweep ran (`run_chunk` calls)."""
+    """The number of samples of each forward a sweep ran (`run_plan` calls: one scoring group
+    per sample)."""
     seen: list[int] = []
-    original = sweep.run_chunk
+    original = sweep.run_plan
 
-    def spy(vlm, stack, prepared, *args, **kwargs):
-        seen.append(len(prepared))
-        return original(vlm, stack, prepared, *args, **kwargs)
+    def spy(vlm, plan, *args, **kwargs):
+        seen.append(len(plan.scoring))
+        return original(vlm, plan, *args, **kwargs)
 
-    monkeypatch.setattr(sweep, "run_chunk", spy)
+    monkeypatch.setattr(sweep, "run_plan", spy)
     yield seen
-    monkeypatch.setattr(sweep, "run_chunk", original)
+    monkeypatch.setattr(sweep, "run_plan", original)
 
 
 def assert_same(got, expected, names) -> None:
@@ -225,23 +226,23 @@ def test_a_store_killed_after_a_packed_forward_resumes_to_the_same_values(
     tiny_llava, reference, tmp_path, monkeypatch
 ):
     store = tmp_path / "killed.zarr"
-    original = sweep.run_chunk
+    original = sweep.run_plan
     seen: list[int] = []
 
-    def dies_at_the_fifth(vlm, stack, prepared, *args, **kwargs):
+    def dies_at_the_fifth(vlm, plan, *args, **kwargs):
         if len(seen) == 4:
             raise KeyboardInterrupt
-        seen.append(len(prepared))
-        return original(vlm, stack, prepared, *args, **kwargs)
+        seen.append(len(plan.scoring))
+        return original(vlm, plan, *args, **kwargs)
 
-    monkeypatch.setattr(sweep, "run_chunk", dies_at_the_fifth)
+    monkeypatch.setattr(sweep, "run_plan", dies_at_the_fifth)
     with pytest.raises(KeyboardInterrupt):
         vt.patch(tiny_llava, samples(), store=store, **STORE_KWARGS)
     partial = vt.open_result(store)
     progress, done = partial["progress"].values, partial["done"].values
     assert max(seen) > 1 and done.any() and not done.all()
     assert ((progress > 0) & ~done).any(), "a packed forward should have left a sample half done"
-    monkeypatch.setattr(sweep, "run_chunk", original)
+    monkeypatch.setattr(sweep, "run_plan", original)
     resumed = vt.patch(tiny_llava, samples(), store=store, **STORE_KWARGS)
     assert_same(resumed, reference, ("mlp", "clean", "corrupt"))
 
@@ -284,17 +285,16 @@ def test_out_of_memory_halves_a_packed_forward(tiny_llava, monkeypatch):
         STORE_KWARGS, grid=vt.Grid(sites=("mlp",), windows=(1,), positions="segments"), max_batch=64
     )
     expected = vt.patch(tiny_llava, samples(), pack_samples=False, **kwargs)
-    original = sweep.run_chunk
+    original = sweep.run_plan
     sizes: list[tuple[int, int]] = []
 
-    def small_memory(vlm, stack, prepared, cells, chunk, *args, **kwargs):
-        rows = 2 * len(prepared) + len(chunk)  # k = 1: a clean and a corrupted row per sample
-        sizes.append((len(prepared), rows))
-        if rows > 40:
+    def small_memory(vlm, plan, *args, **kwargs):
+        sizes.append((len(plan.scoring), plan.rows))  # one scoring group per sample
+        if plan.rows > 40:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(vlm, stack, prepared, cells, chunk, *args, **kwargs)
+        return original(vlm, plan, *args, **kwargs)
 
-    monkeypatch.setattr(sweep, "run_chunk", small_memory)
+    monkeypatch.setattr(sweep, "run_plan", small_memory)
     got = vt.patch(tiny_llava, samples(), **kwargs)
     assert sizes[0][0] > 1 and sizes[0][1] > 40  # the first forward packed samples and failed
     assert any(n > 1 and rows <= 40 for n, rows in sizes), "halved forwards should still pack"
