@@ -60,14 +60,14 @@ def main() -> None:
     writes = count_writes(die_at=args.die_at_write, die_at_path=args.die_at_path)
     vlm = job_model()
     if args.slow:
-        original = sweep.run_plan
+        original = sweep.run_plans
 
         def slow_chunk(*a, **k):
             out = original(*a, **k)
             time.sleep(args.slow)
             return out
 
-        sweep.run_plan = slow_chunk
+        sweep.run_plans = slow_chunk
     shard = tuple(int(x) for x in args.shard.split("/")) if args.shard else None
     job_sweep(vlm, args.store, shard=shard)
     if args.count_writes:

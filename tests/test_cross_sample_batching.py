@@ -2,7 +2,7 @@
 
 Each test sweeps samples of unequal prompt lengths twice: packed (the default: a forward that
 one sample's cells leave room in takes the next samples' rows) and one sample per forward
-(`pack_samples=False`), and requires every value to agree. A spy on `sweep.run_plan` counts
+(`pack_samples=False`), and requires every value to agree. A spy on `sweep.run_plans` counts
 the samples of each forward, so that no test passes without a forward that packs several.
 """
 
@@ -50,18 +50,18 @@ def samples(n: int = 8, *, template: str = "<image> {question}") -> list[vt.Samp
 
 @contextmanager
 def forwards(monkeypatch):
-    """The number of samples of each forward a sweep ran (`run_plan` calls: one scoring group
+    """The number of samples of each forward a sweep ran (`run_plans` calls: one scoring group
     per sample)."""
     seen: list[int] = []
-    original = sweep.run_plan
+    original = sweep.run_plans
 
-    def spy(vlm, plan, *args, **kwargs):
-        seen.append(len(plan.scoring))
-        return original(vlm, plan, *args, **kwargs)
+    def spy(vlm, plans, *args, **kwargs):
+        seen.extend(len(plan.scoring) for plan in plans)
+        return original(vlm, plans, *args, **kwargs)
 
-    monkeypatch.setattr(sweep, "run_plan", spy)
+    monkeypatch.setattr(sweep, "run_plans", spy)
     yield seen
-    monkeypatch.setattr(sweep, "run_plan", original)
+    monkeypatch.setattr(sweep, "run_plans", original)
 
 
 def assert_same(got, expected, names) -> None:
@@ -226,23 +226,23 @@ def test_a_store_killed_after_a_packed_forward_resumes_to_the_same_values(
     tiny_llava, reference, tmp_path, monkeypatch
 ):
     store = tmp_path / "killed.zarr"
-    original = sweep.run_plan
+    original = sweep.run_plans
     seen: list[int] = []
 
-    def dies_at_the_fifth(vlm, plan, *args, **kwargs):
+    def dies_at_the_fifth(vlm, plans, *args, **kwargs):
         if len(seen) == 4:
             raise KeyboardInterrupt
-        seen.append(len(plan.scoring))
-        return original(vlm, plan, *args, **kwargs)
+        seen.extend(len(plan.scoring) for plan in plans)
+        return original(vlm, plans, *args, **kwargs)
 
-    monkeypatch.setattr(sweep, "run_plan", dies_at_the_fifth)
+    monkeypatch.setattr(sweep, "run_plans", dies_at_the_fifth)
     with pytest.raises(KeyboardInterrupt):
         vt.patch(tiny_llava, samples(), store=store, **STORE_KWARGS)
     partial = vt.open_result(store)
     progress, done = partial["progress"].values, partial["done"].values
     assert max(seen) > 1 and done.any() and not done.all()
     assert ((progress > 0) & ~done).any(), "a packed forward should have left a sample half done"
-    monkeypatch.setattr(sweep, "run_plan", original)
+    monkeypatch.setattr(sweep, "run_plans", original)
     resumed = vt.patch(tiny_llava, samples(), store=store, **STORE_KWARGS)
     assert_same(resumed, reference, ("mlp", "clean", "corrupt"))
 
@@ -285,16 +285,17 @@ def test_out_of_memory_halves_a_packed_forward(tiny_llava, monkeypatch):
         STORE_KWARGS, grid=vt.Grid(sites=("mlp",), windows=(1,), positions="segments"), max_batch=64
     )
     expected = vt.patch(tiny_llava, samples(), pack_samples=False, **kwargs)
-    original = sweep.run_plan
+    original = sweep.run_plans
     sizes: list[tuple[int, int]] = []
 
-    def small_memory(vlm, plan, *args, **kwargs):
+    def small_memory(vlm, plans, *args, **kwargs):
+        (plan,) = plans  # run here, one forward at a time
         sizes.append((len(plan.scoring), plan.rows))  # one scoring group per sample
         if plan.rows > 40:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(vlm, plan, *args, **kwargs)
+        return original(vlm, plans, *args, **kwargs)
 
-    monkeypatch.setattr(sweep, "run_plan", small_memory)
+    monkeypatch.setattr(sweep, "run_plans", small_memory)
     got = vt.patch(tiny_llava, samples(), **kwargs)
     assert sizes[0][0] > 1 and sizes[0][1] > 40  # the first forward packed samples and failed
     assert any(n > 1 and rows <= 40 for n, rows in sizes), "halved forwards should still pack"

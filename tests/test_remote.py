@@ -290,23 +290,24 @@ def test_the_server_going_away_mid_sweep_is_a_clear_error_and_a_rerun_resumes(
     store = tmp_path / "t.zarr"
     whole = vt.patch(llava, [llava_sample], **patch_kwargs(max_batch=6))
     calls = {"n": 0}
-    original = sweep.run_together
+    original = sweep.run_plans
 
     def server_dies_before_the_second_request(*args, **kwargs):
-        calls["n"] += 1  # the first request holds one forward (run_plan), later ones a group
-        servers["doomed"].stop()
+        calls["n"] += 1  # the first request holds one forward, to time it; the second the rest
+        if calls["n"] == 2:
+            servers["doomed"].stop()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(sweep, "run_together", server_dies_before_the_second_request)
+    monkeypatch.setattr(sweep, "run_plans", server_dies_before_the_second_request)
     with pytest.raises(ServerUnavailableError, match="lost the server at .* rerun the same call to resume"):
         vt.patch(
             llava,
             [llava_sample],
             **patch_kwargs(max_batch=6, store=store, backend=backend(llava, host=servers["doomed"].url)),
         )
-    assert calls["n"] == 1
+    assert calls["n"] == 2
     assert int(vt.open_result(store)["progress"].sum()) == 4  # the first forward's cells: 6 rows - 2
-    monkeypatch.setattr(sweep, "run_together", original)
+    monkeypatch.setattr(sweep, "run_plans", original)
     resumed = vt.patch(
         llava,
         [llava_sample],
@@ -320,15 +321,14 @@ def test_a_remote_sweep_sends_its_forwards_in_a_few_requests(servers, llava, lla
     to the backend's `request_seconds`, and the values do not change."""
     local = vt.patch(llava, [llava_sample], **patch_kwargs(max_batch=6))
     requests = {"n": 0, "forwards": 0}
-    for name in ("run_plan", "run_together"):
-        original = getattr(sweep, name)
+    original = sweep.run_plans
 
-        def counted(vlm, plans, *args, original=original, **kwargs):
-            requests["n"] += 1
-            requests["forwards"] += 1 if not isinstance(plans, list) else len(plans)
-            return original(vlm, plans, *args, **kwargs)
+    def counted(vlm, plans, *args, **kwargs):
+        requests["n"] += 1
+        requests["forwards"] += len(plans)
+        return original(vlm, plans, *args, **kwargs)
 
-        monkeypatch.setattr(sweep, name, counted)
+    monkeypatch.setattr(sweep, "run_plans", counted)
     remote = vt.patch(
         llava, [llava_sample], **patch_kwargs(max_batch=6, backend=backend(llava, host=servers["open"].url))
     )

@@ -49,7 +49,7 @@ def test_an_interrupted_sweep_resumes_to_the_same_store(tiny_llava, llava_sample
     samples = [llava_sample, llava_sample.with_(id="q1", image=llava_sample.image_pair)]
     whole = vt.patch(tiny_llava, samples, **sweep_kwargs(tmp_path))
     calls = {"n": 0}
-    original = sweep.run_plan
+    original = sweep.run_plans
 
     def dies_after_three(*args, **kwargs):
         calls["n"] += 1
@@ -57,12 +57,12 @@ def test_an_interrupted_sweep_resumes_to_the_same_store(tiny_llava, llava_sample
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(sweep, "run_plan", dies_after_three)
+    monkeypatch.setattr(sweep, "run_plans", dies_after_three)
     with pytest.raises(KeyboardInterrupt):
         vt.patch(tiny_llava, samples, store=tmp_path / "t.zarr", **sweep_kwargs(tmp_path))
     partial = vt.open_result(tmp_path / "t.zarr")
     assert int(partial["progress"].sum()) > 0 and not partial["done"].all()
-    monkeypatch.setattr(sweep, "run_plan", original)
+    monkeypatch.setattr(sweep, "run_plans", original)
     resumed = vt.patch(tiny_llava, samples, store=tmp_path / "t.zarr", **sweep_kwargs(tmp_path))
     assert values_equal(resumed, whole)
 
@@ -114,17 +114,18 @@ def test_overwrite_replaces_a_store_of_another_configuration(tiny_llava, llava_s
 
 def test_out_of_memory_halves_the_chunk_and_keeps_the_result(tiny_llava, llava_sample, tmp_path, monkeypatch):
     expected = vt.patch(tiny_llava, [llava_sample], **sweep_kwargs(tmp_path))
-    original = sweep.run_plan
+    original = sweep.run_plans
     sizes = []
 
-    def small_memory(vlm, plan, *args, **kwargs):
+    def small_memory(vlm, plans, *args, **kwargs):
+        (plan,) = plans  # run here, one forward at a time
         patched = plan.rows - 2  # a clean and a corrupted baseline row, then one row per cell
         sizes.append(patched)
         if patched > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(vlm, plan, *args, **kwargs)
+        return original(vlm, plans, *args, **kwargs)
 
-    monkeypatch.setattr(sweep, "run_plan", small_memory)
+    monkeypatch.setattr(sweep, "run_plans", small_memory)
     got = vt.patch(tiny_llava, [llava_sample], **sweep_kwargs(tmp_path))
     assert max(sizes) > 2 and 2 in sizes
     np.testing.assert_allclose(got["mlp"].values, expected["mlp"].values, rtol=0, atol=1e-6)
@@ -134,7 +135,7 @@ def test_an_error_that_is_not_out_of_memory_is_not_retried(tiny_llava, llava_sam
     def broken(*args, **kwargs):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(sweep, "run_plan", broken)
+    monkeypatch.setattr(sweep, "run_plans", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         vt.patch(tiny_llava, [llava_sample], **sweep_kwargs(tmp_path))
 

@@ -438,14 +438,17 @@ def run_plan(vlm: VLM, plan: ForwardPlan, backend: Any = None) -> tuple[torch.Te
     return values, probes
 
 
-def run_together(vlm: VLM, plans: list[ForwardPlan], backend: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Run several planned forwards as one request: one nnsight session holding their traces.
+def run_plans(
+    vlm: VLM, plans: list[ForwardPlan], backend: Any = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run planned forwards; return each one's (values, probes), in order.
 
-    A remote sweep sends one request per forward otherwise, and each request pays a round trip
-    (and on NDIF a place in the queue). The traces run one after another on the server, each
-    with its own rows, so memory is one forward's; only their per-row floats come back, all at
-    the end of the session. Returns each forward's (values, probes), in order.
+    One forward is one trace. Several are one nnsight session holding their traces: with a
+    remote `backend`, one request instead of one per forward (`vlmtrace.engine.grouping`).
+    The traces run one after another, each with its own rows, so memory is one forward's.
     """
+    if len(plans) == 1:
+        return [run_plan(vlm, plans[0], backend)]
     import nnsight
 
     envoy = vlm.envoy

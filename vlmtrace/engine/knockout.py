@@ -33,7 +33,9 @@ What each block blocked is stored per sample (`blocked_positions`), so a reader 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -47,7 +49,8 @@ from ..presentation.progress import progress_bar
 from ..results.dataset import describe, provenance, sample_ids
 from .admission import check_arguments, check_samples
 from .corruptions import clean_side
-from .forward import SEQUENCE_FIELDS, Edits, run, stack_rows
+from .forward import SEQUENCE_FIELDS, Edits, forward_plan, run_plans, stack_rows
+from .grouping import RequestPacer
 from .inputs import scored_answer_ids
 from .metrics import Metric, Probability
 from .positions import Segments
@@ -155,6 +158,7 @@ def knockout(
     clean = np.full(len(samples), np.nan)
     per_chunk = max(1, max_batch - 1)
     blocked: list[tuple[dict[str, tuple[list[int], list[int]]], Segments, Segments | None]] = []
+    pacer = RequestPacer(backend)
     with progress_bar(progress, f"knockout {vlm.name}") as bar:
         task = bar.add_task("samples", total=len(samples))
         for s, sample in enumerate(samples):
@@ -176,33 +180,42 @@ def knockout(
             )
             if vlm.adapter.answer_sequence == "decoder":
                 answer_at = slice(0, len(answer))
-            for start in range(0, len(cells), per_chunk):
-                chunk = cells[start : start + per_chunk]
-                edits = Edits()
-                for offset, (b, w, c) in enumerate(chunk):
-                    keys, queries = sides[b]
-                    for layer in (i for i in window_layers(c, w, n_layers) if i in knockable):
-                        index = edits.knock(layer, cross=attention == "cross")
-                        for q in queries:
-                            for k in keys:
-                                index.row.append(1 + offset)
-                                index.query.append(q)
-                                index.key.append(k)
-                batch = stack_rows(vlm, [encoded.inputs] * (1 + len(chunk)), widths)
-                out = run(
-                    vlm,
-                    the_stack,
-                    batch,
-                    edits,
-                    metric=metric,
-                    answer=torch.tensor(answer),
-                    foil=None,
-                    answer_slice=answer_at,
-                    backend=backend,
-                )
-                clean[s] = float(out[0])
-                for (b, w, c), value in zip(chunk, out[1:].tolist(), strict=True):
-                    values[s, names.index(b), list(windows).index(w), centres.index(c)] = value
+
+            def planned(sides=sides, encoded=encoded, widths=widths, answer=answer, answer_at=answer_at):
+                for start in range(0, len(cells), per_chunk):
+                    chunk = cells[start : start + per_chunk]
+                    edits = Edits()
+                    for offset, (b, w, c) in enumerate(chunk):
+                        keys, queries = sides[b]
+                        for layer in (i for i in window_layers(c, w, n_layers) if i in knockable):
+                            index = edits.knock(layer, cross=attention == "cross")
+                            for q in queries:
+                                for k in keys:
+                                    index.row.append(1 + offset)
+                                    index.query.append(q)
+                                    index.key.append(k)
+                    batch = stack_rows(vlm, [encoded.inputs] * (1 + len(chunk)), widths)
+                    plan = forward_plan(
+                        vlm,
+                        the_stack,
+                        batch,
+                        edits,
+                        metric=metric,
+                        answer=torch.tensor(answer),
+                        foil=None,
+                        answer_slice=answer_at,
+                    )
+                    yield chunk, plan
+
+            forwards = planned()
+            while group := list(islice(forwards, pacer.size)):  # one remote request per group
+                started = time.monotonic()
+                results = run_plans(vlm, [plan for _, plan in group], backend)
+                pacer.ran(len(group), time.monotonic() - started)
+                for (chunk, _), (out, _) in zip(group, results, strict=True):
+                    clean[s] = float(out[0])
+                    for (b, w, c), value in zip(chunk, out[1:].tolist(), strict=True):
+                        values[s, names.index(b), list(windows).index(w), centres.index(c)] = value
             bar.advance(task)
     attrs = provenance(
         vlm,

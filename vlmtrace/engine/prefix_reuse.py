@@ -2,7 +2,7 @@
 
 Rows of a chunk compute exactly what their baseline row (clean, or corrupted draw d) computed
 below the chunk's first patched layer and, in a causal decoder, before its first patched
-position. `vlmtrace.engine.sweep.run_plan` skips those layers (nnsight `skip`, from the states
+position. `vlmtrace.engine.sweep.plan_chunk` skips those layers (nnsight `skip`, from the states
 `forward.baseline_prefix` kept) and runs only the suffix on cached keys and values.
 
     if resumes_keys_values(vlm, stack):      # a causal decoder whose positions the engine makes

@@ -47,7 +47,8 @@ from ..results.store import SweepStore
 from . import attribution, screening
 from .admission import check_arguments
 from .corruptions import Corruption
-from .forward import ForwardPlan, Prefix, forward_plan, resume_cache, run_plan, run_together, stack_rows
+from .forward import ForwardPlan, Prefix, forward_plan, resume_cache, run_plans, stack_rows
+from .grouping import RequestPacer
 from .metrics import Metric, Probability
 from .packing import Share, common_widths, next_forward, offsets, packed_edits, pad, scoring, signature
 from .planning import (
@@ -276,19 +277,16 @@ def run_forwards(
     (`vlmtrace.engine.self_check`): the first forward's most padded sample against the model's
     own forward, every sample's later forwards against its first.
 
-    With a remote `backend`, forwards travel in groups, one request each
-    (`forward.run_together`): the first alone, then as many as fit the backend's
-    `request_seconds` (`REQUEST_SECONDS` by default) at the last request's seconds per forward,
-    at most `MAX_GROUP`. Each forward still holds only its own rows, and each is yielded (and
-    written to the store) as its request returns.
+    With a remote `backend`, forwards travel in groups, one request each, sized by
+    `grouping.RequestPacer`. Each forward still holds only its own rows, and each is yielded
+    (and written to the store) as its request returns.
     """
     pending = list(pending)
     pack = pack and not reuse_prefix
     signatures = {i: signature(vlm, plans[i].prepared) for i, _ in pending} if pack else {}
     cap: int | None = None  # rows per forward, once one ran out of memory
     computed: tuple[int, Prefix] | None = None  # the prefix of the sample prefix reuse is on
-    group_size = 1
-    request_seconds = float(getattr(backend, "request_seconds", REQUEST_SECONDS))
+    pacer = RequestPacer(backend)
 
     def rows(prepared: list[Prepared]) -> int:
         budget = rows_per_chunk(vlm, prepared, max_batch, max_memory)
@@ -297,7 +295,7 @@ def run_forwards(
     while pending:
         group: list[tuple[list[Share], list[torch.Tensor] | None, ForwardPlan]] = []
         ahead = pending
-        while ahead and len(group) < group_size:
+        while ahead and len(group) < pacer.size:
             shares = next_forward(plans, ahead, rows=rows, pack=pack, signatures=signatures)
             prefix = None
             if reuse_prefix and shares[0].cells:
@@ -336,35 +334,22 @@ def run_forwards(
             ahead = after(ahead, shares)
         started = time.monotonic()
         try:
-            if len(group) == 1:
-                results = [run_plan(vlm, group[0][2], backend)]
-            else:
-                results = run_together(vlm, [forward for _, _, forward in group], backend)
+            results = run_plans(vlm, [forward for _, _, forward in group], backend)
         except Exception as error:
             cap = halved(group[0][0]) if is_out_of_memory(error) else None
             if cap is None:
                 raise
-            group_size = 1
+            pacer.restart()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
-        if backend is not None:
-            per_forward = (time.monotonic() - started) / len(group)
-            group_size = max(1, min(MAX_GROUP, int(request_seconds / max(per_forward, 1e-3))))
+        pacer.ran(len(group), time.monotonic() - started)
         for (shares, probes, _), (values, probed) in zip(group, results, strict=True):
             if check is not None:
                 for share, baseline in zip(shares, probed_rows(shares, probed, probes), strict=True):
                     check.verify(share.sample, share.prepared, baseline)
             yield list(zip(shares, finished_by(shares, values), strict=True))
         pending = ahead
-
-
-REQUEST_SECONDS = 60.0
-"""How long one remote request may run by default: a group of forwards is sized to about this
-at the last request's pace (a backend's `request_seconds` overrides it). NDIF and `vlmtrace
-serve` (`--max-runtime`, 600 s by default) stop longer requests."""
-MAX_GROUP = 64
-"""Forwards per remote request at most, whatever their pace: a failed request loses no more."""
 
 
 def after(pending: list[tuple[int, int]], shares: list[Share]) -> list[tuple[int, int]]:
@@ -448,7 +433,7 @@ def plan_chunk(
     row starts from its own baseline row's states, which it equals up to there.
 
     Returns the forward, planned: run, it gives the values in row order and the probes of
-    each sample's baseline rows at its `probes` tokens (`forward.run_plan`; empty without
+    each sample's baseline rows at its `probes` tokens (`forward.run_plans`; empty without
     `probes`).
     """
     patched_input = "corrupt" if direction == "denoise" else "clean"

@@ -89,7 +89,11 @@ def run_request(persistent: dict[str, Any], payload: bytes, *, compress: bool) -
         saved = _saves()
         values = {name: value for name, value in tracer.info.frame.f_locals.items() if id(value) in saved}
     except Exception as error:
-        lines = traceback.format_exception(type(error), error, tracer.traceback(error))
+        # a trace knows the client's lines its error came from; a session (several traces in
+        # one request) does not, and its error carries the failing trace's intervention frames
+        where = tracer.traceback(error) if hasattr(tracer, "traceback") else None
+        where = where or getattr(error, "__intervention_tb__", None) or error.__traceback__
+        lines = traceback.format_exception(type(error), error, where)
         raise RequestFailed("".join(lines).rstrip()) from None
     finally:
         dec()
