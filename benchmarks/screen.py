@@ -114,6 +114,12 @@ def samples_for(vlm: vt.VLM, n: int, own: bool) -> list[vt.Sample]:
     return answered
 
 
+def organism_grid(vlm: vt.VLM) -> vt.Grid:
+    """Window 1, every layer x every position but the special tokens, at every site the model has."""
+    stack = vlm.adapter.stacks[vlm.adapter.default_stack]
+    return vt.Grid(sites=tuple(s for s in SITES if s in stack.sites), windows=(1,), skip=("special",))
+
+
 def measure(vlm: vt.VLM, name: str, samples, grid: vt.Grid, methods, steps, top_k: int) -> list[Row]:
     rows = []
     for corruption_name, corruption in CORRUPTIONS.items():
@@ -203,10 +209,14 @@ def main() -> None:
     rows: list[Row] = []
     for name in args.models.split(","):
         vlm = vt.load(name)
-        stack = vlm.adapter.stacks[vlm.adapter.default_stack]
-        grid = vt.Grid(sites=tuple(s for s in SITES if s in stack.sites), windows=(1,), skip=("special",))
         rows += measure(
-            vlm, name, samples_for(vlm, args.samples, own=False), grid, methods, steps, args.top_k
+            vlm,
+            name,
+            samples_for(vlm, args.samples, own=False),
+            organism_grid(vlm),
+            methods,
+            steps,
+            args.top_k,
         )
     if not args.skip_big:
         vlm = big_llava(args)

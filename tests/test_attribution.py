@@ -232,6 +232,15 @@ def test_material_overlap_counts_ties_and_ignores_negligible_effects():
     assert flat["material_groups"] == 0 and np.isnan(flat["material_overlap"])
 
 
+def test_cells_a_screened_sweep_left_unpatched_rank_last_not_out():
+    """A screened sweep (NaN where it did not patch) that missed the largest exact effect scores
+    0.5 at k = 2, not 1.0: the missed cell still counts, ranked below every patched one."""
+    exact = one_group([[1.0, 0.5, 0.01, 0.001]])
+    screened = one_group([[np.nan, 0.5, 0.01, np.nan]])
+    report = agreement(screened, exact, 2)["mlp"]
+    assert report["material_overlap"] == 0.5 and report["overlap"] == 0.5
+
+
 def reference_integrated_gradients(vlm, sample, layer: int, steps: int) -> np.ndarray:
     """IG of log P(answer) at every position of the MLP output of `layer`, image pair, denoising.
 

@@ -32,7 +32,8 @@ class Options:
     overwrite: bool = False
     """Replace part stores written by another configuration."""
     screen: int | None = None
-    """Patch only the top-k cells by attribution-patching estimate."""
+    """Patch only the top-k cells by attribution-patching estimate; 3x the cells you will read
+    (`benchmarks/screened_sweep.py`)."""
     screen_method: str = "atp"
     """How the screen estimates: one of `vlmtrace.engine.attribution.METHODS` ("atp": the gradient at
     the run; "ig": integrated gradients; "atp+qk", "atp+graddrop", "atp*": AtP*'s fixes)."""

@@ -73,7 +73,12 @@ def recipe(
         str | None, typer.Option(help="Memory a forward may use, e.g. 20GB; chunks shrink to fit.")
     ] = None,
     screen: Annotated[
-        int | None, typer.Option(min=1, help="Patch only the top-K cells by attribution-patching estimate.")
+        int | None,
+        typer.Option(
+            min=1,
+            help="Patch only the top-K cells by attribution-patching estimate; 3x the cells you "
+            "will read (e.g. 15 for a top 5), best with --screen-method 'atp*'.",
+        ),
     ] = None,
     screen_method: Annotated[
         str,

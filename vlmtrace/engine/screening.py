@@ -120,7 +120,7 @@ def agreement(
 ) -> dict[str, dict[str, float]]:
     """How well attribution ranks cells compared with exact patching, per site.
 
-    For each (sample, window) group of cells that both results have:
+    For each (sample, window) group of cells:
     - `overlap`: the share of exact patching's top-k cells by |effect| that the screen also
       picks (what `screen` would keep). Strict: among exactly tied or negligible effects,
       which ones count as "top k" is arbitrary, and a screen that picks others loses.
@@ -132,7 +132,10 @@ def agreement(
     - `material_recall` (with `candidates`): the same top k, found among the screen's top
       `candidates` cells: what `patch(..., screen=candidates)` patches exactly, so the share
       of the cells that matter a generous screen does not hide.
-    - `spearman`: the rank correlation of the signed effects over all cells.
+    - `spearman`: the rank correlation of the signed effects over all cells both results have.
+    The cells are those exact patching has (NaN there: nothing to patch). A cell NaN in
+    `estimates` only ranks last: so `estimates` may also be a screened sweep,
+    `patch(..., screen=s)`, whose unpatched cells are NaN and whose top k is what its user reads.
     Each is averaged over its groups (NaN groups, e.g. constant effects, are skipped);
     `groups` and `material_groups` count them.
     """
@@ -149,8 +152,8 @@ def agreement(
         overlaps, materials, recalls, correlations = [], [], [], []
         for s in range(guess.shape[0]):
             for w in range(guess.shape[1]):
-                both = np.isfinite(guess[s, w]) & np.isfinite(truth[s, w])
-                g, t = guess[s, w][both], truth[s, w][both]
+                patched = np.isfinite(truth[s, w])  # cells with something to patch
+                g, t = guess[s, w][patched], truth[s, w][patched]  # g's NaN: never picked, so last
                 if len(g) == 0:
                     continue
                 top = min(k, len(g))
@@ -165,7 +168,8 @@ def agreement(
                         screened = _top(np.abs(g), candidates)
                         best = screened[np.argsort(-np.abs(t[screened]), kind="stable")[:top]]
                         recalls.append(len(set(best.tolist()) & wanted) / min(top, len(wanted)))
-                correlations.append(spearman(g, t))
+                both = np.isfinite(g)
+                correlations.append(spearman(g[both], t[both]))
         report[site] = {
             "overlap": _mean(overlaps),
             "material_overlap": _mean(materials),

@@ -95,25 +95,28 @@ def patch(
 ) -> xr.Dataset:
     """Patch every cell of `grid` for every sample; return the metric of every patched run.
 
-    `direction="denoise"` runs the corrupted input and restores clean activations (causal
-    tracing); `"noise"` runs the clean input and patches in corrupted activations. With `store`,
-    results are written to zarr as chunks finish and a rerun resumes. With `screen=k`,
-    attribution patching (`vlmtrace.engine.attribution`) estimates every cell first and only the
-    k cells of largest estimated |effect| per sample, window and site are patched; the others
-    stay NaN. `screen_method="ig"` estimates with integrated gradients (better where the metric
-    saturates, e.g. P(answer) near 0; `benchmarks/screen.py`). With `reuse_prefix=True`, the
-    clean and corrupted runs are computed once per sample and every chunk starts from them: the
-    layers below its first patched layer are skipped, in a causal decoder only the positions
-    from its first patched one are computed (on cached keys/values), and the image encoder runs
-    once per distinct image. Same results; local runs only (`tests/test_prefix_reuse.py`); a
-    forward then holds one sample's rows. With `verify` (the default), the batched clean and
-    corrupted rows of the first forward's most padded sample are checked against the model's
-    own forward of the same prompt and image, and every later forward's baseline rows against
-    the sample's first (`vlmtrace.engine.self_check`; a float sets the tolerance in nats); the
-    sweep stops with `SelfCheckError` if they differ. A forward holds the rows of
-    several samples where one sample's leave room (`vlmtrace.engine.packing`);
-    `pack_samples=False` runs one sample per forward, for benchmarks and tests: the results are
-    the same, up to float rounding.
+    `direction="denoise"` runs the corrupted input and restores clean activations (causal tracing);
+    `"noise"` runs the clean input and patches in corrupted activations. With `store`, results are
+    written to zarr as chunks finish and a rerun resumes. With `screen=k`, attribution patching
+    (`vlmtrace.engine.attribution`) estimates every cell first and only the k cells of largest
+    estimated |effect| per sample, window and site are patched; the others stay NaN. Estimates rank
+    cells imperfectly, so ask for 3x the cells you will read: to read the top 5, `screen=15`. On the
+    three shipped trained organisms (`benchmarks/screened_sweep.py`, RESULTS.md), `screen=15,
+    screen_method="atp*"` held every cell of the full sweep's material top 5 in its own top 5 (atp,
+    the default: at least 0.94; `screen=5`: 0.62-0.70). "atp*" needs the adapter to declare its
+    attention scores (`Stack.scores`; else `QKFixError`: use "atp+graddrop", 0.97).
+    `screen_method="ig"` estimates with integrated gradients. With `reuse_prefix=True`, the clean
+    and corrupted runs are computed once per sample and every chunk starts from them: the layers
+    below its first patched layer are skipped, in a causal decoder only the positions from its first
+    patched one are computed (on cached keys/values), and the image encoder runs once per distinct
+    image. Same results; local runs only (`tests/test_prefix_reuse.py`); a forward then holds one
+    sample's rows. With `verify` (the default), the batched clean and corrupted rows of the first
+    forward's most padded sample are checked against the model's own forward of the same prompt and
+    image, and every later forward's baseline rows against the sample's first
+    (`vlmtrace.engine.self_check`; a float sets the tolerance in nats); the sweep stops with
+    `SelfCheckError` if they differ. A forward holds the rows of several samples where one sample's
+    leave room (`vlmtrace.engine.packing`); `pack_samples=False` runs one sample per forward, for
+    benchmarks and tests: the results are the same, up to float rounding.
     """
     check_arguments(metric=metric, max_batch=max_batch, max_memory=max_memory, shard=shard, store=store)
     stack_name, stack = checked_stack(vlm, samples, grid, direction, verb="patch")
