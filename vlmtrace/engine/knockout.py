@@ -159,8 +159,10 @@ def knockout(
     per_chunk = max(1, max_batch - 1)
     blocked: list[tuple[dict[str, tuple[list[int], list[int]]], Segments, Segments | None]] = []
     pacer = RequestPacer(backend)
-    with progress_bar(progress, f"knockout {vlm.name}") as bar:
-        task = bar.add_task("samples", total=len(samples))
+
+    def planned():
+        """(sample, its chunk of cells, the planned forward), sample by sample: forwards of
+        several samples may share a remote request."""
         for s, sample in enumerate(samples):
             answer = scored_answer_ids(vlm, sample.prompt, sample.answer, whole=False)
             encoded = clean_side(vlm, sample, answer)
@@ -180,43 +182,43 @@ def knockout(
             )
             if vlm.adapter.answer_sequence == "decoder":
                 answer_at = slice(0, len(answer))
+            for start in range(0, len(cells), per_chunk):
+                chunk = cells[start : start + per_chunk]
+                edits = Edits()
+                for offset, (b, w, c) in enumerate(chunk):
+                    keys, queries = sides[b]
+                    for layer in (i for i in window_layers(c, w, n_layers) if i in knockable):
+                        index = edits.knock(layer, cross=attention == "cross")
+                        for q in queries:
+                            for k in keys:
+                                index.row.append(1 + offset)
+                                index.query.append(q)
+                                index.key.append(k)
+                batch = stack_rows(vlm, [encoded.inputs] * (1 + len(chunk)), widths)
+                plan = forward_plan(
+                    vlm,
+                    the_stack,
+                    batch,
+                    edits,
+                    metric=metric,
+                    answer=torch.tensor(answer),
+                    foil=None,
+                    answer_slice=answer_at,
+                )
+                yield s, chunk, plan
 
-            def planned(sides=sides, encoded=encoded, widths=widths, answer=answer, answer_at=answer_at):
-                for start in range(0, len(cells), per_chunk):
-                    chunk = cells[start : start + per_chunk]
-                    edits = Edits()
-                    for offset, (b, w, c) in enumerate(chunk):
-                        keys, queries = sides[b]
-                        for layer in (i for i in window_layers(c, w, n_layers) if i in knockable):
-                            index = edits.knock(layer, cross=attention == "cross")
-                            for q in queries:
-                                for k in keys:
-                                    index.row.append(1 + offset)
-                                    index.query.append(q)
-                                    index.key.append(k)
-                    batch = stack_rows(vlm, [encoded.inputs] * (1 + len(chunk)), widths)
-                    plan = forward_plan(
-                        vlm,
-                        the_stack,
-                        batch,
-                        edits,
-                        metric=metric,
-                        answer=torch.tensor(answer),
-                        foil=None,
-                        answer_slice=answer_at,
-                    )
-                    yield chunk, plan
-
-            forwards = planned()
-            while group := list(islice(forwards, pacer.size)):  # one remote request per group
-                started = time.monotonic()
-                results = run_plans(vlm, [plan for _, plan in group], backend)
-                pacer.ran(len(group), time.monotonic() - started)
-                for (chunk, _), (out, _) in zip(group, results, strict=True):
-                    clean[s] = float(out[0])
-                    for (b, w, c), value in zip(chunk, out[1:].tolist(), strict=True):
-                        values[s, names.index(b), list(windows).index(w), centres.index(c)] = value
-            bar.advance(task)
+    with progress_bar(progress, f"knockout {vlm.name}") as bar:
+        task = bar.add_task("cells", total=len(samples) * len(cells))
+        forwards = planned()
+        while group := list(islice(forwards, pacer.size)):  # one remote request per group
+            started = time.monotonic()
+            results = run_plans(vlm, [plan for _, _, plan in group], backend)
+            pacer.ran(len(group), time.monotonic() - started)
+            for (s, chunk, _), (out, _) in zip(group, results, strict=True):
+                clean[s] = float(out[0])
+                for (b, w, c), value in zip(chunk, out[1:].tolist(), strict=True):
+                    values[s, names.index(b), list(windows).index(w), centres.index(c)] = value
+                bar.advance(task, len(chunk))
     attrs = provenance(
         vlm,
         recipe=recipe,
