@@ -5,6 +5,7 @@ vlmtrace recipe multi_constraint --n-samples 8 --out trace.zarr
 vlmtrace zoo list
 vlmtrace calibrate --n-samples 8
 vlmtrace plot trace.zarr
+vlmtrace data example vqa vqa/
 
 A user's mistake (any `vlmtrace.UserError`: a bad path, a span not in the prompt, an
 unreachable hub) prints one short paragraph and exits with status 2; `--debug` (or
@@ -24,6 +25,7 @@ from typer.core import TyperGroup
 
 from ..errors import UserError
 from .calibrate import calibrate
+from .data import app as data_app
 from .models import check, models
 from .recipe import recipe
 from .serve import serve
@@ -69,6 +71,7 @@ app.command()(models)
 app.command()(check)
 app.command()(calibrate)
 app.add_typer(zoo_app, name="zoo", help="The shipped model organisms: list, train, eval.")
+app.add_typer(data_app, name="data", help="Example data in each published layout that --data reads.")
 
 
 @app.command()
