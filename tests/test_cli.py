@@ -85,7 +85,8 @@ def test_help_and_recipe_list_import_neither_torch_nor_transformers():
         "import sys\n"
         "from typer.testing import CliRunner\n"
         "from vlmtrace.cli import app\n"
-        "for args in (['--help'], ['recipe', 'list'], ['recipe', '--help'], ['zoo', '--help']):\n"
+        "for args in (['--help'], ['recipe', 'list'], ['recipe', '--help'], ['zoo', '--help'],"
+        " ['data', 'example', '--help']):\n"
         "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
         "print(sorted(m for m in ('torch', 'transformers', 'nnsight') if m in sys.modules))\n"
     )
@@ -302,3 +303,29 @@ def test_serve_refuses_a_port_out_of_range_and_an_unassignable_host_before_loadi
 def test_serve_refuses_a_body_limit_that_is_not_a_finite_size():
     result = runner.invoke(app, ["serve", "no-such-model", "--max-body", "1e400"])
     assert result.exit_code == 2 and "use a finite size" in _text(result)
+
+
+def test_data_example_writes_a_layout_that_the_loaders_read_and_prints_the_data_path(tmp_path):
+    from vlmtrace.data.loaders import load_dataset
+
+    result = runner.invoke(app, ["data", "example", "gqa", str(tmp_path / "gqa")])
+    assert result.exit_code == 0 and f"--data {tmp_path / 'gqa'}" in result.output
+    assert len(load_dataset(tmp_path / "gqa")) == 10
+
+
+def test_data_example_never_writes_into_a_folder_that_holds_files(tmp_path):
+    (tmp_path / "vqa").mkdir()
+    (tmp_path / "vqa" / "v2_mscoco_val2014_annotations.json").write_text("mine")
+    result = runner.invoke(app, ["data", "example", "vqa", str(tmp_path / "vqa")])
+    assert result.exit_code == 2 and "already holds files" in _text(result)
+    assert (tmp_path / "vqa" / "v2_mscoco_val2014_annotations.json").read_text() == "mine"
+
+
+def test_every_data_example_is_a_few_kilobytes(tmp_path):
+    from vlmtrace.data.examples import EXAMPLES, write_example
+
+    sizes = {}
+    for layout in EXAMPLES:
+        write_example(layout, tmp_path / layout)
+        sizes[layout] = sum(f.stat().st_size for f in (tmp_path / layout).rglob("*") if f.is_file())
+    assert all(size < 200_000 for size in sizes.values()), sizes
