@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
@@ -329,3 +330,23 @@ def test_every_data_example_is_a_few_kilobytes(tmp_path):
         write_example(layout, tmp_path / layout)
         sizes[layout] = sum(f.stat().st_size for f in (tmp_path / layout).rglob("*") if f.is_file())
     assert all(size < 200_000 for size in sizes.values()), sizes
+
+
+def test_a_vlmtrace_threads_that_is_not_a_number_is_one_paragraph_naming_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMTRACE_THREADS", "abc")
+    result = runner.invoke(app, ["recipe", "visual_constraint", "--out", str(tmp_path / "x.zarr")])
+    text = _text(result)
+    assert result.exit_code == 2 and "Traceback" not in text
+    assert "VLMTRACE_THREADS='abc' is not a number of threads" in text and "--threads N" in text
+
+
+def test_cuda_on_a_cpu_only_torch_says_the_build_is_cpu_only_and_how_to_get_a_gpu_one(tmp_path):
+    import torch
+
+    if torch.version.cuda is not None or torch.version.hip is not None:
+        pytest.skip("this torch is built for a GPU")
+    result = runner.invoke(
+        app, ["recipe", "visual_constraint", "--device", "cuda", "--out", str(tmp_path / "x.zarr")]
+    )
+    text = _text(result)
+    assert result.exit_code == 2 and "is a CPU-only build" in text and "Install a CUDA build of torch" in text

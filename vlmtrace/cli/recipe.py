@@ -393,14 +393,35 @@ def set_threads(threads: int | None, model: str) -> int | None:
     """
     from .hub import organism_names
 
-    if threads is None and os.environ.get("VLMTRACE_THREADS"):
-        threads = int(os.environ["VLMTRACE_THREADS"])
+    if threads is None:
+        threads = environment_threads()
     if threads is None and model in organism_names():
         threads = 1
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
+    return threads
+
+
+class ThreadsError(UserError):
+    """$VLMTRACE_THREADS that is not a number of threads."""
+
+
+def environment_threads() -> int | None:
+    """$VLMTRACE_THREADS as a number of threads, or None when it is unset or empty."""
+    text = os.environ.get("VLMTRACE_THREADS", "").strip()
+    if not text:
+        return None
+    try:
+        threads = int(text)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ThreadsError(
+            f"VLMTRACE_THREADS={text!r} is not a number of threads. Set it to a whole number of at least 1 "
+            "(export VLMTRACE_THREADS=1), or unset it; --threads N overrides it for one run."
+        )
     return threads
 
 
