@@ -234,8 +234,8 @@ class State:
         raise HTTPException(
             status_code=404,
             detail=(
-                f"this server does not serve {name!r}; it serves {served}. Load the model on the "
-                "client under the same name, or pass model_key= with one of these names."
+                f"this server does not serve {name!r}; it serves {served}. Name one of these (--model on "
+                "the command line; in Python, load the model under the same name or pass model_key=)."
             ),
         )
 
