@@ -326,6 +326,11 @@ NOTHING_LEFT = {  # a run that keeps no sample, and the way out its error must n
         "--replace",
     ),
     "wrong answers": (["information_flow"], layouts.gqa, "--keep-wrong"),
+    "no foil": (  # a phrase given with --replace has no answer for the logit difference to score against
+        ["gn_vs_str", "--span", "visual=@object", "--replace", "visual=the thing", "--keep-wrong"],
+        layouts.clevr,
+        "leave out --replace",
+    ),
 }
 
 

@@ -141,6 +141,11 @@ FIXES: tuple[tuple[str, str], ...] = (
     ("answer: ", "use answers the model can produce (words of its vocabulary)"),
     ("words outside the vocabulary", "use questions in words of the model's vocabulary"),
     ("the model's own answer", "add an answer column to the file"),
+    (
+        "no foil answer",
+        "leave out --replace, so STR draws each replacement phrase from the data and scores the answer "
+        "against the donor's; or give each question a foil answer (a table's `foil` column)",
+    ),
 )
 
 
@@ -201,6 +206,8 @@ def prepare(
     ready = _replacements(vlm, with_spans, wanted, phrases, seed, leave)
     if getattr(needs, "image_pair", False):
         ready = _image_pairs(ready, leave)
+    if getattr(needs, "foil", False):  # the logit difference's second answer: a donor's, a pair's, the file's
+        ready = _with_foils(ready, leave)
     if regions:
         ready = _regions(vlm, ready, leave)
     from ..prompts import PromptTemplateError, for_model
@@ -335,6 +342,20 @@ def _image_pairs(samples: list[Sample], leave) -> list[Sample]:
             meta = {**sample.meta, "pair_id": partner.id}
             sample = sample.with_(image_pair=partner.image, foil=sample.foil or partner.answer, meta=meta)
         out.append(sample)
+    return out
+
+
+def _with_foils(samples: list[Sample], leave) -> list[Sample]:
+    """The samples that carry a foil answer; the others are left out (a phrase given with --replace has
+    no answer of its own to score against)."""
+    from ..recipes import NO_FOIL
+
+    out = []
+    for sample in samples:
+        if sample.foil:
+            out.append(sample)
+        else:
+            leave(sample, NO_FOIL)
     return out
 
 
