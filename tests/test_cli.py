@@ -350,3 +350,19 @@ def test_cuda_on_a_cpu_only_torch_says_the_build_is_cpu_only_and_how_to_get_a_gp
     )
     text = _text(result)
     assert result.exit_code == 2 and "is a CPU-only build" in text and "Install a CUDA build of torch" in text
+
+
+def test_an_out_path_under_a_file_names_the_file_in_the_way_not_a_missing_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "x.zarr"
+    result = runner.invoke(app, ["recipe", "visual_constraint", "--out", str(out)])
+    text = "".join(_text(result).split())  # rich may wrap the long path mid-word
+    assert result.exit_code == 2 and "notes.txtisafile" in text and "doesnotexist" not in text
+
+
+def test_a_file_where_the_figures_or_sub_sweeps_go_is_refused_before_the_run(tmp_path):
+    for beside in ("x", "x.parts"):
+        (tmp_path / beside).write_text("mine")
+        result = runner.invoke(app, ["recipe", "visual_constraint", "--out", str(tmp_path / "x.zarr")])
+        assert result.exit_code == 2 and "is a file, but the run writes its" in _text(result)
+        (tmp_path / beside).unlink()

@@ -359,10 +359,30 @@ def check_out(out: Path, *, overwrite: bool) -> Path:
         )
     folder = out.parent.resolve()
     if not folder.is_dir():
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:  # a path under a file: no folder can be created there
+            raise typer.BadParameter(
+                f"{blocker} is a file, so {out} cannot be written under it. Choose --out in an existing "
+                f"folder (e.g. --out {out.name}, in the current one).",
+                param_hint="--out",
+            )
         raise typer.BadParameter(f"folder {folder} does not exist; create it first.", param_hint="--out")
     if not os.access(folder, os.W_OK):
         raise typer.BadParameter(
             f"folder {folder} is not writable; choose another --out.", param_hint="--out"
+        )
+    for beside, kind in ((out.with_suffix(""), "figures"), (out.with_suffix(".parts"), "sub-sweeps")):
+        if beside.exists() and not beside.is_dir():  # found now, not after the sweep
+            raise typer.BadParameter(
+                f"{beside} is a file, but the run writes its {kind} into a folder of that name. Move the "
+                "file, or choose another --out.",
+                param_hint="--out",
+            )
+    if out.with_suffix(".html").is_dir():
+        raise typer.BadParameter(
+            f"{out.with_suffix('.html')} is a folder, but the run writes its report to a file of that name. "
+            "Move the folder, or choose another --out.",
+            param_hint="--out",
         )
     from ..results.store import StoreError, check_replaceable
 
