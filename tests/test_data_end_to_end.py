@@ -127,7 +127,8 @@ def readme_cases() -> list:
 @pytest.mark.parametrize("line", readme_cases(), ids=lambda line: f"{words(line)[1]}:{data_of(line)}")
 def test_every_readme_data_command_runs_as_written_on_the_shipped_examples(tmp_path, monkeypatch, line):
     """The example line(s) that write its data, then the recipe line itself, verbatim, in one folder:
-    the store holds at least 8 samples (the default --n-samples) and traced cells."""
+    the store holds at least 8 samples (the default --n-samples) and traced cells, and no lock file
+    is left behind."""
     monkeypatch.chdir(tmp_path)
     for example in examples_for(data_of(line)):
         invoke(example)
@@ -136,6 +137,7 @@ def test_every_readme_data_command_runs_as_written_on_the_shipped_examples(tmp_p
     assert ds.attrs["data"]["kept"] >= 8 and "data: read" in output
     values = [v for v in ("mlp", "block", "knockout", "encoder", "decoder") if v in ds.data_vars]
     assert values and all(traced(ds, v) > 0 for v in values)
+    assert not list(tmp_path.rglob("*.lock"))  # a finished run leaves its store, not its locks
 
 
 def test_the_example_block_runs_as_written_and_every_printed_path_exists(tmp_path, monkeypatch):
