@@ -366,3 +366,36 @@ def test_a_file_where_the_figures_or_sub_sweeps_go_is_refused_before_the_run(tmp
         result = runner.invoke(app, ["recipe", "visual_constraint", "--out", str(tmp_path / "x.zarr")])
         assert result.exit_code == 2 and "is a file, but the run writes its" in _text(result)
         (tmp_path / beside).unlink()
+
+
+def test_a_data_run_shows_each_warning_once_in_one_line(tmp_path):
+    """information_flow encodes each answer in its data check and again in each knockout sweep; every
+    multi-token answer ('brown', 'gray', 'cyan' in the GQA example) used to be warned about each time."""
+    from vlmtrace.data.examples import write_example
+
+    data = write_example("gqa", tmp_path / "gqa")[0]
+    command = [sys.executable, "-m", "vlmtrace.cli", "recipe", "information_flow", "--data", str(data)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"} | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*command, "--keep-wrong", "--out", str(tmp_path / "f.zarr")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    warned = [line for line in done.stderr.splitlines() if "AnswerTokenWarning" in line]
+    assert done.returncode == 0, done.stderr[-2000:]
+    answers = sorted(line.split("'")[1] for line in warned)
+    assert answers == ["brown", "cyan", "gray"], warned
+    assert all(line.startswith("Warning (AnswerTokenWarning): answer ") for line in warned)
+
+
+def test_showing_each_warning_once_leaves_the_filters_in_charge():
+    import warnings
+
+    from vlmtrace.presentation.warning_lines import each_warning_once
+
+    with warnings.catch_warnings(), each_warning_once():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="raised"):
+            warnings.warn("raised", UserWarning, stacklevel=1)

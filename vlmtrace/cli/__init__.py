@@ -35,11 +35,15 @@ USER_ERROR_EXIT = 2  # the status click gives a bad option, too
 
 
 class Commands(TyperGroup):
-    """vlmtrace's command group: user errors become one paragraph and exit status 2."""
+    """vlmtrace's command group: user errors become one paragraph and exit status 2; each distinct
+    warning is shown once."""
 
     def invoke(self, ctx: click.Context):
+        from ..presentation.warning_lines import each_warning_once
+
         try:
-            return super().invoke(ctx)
+            with each_warning_once():  # a recipe's sweeps re-encode the same answers: one warning each
+                return super().invoke(ctx)
         except UserError as error:
             if ctx.params.get("debug") or os.environ.get("VLMTRACE_DEBUG", "") not in ("", "0"):
                 raise
