@@ -399,3 +399,25 @@ def test_showing_each_warning_once_leaves_the_filters_in_charge():
         warnings.simplefilter("error")
         with pytest.raises(UserWarning, match="raised"):
             warnings.warn("raised", UserWarning, stacklevel=1)
+
+
+def test_a_model_folder_that_does_not_exist_is_named_as_such_not_as_a_bad_repo_id(tmp_path):
+    for command in (["recipe", "visual_constraint", "--out", str(tmp_path / "x.zarr"), "--model"], ["check"]):
+        result = runner.invoke(app, [*command, "./no-such-model"])
+        text = "".join(_text(result).split())
+        assert result.exit_code == 2 and "isnotafolderhere" in text and "Traceback" not in text
+
+
+def test_remote_with_a_host_that_is_not_a_url_is_one_paragraph(tmp_path, monkeypatch):
+    monkeypatch.setenv("NDIF_API_KEY", "k")
+    args = [
+        "recipe",
+        "visual_constraint",
+        "--remote",
+        "--host",
+        "gpu-box:8000",
+        "--out",
+        str(tmp_path / "x.zarr"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "'gpu-box:8000' is not a URL" in _text(result)

@@ -67,6 +67,10 @@ class RemoteRefusedError(RemoteError, UserError):
     The command line prints it as one paragraph; the server's reason says what to change."""
 
 
+class RemoteHostError(RemoteError, UserError):
+    """A server address that is not an http(s) URL."""
+
+
 REFUSALS = {401, 403, 404, 413}
 """HTTP statuses of a refused request (`RemoteRefusedError`); others are the server's or a bug."""
 
@@ -131,9 +135,16 @@ class ServerBackend(RemoteBackend):
     ) -> None:
         if mode not in ("stream", "poll", "submit"):
             raise ValueError(f"mode must be 'stream', 'poll' or 'submit', not {mode!r}.")
+        host = (host or os.environ.get("NDIF_HOST") or CONFIG.API.HOST).rstrip("/")
+        if not host.startswith(("http://", "https://")):
+            raise RemoteHostError(
+                f"the server's address {host!r} is not a URL: give it as http://HOST:PORT or "
+                "https://HOST (--host, or $NDIF_HOST), e.g. http://127.0.0.1:8000 for `vlmtrace serve` "
+                "through an SSH tunnel."
+            )
         super().__init__(
             model_key,
-            host=(host or os.environ.get("NDIF_HOST") or CONFIG.API.HOST).rstrip("/"),
+            host=host,
             api_key=api_key or os.environ.get("NDIF_API_KEY") or CONFIG.API.APIKEY,
             blocking=mode != "submit",
             verbose=verbose,
