@@ -9,6 +9,8 @@ module defines:
     DEFAULT_MODEL: str                   the shipped organism it runs on by default
     ORGANISMS: tuple[str, ...]           the shipped organisms it runs on (tested at n = 8)
     NEEDS: Needs                         what a sample must carry (replacement phrases, image pair, foil)
+    READS_DATA: bool                     optional, default True: False for a recipe that runs only on
+                                         its own scenes (`--data` is refused, naming OWN_DATA_ONLY_BECAUSE)
     load_data(path, n, seed) -> list[Sample]   optional: how `--data` is read, when the recipe builds
                                          its samples from a data set's files itself (concepts: scenes)
     figures(ds, out_dir) -> list[Path]   PNGs (plotting stays out of `run`)

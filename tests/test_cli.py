@@ -421,3 +421,27 @@ def test_remote_with_a_host_that_is_not_a_url_is_one_paragraph(tmp_path, monkeyp
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "'gpu-box:8000' is not a URL" in _text(result)
+
+
+def test_a_recipe_that_reads_no_data_refuses_data_naming_why(tmp_path):
+    args = ["recipe", "multimodal_edit", "--data", str(tmp_path), "--out", str(tmp_path / "x.zarr")]
+    result = runner.invoke(app, args)
+    assert (
+        result.exit_code == 2 and "reads no --data" in _text(result) and "load_edit_records" in _text(result)
+    )
+
+
+def test_concepts_on_a_folder_without_clevr_scenes_names_the_layout_it_needs(tmp_path):
+    from vlmtrace.data.examples import write_example
+
+    data = write_example("vqa", tmp_path / "vqa")[0]
+    result = runner.invoke(
+        app, ["recipe", "concepts", "--data", str(data), "--out", str(tmp_path / "x.zarr")]
+    )
+    assert result.exit_code == 2 and "scenes/CLEVR_val_scenes.json" in _text(result)
+
+
+def test_zoo_train_into_a_file_is_refused_before_training(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["zoo", "train", "shapes-llava", "--out", str(tmp_path / "notes.txt")])
+    assert result.exit_code == 2 and "is a file" in _text(result)

@@ -152,6 +152,12 @@ def recipe(
         raise typer.BadParameter(
             f"{data} does not exist; give a dataset file or folder.", param_hint="--data"
         )
+    if data is not None and not registry.constant(name, "READS_DATA", True):  # refused before any loading
+        why = registry.constant(name, "OWN_DATA_ONLY_BECAUSE", "its samples need what only those scenes hold")
+        raise typer.BadParameter(
+            f"recipe {name} runs on the organisms' own scenes and reads no --data: {why}. Leave out --data.",
+            param_hint="--data",
+        )
     if data is None and (span or replace_phrase):  # the recipe's own scenes carry their own spans and phrases
         given = "--span" if span else "--replace"
         raise typer.BadParameter(
