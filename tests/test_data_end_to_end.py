@@ -165,7 +165,7 @@ def test_the_readme_data_block_runs_in_one_folder_without_two_runs_writing_one_s
     assert len(set(stores)) == len(stores) and not {Path(s).with_suffix("") for s in stores} & folders
 
 
-def test_readme_covers_the_six_recipes_on_real_layouts():
+def test_readme_runs_every_recipe_that_reads_data_on_real_layouts():
     recipes = {words(line)[1] for line in RECIPE_LINES}
     assert recipes == {
         "visual_constraint",
@@ -174,6 +174,7 @@ def test_readme_covers_the_six_recipes_on_real_layouts():
         "gn_vs_str",
         "blip_noise",
         "multi_constraint",
+        "concepts",
     }
 
 

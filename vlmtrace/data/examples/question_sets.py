@@ -129,7 +129,10 @@ def clevr_object(colour: str, shape: str, size: str, material: str, pixel: list,
 
 
 def clevr(root: Path) -> Path:
-    """CLEVR_v1.0 val: questions/ with programs, scenes/ with objects, images/val/."""
+    """CLEVR_v1.0 val: questions/ with programs, scenes/ with objects, images/val/.
+
+    12 questions, each on a scene of two objects; then 12 scenes of one object that no question asks
+    about (the concepts recipe builds its pairs from scenes)."""
     questions, scenes = [], []
     for i in range(12):  # colours the organisms know: phrases of one shape have one token count
         colour, shape = ("red", "blue", "green")[i % 3], CLEVR_SHAPES[(i // 3) % 3]
@@ -164,6 +167,15 @@ def clevr(root: Path) -> Path:
                 "question": f"What size is the {colour} {shape}?",
             }
         )
+    # Scenes no question asks about, as in CLEVR's own files: one object each, every (colour, shape,
+    # material) of red / blue, cylinder / cube / sphere, metal / rubber once, so that each member of the
+    # concepts recipe's B_s and B_d sets has a scene (`vlmtrace recipe concepts --data CLEVR_v1.0/`).
+    combinations = [(c, s, m) for c in ("red", "blue") for s in CLEVR_SHAPES for m in ("metal", "rubber")]
+    for i, (colour, shape, material) in enumerate(combinations, start=len(scenes)):
+        filename = f"CLEVR_val_{i:06d}.png"
+        image(root / "images" / "val" / filename, i, size=(96, 64))
+        objects = [clevr_object(colour, shape, "large", material, [40, 30, 10.5], [0.0, 0.0, 0.7])]
+        scenes.append({"image_index": i, "image_filename": filename, "split": "val", "objects": objects})
     write_json(
         root / "questions" / "CLEVR_val_questions.json", {"info": {"split": "val"}, "questions": questions}
     )
