@@ -345,3 +345,13 @@ def test_a_run_that_keeps_no_sample_names_the_way_out_of_each_reason(tmp_path, c
     result = CliRunner().invoke(app, ["recipe", recipe, "--data", str(data), *options, "--out", str(out)])
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "kept 0" in text and "How to keep them:" in text and fix in text
+
+
+def test_gqa_without_scene_graphs_says_before_the_run_which_file_gives_object_regions(tmp_path):
+    data = layouts.gqa(tmp_path / "gqa")
+    (data / "testdev_sceneGraphs.json").unlink()
+    ds, output = run_recipe(tmp_path, "information_flow", "--data", str(data), "--keep-wrong")
+    before_the_run = " ".join(output[: output.index("store:")].split())
+    assert "8 of 8 kept samples have no object region" in before_the_run
+    assert "_sceneGraphs.json beside the questions" in before_the_run
+    assert "object->question skipped for 8 of 8 samples" in " ".join(output.split())

@@ -62,6 +62,8 @@ class Prepared:
     """reason -> ids of the samples left out for it."""
     origin: str = "data"
     """Where the samples came from, as the table's first word ("data", "samples")."""
+    notes: list[str] = field(default_factory=list)
+    """What the table should also say about the samples kept (those without an object region)."""
 
     def provenance(self) -> dict[str, Any]:
         """What to store with the results: counts, reasons, and each sample's spans and counterfactuals."""
@@ -110,6 +112,7 @@ class Prepared:
             lines.append(f"  {'left out because':<{width}}  count  e.g.")
             for reason, ids in sorted(self.left_out.items(), key=lambda item: -len(item[1])):
                 lines.append(f"  {reason:<{width}}  {len(ids):>5}  {', '.join(ids[:3])}")
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -244,7 +247,7 @@ def prepare(
             if len(kept) == n:
                 break
     settle()
-    prepared = Prepared(samples=kept, read=len(loaded), left_out=left_out)
+    prepared = Prepared(samples=kept, read=len(loaded), left_out=left_out, notes=_region_notes(kept))
     if not kept:
         raise DatasetError(
             f"no sample of {path} can be traced by this recipe on {vlm.name}:\n{prepared.report()}\n"
@@ -389,6 +392,16 @@ def _regions(vlm, samples: list[Sample], leave) -> list[Sample]:
             continue
         out.append(sample.with_(meta={**sample.meta, "region_tokens": tokens, "image_tokens": count}))
     return out
+
+
+def _region_notes(kept: list[Sample]) -> list[str]:
+    """A note per reason that kept samples have no object region (object knockouts skip them)."""
+    reasons = Counter(s.meta["region_skipped"] for s in kept if s.meta.get("region_skipped"))
+    return [
+        f"{count} of {len(kept)} kept samples have {reason}, so knockouts of an object region skip them"
+        + (f"; to include them, {fix}" if (fix := fix_for(reason)) else "")
+        for reason, count in reasons.items()
+    ]
 
 
 def _untraceable(vlm, sample: Sample, wanted: Sequence[str]) -> str | None:
