@@ -402,7 +402,11 @@ def test_showing_each_warning_once_leaves_the_filters_in_charge():
 
 
 def test_a_model_folder_that_does_not_exist_is_named_as_such_not_as_a_bad_repo_id(tmp_path):
-    for command in (["recipe", "visual_constraint", "--out", str(tmp_path / "x.zarr"), "--model"], ["check"]):
+    for command in (
+        ["recipe", "visual_constraint", "--out", str(tmp_path / "x.zarr"), "--model"],
+        ["check"],
+        ["serve"],
+    ):
         result = runner.invoke(app, [*command, "./no-such-model"])
         text = "".join(_text(result).split())
         assert result.exit_code == 2 and "isnotafolderhere" in text and "Traceback" not in text
