@@ -71,8 +71,10 @@ class RemoteHostError(RemoteError, UserError):
     """A server address that is not an http(s) URL."""
 
 
-REFUSALS = {401, 403, 404, 413}
-"""HTTP statuses of a refused request (`RemoteRefusedError`); others are the server's or a bug."""
+REFUSALS = {400, 401, 403, 404, 413}
+"""HTTP statuses of a request the server refused, stating why (a key, a model name, an nnsight or
+Python version that differs from the server's, a size): `RemoteRefusedError`. Others (a busy
+server's 503, a failure while running) are not the user's to fix by changing the request."""
 
 
 class RemoteOutOfMemoryError(RemoteError, RuntimeError):
