@@ -8,7 +8,9 @@ module defines:
     default_samples(vlm, n, seed) -> list[Sample]   its synthetic data on the organisms
     DEFAULT_MODEL: str                   the shipped organism it runs on by default
     ORGANISMS: tuple[str, ...]           the shipped organisms it runs on (tested at n = 8)
-    NEEDS: Needs                         what a sample must carry (replacement phrases, image pair)
+    NEEDS: Needs                         what a sample must carry (replacement phrases, image pair, foil)
+    READS_DATA: bool                     optional, default True: False for a recipe that runs only on
+                                         its own scenes (`--data` is refused, naming OWN_DATA_ONLY_BECAUSE)
     load_data(path, n, seed) -> list[Sample]   optional: how `--data` is read, when the recipe builds
                                          its samples from a data set's files itself (concepts: scenes)
     figures(ds, out_dir) -> list[Path]   PNGs (plotting stays out of `run`)
@@ -93,12 +95,17 @@ def support_table(organisms: list[str]) -> str:
     return "\n".join(lines)
 
 
+NO_FOIL = "no foil answer (the logit difference scores the answer against it)"
+"""Why a sample without `Sample.foil` cannot be traced by a recipe that scores logit differences."""
+
+
 @dataclass(frozen=True)
 class Needs:
     """What a sample must carry for a recipe's corruptions to apply to it."""
 
     replacements: tuple[str, ...] = ()  # spans whose replacement phrase a corruption swaps in
     image_pair: bool = False  # semantic image pairs (SIP) need the counterfactual image
+    foil: bool = False  # the logit difference scores the answer against a foil answer (`Sample.foil`)
 
     def missing(self, sample: Sample) -> str | None:
         """Why `sample` does not fit, or None when it does."""
@@ -109,6 +116,8 @@ class Needs:
                 return f"no replacement phrase for span {span!r}"
         if self.image_pair and sample.image_pair is None:
             return "no image_pair"
+        if self.foil and not sample.foil:
+            return NO_FOIL
         return None
 
 

@@ -45,7 +45,7 @@ from vlmtrace.results.stats import bootstrap_mean, by_segment
 DESCRIPTION = "Visual complex concepts: AND / OR sets (B_s vs B_d image pairs); where the concept is composed"
 DEFAULT_MODEL = "shapes-llava"
 ORGANISMS = ("shapes-llava", "shapes-qwen")
-NEEDS = Needs(image_pair=True)
+NEEDS = Needs(image_pair=True, foil=True)  # scored by logit difference
 CLEVR_CONCEPTS = (
     Concept.conjunction("color", "red", "shape", "cylinder"),
     Concept.disjunction("material", "metal", "shape", "cube"),

@@ -43,7 +43,7 @@ DESCRIPTION = (
 )
 DEFAULT_MODEL = "shapes-llava"
 ORGANISMS = ("shapes-llava", "shapes-blip", "shapes-qwen")
-NEEDS = Needs(replacements=("visual",))
+NEEDS = Needs(replacements=("visual",), foil=True)  # logit_diff: answer vs the corrupted side's
 FAMILY = "fact"
 METRICS = {"probability": vt.Probability(), "logit_diff": vt.LogitDiff(), "kl": vt.KL()}
 

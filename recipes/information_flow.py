@@ -171,14 +171,14 @@ def summary(ds: xr.Dataset) -> str:
     floor = relative(ds).attrs["clean_floor"]
     clean = float(ds["clean"].mean())
     lines = [f"clean P = {clean:.3f}; relative change in P, window {window} ({floor_note(ds)}):"]
+    if ds.attrs.get("skipped"):  # said whatever else is reported: the object knockout did not run for all
+        lines.append(f"  note: {ds.attrs['skipped']}")
     if not np.isfinite(mean.values).any():
         lines.append(
             f"  not reported: no sample's clean P(answer) reaches the floor {floor:g}, so a relative change "
             "would divide by a probability the model barely gives its answer."
         )
         return "\n".join(lines)
-    if ds.attrs.get("skipped"):
-        lines.append(f"  note: {ds.attrs['skipped']}")
     for block in mean["block"].values:
         curve = mean.sel(block=block, window=window)
         if not np.isfinite(curve.values).any():

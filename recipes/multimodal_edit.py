@@ -64,6 +64,11 @@ DESCRIPTION = (
 DEFAULT_MODEL = "shapes-llava"
 ORGANISMS = ("shapes-llava", "shapes-qwen")
 NEEDS = Needs(image_pair=True)
+READS_DATA = False
+OWN_DATA_ONLY_BECAUSE = (
+    "each edit case needs the scene's entity, other pictures of it and paraphrases; for edit files "
+    "(MMEdit, VLKEB) use vlmtrace.data.loaders.load_edit_records with vt.edit (README, Editing)"
+)
 KEYS = ("visual", "last")  # where the key is read: the constraint's last token, the last token
 CONTEXTS = Contexts(images=8, paraphrases=4)
 WINDOWS = (1,)  # compare single layers: a wider window always restores more

@@ -52,7 +52,7 @@ DESCRIPTION = (
 DEFAULT_MODEL = "shapes-llava"
 FAMILY = "visual"
 ORGANISMS = ("shapes-llava", "shapes-blip", "shapes-qwen")
-NEEDS = Needs(replacements=("visual",), image_pair=True)  # STR swaps the phrase; SIP the image
+NEEDS = Needs(replacements=("visual",), image_pair=True, foil=True)  # STR swaps the phrase; SIP the image
 MODULES = ("mlp", "attn", "cross_attn")
 
 

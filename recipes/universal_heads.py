@@ -41,7 +41,7 @@ DEFAULT_MODEL = "shapes-llava"
 TASKS = ("visual", "fact", "multi")
 TOP_K = 3
 ORGANISMS = ("shapes-llava", "shapes-blip", "shapes-qwen")
-NEEDS = Needs(replacements=("visual",), image_pair=True)  # STR swaps the phrase; SIP the image
+NEEDS = Needs(replacements=("visual",), image_pair=True, foil=True)  # STR swaps the phrase; SIP the image
 
 
 def default_samples(vlm: vt.VLM, n: int, seed: int) -> list[vt.Sample]:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
@@ -85,7 +86,8 @@ def test_help_and_recipe_list_import_neither_torch_nor_transformers():
         "import sys\n"
         "from typer.testing import CliRunner\n"
         "from vlmtrace.cli import app\n"
-        "for args in (['--help'], ['recipe', 'list'], ['recipe', '--help'], ['zoo', '--help']):\n"
+        "for args in (['--help'], ['recipe', 'list'], ['recipe', '--help'], ['zoo', '--help'],"
+        " ['data', 'example', '--help']):\n"
         "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
         "print(sorted(m for m in ('torch', 'transformers', 'nnsight') if m in sys.modules))\n"
     )
@@ -302,3 +304,148 @@ def test_serve_refuses_a_port_out_of_range_and_an_unassignable_host_before_loadi
 def test_serve_refuses_a_body_limit_that_is_not_a_finite_size():
     result = runner.invoke(app, ["serve", "no-such-model", "--max-body", "1e400"])
     assert result.exit_code == 2 and "use a finite size" in _text(result)
+
+
+def test_data_example_writes_a_layout_that_the_loaders_read_and_prints_the_data_path(tmp_path):
+    from vlmtrace.data.loaders import load_dataset
+
+    result = runner.invoke(app, ["data", "example", "gqa", str(tmp_path / "gqa")])
+    assert result.exit_code == 0 and f"--data {tmp_path / 'gqa'}" in result.output
+    assert len(load_dataset(tmp_path / "gqa")) == 10
+
+
+def test_data_example_never_writes_into_a_folder_that_holds_files(tmp_path):
+    (tmp_path / "vqa").mkdir()
+    (tmp_path / "vqa" / "v2_mscoco_val2014_annotations.json").write_text("mine")
+    result = runner.invoke(app, ["data", "example", "vqa", str(tmp_path / "vqa")])
+    assert result.exit_code == 2 and "already holds files" in _text(result)
+    assert (tmp_path / "vqa" / "v2_mscoco_val2014_annotations.json").read_text() == "mine"
+
+
+def test_every_data_example_is_a_few_kilobytes(tmp_path):
+    from vlmtrace.data.examples import EXAMPLES, write_example
+
+    sizes = {}
+    for layout in EXAMPLES:
+        write_example(layout, tmp_path / layout)
+        sizes[layout] = sum(f.stat().st_size for f in (tmp_path / layout).rglob("*") if f.is_file())
+    assert all(size < 200_000 for size in sizes.values()), sizes
+
+
+def test_a_vlmtrace_threads_that_is_not_a_number_is_one_paragraph_naming_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMTRACE_THREADS", "abc")
+    result = runner.invoke(app, ["recipe", "visual_constraint", "--out", str(tmp_path / "x.zarr")])
+    text = _text(result)
+    assert result.exit_code == 2 and "Traceback" not in text
+    assert "VLMTRACE_THREADS='abc' is not a number of threads" in text and "--threads N" in text
+
+
+def test_cuda_on_a_cpu_only_torch_says_the_build_is_cpu_only_and_how_to_get_a_gpu_one(tmp_path):
+    import torch
+
+    if torch.version.cuda is not None or torch.version.hip is not None:
+        pytest.skip("this torch is built for a GPU")
+    result = runner.invoke(
+        app, ["recipe", "visual_constraint", "--device", "cuda", "--out", str(tmp_path / "x.zarr")]
+    )
+    text = _text(result)
+    assert result.exit_code == 2 and "is a CPU-only build" in text and "Install a CUDA build of torch" in text
+
+
+def test_an_out_path_under_a_file_names_the_file_in_the_way_not_a_missing_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "x.zarr"
+    result = runner.invoke(app, ["recipe", "visual_constraint", "--out", str(out)])
+    text = "".join(_text(result).split())  # rich may wrap the long path mid-word
+    assert result.exit_code == 2 and "notes.txtisafile" in text and "doesnotexist" not in text
+
+
+def test_a_file_where_the_figures_or_sub_sweeps_go_is_refused_before_the_run(tmp_path):
+    for beside in ("x", "x.parts"):
+        (tmp_path / beside).write_text("mine")
+        result = runner.invoke(app, ["recipe", "visual_constraint", "--out", str(tmp_path / "x.zarr")])
+        assert result.exit_code == 2 and "is a file, but the run writes its" in _text(result)
+        (tmp_path / beside).unlink()
+
+
+def test_a_data_run_shows_each_warning_once_in_one_line(tmp_path):
+    """information_flow encodes each answer in its data check and again in each knockout sweep; every
+    multi-token answer ('brown', 'gray', 'cyan' in the GQA example) used to be warned about each time."""
+    from vlmtrace.data.examples import write_example
+
+    data = write_example("gqa", tmp_path / "gqa")[0]
+    command = [sys.executable, "-m", "vlmtrace.cli", "recipe", "information_flow", "--data", str(data)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"} | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*command, "--keep-wrong", "--out", str(tmp_path / "f.zarr")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    warned = [line for line in done.stderr.splitlines() if "AnswerTokenWarning" in line]
+    assert done.returncode == 0, done.stderr[-2000:]
+    answers = sorted(line.split("'")[1] for line in warned)
+    assert answers == ["brown", "cyan", "gray"], warned
+    assert all(line.startswith("Warning (AnswerTokenWarning): answer ") for line in warned)
+
+
+def test_showing_each_warning_once_leaves_the_filters_in_charge():
+    import warnings
+
+    from vlmtrace.presentation.warning_lines import each_warning_once
+
+    with warnings.catch_warnings(), each_warning_once():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="raised"):
+            warnings.warn("raised", UserWarning, stacklevel=1)
+
+
+def test_a_model_folder_that_does_not_exist_is_named_as_such_not_as_a_bad_repo_id(tmp_path):
+    for command in (
+        ["recipe", "visual_constraint", "--out", str(tmp_path / "x.zarr"), "--model"],
+        ["check"],
+        ["serve"],
+    ):
+        result = runner.invoke(app, [*command, "./no-such-model"])
+        text = "".join(_text(result).split())
+        assert result.exit_code == 2 and "isnotafolderhere" in text and "Traceback" not in text
+
+
+def test_remote_with_a_host_that_is_not_a_url_is_one_paragraph(tmp_path, monkeypatch):
+    monkeypatch.setenv("NDIF_API_KEY", "k")
+    args = [
+        "recipe",
+        "visual_constraint",
+        "--remote",
+        "--host",
+        "gpu-box:8000",
+        "--out",
+        str(tmp_path / "x.zarr"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "'gpu-box:8000' is not a URL" in _text(result)
+
+
+def test_a_recipe_that_reads_no_data_refuses_data_naming_why(tmp_path):
+    args = ["recipe", "multimodal_edit", "--data", str(tmp_path), "--out", str(tmp_path / "x.zarr")]
+    result = runner.invoke(app, args)
+    assert (
+        result.exit_code == 2 and "reads no --data" in _text(result) and "load_edit_records" in _text(result)
+    )
+
+
+def test_concepts_on_a_folder_without_clevr_scenes_names_the_layout_it_needs(tmp_path):
+    from vlmtrace.data.examples import write_example
+
+    data = write_example("vqa", tmp_path / "vqa")[0]
+    result = runner.invoke(
+        app, ["recipe", "concepts", "--data", str(data), "--out", str(tmp_path / "x.zarr")]
+    )
+    assert result.exit_code == 2 and "scenes/CLEVR_val_scenes.json" in _text(result)
+
+
+def test_zoo_train_into_a_file_is_refused_before_training(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["zoo", "train", "shapes-llava", "--out", str(tmp_path / "notes.txt")])
+    assert result.exit_code == 2 and "is a file" in _text(result)

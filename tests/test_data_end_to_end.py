@@ -1,11 +1,12 @@
 """`vlmtrace recipe NAME --data PATH` on datasets written in their published layouts, end to end.
 
-Each test writes a small dataset exactly as its release unpacks (`tests/layouts.py`), runs a
-recipe from the command line on a shipped organism, and opens the store it wrote: traced cells
-must be there, not only a successful load. The organisms read real words through their byte
-fallback; their answers are meaningless (so those runs pass --keep-wrong), the code paths are the
-real ones. `layouts.gqa_shapes` holds the organisms' own scenes in GQA's layout: they answer those,
-and a run leaves out the ones they get wrong.
+The README's "Your own data" lines run here as written: `vlmtrace data example LAYOUT DIR` writes a
+tiny copy of a layout (`vlmtrace.data.examples`), then the recipe line runs on a shipped organism, and
+the test opens the store it wrote: traced cells must be there, not only a successful load. The other
+tests write layouts through `tests/layouts.py` (the same writers, and variants only tests need). The
+organisms read real words through their byte fallback; their answers are meaningless (so those runs
+pass --keep-wrong), the code paths are the real ones. `layouts.gqa_shapes` holds the organisms' own
+scenes in GQA's layout: they answer those, and a run leaves out the ones they get wrong.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 import vlmtrace.recipes as registry
 from vlmtrace.cli import app
 from vlmtrace.data.correctness import WRONG
+from vlmtrace.data.examples import EXAMPLES
 from vlmtrace.data.preparation import prepare
 from vlmtrace.engine.metrics import CLEAN_FLOOR
 from vlmtrace.results.dataset import open_result
@@ -68,37 +70,47 @@ def test_left_out_samples_are_tabled_before_the_run(vqa_visual_constraint):
     assert "data: read 10 questions, kept 8" in output and "left out because" in output
 
 
-WRITERS = {
-    "vqa/": layouts.vqa_v2,
-    "gqa/": layouts.gqa,
-    "CLEVR_v1.0/": layouts.clevr,
-    "cocoqa/": layouts.coco_qa,
-    "questions.jsonl": lambda root: layouts.table(root.parent / "table"),
-    "iconqa_data/": layouts.iconqa,
-    "finecops/annotations/test_coco_format.json": layouts.finecops,
-    "data_constraints/multimodal_known.csv": lambda csv: layouts.basu(csv.parent),
-    "zhang/GQA_val_correct_question_with_choose_ChooseAttr.csv": layouts.zhang_gqa,
-    "Datasets/color_coco_qa.csv": layouts.palit_coco_qa,
-    "Datasets/clevr_vqa_dataset_3.csv": layouts.palit_clevr,
-    "svo/svo_probes.csv": layouts.svo_probes,
-    "mit_states/": layouts.mit_states,
-    "facial-emotion-expressions/": layouts.facial_expressions,
-    "cooco/": layouts.cooco,
-    "shapeworld/": layouts.shapeworld,
-    "clevr-math/": layouts.clevr_math,
-}
-
-
-def readme_commands() -> list[list[str]]:
-    """The `vlmtrace recipe ... --data` lines of the README's "Your own data" section."""
+def readme_lines() -> list[str]:
+    """The command lines of the README's "Your own data" section, in order (its bash blocks)."""
     text = (Path(__file__).parents[1] / "README.md").read_text()
     section = text[text.index("### Your own data") :]
-    block = section[section.index("```bash") : section.index("```", section.index("```bash") + 7)]
-    return [
-        shlex.split(line.split("#")[0])[2:]
-        for line in block.splitlines()
-        if line.startswith("vlmtrace recipe") and "--data" in line
-    ]
+    section = section[: section.index("\n## ")]
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        lines += [line for line in block.splitlines() if line.startswith("vlmtrace ")]
+    return lines
+
+
+def words(line: str) -> list[str]:
+    """A README line as the shell splits it, comment dropped, without the leading `vlmtrace`."""
+    return shlex.split(line, comments=True)[1:]
+
+
+EXAMPLE_LINES = [line for line in readme_lines() if line.startswith("vlmtrace data example")]
+RECIPE_LINES = [line for line in readme_lines() if line.startswith("vlmtrace recipe")]
+
+
+def data_of(line: str) -> str:
+    command = words(line)
+    return command[command.index("--data") + 1]
+
+
+def store_of(line: str) -> str:
+    """The store a recipe line writes: its --out, else NAME.zarr in the current folder."""
+    command = words(line)
+    return command[command.index("--out") + 1] if "--out" in command else f"{command[1]}.zarr"
+
+
+def examples_for(data: str) -> list[str]:
+    """The README's `data example` lines that write the folder `data` is in."""
+    return [line for line in EXAMPLE_LINES if Path(data).is_relative_to(Path(words(line)[-1]))]
+
+
+def invoke(line: str):
+    """Run one README line through the CLI, exactly as written (the shell's word splitting)."""
+    result = CliRunner().invoke(app, words(line))
+    assert result.exit_code == 0, f"{line}\n{result.output}{result.exception!r}"
+    return result
 
 
 SLOW = {"mit_states/", "facial-emotion-expressions/", "cooco/"}
@@ -108,25 +120,53 @@ code path, run with `-m slow`; `tests/test_semantic_pair_loaders.py` traces each
 
 def readme_cases() -> list:
     return [
-        pytest.param(c, marks=pytest.mark.slow) if c[c.index("--data") + 1] in SLOW else c
-        for c in readme_commands()
+        pytest.param(line, marks=pytest.mark.slow) if data_of(line) in SLOW else line for line in RECIPE_LINES
     ]
 
 
-@pytest.mark.parametrize("command", readme_cases(), ids=lambda c: f"{c[0]}:{c[c.index('--data') + 1]}")
-def test_every_readme_data_command_writes_a_store_with_traced_cells(tmp_path, command):
-    recipe, rest = command[0], command[1:]
-    data = rest[rest.index("--data") + 1]
-    written = WRITERS[data](tmp_path / data.rstrip("/"))
-    rest[rest.index("--data") + 1] = str(written)
-    ds, output = run_recipe(tmp_path, recipe, *rest)
+@pytest.mark.parametrize("line", readme_cases(), ids=lambda line: f"{words(line)[1]}:{data_of(line)}")
+def test_every_readme_data_command_runs_as_written_on_the_shipped_examples(tmp_path, monkeypatch, line):
+    """The example line(s) that write its data, then the recipe line itself, verbatim, in one folder:
+    the store holds at least 8 samples (the default --n-samples) and traced cells, and no lock file
+    is left behind."""
+    monkeypatch.chdir(tmp_path)
+    for example in examples_for(data_of(line)):
+        invoke(example)
+    output = invoke(line).output
+    ds = open_result(tmp_path / store_of(line))
     assert ds.attrs["data"]["kept"] >= 8 and "data: read" in output
     values = [v for v in ("mlp", "block", "knockout", "encoder", "decoder") if v in ds.data_vars]
     assert values and all(traced(ds, v) > 0 for v in values)
+    assert not list(tmp_path.rglob("*.lock"))  # a finished run leaves its store, not its locks
 
 
-def test_readme_covers_the_six_recipes_on_real_layouts():
-    recipes = {command[0] for command in readme_commands()}
+def test_the_example_block_runs_as_written_and_every_printed_path_exists(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    printed = [word for line in EXAMPLE_LINES for word in re.findall(r"--data (\S+)", invoke(line).output)]
+    assert len(printed) >= len(EXAMPLE_LINES) and all(Path(path).exists() for path in printed)
+
+
+def test_every_recipe_line_reads_data_that_an_example_line_writes():
+    assert all(len(examples_for(data_of(line))) == 1 for line in RECIPE_LINES)
+
+
+def test_the_readme_writes_an_example_of_every_layout_and_reads_each():
+    written = {words(line)[2]: words(line)[3] for line in EXAMPLE_LINES}
+    read = {data_of(line) for line in RECIPE_LINES}
+    assert set(written) == set(EXAMPLES) and all(
+        any(Path(data).is_relative_to(Path(folder)) for data in read) for folder in written.values()
+    )
+
+
+def test_the_readme_data_block_runs_in_one_folder_without_two_runs_writing_one_store():
+    """Distinct stores, and no store's figure folder (NAME/) is a data folder the block reads."""
+    stores = [store_of(line) for line in RECIPE_LINES]
+    folders = {Path(words(line)[-1]) for line in EXAMPLE_LINES}
+    assert len(set(stores)) == len(stores) and not {Path(s).with_suffix("") for s in stores} & folders
+
+
+def test_readme_runs_every_recipe_that_reads_data_on_real_layouts():
+    recipes = {words(line)[1] for line in RECIPE_LINES}
     assert recipes == {
         "visual_constraint",
         "notice",
@@ -134,6 +174,7 @@ def test_readme_covers_the_six_recipes_on_real_layouts():
         "gn_vs_str",
         "blip_noise",
         "multi_constraint",
+        "concepts",
     }
 
 
@@ -157,10 +198,6 @@ def test_replace_option_sets_the_phrase_of_every_sample(tmp_path):
         "--keep-wrong",
     )
     assert {s["replacements"]["visual"] for s in ds.attrs["data"]["samples"]} == {"the red shape"}
-
-
-def test_readme_has_a_command_for_every_layout():
-    assert {command[command.index("--data") + 1] for command in readme_commands()} == set(WRITERS)
 
 
 def test_missing_images_are_left_out_before_the_run_and_counted(tmp_path):
@@ -292,6 +329,11 @@ NOTHING_LEFT = {  # a run that keeps no sample, and the way out its error must n
         "--replace",
     ),
     "wrong answers": (["information_flow"], layouts.gqa, "--keep-wrong"),
+    "no foil": (  # a phrase given with --replace has no answer for the logit difference to score against
+        ["gn_vs_str", "--span", "visual=@object", "--replace", "visual=the thing", "--keep-wrong"],
+        layouts.clevr,
+        "leave out --replace",
+    ),
 }
 
 
@@ -303,3 +345,13 @@ def test_a_run_that_keeps_no_sample_names_the_way_out_of_each_reason(tmp_path, c
     result = CliRunner().invoke(app, ["recipe", recipe, "--data", str(data), *options, "--out", str(out)])
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "kept 0" in text and "How to keep them:" in text and fix in text
+
+
+def test_gqa_without_scene_graphs_says_before_the_run_which_file_gives_object_regions(tmp_path):
+    data = layouts.gqa(tmp_path / "gqa")
+    (data / "testdev_sceneGraphs.json").unlink()
+    ds, output = run_recipe(tmp_path, "information_flow", "--data", str(data), "--keep-wrong")
+    before_the_run = " ".join(output[: output.index("store:")].split())
+    assert "8 of 8 kept samples have no object region" in before_the_run
+    assert "_sceneGraphs.json beside the questions" in before_the_run
+    assert "object->question skipped for 8 of 8 samples" in " ".join(output.split())

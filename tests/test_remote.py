@@ -281,7 +281,7 @@ def test_an_unknown_model_is_refused_with_the_names_the_server_serves(
     stranger = backend(llava, host=servers["open"].url, model_key="no-such-model")
     with pytest.raises(RemoteError, match="does not serve 'no-such-model'; it serves") as refused:
         vt.patch(llava, [llava_sample], **patch_kwargs(backend=stranger))
-    assert model_dirs["llava"] in str(refused.value)
+    assert model_dirs["llava"] in str(refused.value) and isinstance(refused.value, vt.UserError)
 
 
 def test_the_server_going_away_mid_sweep_is_a_clear_error_and_a_rerun_resumes(
@@ -376,6 +376,18 @@ def test_the_recipe_command_runs_remotely_from_a_model_without_weights(
     assert same_values(
         vt.open_result(out), visual_constraint.run(llava, [sample], options=vt.Options(progress=False))
     )
+
+
+def test_the_recipe_command_with_a_wrong_key_prints_one_paragraph_naming_the_fix_and_exits_2(
+    servers, llava_sample, model_dirs, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("NDIF_API_KEY", "not-the-key")
+    monkeypatch.setattr(visual_constraint, "default_samples", lambda vlm, n, seed: [llava_sample])
+    args = ["recipe", "visual_constraint", "--model", model_dirs["llava"], "--out", str(tmp_path / "x.zarr")]
+    result = CliRunner().invoke(app, [*args, "--remote", "--host", servers["keyed"].url])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in text
+    assert "not the key this server was started with. Set NDIF_API_KEY" in text and KEY not in text
 
 
 # Runs a captured request where vlmtrace cannot be imported, as on NDIF: only nnsight, torch and

@@ -165,6 +165,35 @@ def test_a_live_lock_holder_is_named_by_pid_and_host(tmp_path, monkeypatch):
         process.wait()
 
 
+def test_a_saved_store_leaves_no_lock_file_behind(tmp_path):
+    save(small_result(), tmp_path / "t.zarr")
+    assert [p.name for p in tmp_path.iterdir()] == ["t.zarr"]
+
+
+def test_the_last_of_several_shared_holders_removes_the_lock_file(tmp_path):
+    first, second = lock.PathLock(tmp_path / "t.zarr"), lock.PathLock(tmp_path / "t.zarr")
+    assert first.try_take(shared=True, purpose="a shard") and second.try_take(shared=True, purpose="a shard")
+    first.close()
+    still_there = second.file.exists()
+    second.close()
+    assert still_there and not second.file.exists()
+
+
+def test_a_process_that_opened_a_removed_lock_file_never_holds_it_beside_the_new_holder(tmp_path):
+    """B opened the lock file while A held it; A let go and removed it; C took the lock on a new
+    file. B's handle is the removed file: taking it there would give two holders of one path."""
+    a, b = lock.PathLock(tmp_path / "t.zarr"), lock.PathLock(tmp_path / "t.zarr")
+    assert a.try_take(shared=False, purpose="A") and not b.try_take(shared=False, purpose="B")
+    a.close()
+    c = lock.PathLock(tmp_path / "t.zarr")
+    assert c.try_take(shared=False, purpose="C")
+    assert not b.try_take(shared=False, purpose="B") and not b.try_take(shared=True, purpose="B")
+    c.close()
+    assert b.try_take(shared=False, purpose="B")  # and once C let go, B takes the lock at the path
+    b.close()
+    assert not (tmp_path / "t.zarr.lock").exists()
+
+
 def test_saving_under_a_file_names_the_file(tmp_path):
     (tmp_path / "plain").write_text("")
     with pytest.raises(StoreError, match="plain is a file, not a folder"):

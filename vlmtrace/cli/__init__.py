@@ -6,6 +6,7 @@ vlmtrace zoo list
 vlmtrace cluster status trace.zarr
 vlmtrace calibrate --n-samples 8
 vlmtrace plot trace.zarr
+vlmtrace data example vqa vqa/
 
 A user's mistake (any `vlmtrace.UserError`: a bad path, a span not in the prompt, an
 unreachable hub) prints one short paragraph and exits with status 2; `--debug` (or
@@ -26,6 +27,7 @@ from typer.core import TyperGroup
 from ..errors import UserError
 from .calibrate import calibrate
 from .cluster import app as cluster_app
+from .data import app as data_app
 from .models import check, models
 from .recipe import recipe
 from .serve import serve
@@ -35,11 +37,15 @@ USER_ERROR_EXIT = 2  # the status click gives a bad option, too
 
 
 class Commands(TyperGroup):
-    """vlmtrace's command group: user errors become one paragraph and exit status 2."""
+    """vlmtrace's command group: user errors become one paragraph and exit status 2; each distinct
+    warning is shown once."""
 
     def invoke(self, ctx: click.Context):
+        from ..presentation.warning_lines import each_warning_once
+
         try:
-            return super().invoke(ctx)
+            with each_warning_once():  # a recipe's sweeps re-encode the same answers: one warning each
+                return super().invoke(ctx)
         except UserError as error:
             if ctx.params.get("debug") or os.environ.get("VLMTRACE_DEBUG", "") not in ("", "0"):
                 raise
@@ -72,6 +78,7 @@ app.command()(check)
 app.command()(calibrate)
 app.add_typer(zoo_app, name="zoo", help="The shipped model organisms: list, train, eval.")
 app.add_typer(cluster_app, name="cluster", help="Sweeps submitted with `recipe --cluster`: status, resume.")
+app.add_typer(data_app, name="data", help="Example data in each published layout that --data reads.")
 
 
 @app.command()

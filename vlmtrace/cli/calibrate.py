@@ -10,7 +10,6 @@ faithfulness (CPR, CMD), and a store (xarray on zarr) with every figure and fait
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -56,11 +55,11 @@ def calibrate(
     from ..calibration import calibrate as run
     from ..results.dataset import save
     from ..results.store import StoreError
-    from .recipe import quiet_transformers, set_threads
+    from .recipe import environment_threads, quiet_transformers, set_threads
 
     if out.exists() and not overwrite:
         raise StoreError(f"{out} already exists; pass --overwrite to replace it.")
-    set_threads(threads or int(os.environ.get("VLMTRACE_THREADS", 1)), "")  # organisms are tiny
+    set_threads(threads or environment_threads() or 1, "")  # organisms are tiny
     quiet_transformers()
     defaults = Settings()
     settings = Settings(

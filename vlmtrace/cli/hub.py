@@ -57,7 +57,22 @@ def check_model_source(name: str, *, timeout: float = 5.0) -> None:
             f"{close[0]!r}? The shipped organisms are {', '.join(organisms)} (`vlmtrace zoo list`)."
         )
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        RepositoryNotFoundError,
+    )
+    from huggingface_hub.utils import validate_repo_id
+
+    try:  # a path that is not there ("./my-model") is not a repo id either: say which it is not
+        validate_repo_id(name)
+    except HFValidationError:
+        raise HubError(
+            f"model {name!r} is not a folder here ({Path(name).expanduser().absolute()} does not exist) and "
+            "not a Hub repo id (owner/name). Give an existing model folder, a repo id, or a shipped "
+            f"organism ({', '.join(organisms)})."
+        ) from None
 
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return  # cached: transformers reads it without the network

@@ -56,8 +56,14 @@ def check(
 ) -> None:
     """Run the engine's invariants on MODEL and print a table; exit 1 if any fails."""
     from ..engine.invariants import check as run_checks
-    from ..models.load import load
+    from ..models.load import NotAModelError, check_device, load
+    from .hub import check_model_source
 
+    try:
+        check_device(device)
+    except NotAModelError as error:
+        raise typer.BadParameter(str(error), param_hint="--device") from None
+    check_model_source(model)  # a model that is neither shipped, here nor reachable: named at once
     report = run_checks(load(model, device=device, dtype=dtype))
     typer.echo(str(report))
     if not report.ok:

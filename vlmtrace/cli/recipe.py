@@ -205,6 +205,12 @@ def recipe(
         raise typer.BadParameter(
             f"{data} does not exist; give a dataset file or folder.", param_hint="--data"
         )
+    if data is not None and not registry.constant(name, "READS_DATA", True):  # refused before any loading
+        why = registry.constant(name, "OWN_DATA_ONLY_BECAUSE", "its samples need what only those scenes hold")
+        raise typer.BadParameter(
+            f"recipe {name} runs on the organisms' own scenes and reads no --data: {why}. Leave out --data.",
+            param_hint="--data",
+        )
     if data is None and (span or replace_phrase):  # the recipe's own scenes carry their own spans and phrases
         given = "--span" if span else "--replace"
         raise typer.BadParameter(
@@ -417,10 +423,30 @@ def check_out(out: Path, *, overwrite: bool) -> Path:
         )
     folder = out.parent.resolve()
     if not folder.is_dir():
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:  # a path under a file: no folder can be created there
+            raise typer.BadParameter(
+                f"{blocker} is a file, so {out} cannot be written under it. Choose --out in an existing "
+                f"folder (e.g. --out {out.name}, in the current one).",
+                param_hint="--out",
+            )
         raise typer.BadParameter(f"folder {folder} does not exist; create it first.", param_hint="--out")
     if not os.access(folder, os.W_OK):
         raise typer.BadParameter(
             f"folder {folder} is not writable; choose another --out.", param_hint="--out"
+        )
+    for beside, kind in ((out.with_suffix(""), "figures"), (out.with_suffix(".parts"), "sub-sweeps")):
+        if beside.exists() and not beside.is_dir():  # found now, not after the sweep
+            raise typer.BadParameter(
+                f"{beside} is a file, but the run writes its {kind} into a folder of that name. Move the "
+                "file, or choose another --out.",
+                param_hint="--out",
+            )
+    if out.with_suffix(".html").is_dir():
+        raise typer.BadParameter(
+            f"{out.with_suffix('.html')} is a folder, but the run writes its report to a file of that name. "
+            "Move the folder, or choose another --out.",
+            param_hint="--out",
         )
     from ..results.store import StoreError, check_replaceable
 
@@ -451,14 +477,35 @@ def set_threads(threads: int | None, model: str) -> int | None:
     """
     from .hub import organism_names
 
-    if threads is None and os.environ.get("VLMTRACE_THREADS"):
-        threads = int(os.environ["VLMTRACE_THREADS"])
+    if threads is None:
+        threads = environment_threads()
     if threads is None and model in organism_names():
         threads = 1
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
+    return threads
+
+
+class ThreadsError(UserError):
+    """$VLMTRACE_THREADS that is not a number of threads."""
+
+
+def environment_threads() -> int | None:
+    """$VLMTRACE_THREADS as a number of threads, or None when it is unset or empty."""
+    text = os.environ.get("VLMTRACE_THREADS", "").strip()
+    if not text:
+        return None
+    try:
+        threads = int(text)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ThreadsError(
+            f"VLMTRACE_THREADS={text!r} is not a number of threads. Set it to a whole number of at least 1 "
+            "(export VLMTRACE_THREADS=1), or unset it; --threads N overrides it for one run."
+        )
     return threads
 
 

@@ -68,15 +68,23 @@ def train(
     steps: Annotated[int | None, typer.Option(help="training steps", show_default="the spec's")] = None,
 ) -> None:
     """Retrain an organism from its seed (bit-identical to the shipped weights by default)."""
+    folder = out or Path(name)
+    blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # found before minutes of training, not after
+        raise typer.BadParameter(
+            f"{blocker} is a file, so the organism cannot be written to the folder {folder}; choose another "
+            "--out.",
+            param_hint="--out",
+        )
     from vlmtrace.models import zoo
 
     if name in zoo.PLANTED:
-        path = zoo.train_planted(name, out or Path(name), seed=seed, steps=steps)
+        path = zoo.train_planted(name, folder, seed=seed, steps=steps)
         record = json.loads((path / "organism.json").read_text())
         scores = _planted_line(record["figures"])
         typer.echo(f"trained {name} in {record['train_seconds']:.0f} s -> {path}  ({scores})")
         return
-    path = zoo.train(name, out or Path(name), seed=seed, steps=steps, progress=True)
+    path = zoo.train(name, folder, seed=seed, steps=steps, progress=True)
     record = json.loads((path / "organism.json").read_text())
     scores = " ".join(f"{k}={v:.3f}" for k, v in record["held_out_accuracy"].items())
     typer.echo(f"trained {name} in {record['train_seconds']:.0f} s -> {path}  ({scores})")

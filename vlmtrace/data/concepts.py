@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .loaders.question import DatasetError, first_found, read_json, required_field
+from .loaders.question import DataFileMissing, DatasetError, first_found, read_json, required_field
 from .sample import Sample
 
 
@@ -175,7 +175,7 @@ def _opened(image: Any, source: str) -> Any:
     if not isinstance(image, Path):
         return image
     if not image.is_file():
-        raise FileNotFoundError(
+        raise DataFileMissing(
             f"image {image} of a scene in {source} does not exist; CLEVR keeps images in images/{{split}}/."
         )
     from PIL import Image
@@ -192,6 +192,12 @@ def clevr_concept_samples(
     image's `image_filename` and `objects` (color, shape, material, size), and images/{split}/."""
     root = Path(root)
     scenes_file = first_found(f"CLEVR_{split}_scenes.json", [root / "scenes", root])
+    if not scenes_file.is_file():
+        raise DataFileMissing(
+            f"the concepts' pairs come from CLEVR's scenes, and {root} has no "
+            f"scenes/CLEVR_{split}_scenes.json. Give CLEVR_v1.0 as it unpacks (scenes/ and images/{split}/), "
+            "or leave out --data to use the organisms' own scenes."
+        )
     scenes = read_json(scenes_file, "CLEVR scenes")
     if not isinstance(scenes, dict) or not isinstance(scenes.get("scenes"), list):
         raise DatasetError(f"{scenes_file} is not a CLEVR scenes file (an object with a 'scenes' list).")

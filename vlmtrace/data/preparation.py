@@ -62,6 +62,8 @@ class Prepared:
     """reason -> ids of the samples left out for it."""
     origin: str = "data"
     """Where the samples came from, as the table's first word ("data", "samples")."""
+    notes: list[str] = field(default_factory=list)
+    """What the table should also say about the samples kept (those without an object region)."""
 
     def provenance(self) -> dict[str, Any]:
         """What to store with the results: counts, reasons, and each sample's spans and counterfactuals."""
@@ -110,6 +112,7 @@ class Prepared:
             lines.append(f"  {'left out because':<{width}}  count  e.g.")
             for reason, ids in sorted(self.left_out.items(), key=lambda item: -len(item[1])):
                 lines.append(f"  {reason:<{width}}  {len(ids):>5}  {', '.join(ids[:3])}")
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -141,6 +144,11 @@ FIXES: tuple[tuple[str, str], ...] = (
     ("answer: ", "use answers the model can produce (words of its vocabulary)"),
     ("words outside the vocabulary", "use questions in words of the model's vocabulary"),
     ("the model's own answer", "add an answer column to the file"),
+    (
+        "no foil answer",
+        "leave out --replace, so STR draws each replacement phrase from the data and scores the answer "
+        "against the donor's; or give each question a foil answer (a table's `foil` column)",
+    ),
 )
 
 
@@ -201,6 +209,8 @@ def prepare(
     ready = _replacements(vlm, with_spans, wanted, phrases, seed, leave)
     if getattr(needs, "image_pair", False):
         ready = _image_pairs(ready, leave)
+    if getattr(needs, "foil", False):  # the logit difference's second answer: a donor's, a pair's, the file's
+        ready = _with_foils(ready, leave)
     if regions:
         ready = _regions(vlm, ready, leave)
     from ..prompts import PromptTemplateError, for_model
@@ -237,7 +247,7 @@ def prepare(
             if len(kept) == n:
                 break
     settle()
-    prepared = Prepared(samples=kept, read=len(loaded), left_out=left_out)
+    prepared = Prepared(samples=kept, read=len(loaded), left_out=left_out, notes=_region_notes(kept))
     if not kept:
         raise DatasetError(
             f"no sample of {path} can be traced by this recipe on {vlm.name}:\n{prepared.report()}\n"
@@ -338,6 +348,20 @@ def _image_pairs(samples: list[Sample], leave) -> list[Sample]:
     return out
 
 
+def _with_foils(samples: list[Sample], leave) -> list[Sample]:
+    """The samples that carry a foil answer; the others are left out (a phrase given with --replace has
+    no answer of its own to score against)."""
+    from ..recipes import NO_FOIL
+
+    out = []
+    for sample in samples:
+        if sample.foil:
+            out.append(sample)
+        else:
+            leave(sample, NO_FOIL)
+    return out
+
+
 def _normal(sample: Sample) -> str:
     return " ".join(str(sample.meta.get("question", sample.prompt)).lower().split())
 
@@ -368,6 +392,16 @@ def _regions(vlm, samples: list[Sample], leave) -> list[Sample]:
             continue
         out.append(sample.with_(meta={**sample.meta, "region_tokens": tokens, "image_tokens": count}))
     return out
+
+
+def _region_notes(kept: list[Sample]) -> list[str]:
+    """A note per reason that kept samples have no object region (object knockouts skip them)."""
+    reasons = Counter(s.meta["region_skipped"] for s in kept if s.meta.get("region_skipped"))
+    return [
+        f"{count} of {len(kept)} kept samples have {reason}, so knockouts of an object region skip them"
+        + (f"; to include them, {fix}" if (fix := fix_for(reason)) else "")
+        for reason, count in reasons.items()
+    ]
 
 
 def _untraceable(vlm, sample: Sample, wanted: Sequence[str]) -> str | None:

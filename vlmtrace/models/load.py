@@ -186,11 +186,18 @@ def check_device(device: str) -> None:
         ) from None
     if parsed.type in ("cpu", "meta"):
         return
+    if parsed.type == "cuda" and torch.version.cuda is None and torch.version.hip is None:
+        raise NotAModelError(
+            f"device {device!r}: this torch ({torch.__version__}) is a CPU-only build, so it cannot use a "
+            "GPU. Install a CUDA build of torch (pytorch.org, 'Get started') on the machine with the GPU, "
+            "or use --device cpu."
+        )
     backend = getattr(torch, parsed.type, None)
     available = getattr(backend, "is_available", None)
     if available is None or not available():
         raise NotAModelError(
-            f"device {device!r}: this machine has no {parsed.type} device that torch can use; use cpu."
+            f"device {device!r}: this machine has no {parsed.type} device that torch can use (no such "
+            "GPU, or its driver is not loaded); use --device cpu, or run on the machine with the GPU."
         )
     count = getattr(backend, "device_count", lambda: 0)()
     if parsed.index is not None and count and parsed.index >= count:

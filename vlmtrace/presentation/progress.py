@@ -14,6 +14,10 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Column
+
+BAR_WIDTH = 20
+"""Characters of the bar itself: enough to see it move, little enough to leave the title room."""
 
 _part: ContextVar[str] = ContextVar("vlmtrace_progress_part", default="")
 
@@ -50,13 +54,18 @@ def progress_bar(enabled: bool, title: str) -> Iterator[Progress | _Silent]:
     if not enabled:
         yield _Silent()
         return
+    # The title takes the width left over and is cut with "…": the count and the time left are what
+    # a user waits on, so they keep their place at any terminal width (a long title pushed them off).
     columns = (
-        TextColumn(f"[bold]{escape(title_of(title))}[/] {{task.description}}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
+        TextColumn(
+            f"[bold]{escape(title_of(title))}[/] {{task.description}}",
+            table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis", min_width=8),
+        ),
+        BarColumn(bar_width=BAR_WIDTH),
+        MofNCompleteColumn(table_column=Column(no_wrap=True)),
+        TimeRemainingColumn(table_column=Column(no_wrap=True)),
     )
-    with Progress(*columns, transient=False) as bar:
+    with Progress(*columns, transient=False, expand=True) as bar:
         yield bar
 
 

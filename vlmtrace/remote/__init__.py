@@ -20,8 +20,16 @@ from __future__ import annotations
 
 from nnsight.intervention.backends.remote import RemoteError
 
-from .client import ServerBackend, ServerUnavailableError, backend
+from .client import RemoteRefusedError, ServerBackend, ServerUnavailableError, backend
 from .keys import model_key
 from .skeleton import skeleton
 
-__all__ = ["RemoteError", "ServerBackend", "ServerUnavailableError", "backend", "model_key", "skeleton"]
+__all__ = [
+    "RemoteError",
+    "RemoteRefusedError",
+    "ServerBackend",
+    "ServerUnavailableError",
+    "backend",
+    "model_key",
+    "skeleton",
+]

@@ -249,7 +249,11 @@ class Access:
                 "wrote a generated key)."
             )
         if not hmac.compare_digest(provided.encode(), self.api_key.encode()):
-            return "the API key was refused: it is not the key this server was started with."
+            return (
+                "the API key was refused: it is not the key this server was started with. Set "
+                "NDIF_API_KEY (or pass api_key=) to that key (the server printed where it wrote a "
+                "generated key)."
+            )
         return None
 
 

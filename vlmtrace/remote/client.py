@@ -17,9 +17,11 @@ back. The backend is nnsight's own `RemoteBackend` with three things added:
   cloudpickle to go *by value* (functions as source, classes rebuilt), so the request runs on
   any server with nnsight, torch and transformers.
 - **Errors that say what happened.** A refused key, an unknown model and a server that went
-  away each raise a `RemoteError` naming the cause and the fix; a trace that raised on the
-  server raises `RemoteError` with the server's traceback, and an out-of-memory error there
-  is also a RuntimeError, so the sweep halves the chunk and retries as it does locally.
+  away each raise a `RemoteError` naming the cause and the fix (the first two a
+  `RemoteRefusedError`, the last a `ServerUnavailableError`: user errors, which the command line
+  prints as one paragraph); a trace that raised on the server raises `RemoteError` with the
+  server's traceback, and an out-of-memory error there is also a RuntimeError, so the sweep
+  halves the chunk and retries as it does locally.
 
 How the client waits (`mode`):
 
@@ -57,6 +59,22 @@ Mode = Literal["stream", "poll", "submit"]
 class ServerUnavailableError(RemoteError, UserError):
     """The server could not be reached, or went away while a chunk ran (the command line prints
     it as one paragraph: the fix is to start the server, or to name the right one)."""
+
+
+class RemoteRefusedError(RemoteError, UserError):
+    """The server refused the request for a reason the user fixes: the API key (missing or not the
+    server's), the model key (a model it does not serve), the page or host it came from, its size.
+    The command line prints it as one paragraph; the server's reason says what to change."""
+
+
+class RemoteHostError(RemoteError, UserError):
+    """A server address that is not an http(s) URL."""
+
+
+REFUSALS = {400, 401, 403, 404, 413}
+"""HTTP statuses of a request the server refused, stating why (a key, a model name, an nnsight or
+Python version that differs from the server's, a size): `RemoteRefusedError`. Others (a busy
+server's 503, a failure while running) are not the user's to fix by changing the request."""
 
 
 class RemoteOutOfMemoryError(RemoteError, RuntimeError):
@@ -120,9 +138,16 @@ class ServerBackend(RemoteBackend):
     ) -> None:
         if mode not in ("stream", "poll", "submit"):
             raise ValueError(f"mode must be 'stream', 'poll' or 'submit', not {mode!r}.")
+        host = (host or os.environ.get("NDIF_HOST") or CONFIG.API.HOST).rstrip("/")
+        if not host.startswith(("http://", "https://")):
+            raise RemoteHostError(
+                f"the server's address {host!r} is not a URL: give it as http://HOST:PORT or "
+                "https://HOST (--host, or $NDIF_HOST), e.g. http://127.0.0.1:8000 for `vlmtrace serve` "
+                "through an SSH tunnel."
+            )
         super().__init__(
             model_key,
-            host=(host or os.environ.get("NDIF_HOST") or CONFIG.API.HOST).rstrip("/"),
+            host=host,
             api_key=api_key or os.environ.get("NDIF_API_KEY") or CONFIG.API.APIKEY,
             blocking=mode != "submit",
             verbose=verbose,
@@ -206,7 +231,7 @@ class ServerBackend(RemoteBackend):
         try:
             return super().request(request, tracer)
         except websocket.WebSocketBadStatusException as error:
-            raise RemoteError(f"{self.host} refused the connection: {_detail(error)}") from None
+            raise RemoteRefusedError(f"{self.host} refused the connection: {_detail(error)}") from None
         except (OSError, websocket.WebSocketException, httpx.TransportError) as error:
             raise self._unavailable(error) from None
 
@@ -222,7 +247,10 @@ class ServerBackend(RemoteBackend):
                 cause = error.__cause__
                 if isinstance(cause, httpx.TransportError):
                     raise self._unavailable(cause) from None
-                busy = isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 503
+                status = cause.response.status_code if isinstance(cause, httpx.HTTPStatusError) else None
+                if status in REFUSALS:
+                    raise RemoteRefusedError(f"{self.host} refused the request: {_detail(cause)}") from None
+                busy = status == 503
                 left = deadline - time.monotonic()
                 if not busy or left <= 0:
                     raise
@@ -240,7 +268,8 @@ class ServerBackend(RemoteBackend):
         except httpx.TransportError as error:
             raise self._unavailable(error) from None
         except httpx.HTTPStatusError as error:
-            raise RemoteError(f"{self.host} refused the poll: {_detail(error)}") from None
+            refused = RemoteRefusedError if error.response.status_code in (401, 403) else RemoteError
+            raise refused(f"{self.host} refused the poll: {_detail(error)}") from None
 
     def _unavailable(self, error: BaseException) -> ServerUnavailableError:
         return ServerUnavailableError(

@@ -234,8 +234,8 @@ class State:
         raise HTTPException(
             status_code=404,
             detail=(
-                f"this server does not serve {name!r}; it serves {served}. Load the model on the "
-                "client under the same name, or pass model_key= with one of these names."
+                f"this server does not serve {name!r}; it serves {served}. Name one of these (--model on "
+                "the command line; in Python, load the model under the same name or pass model_key=)."
             ),
         )
 
@@ -494,8 +494,12 @@ def serve(
     device: str | None = None,
     dtype: str | None = None,
     announce: Callable[[str], None] = logger.warning,
+    check_model: Callable[[str], None] | None = None,
 ) -> None:
     """Load `models` and serve them until SIGINT or SIGTERM (what `vlmtrace serve` runs).
+
+    `check_model(name)` runs on each model once the port is bound and before the key file is written
+    or any model loads (the CLI passes its hub check, so a model that is not there is named at once).
 
     Without `api_key`, a new key is generated and written to `key_file` (0600; default
     `default_key_file(port)`), deleted again when the server stops; `insecure_no_key=True`
@@ -522,6 +526,8 @@ def serve(
     generated: KeyFile | None = None
     workers: dict[str, Worker] = {}
     try:
+        for name in models if check_model is not None else ():
+            check_model(name)
         if not insecure_no_key and not api_key:
             api_key = new_key()
             generated = write_key_file(Path(key_file) if key_file else default_key_file(port), api_key)

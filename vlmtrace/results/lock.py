@@ -13,14 +13,22 @@ modes:
     with path_lock(path, purpose="saving a result"):    # exclusive, for the block
         ...
     lock = PathLock(path)                               # a sweep's, held across calls
-    lock.acquire(shared=True, purpose="filling a sweep's store")
+    lock.try_take(shared=True, purpose="filling a sweep's store")
     ...
     lock.close()
 
 The kernel drops an `flock` when its holder dies, even by kill -9, so a lock is never left
-behind. A process that wants the lock exclusively waits for another exclusive holder (that
-lasts seconds) up to `LOCK_TIMEOUT`, then names it; one that finds sweeps holding it shared
-is refused at once, with their pid and host, since a sweep may run for hours.
+behind. The lock *file* is removed by the last holder to let go cleanly, so a finished run leaves
+only its store: a holder that closes takes the lock exclusively (so no other process holds
+it), unlinks the file while it still holds it, and only then lets go. A process
+that opened the file before it was unlinked finds, once it holds the lock, that the path names
+another file or none, and takes the lock again on the file now at the path; so two processes
+never hold the "same" lock on two files. A holder killed before its close leaves the file, which
+the next run takes over and removes.
+
+A process that wants the lock exclusively waits for another exclusive holder (that lasts
+seconds) up to `LOCK_TIMEOUT`, then names it; one that finds sweeps holding it shared is
+refused at once, with their pid and host, since a sweep may run for hours.
 """
 
 from __future__ import annotations
@@ -63,12 +71,30 @@ class PathLock:
         self.handle = open(self.file, "a+")  # noqa: SIM115 (held across calls, closed by close())
         self.mode: str | None = None
 
+    def _current(self) -> bool:
+        """True when the open handle is the file at the path (not one that a closing holder unlinked)."""
+        try:
+            here, there = os.fstat(self.handle.fileno()), os.stat(self.file)
+        except FileNotFoundError:
+            return False
+        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+    def _reopen(self) -> None:
+        """Open the file now at the path (creating it), dropping the handle of an unlinked one."""
+        self.handle.close()
+        self.handle = open(self.file, "a+")  # noqa: SIM115
+
     def try_take(self, *, shared: bool, purpose: str) -> bool:
         """Take the lock without waiting; True if taken. Records who holds it and why."""
-        try:
-            fcntl.flock(self.handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
+        while True:
+            try:
+                fcntl.flock(self.handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            if self._current():
+                break
+            fcntl.flock(self.handle, fcntl.LOCK_UN)  # a file its last holder removed: take the new one
+            self._reopen()
         self.mode = "shared" if shared else "exclusive"
         record = {
             "pid": os.getpid(),
@@ -89,14 +115,27 @@ class PathLock:
         self.mode = None
 
     def close(self) -> None:
-        if not self.handle.closed:
-            self.handle.close()  # releases the flock
+        """Let go of the lock; the last holder removes the lock file (module docstring)."""
+        if self.handle.closed:
+            return
+        if self.mode is not None:
+            try:  # alone with it? (a shared holder's failed upgrade only lets go a little earlier)
+                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            else:
+                if self._current():
+                    with contextlib.suppress(FileNotFoundError):
+                        self.file.unlink()
+        self.handle.close()  # releases the flock
         self.mode = None
 
     def held_by_sweeps(self) -> bool:
         """True when the lock is held shared only (by sweeps), not by an exclusive holder."""
         if self.mode is not None:
             return False
+        if not self._current():
+            self._reopen()
         try:
             fcntl.flock(self.handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -95,6 +95,7 @@ from .mit_states import load_mit_states, mit_states_images
 from .palit import load_palit_clevr, load_palit_coco_qa
 from .question import (
     DEFAULT_TEMPLATE,
+    DataFileMissing,
     DatasetError,
     MissingImages,
     SkippedSamplesWarning,
@@ -158,7 +159,7 @@ def load_dataset(
         "missing_images": missing_images,
     }
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass a dataset in one of these layouts:\n{_LAYOUTS}")
+        raise DataFileMissing(f"{path} does not exist; pass a dataset in one of these layouts:\n{_LAYOUTS}")
     if path.is_dir():
         return _load_directory(path, options)
     if path.suffix.lower() == ".csv":

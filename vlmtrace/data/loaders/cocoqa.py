@@ -16,6 +16,7 @@ from ..sample import Sample
 from .coco_images import CocoImages
 from .question import (
     DEFAULT_TEMPLATE,
+    DataFileMissing,
     DatasetError,
     MissingImages,
     RawQuestion,
@@ -51,7 +52,7 @@ def load_coco_qa(
     paths = {name: split_dir / f"{name}.txt" for name in _COCO_QA_FILES}
     missing = [path.name for path in paths.values() if not path.is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise DataFileMissing(
             f"COCO-QA split {split!r} needs {', '.join(p.name for p in paths.values())} in {split_dir}; "
             f"missing {', '.join(missing)}. The published archive unpacks to DIR/train and DIR/test."
         )

@@ -36,6 +36,7 @@ from ..edit_case import EditCase, EditRequest
 from ..sample import Sample
 from .question import (
     DEFAULT_TEMPLATE,
+    DataFileMissing,
     DatasetError,
     RawQuestion,
     assemble,
@@ -159,7 +160,7 @@ def _image_root(source: Path, images: str | Path | None, first: str) -> Path:
     if images is not None:
         root = Path(images)
         if not root.is_dir():
-            raise FileNotFoundError(
+            raise DataFileMissing(
                 f"image folder {root} does not exist; pass the folder the records' image paths are "
                 "relative to."
             )

@@ -46,6 +46,11 @@ class DatasetError(UserError):
     """A dataset file does not hold what its format promises, or yields no samples."""
 
 
+class DataFileMissing(DatasetError, FileNotFoundError):
+    """A file that a dataset's layout needs is not where the layout keeps it. Also a
+    FileNotFoundError, so code that catches a missing file (an image to mark) still does."""
+
+
 class SkippedSamplesWarning(UserWarning):
     """Some questions were left out because their prompt lacks a requested constraint span."""
 
@@ -176,7 +181,7 @@ def _open_image(path: Path, sample_id: str, source: Path, hint: str) -> Image.Im
         with Image.open(path) as image:
             return image.convert("RGB")
     except FileNotFoundError:
-        raise FileNotFoundError(
+        raise DataFileMissing(
             f"image {path} of sample {sample_id} in {source} does not exist; {hint}"
         ) from None
     except (UnidentifiedImageError, OSError) as error:
@@ -256,7 +261,7 @@ def not_a_number(where: str, constant: str) -> DatasetError:
 
 def read_json(path: Path, what: str) -> Any:
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} does not exist.")
+        raise DataFileMissing(f"{what} file {path} does not exist.")
     try:
         return strict_json(path.read_text(encoding="utf-8"))
     except NotANumber as constant:
@@ -291,7 +296,7 @@ def describe_json(document: Any) -> str:
 def require_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{what} folder {path} does not exist; pass the folder holding the images.")
+        raise DataFileMissing(f"{what} folder {path} does not exist; pass the folder holding the images.")
     return path
 
 
@@ -317,7 +322,7 @@ def csv_header(path: Path) -> list[str]:
 def csv_rows(path: Path, what: str, columns: Iterable[str]) -> list[dict[str, str]]:
     """The rows of a CSV file as column -> cell, after checking that it has `columns`."""
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} does not exist.")
+        raise DataFileMissing(f"{what} file {path} does not exist.")
     with path.open(encoding="utf-8-sig", newline="") as file:
         reader = csv.DictReader(file)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]

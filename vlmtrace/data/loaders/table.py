@@ -18,6 +18,7 @@ from typing import Any
 from ..sample import Sample
 from .question import (
     DEFAULT_TEMPLATE,
+    DataFileMissing,
     DatasetError,
     MissingImages,
     NotANumber,
@@ -61,7 +62,7 @@ def load_table(
     check_options(n, prompt_template, spans)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"table {path} does not exist; pass a .jsonl or .csv file.")
+        raise DataFileMissing(f"table {path} does not exist; pass a .jsonl or .csv file.")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records = _jsonl_records(path)
