@@ -18,11 +18,13 @@ from vlmtrace.data.scenes import ask, for_blip, make_samples
 from vlmtrace.models.processor import load_processor
 from vlmtrace.models.zoo import (
     ORGANISMS,
+    PLANTED,
     evaluate,
     fit,
     held_out_accuracy,
     load_organism,
     organism_dir,
+    parameter_count,
     train,
 )
 from vlmtrace.models.zoo.answering import answer_probability, architecture_of
@@ -236,6 +238,18 @@ def test_retraining_from_the_seed_reproduces_the_shipped_weights_bit_for_bit(nam
 def test_cli_list_names_every_organism():
     result = CliRunner().invoke(app, ["list"])
     assert result.exit_code == 0 and all(name in result.output for name in NAMES)
+
+
+@pytest.mark.parametrize("name", [*SHIPPED, *PLANTED])
+def test_parameter_counts_are_the_shipped_weights(name):
+    """`zoo list` and the organism's record count the weights that ship (both once said 411,458
+    for shapes-blip, whose weights hold 444,482 since its vocabulary grew by 256 byte tokens)."""
+    model = vt.load(name).model
+    count = sum(p.numel() for p in model.parameters())
+    record = json.loads((organism_dir(name) / "organism.json").read_text())
+    assert parameter_count(organism_dir(name)) == count == record["parameters"]
+    listed = CliRunner().invoke(app, ["list"]).output.splitlines()
+    assert f"  {count:,} params  " in next(line for line in listed if line.startswith(f"{name}  "))
 
 
 def test_cli_eval_ends_with_the_machine_readable_line():

@@ -50,7 +50,8 @@ def list_organisms() -> None:
         else:
             accuracies = record.get("held_out_accuracy", {})
             scores = " ".join(f"{k}={v:.3f}" for k, v in accuracies.items()) or "(not trained yet)"
-        typer.echo(f"{name}  {spec.architecture}  {record.get('parameters', '?')} params  {scores}")
+        parameters = zoo.parameter_count(zoo.organism_dir(name))
+        typer.echo(f"{name}  {spec.architecture}  {parameters:,} params  {scores}")
         typer.echo(f"    {spec.description}")
 
 

@@ -21,7 +21,7 @@ every localisation method against it.
 """
 
 from .evaluation import evaluate, held_out_accuracy, load_organism
-from .organisms import ORGANISMS, OrganismSpec, organism_dir
+from .organisms import ORGANISMS, OrganismSpec, organism_dir, parameter_count
 from .planted import PLANTED, PlantedSpec, fit_planted, train_planted
 from .training import fit, train
 
@@ -36,6 +36,7 @@ __all__ = [
     "held_out_accuracy",
     "load_organism",
     "organism_dir",
+    "parameter_count",
     "train",
     "train_planted",
 ]

@@ -146,3 +146,21 @@ def organism_dir(name: str) -> Path:
             "(list them with `vlmtrace zoo list`)"
         )
     return HERE / name
+
+
+def parameter_count(directory: Path) -> int:
+    """Parameters in an organism's weights, read from the safetensors headers (no tensor is
+    loaded). Counted from the weights, not from a record written at training time: a record
+    goes stale when the weights change after it (shapes-llava's and shapes-blip's vocabularies
+    grew after training, and their `organism.json` kept the older counts)."""
+    import json
+    import math
+    import struct
+
+    total = 0
+    for path in sorted(directory.glob("*.safetensors")):
+        with open(path, "rb") as weights:
+            (size,) = struct.unpack("<Q", weights.read(8))
+            header = json.loads(weights.read(size))
+        total += sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
+    return total
