@@ -18,14 +18,13 @@ def skipped_layers(monkeypatch):
     import vlmtrace.engine.sweep as sweep
 
     seen: set[int] = set()
-    original = sweep.run_probed
+    original = sweep.run_plans
 
-    def spy(*args, prefix=None, **kwargs):
-        if prefix is not None:
-            seen.add(prefix[0])
-        return original(*args, prefix=prefix, **kwargs)
+    def spy(vlm, plans, *args, **kwargs):
+        seen.update(plan.first for plan in plans if plan.first > 0)  # layers skipped below `first`
+        return original(vlm, plans, *args, **kwargs)
 
-    monkeypatch.setattr(sweep, "run_probed", spy)
+    monkeypatch.setattr(sweep, "run_plans", spy)
     found: list[int] = []
     yield found
     found.extend(sorted(seen))
