@@ -74,6 +74,7 @@ class Case:
     sample: vt.Sample
     corruption: Any
     site: str
+    max_batch: int = MAX_BATCH
 
 
 def vlm_case(name: str) -> Case:
@@ -127,7 +128,8 @@ def lm_case(architecture: str) -> Case:
     sample = vt.Sample(
         prompt="the cat sat on the mat in the city of", answer="paris", spans={"visual": "cat"}, id="lm"
     )
-    return Case(model, tokenizer, sample, vt.SymmetricTokenReplacement("visual", text="dog"), "mlp")
+    # one cell per forward next to the 2 baseline rows: 4 forwards, the last 3 in one session
+    return Case(model, tokenizer, sample, vt.SymmetricTokenReplacement("visual", text="dog"), "mlp", 3)
 
 
 BUILDERS = {name: (lambda name=name: vlm_case(name)) for name in FAMILIES}
@@ -142,7 +144,7 @@ def sweep(vlm: vt.VLM, case: Case, **extra) -> xr.Dataset:
         [case.sample],
         corruption=case.corruption,
         grid=grid,
-        max_batch=MAX_BATCH,
+        max_batch=case.max_batch,
         progress=False,
         **extra,
     )
