@@ -166,12 +166,10 @@ def as_checkpoint(processor: Any) -> Any:
     so that `vt.load` finds that class in the folder, as it would in a real checkpoint."""
     import copy
 
-    import transformers
-
     cls = type(processor)
-    if getattr(transformers, cls.__name__, None) is cls:
+    if cls.__module__.split(".")[0] == "transformers":
         return processor
-    base = next(b for b in cls.__mro__ if getattr(transformers, b.__name__, None) is b)
+    base = next(b for b in cls.__mro__ if b.__module__.split(".")[0] == "transformers")
     made = copy.copy(processor)
     made.__class__ = base
     made.video_processor = None
@@ -263,23 +261,24 @@ class Captured(ServerBackend):
         self.requests.append((payload, values))
 
 
-def captured_request(case: Case, name: str) -> tuple[bytes, dict]:
+def captured_request(case: Case, name: str, **extra) -> tuple[bytes, dict]:
     """The largest request (payload, values saved here) of the family's sweep."""
     vlm = vt.wrap(case.model, case.processor, name=f"tiny-{name}")
     capture = Captured(model_key(vlm.name), host="http://unused")
     capture.requests = []
-    sweep(vlm, case, backend=capture)
+    sweep(vlm, case, backend=capture, **extra)
     return max(capture.requests, key=lambda request: len(request[0]))
 
 
-def run_where_only_ndif_imports(requests: dict[str, bytes], dirs: dict[str, str], folder: Path) -> Path:
-    """Run each family's payload through `tests/ndif_only.py` in one fresh process; its results
-    folder (NAME.pt or NAME.error)."""
-    jobs = {}
-    for name, payload in requests.items():
+def run_where_only_ndif_imports(jobs: dict[str, tuple[bytes, str]], folder: Path) -> Path:
+    """Run each job's (payload, model directory) through `tests/ndif_only.py`, all in one fresh
+    process (it starts in seconds, the requests in milliseconds); its results folder (NAME.pt or
+    NAME.error)."""
+    files = {}
+    for name, (payload, model) in jobs.items():
         (folder / f"{name}.payload").write_bytes(payload)
-        jobs[name] = {"payload": str(folder / f"{name}.payload"), "model": dirs[name]}
-    (folder / "jobs.json").write_text(json.dumps(jobs))
+        files[name] = {"payload": str(folder / f"{name}.payload"), "model": model}
+    (folder / "jobs.json").write_text(json.dumps(files))
     out = folder / "out"
     out.mkdir()
     script = Path(__file__).with_name("ndif_only.py")
@@ -292,13 +291,37 @@ def run_where_only_ndif_imports(requests: dict[str, bytes], dirs: dict[str, str]
     return out
 
 
+class ProbabilityThatImportsXarray(Probability):
+    """P(answer), from a metric that imports xarray while the trace runs."""
+
+    def __call__(self, logits, answer, foil):
+        import xarray  # noqa: F401 (what NDIF's servers cannot import)
+
+        return Probability.__call__(self, logits, answer, foil)
+
+
+def requests_ndif_refuses(llava: Case) -> dict[str, bytes]:
+    """LLaVA's request, spoiled two ways: the metrics module no longer travels by value (the
+    payload names `vlmtrace.engine.metrics`), and a metric shipped by value imports xarray."""
+    shipped = tuple(module for module in client.ENGINE_MODULES if module != "vlmtrace.engine.metrics")
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(client, "ENGINE_MODULES", shipped)
+        names_vlmtrace = captured_request(llava, "llava")[0]
+    with shipped_by_value(sys.modules[__name__]):
+        imports_xarray = captured_request(llava, "llava", metric=ProbabilityThatImportsXarray())[0]
+    return {"names_vlmtrace": names_vlmtrace, "imports_xarray": imports_xarray}
+
+
 @pytest.fixture(scope="module")
 def ndif_runs(cases, saved, tmp_path_factory):
-    """Family -> (values saved by the client's own run, what the NDIF-only process returned)."""
+    """Family (or spoiled request) -> (values saved by the client's own run, or None; the
+    NDIF-only process's results folder)."""
     captured = {name: captured_request(case, name) for name, case in cases.items()}
-    folder = tmp_path_factory.mktemp("ndif")
-    out = run_where_only_ndif_imports({n: c[0] for n, c in captured.items()}, saved, folder)
-    return {name: (captured[name][1], out) for name in captured}
+    jobs = {name: (payload, saved[name]) for name, (payload, _) in captured.items()}
+    spoiled = requests_ndif_refuses(cases["llava"])
+    jobs |= {name: (payload, saved["llava"]) for name, payload in spoiled.items()}
+    out = run_where_only_ndif_imports(jobs, tmp_path_factory.mktemp("ndif"))
+    return {name: (captured[name][1] if name in captured else None, out) for name in jobs}
 
 
 def equal(a: Any, b: Any) -> bool:
@@ -323,33 +346,11 @@ def test_a_familys_request_runs_where_only_ndif_packages_import(name, ndif_runs)
     assert there and equal(here, there)
 
 
-def test_a_request_that_names_vlmtrace_fails_where_only_ndif_packages_import(
-    cases, saved, tmp_path, monkeypatch
-):
-    # the metrics no longer travel by value: the request names vlmtrace.engine.metrics instead
-    shipped = tuple(module for module in client.ENGINE_MODULES if module != "vlmtrace.engine.metrics")
-    monkeypatch.setattr(client, "ENGINE_MODULES", shipped)
-    payload, _ = captured_request(cases["llava"], "llava")
-    out = run_where_only_ndif_imports({"llava": payload}, saved, tmp_path)
-    assert "No module named 'vlmtrace" in (out / "llava.error").read_text()
+def test_a_request_that_names_vlmtrace_fails_where_only_ndif_packages_import(ndif_runs):
+    _, out = ndif_runs["names_vlmtrace"]
+    assert "No module named 'vlmtrace" in (out / "names_vlmtrace.error").read_text()
 
 
-class ProbabilityThatImportsXarray(Probability):
-    """P(answer), from a metric that imports xarray while the trace runs."""
-
-    def __call__(self, logits, answer, foil):
-        import xarray  # noqa: F401 (what NDIF's servers cannot import)
-
-        return Probability.__call__(self, logits, answer, foil)
-
-
-def test_a_shipped_function_that_imports_xarray_fails_where_only_ndif_packages_import(cases, saved, tmp_path):
-    case = cases["llava"]
-    vlm = vt.wrap(case.model, case.processor, name="tiny-llava")
-    capture = Captured(model_key(vlm.name), host="http://unused")
-    capture.requests = []
-    with shipped_by_value(sys.modules[__name__]):
-        sweep(vlm, case, backend=capture, metric=ProbabilityThatImportsXarray())
-    payload = max(capture.requests, key=lambda request: len(request[0]))[0]
-    out = run_where_only_ndif_imports({"llava": payload}, saved, tmp_path)
-    assert "No module named 'xarray'" in (out / "llava.error").read_text()
+def test_a_shipped_function_that_imports_xarray_fails_where_only_ndif_packages_import(ndif_runs):
+    _, out = ndif_runs["imports_xarray"]
+    assert "No module named 'xarray'" in (out / "imports_xarray.error").read_text()
