@@ -1,10 +1,11 @@
 """Generate the support matrix from test results: `python tests/support_matrix.py`.
 
-Runs the remote tests (first, alone: their servers must start in time), then the family reference
-tests (and BLIP's, the T5 decoder's, ...), reads each test's outcome from pytest's JUnit XML, and
-writes `vlmtrace/models/support.json` (printed by `vlmtrace models`) and the README table between
-its markers. Nothing in the matrix is written by hand:
-a family whose test fails shows "FAILS", one whose check is skipped shows the skip reason.
+Runs the remote tests (first, alone: their servers must start in time; `test_remote_families`
+serves every family and runs each family's request where only NDIF's packages import), then the
+family reference tests (and BLIP's, the T5 decoder's, ...), reads each test's outcome from
+pytest's JUnit XML, and writes `vlmtrace/models/support.json` (printed by `vlmtrace models`)
+and the README table between its markers. Nothing in the matrix is written by hand: a family
+whose test fails shows "FAILS", one whose check is skipped shows the skip reason.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ TESTS = [
     "tests/test_prefix_reuse.py",
     "tests/test_transformer_lens.py",
 ]
-SERVED_TESTS = ["tests/test_remote.py"]
+SERVED_TESTS = ["tests/test_remote.py", "tests/test_remote_families.py"]
 """Run first, on their own: their servers must start within a time limit, which a busy machine
 (the other tests' workers) can exceed, failing them for a reason unrelated to what they test."""
 COMMAND = "python tests/support_matrix.py"
@@ -103,6 +104,12 @@ def summarise(results: dict[str, tuple[str, str]]) -> dict:
                     for direction in ("denoise", "noise"):
                         if direction in params.split("-"):
                             checks[family]["directions:" + direction].append(outcome)
+    served = re.compile(r"test_remote_families::test_(?P<test>\w+)\[(?P<family>\w+)\]")
+    for name, outcome in results.items():  # every family served, and its request on NDIF's terms
+        match = served.match(name)
+        if match:
+            column = "ndif" if "ndif" in match["test"] else "remote"
+            checks[match["family"]][column].append(outcome)
     remote = [outcome for name, outcome in results.items() if name.startswith("test_remote::")]
     return checks, remote
 
@@ -126,7 +133,11 @@ def columns(family: str, checks: dict, remote: list, sites: list[str]) -> dict[s
         if text(family_checks.get("corruptions:" + c, [])) == "yes"
     ]
     directions = [d for d in ("denoise", "noise") if text(family_checks.get("directions:" + d, [])) == "yes"]
-    remote_text = "yes (tested)" if family in ("llava", "blip") and text(remote) == "yes" else "untested"
+    served = family_checks.get("remote", [])
+    if family in ("llava", "blip"):  # test_remote's recipes, knockout, noise, errors, polling, ...
+        served = served + remote
+    remote_text = text(served)
+    ndif_text = text(family_checks.get("ndif", []))
     site_text = text(family_checks.get("sites", []))
     return {
         "sites": ", ".join(sites) if site_text == "yes" else site_text,
@@ -135,7 +146,8 @@ def columns(family: str, checks: dict, remote: list, sites: list[str]) -> dict[s
         "knockout": text(family_checks.get("knockout", [])),
         "patterns": text(family_checks.get("patterns", [])),
         "prefix reuse": text(family_checks.get("prefix reuse", [])),
-        "remote": remote_text,
+        "remote": "yes (tested)" if remote_text == "yes" else remote_text,
+        "ndif": "yes (tested)" if ndif_text == "yes" else ndif_text,
     }
 
 
@@ -143,10 +155,11 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     results: dict[str, tuple[str, str]] = {}
     with tempfile.TemporaryDirectory() as folder:
-        for name, tests, workers in (("served", SERVED_TESTS, "0"), ("local", TESTS, "2")):
+        runs = (("served", SERVED_TESTS, "0", "slow or not slow"), ("local", TESTS, "2", "not slow"))
+        for name, tests, workers, marks in runs:  # every family served: slow, so not in the suite
             xml = Path(folder) / f"{name}.xml"
             subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", workers]
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", workers, "-m", marks]
                 + [f"--junitxml={xml}", *tests],
                 cwd=ROOT,
                 check=False,

@@ -1,7 +1,8 @@
 """`vlmtrace models` and `vlmtrace check MODEL`: what vlmtrace supports, and whether it holds here.
 
 `models` prints the support matrix: for each family, what the reference tests showed (sites,
-corruptions, directions, knockout, attention patterns, prefix reuse, remote). The matrix is
+corruptions, directions, knockout, attention patterns, prefix reuse, served remotely, a request
+that imports only what NDIF's servers have). The matrix is
 generated from test results by `python tests/support_matrix.py`, never written by hand, and
 shipped as `vlmtrace/models/support.json`.
 
@@ -17,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-COLUMNS = ("sites", "corruptions", "directions", "knockout", "patterns", "prefix reuse", "remote")
+COLUMNS = ("sites", "corruptions", "directions", "knockout", "patterns", "prefix reuse", "remote", "ndif")
 
 
 def support() -> dict:
