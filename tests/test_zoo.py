@@ -226,8 +226,8 @@ def test_another_seed_gives_other_weights():
 
 
 TRAINED_ELSEWHERE = pytest.mark.xfail(
-    reason="shapes-blip's shipped weights were trained on another CPU; retraining here reproduces "
-    "itself, not them (README, 'Retraining reproduces itself')",
+    reason="retraining shapes-blip here reproduces itself, not the shipped weights (likely trained "
+    "on another CPU; README, 'Retraining reproduces itself')",
     strict=False,
 )
 
