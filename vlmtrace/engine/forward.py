@@ -385,49 +385,17 @@ def run(vlm: VLM, stack: Stack, batch: dict, edits: Edits, **options: Any) -> to
 
 
 def run_probed(
-    vlm: VLM,
-    stack: Stack,
-    batch: dict,
-    edits: Edits,
-    *,
-    metric: Metric,
-    answer: torch.Tensor | None = None,
-    foil: torch.Tensor | None = None,
-    answer_slice: slice | None = None,
-    scoring: list[Scoring] | None = None,
-    backend: Any = None,
-    prefix: tuple[int, torch.Tensor] | None = None,
-    image: Any = None,
+    vlm: VLM, stack: Stack, batch: dict, edits: Edits, *, backend: Any = None, **options: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run one batched forward with `edits`; return the metric of every row and the probes.
 
     The probes are the log-probabilities of each scoring group's `probes` token ids at its
     first answer position, for its `probe_rows` first rows, flattened in group and row order
     (empty where no group asks for any): a few floats that check the forward for free.
-
-    Every row is scored by `answer` / `foil` at `answer_slice`, or, for a forward that packs
-    several samples' rows, each sample's rows by their own (`scoring`, in row order, covering
-    every row). `backend` is an nnsight backend (None: run here); a remote one runs the same
-    trace on a server, and only the per-row floats come back. `prefix=(first, states)` skips
-    the stack's layers below `first`, every row starting from `states`, the [row, position,
-    hidden] output of layer `first - 1` (prefix reuse: nothing is edited below `first`, so
-    each row computes there exactly what its baseline row computed once already). `image`
-    replaces the image encoder's output (`Prefix.image_rows`): it runs once per distinct image.
+    `backend` is an nnsight backend (None: run here); a remote one runs the same trace on a
+    server, and only the per-row floats come back. The options are `forward_plan`'s.
     """
-    plan = forward_plan(
-        vlm,
-        stack,
-        batch,
-        edits,
-        metric=metric,
-        answer=answer,
-        foil=foil,
-        answer_slice=answer_slice,
-        scoring=scoring,
-        prefix=prefix,
-        image=image,
-    )
-    return run_plan(vlm, plan, backend)
+    return run_plan(vlm, forward_plan(vlm, stack, batch, edits, **options), backend)
 
 
 def run_plan(vlm: VLM, plan: ForwardPlan, backend: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -502,7 +470,16 @@ def forward_plan(
     prefix: tuple[int, torch.Tensor] | None = None,
     image: Any = None,
 ) -> ForwardPlan:
-    """One forward's trace, planned (the arguments are `run_probed`'s)."""
+    """One forward's trace, planned.
+
+    Every row is scored by `answer` / `foil` at `answer_slice`, or, for a forward that packs
+    several samples' rows, each sample's rows by their own (`scoring`, in row order, covering
+    every row). `prefix=(first, states)` skips the stack's layers below `first`, every row
+    starting from `states`, the [row, position, hidden] output of layer `first - 1` (prefix
+    reuse: nothing is edited below `first`, so each row computes there exactly what its
+    baseline row computed once already). `image` replaces the image encoder's output
+    (`Prefix.image_rows`): it runs once per distinct image.
+    """
     rows, width = batch_geometry(batch, stack.sequence)
     if scoring is None:
         scoring = [Scoring(0, rows, answer, foil, answer_slice)]
