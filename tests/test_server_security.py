@@ -530,7 +530,8 @@ def test_a_second_server_on_another_port_leaves_the_key_file_a_running_server_ho
     from vlmtrace.cli import app
 
     guarded = servers["guarded"]
-    args = ["serve", "no-such-model", "--port", str(free_port()), "--key-file", str(guarded.key_file)]
+    # a shipped organism: a model that cannot be found is refused before the key file is reached
+    args = ["serve", "shapes-blip", "--port", str(free_port()), "--key-file", str(guarded.key_file)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "key file of a running server" in " ".join(
         result.output.replace("│", " ").split()
