@@ -382,6 +382,7 @@ def test_a_data_run_shows_each_warning_once_in_one_line(tmp_path):
         text=True,
         env=env,
         timeout=300,
+        cwd=tmp_path,  # the installed vlmtrace (from the repository root, `vlmtrace/` has no recipes)
     )
     warned = [line for line in done.stderr.splitlines() if "AnswerTokenWarning" in line]
     assert done.returncode == 0, done.stderr[-2000:]
