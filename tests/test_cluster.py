@@ -84,8 +84,6 @@ def stop_jobs_at_exit():
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.slow  # 90-112 s under load; and once in three loaded runs a shard's whole-store read
-# met another shard's half-written sample past the store's retry window (closing note, issue 25)
 def test_a_killed_shard_resubmitted_gives_the_store_of_one_process(tmp_path, monkeypatch, stop_jobs_at_exit):
     monkeypatch.chdir(tmp_path)
     out, whole = tmp_path / "vc.zarr", tmp_path / "whole.zarr"

@@ -316,3 +316,80 @@ def test_a_damaged_chunk_of_an_unfinished_sample_is_still_named(copy):
     caught_between_values_and_row(copy)  # and the row that would match never comes
     with pytest.raises(StoreError, match=r"chunk file .*mlp/c/1/0/0/0 does not hold what was written"):
         vt.open_result(copy)
+
+
+def unfinished(ds: xr.Dataset, samples: range) -> xr.Dataset:
+    """`ds` as a sweep lays it out before these samples' chunks: NaN values, nothing done."""
+    ds = ds.copy(deep=True)
+    for variable in ds.data_vars.values():
+        if "sample" in variable.dims and variable.dtype.kind == "f":
+            variable.values[...] = np.nan
+    ds["progress"].values[list(samples)] = 0
+    ds["done"].values[list(samples)] = False
+    return ds
+
+
+@pytest.fixture
+def twelve(tiny_llava, tmp_path) -> Path:
+    """A store of twelve finished samples (more samples, more writes for a read to meet)."""
+    store = tmp_path / "twelve.zarr"
+    samples = [s.with_(id=f"{s.id}{k}") for k in range(4) for s in finished_samples()]
+    sweep(tiny_llava, samples, store)
+    return store
+
+
+@pytest.mark.slow  # 15 s; before the fix it failed in half of its runs (1 read in ~65)
+def test_reads_while_shards_finish_samples_never_name_an_intact_store_damaged(twelve):
+    """A load reads the ledger and the values at different moments; one that paired a sample's
+    new done row with its values from before that row (read first) named an intact store
+    damaged: the cluster test's end-of-run read met it once in three runs."""
+    import threading
+
+    from vlmtrace.results.store import read_store
+
+    final = read_store(twelve)
+    samples = range(final.sizes["sample"])
+    shard = SweepStore(twelve, final)
+    loads, errors = 0, []
+    while loads < 60:
+        for i in samples:  # back to unfinished, with no reader (a done sample is never rewritten)
+            shard.write(unfinished(final, samples), i)
+
+        def finish() -> None:
+            for i in samples:
+                shard.write(final, i)
+
+        writer = threading.Thread(target=finish)
+        writer.start()
+        while writer.is_alive():
+            try:
+                vt.open_result(twelve)
+            except StoreError as error:
+                errors.append(str(error))
+            loads += 1
+        writer.join()
+    assert errors == [], f"{len(errors)} of {loads} reads: {errors[0]}"
+    assert values_equal(read_store(twelve), final)
+
+
+def test_a_load_reads_every_ledger_row_before_any_value_it_vouches_for(finished, monkeypatch):
+    """Why a done row can be trusted: it was written after its values and a done sample is never
+    rewritten, so values read after the row are the ones it records. Chunk reads are logged
+    where zarr reads a file; in any other order (dask's, which varies) the race above is open."""
+    from zarr.storage import LocalStore
+
+    reads: list[str] = []
+    get = LocalStore.get
+
+    async def logged(self, key, *args, **kwargs):
+        reads.append(key)
+        return await get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "get", logged)
+    for _ in range(5):  # dask's order varied from load to load
+        reads.clear()
+        vt.open_result(finished)
+        chunks = [key.split("/c/")[0] for key in reads if "/c/" in key]
+        last_row = max(i for i, name in enumerate(chunks) if name == "ledger")
+        values = [i for i, name in enumerate(chunks) if name in ("mlp", "clean", "corrupt")]
+        assert values and last_row < min(values), chunks

@@ -276,9 +276,13 @@ moments). A damaged chunk stays damaged and is named after the retries."""
 def _load(path: Path) -> xr.Dataset:
     """A store loaded into memory as on disk (ledger included), every checksum verified.
 
-    Shards fill one store at once, so a load can catch another shard between writing a
-    sample's values and its ledger row: the snapshot then mismatches in that unfinished
-    sample only, and is taken again (`WRITING_RETRIES`).
+    Shards fill one store at once, and a load reads the ledger and the values at different
+    moments. The ledger is read first: a row that says done was written after its values,
+    and a done sample is never written again, so the values read after it are the ones it
+    vouches for, and a mismatch there is damage. A row that says not done may be followed by
+    values its shard wrote since: that snapshot mismatches in the unfinished sample only, and
+    is taken again (`WRITING_RETRIES`). (Read in any other order, a load could pair a sample's
+    done row with the values from before it, and name an intact store damaged.)
     """
     for attempt in range(WRITING_RETRIES + 1):
         loaded, marker = _load_once(path)
@@ -303,6 +307,8 @@ def _load_once(path: Path) -> tuple[xr.Dataset, dict[str, Any]]:
     consolidated = (path / ".zmetadata").exists()  # older stores were written without
     try:
         with xr.open_zarr(path, consolidated=consolidated) as ds:
+            if LEDGER in ds.variables:
+                ds.variables[LEDGER].load()  # the rows first: see `_load`
             loaded = ds.load()
     except (KeyError, ValueError, FileNotFoundError):
         _check_chunks(path, read=True)  # names the broken file when one is
