@@ -126,9 +126,42 @@ def test_out_of_memory_halves_the_chunk_and_keeps_the_result(tiny_llava, llava_s
         return original(vlm, plans, *args, **kwargs)
 
     monkeypatch.setattr(sweep, "run_plans", small_memory)
-    got = vt.patch(tiny_llava, [llava_sample], **sweep_kwargs(tmp_path))
+    with pytest.warns(sweep.OutOfMemoryWarning, match=r"out of memory in a forward of \d+ rows; retrying at"):
+        got = vt.patch(tiny_llava, [llava_sample], **sweep_kwargs(tmp_path))
     assert max(sizes) > 2 and 2 in sizes
     np.testing.assert_allclose(got["mlp"].values, expected["mlp"].values, rtol=0, atol=1e-6)
+
+
+def test_max_memory_sizes_each_forward_by_row_bytes_and_keeps_the_values(
+    tiny_llava, llava_sample, tmp_path, monkeypatch
+):
+    expected = vt.patch(tiny_llava, [llava_sample], **sweep_kwargs(tmp_path))
+    encoded = tiny_llava.processor(text=llava_sample.prompt, images=llava_sample.image, return_tensors="pt")
+    per_row = sweep.row_bytes(
+        tiny_llava.model.config.text_config, encoded["input_ids"].shape[-1], element=4, logits=1
+    )
+    original, rows = sweep.run_plans, []
+
+    def counting(vlm, plans, *args, **kwargs):
+        rows.extend(plan.rows for plan in plans)
+        return original(vlm, plans, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "run_plans", counting)
+    got = vt.patch(tiny_llava, [llava_sample], **sweep_kwargs(tmp_path, max_memory=4.5 * per_row))
+    assert max(rows) == 4 and values_equal(got, expected)
+
+
+def test_a_sweeps_forward_builds_no_kv_cache(tiny_llava, llava_sample, tmp_path):
+    """A cache holds every layer's keys and values for every row: most of a 7B row's memory."""
+    caches = []
+    hook = tiny_llava.model.model.language_model.register_forward_hook(
+        lambda module, args, output: caches.append(output.past_key_values)
+    )
+    try:
+        vt.patch(tiny_llava, [llava_sample], **sweep_kwargs(tmp_path))
+    finally:
+        hook.remove()
+    assert caches and all(cache is None for cache in caches)
 
 
 def test_an_error_that_is_not_out_of_memory_is_not_retried(tiny_llava, llava_sample, tmp_path, monkeypatch):

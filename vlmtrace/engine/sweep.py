@@ -28,6 +28,7 @@ forward is halved and retried.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import takewhile
@@ -246,6 +247,11 @@ def record(ds: xr.Dataset, layout: Layout, sample: int, plan: Plan, finished: Fi
     ds["done"].values[sample] = finished.complete
 
 
+class OutOfMemoryWarning(UserWarning):
+    """A forward ran out of memory and is retried at fewer rows: the values are unchanged (each
+    row's are computed alone), but every forward of the sweep after it is smaller, and slower."""
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """CUDA's OOM error, or an allocator failure reported as a RuntimeError."""
     message = str(error).lower()
@@ -342,6 +348,13 @@ def run_forwards(
             cap = halved(group[0][0]) if is_out_of_memory(error) else None
             if cap is None:
                 raise
+            warnings.warn(
+                f"out of memory in a forward of {sum(s.rows for s in group[0][0])} rows; retrying at "
+                f"{cap} rows per forward for the rest of the sweep (a lower max_batch, or "
+                "max_memory, avoids the retry).",
+                OutOfMemoryWarning,
+                stacklevel=2,
+            )
             pacer.restart()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -506,20 +519,38 @@ def plan_chunk(
 
 
 def rows_per_chunk(vlm: VLM, prepared: Sequence[Prepared], max_batch: int, max_memory: float | None) -> int:
-    """Rows per forward of these samples: `max_batch`, lowered to fit `max_memory` bytes when given.
-
-    The estimate is the activations one row keeps alive during a forward (hidden states of
-    a layer and its MLP, x4 for attention scores and temporaries) plus its answer logits, at
-    the widest sample's width.
-    """
+    """Rows per forward of these samples: `max_batch`, lowered to fit `max_memory` bytes when given
+    (`row_bytes` at the widest sample's width), never below one sample's baseline rows and a cell."""
     if max_memory is None:
         return max_batch
     config = getattr(vlm.model.config, "text_config", vlm.model.config)
-    hidden = config.hidden_size
-    vocab = config.vocab_size
     width = max(max(p.widths.values()) for p in prepared)
-    element = torch.finfo(vlm.model.dtype).bits // 8
     logits = max(len(p.answer) for p in prepared) if vlm.adapter.keeps_last_logits else width
-    per_row = element * width * hidden * 4 * 4 + 4 * vocab * logits
+    per_row = row_bytes(config, width, element=torch.finfo(vlm.model.dtype).bits // 8, logits=logits)
     smallest = max(p.baseline_rows + p.pair.samples for p in prepared)
     return max(smallest, min(max_batch, int(max_memory // per_row)))
+
+
+def row_bytes(config: Any, width: int, *, element: int, logits: int) -> int:
+    """The activations one row of a forward holds at its peak, from the language model's config.
+
+    A forward without a KV cache holds one layer's activations at a time, so a row's peak is
+    its layer's largest phase plus the residual stream (input, normed input, output: 4 x
+    width x hidden): attention (queries, keys, values and their rotated copies, 6 x width x
+    hidden, and the scores, heads x width^2: where attention is eager, in the dtype, then a
+    float32 copy and the float32 softmax of it; otherwise one copy in the dtype) or the MLP
+    (gate, up and their product, 3 x width x intermediate); then the float32 logits kept.
+    On LLaVA-1.5-7B's shapes in bfloat16 the CPU allocator's peak is 146 MiB a row with eager
+    attention (this says 151) and 68 MiB with SDPA (this says 67), the same at 2 and 4 layers
+    (`benchmarks/chunk_memory.py`); the vision tower runs before the decoder, and needs less.
+    """
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "d_ff", None) or 4 * hidden
+    if getattr(config, "_attn_implementation", "eager") in (None, "eager"):
+        per_score = element + (4 if element != 4 else 0) + 4  # scores, a float32 copy, the softmax
+    else:
+        per_score = element
+    attention = 6 * width * hidden * element + heads * width**2 * per_score
+    mlp = 3 * width * intermediate * element
+    return 4 * width * hidden * element + max(attention, mlp) + 4 * config.vocab_size * logits

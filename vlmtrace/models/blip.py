@@ -94,6 +94,7 @@ def forward(
         encoder_hidden_states=question,
         encoder_attention_mask=attention_mask,
         reduction="none",
+        use_cache=False,  # see `llava.forward`
     ).logits
 
 

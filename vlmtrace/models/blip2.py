@@ -76,7 +76,7 @@ def encode(processor: Any, prompt: str, image: Any, decoder_ids: list[int] | Non
 
 def forward(model: torch.nn.Module, **batch: torch.Tensor) -> torch.Tensor:
     """Logits over the prompt; the answer is predicted at the last position."""
-    return model(**batch).logits
+    return model(**batch, use_cache=False).logits  # see `llava.forward`
 
 
 def encode_for_t5(processor: Any, prompt: str, image: Any, decoder_ids: list[int] | None = None) -> dict:

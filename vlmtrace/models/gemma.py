@@ -87,7 +87,7 @@ def paligemma_forward(model: torch.nn.Module, **batch: torch.Tensor) -> torch.Te
     engine counts them from 0 on the attention mask, so they are shifted here."""
     if "position_ids" in batch:
         batch = {**batch, "position_ids": batch["position_ids"] + 1}
-    return model(**batch).logits
+    return model(**batch, use_cache=False).logits  # see `llava.forward`
 
 
 PALIGEMMA = Adapter(

@@ -54,7 +54,7 @@ def encode(processor: Any, prompt: str, image: Any, decoder_ids: list[int] | Non
 
 def forward(model: torch.nn.Module, **batch: torch.Tensor) -> torch.Tensor:
     """Logits over the prompt; the answer is predicted at the last position."""
-    return model(**batch).logits
+    return model(**batch, use_cache=False).logits  # see `llava.forward`
 
 
 LANGUAGE_MODEL = Stack(

@@ -25,7 +25,7 @@ def encode(processor: Any, prompt: str, image: Any, decoder_ids: list[int] | Non
 
 
 def forward(model: torch.nn.Module, **batch: torch.Tensor) -> torch.Tensor:
-    return model(**batch).logits
+    return model(**batch, use_cache=False).logits  # see `llava.forward`
 
 
 LLAMA = Adapter(
