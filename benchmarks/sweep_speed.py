@@ -20,7 +20,8 @@ every (layer, position) of the prompt. Each method starts from the `Sample` (enc
 every method's time) and ends with P(answer) for every cell. The four grids of values must agree
 (max abs difference < 1e-4) before anything is timed, so the methods do equal work. The
 plain-torch methods run on a copy of the model made before nnsight wrapped it, and ask the model
-for the last position's logits only (`logits_to_keep=1`), as a careful hand-written script would.
+for the last position's logits only (`logits_to_keep=1`) and no KV cache (`use_cache=False`, as
+vlmtrace's forwards run since 2026-12-07), as a careful hand-written script would.
 
     python -m benchmarks.sweep_speed                        # from the repository root
     python -m benchmarks.sweep_speed --threads 2 --layers 8 --hidden 128 --max-batch 64
@@ -126,7 +127,7 @@ def clean_states(model: torch.nn.Module, clean: dict) -> list[torch.Tensor]:
     states: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda m, a, out: states.append(out)) for m in layer_modules(model)]
     try:
-        model(**clean, logits_to_keep=1)
+        model(**clean, logits_to_keep=1, use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
@@ -152,7 +153,7 @@ def torch_loop(setup: Setup) -> np.ndarray:
 
             hook = module.register_forward_hook(restore)
             try:
-                logits = model(**corrupt, logits_to_keep=1).logits
+                logits = model(**corrupt, logits_to_keep=1, use_cache=False).logits
             finally:
                 hook.remove()
             values[layer, position] = probability(logits, setup.answer_id).item()
@@ -167,13 +168,13 @@ def nnsight_loop(setup: Setup) -> np.ndarray:
     clean, corrupt = encode(setup, setup.sample.image), encode(setup, setup.sample.image_pair)
     n_layers, width = len(layers), clean["input_ids"].shape[1]
     states = []
-    with envoy.trace(**clean, logits_to_keep=1):
+    with envoy.trace(**clean, logits_to_keep=1, use_cache=False):
         for layer in range(n_layers):
             states.append(layers[layer].output.save())
     values = np.empty((n_layers, width))
     for layer in range(n_layers):
         for position in range(width):
-            with envoy.trace(**corrupt, logits_to_keep=1):
+            with envoy.trace(**corrupt, logits_to_keep=1, use_cache=False):
                 layers[layer].output[0, position] = states[layer][0, position]
                 value = probability(envoy.output.logits, setup.answer_id).save()
             values[layer, position] = value.item()
@@ -234,7 +235,7 @@ def ceiling(setup: Setup) -> np.ndarray:
 
             hooks.append(module.register_forward_hook(restore))
         try:
-            logits = model(**batch, logits_to_keep=1).logits
+            logits = model(**batch, logits_to_keep=1, use_cache=False).logits
         finally:
             for hook in hooks:
                 hook.remove()

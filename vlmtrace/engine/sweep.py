@@ -467,13 +467,11 @@ def plan_chunk(
     edits = packed_edits(vlm, prepared, inputs, draws, widths)
     sequence = stack.sequence
     next_row = [first + p.baseline_rows for first, p in zip(firsts, prepared, strict=True)]
+    pads = [(pad(p, "clean", sequence, widths), pad(p, "corrupt", sequence, widths)) for p in prepared]
     for j, c, draw in chunk:
         row, first, cell = next_row[j], firsts[j], cells[j][c]
         next_row[j] += 1
-        pad_clean, pad_corrupt = (
-            pad(prepared[j], "clean", sequence, widths),
-            pad(prepared[j], "corrupt", sequence, widths),
-        )
+        pad_clean, pad_corrupt = pads[j]
         for clean_pos in cell.positions:
             if clean_pos not in aligned[j]:
                 continue
