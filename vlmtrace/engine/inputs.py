@@ -76,7 +76,8 @@ def scored_answer_ids(vlm: VLM, prompt: str, answer: str, *, whole: bool) -> tup
         first = vlm.tokenizer.decode([ids[0]])
         warnings.warn(
             f"answer {answer!r} is {len(ids)} tokens; the metric scores only the first, {first!r}. "
-            "Pass whole_answer=True to score the log-probability of the whole answer.",
+            "To score the whole answer, pass whole_answer=True to vt.patch from Python (recipes score "
+            "first tokens).",
             AnswerTokenWarning,
             stacklevel=3,
         )
