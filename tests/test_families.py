@@ -337,6 +337,35 @@ def test_prefix_reuse_equals_the_plain_sweep(name):
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_max_memory_reads_each_familys_config_and_leaves_the_values_alone(name, monkeypatch):
+    """`sweep.row_bytes` reads the language model's config (heads, MLP width, attention kind); a
+    budget of one byte gives every forward the fewest rows it can hold: the clean and corrupted
+    rows and one cell."""
+    import vlmtrace.engine.sweep as sweep
+
+    family = FAMILIES[name]
+    vlm = loaded(name)
+    stack = vlm.adapter.stacks[vlm.adapter.default_stack]
+    site = "block" if "block" in stack.sites else sorted(stack.sites)[0]
+    kwargs = dict(
+        corruption=vt.SymmetricTokenReplacement("visual"),
+        grid=vt.Grid(sites=(site,), segments=family.segments),
+        progress=False,
+    )
+    plain = vt.patch(vlm, [sample_of(family)], **kwargs)
+    original, rows = sweep.run_plans, []
+
+    def counting(vlm, plans, *args, **kwargs):
+        rows.extend(plan.rows for plan in plans)
+        return original(vlm, plans, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "run_plans", counting)
+    small = vt.patch(vlm, [sample_of(family)], max_memory=1, **kwargs)
+    assert set(rows) == {3}
+    np.testing.assert_allclose(small[site].values, plain[site].values, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_the_qk_fix_reads_queries_and_keys_that_reproduce_each_familys_attention(name):
     """AtP*'s QK fix recomputes the softmax from the queries, keys, scale and mask that
     `Stack.scores` declares, and stops (QKFixError) unless they reproduce the model's own
