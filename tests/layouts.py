@@ -29,6 +29,7 @@ from vlmtrace.data.examples.question_sets import (
     clevr,
     clevr_math,
     clevr_object,
+    clevr_scene,
     coco_qa,
     gqa,
     iconqa,
@@ -174,15 +175,7 @@ def clevr_concept_scenes(root: Path) -> Path:
         for material in ("metal", "rubber")
     ]
     for i, (colour, shape, material) in enumerate(combinations):
-        filename = f"CLEVR_val_{i:06d}.png"
-        image(root / "images" / "val" / filename, i, size=(96, 64))
-        scenes.append(
-            {
-                "image_index": i,
-                "image_filename": filename,
-                "split": "val",
-                "objects": [clevr_object(colour, shape, "large", material, [40, 30, 10.5], [0.0, 0.0, 0.7])],
-            }
-        )
+        objects = [clevr_object(colour, shape, "large", material, [40, 30, 10.5], [0.0, 0.0, 0.7])]
+        scenes.append(clevr_scene(root / "images" / "val", i, objects))
     write_json(root / "scenes" / "CLEVR_val_scenes.json", {"info": {"split": "val"}, "scenes": scenes})
     return root

@@ -128,6 +128,14 @@ def clevr_object(colour: str, shape: str, size: str, material: str, pixel: list,
     }
 
 
+def clevr_scene(images: Path, i: int, objects: list[dict]) -> dict:
+    """Scene `i` of a CLEVR val split, as CLEVR's scenes JSON writes it; its image (96 x 64, drawn
+    from `i`) is written into `images` under CLEVR's file name."""
+    filename = f"CLEVR_val_{i:06d}.png"
+    image(images / filename, i, size=(96, 64))
+    return {"image_index": i, "image_filename": filename, "split": "val", "objects": objects}
+
+
 def clevr(root: Path) -> Path:
     """CLEVR_v1.0 val: questions/ with programs, scenes/ with objects, images/val/.
 
@@ -136,19 +144,12 @@ def clevr(root: Path) -> Path:
     questions, scenes = [], []
     for i in range(12):  # colours the organisms know: phrases of one shape have one token count
         colour, shape = ("red", "blue", "green")[i % 3], CLEVR_SHAPES[(i // 3) % 3]
-        filename = f"CLEVR_val_{i:06d}.png"
-        image(root / "images" / "val" / filename, i, size=(96, 64))
-        scenes.append(
-            {
-                "image_index": i,
-                "image_filename": filename,
-                "split": "val",
-                "objects": [
-                    clevr_object(colour, shape, "large", "rubber", [20 + 4 * i, 30, 10.5], [0.0, 0.0, 0.7]),
-                    clevr_object("gray", "cube", "small", "metal", [80, 20, 12.0], [1.0, 1.0, 0.35]),
-                ],
-            }
-        )
+        objects = [
+            clevr_object(colour, shape, "large", "rubber", [20 + 4 * i, 30, 10.5], [0.0, 0.0, 0.7]),
+            clevr_object("gray", "cube", "small", "metal", [80, 20, 12.0], [1.0, 1.0, 0.35]),
+        ]
+        scene = clevr_scene(root / "images" / "val", i, objects)
+        scenes.append(scene)
         questions.append(
             {
                 "image_index": i,
@@ -160,7 +161,7 @@ def clevr(root: Path) -> Path:
                     {"inputs": [3], "function": "query_size", "value_inputs": []},
                 ],
                 "question_index": i,
-                "image_filename": filename,
+                "image_filename": scene["image_filename"],
                 "question_family_index": 7,
                 "split": "val",
                 "answer": "large" if i % 2 else "small",
@@ -172,10 +173,8 @@ def clevr(root: Path) -> Path:
     # concepts recipe's B_s and B_d sets has a scene (`vlmtrace recipe concepts --data CLEVR_v1.0/`).
     combinations = [(c, s, m) for c in ("red", "blue") for s in CLEVR_SHAPES for m in ("metal", "rubber")]
     for i, (colour, shape, material) in enumerate(combinations, start=len(scenes)):
-        filename = f"CLEVR_val_{i:06d}.png"
-        image(root / "images" / "val" / filename, i, size=(96, 64))
         objects = [clevr_object(colour, shape, "large", material, [40, 30, 10.5], [0.0, 0.0, 0.7])]
-        scenes.append({"image_index": i, "image_filename": filename, "split": "val", "objects": objects})
+        scenes.append(clevr_scene(root / "images" / "val", i, objects))
     write_json(
         root / "questions" / "CLEVR_val_questions.json", {"info": {"split": "val"}, "questions": questions}
     )
