@@ -6,7 +6,7 @@ is retried at half its rows (`OutOfMemoryWarning`). A user choosing B for a 7B m
 two things this benchmark measures: what one row really costs, and whether the retry keeps the
 values.
 
-    python -m benchmarks.chunk_memory                    # CPU: 2 decoder + 2 CLIP layers, ~4 min
+    python -m benchmarks.chunk_memory                    # CPU: 2 decoder + 2 CLIP layers, ~3 min
     python -m benchmarks.chunk_memory --layers 4         # a second depth: a row's peak must not grow
     python -m benchmarks.chunk_memory --device cuda --layers 32 --vision-layers 24   # a GPU
 

@@ -540,7 +540,8 @@ def row_bytes(config: Any, width: int, *, element: int, logits: int) -> int:
     (gate, up and their product, 3 x width x intermediate); then the float32 logits kept.
     On LLaVA-1.5-7B's shapes in bfloat16 the CPU allocator's peak is 146 MiB a row with eager
     attention (this says 151) and 68 MiB with SDPA (this says 67), the same at 2 and 4 layers
-    (`benchmarks/chunk_memory.py`); the vision tower runs before the decoder, and needs less.
+    (`benchmarks/chunk_memory.py`). The vision tower is not counted: it runs before the decoder,
+    and CLIP-L's eager attention needs ~51 MiB a row there; a tower wider than that would need it.
     """
     hidden = config.hidden_size
     heads = config.num_attention_heads
