@@ -18,6 +18,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -31,6 +32,7 @@ from nnsight.schema.response import Status
 import vlmtrace as vt
 from vlmtrace.engine.forward import driver
 from vlmtrace.remote import RemoteError, backend
+from vlmtrace.remote.worker import Worker
 
 sys.path.insert(0, str(Path(__file__).parent))
 from served import Server  # noqa: E402
@@ -366,6 +368,32 @@ def test_a_signal_stops_a_server_whose_model_is_stuck_in_a_request(
         assert not (tmp_path / "key").exists()  # it shut down in order: its key file is gone
     finally:
         server.stop()
+
+
+def test_a_model_process_ended_from_many_threads_at_once_ends_once_without_an_error(llava_dir):
+    """The shutdown's `stop` and a request that sees the server stopping both end the model process.
+
+    Two of them closing its pipe at once failed the shutdown (EBADF), so the key file stayed
+    behind: the SIGTERM test above met it about once in twenty runs. 32 threads at once met it
+    in 5 of 6 tries before `_kill` took a lock.
+    """
+    worker = Worker(llava_dir, device="cpu")
+    process = worker._process
+    start, errors = threading.Barrier(32), []
+
+    def end() -> None:
+        start.wait()
+        try:
+            worker.stop()
+        except Exception as error:  # collected: the assertion names them
+            errors.append(error)
+
+    threads = [threading.Thread(target=end) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == [] and not process.is_alive()
 
 
 # --- issue 20 -----------------------------------------------------------------------------------

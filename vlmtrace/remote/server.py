@@ -41,8 +41,10 @@ import errno
 import json
 import logging
 import secrets
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -375,9 +377,11 @@ def create_app(
             timer.cancel()
             for worker in workers.values():  # ends running requests, so their threads return
                 worker.stopping = True
-            await asyncio.gather(*(asyncio.to_thread(w.stop) for w in workers.values()))
-            if on_shutdown is not None:
-                on_shutdown()
+            try:
+                await asyncio.gather(*(asyncio.to_thread(w.stop) for w in workers.values()))
+            finally:
+                if on_shutdown is not None:
+                    on_shutdown()
 
     app = FastAPI(title="vlmtrace serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.vlmtrace = state
@@ -480,6 +484,11 @@ def create_app(
     return Guard(app, access, max_body=limits.max_body)
 
 
+def exit_on_terminate(signum: int, frame: object) -> None:
+    """SIGTERM as `SystemExit` (status 128 + 15, as a shell reports it), so `finally` blocks run."""
+    raise SystemExit(128 + signum)
+
+
 def serve(
     models: list[str],
     *,
@@ -574,6 +583,10 @@ def serve(
         lifespan="on",
     )
     redact_logs(api_key, ("uvicorn", "uvicorn.error", "uvicorn.access"))  # again: Config set logging up
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn shuts down on SIGTERM, then raises it again under the handler it found; the
+        # default one would end the process before `finally` below, key file and all
+        signal.signal(signal.SIGTERM, exit_on_terminate)
     try:
         uvicorn.Server(config).run(sockets=[listener])
     finally:  # also when a stuck request outlasts the graceful shutdown and lifespan cannot finish

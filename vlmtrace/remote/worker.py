@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -233,6 +234,8 @@ class Worker:
         self._context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._process: Any = None
         self._connection: Connection | None = None
+        self._ending = threading.Lock()
+        """Held while `_kill` ends the process: a request thread and the shutdown may both end it."""
         self._start()
 
     def _start(self) -> None:
@@ -258,14 +261,22 @@ class Worker:
             raise LoadFailed(f"could not load {self.name!r}: {message}")
 
     def _kill(self) -> None:
-        """End the model process at once (SIGKILL: a trace cannot ignore it)."""
-        if self._process is not None and self._process.is_alive():
-            self._process.kill()
-        if self._process is not None:
-            self._process.join(timeout=30)
-        if self._connection is not None:
-            self._connection.close()
-        self._process, self._connection = None, None
+        """End the model process at once (SIGKILL: a trace cannot ignore it).
+
+        Two threads can get here at once: a request that sees the server stopping, and the
+        shutdown's `stop`. The first takes the process and its pipe and ends them; the second
+        waits for it and finds nothing left (closing the pipe twice failed the shutdown, which
+        then left the key file behind).
+        """
+        with self._ending:
+            process, connection = self._process, self._connection
+            self._process, self._connection = None, None
+            if process is not None:
+                if process.is_alive():
+                    process.kill()
+                process.join(timeout=30)
+            if connection is not None:
+                connection.close()
 
     def _replace(self) -> None:
         """Kill the model process and load the model again (unless the server is stopping)."""
@@ -280,14 +291,16 @@ class Worker:
         A request still running after `max_runtime` seconds is stopped by killing the model
         process, which is then restarted; so is one that ended the process itself.
         """
-        if self._connection is None:
+        # this request's process and pipe: the shutdown may end them (and set the fields to None)
+        process, connection = self._process, self._connection
+        if connection is None:
             raise RequestFailed(
                 f"the model process of {self.name!r} is not running (the server is stopping)."
             )
         started = time.monotonic()
         kills_before = oom_kills()
         try:
-            self._connection.send((compress, payload))
+            connection.send((compress, payload))
         except (BrokenPipeError, OSError):
             self._replace()
             raise RequestFailed(
@@ -295,12 +308,12 @@ class Worker:
             ) from None
         while True:
             try:
-                ready = self._connection.poll(POLL_SECONDS)
-            except (EOFError, OSError):
+                ready = connection.poll(POLL_SECONDS)
+            except (EOFError, OSError):  # also a pipe the shutdown closed
                 ready = False
             if ready:
                 try:
-                    kind, value = self._connection.recv()
+                    kind, value = connection.recv()
                 except (EOFError, OSError):
                     kind, value = "died", None
                 if kind == "ok":
@@ -317,14 +330,14 @@ class Worker:
                     "was stopped; the model was reloaded for the next request. Send less work per "
                     "request (a smaller max_batch), or ask the server's owner to raise --max-runtime."
                 )
-            elif self._process is not None and self._process.is_alive():
+            elif process.is_alive():
                 continue
             else:
                 kind = "died"
-            code = None
-            if self._process is not None:  # its pipe can close a moment before it has exited
-                self._process.join(timeout=5)
-                code = self._process.exitcode
+            if self.stopping:  # the shutdown ended the process, not the request
+                raise RequestFailed("the server is shutting down; the request was stopped.")
+            process.join(timeout=5)  # its pipe can close a moment before it has exited
+            code = process.exitcode
             self._replace()
             raise RequestFailed(death(code, killed_for_memory(code, kills_before, oom_kills())))
 
