@@ -51,6 +51,26 @@ def test_processor_tags_are_markup_and_the_question_pairs_word_with_word():
     assert aligned.reasons[image[-1]] == "the corrupted image has fewer image tokens (12 of 20)"
 
 
+def test_an_image_pair_labels_its_corrupted_side_as_its_own_ids_say():
+    """The corrupted side of an image pair reuses the clean side's labels only where the
+    processor gave it the same ids; an image of another size is labelled from its own ids."""
+    model, processor = idefics3.build()
+    vlm = vt.wrap(model, processor, name="tiny-idefics3")
+    spans = {"visual": "this shape"}
+    for other_size in ((32, 32), (64, 32)):  # same ids as the clean side; more image tokens and tags
+        sample = vt.Sample(
+            prompt=idefics3.PROMPT,
+            answer="red",
+            image=picture((32, 32)),
+            image_pair=picture(other_size),
+            spans=spans,
+        )
+        pair = vt.ImagePair().pair(vlm, sample, (5,))
+        alone = encode(vlm, prompt=sample.prompt, image=sample.image_pair, spans=spans, answer_ids=(5,))
+        assert pair.corrupt.prompt == alone.prompt
+        assert (pair.corrupt.prompt is pair.clean.prompt) == (other_size == (32, 32))
+
+
 def test_a_shorter_replacement_leaves_its_surplus_clean_tokens_unpaired_and_the_rest_aligned():
     clean = segments("special question visual visual visual question last", [1, 5, 7, 8, 9, 6, 4])
     corrupt = segments("special question visual question last", [1, 5, 3, 6, 4])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral
+from typing import Any
 
 from ..data.sample import Sample
 from ..errors import UserError
@@ -74,6 +75,18 @@ class Corruption:
 def clean_side(vlm: VLM, sample: Sample, answer_ids: tuple[int, ...]) -> Encoded:
     return encode(
         vlm, prompt=sample.prompt, image=sample.image, spans=dict(sample.spans), answer_ids=answer_ids
+    )
+
+
+def other_image_side(vlm: VLM, sample: Sample, image: Any, clean: Encoded) -> Encoded:
+    """The clean side's prompt, spans and answer, shown `image` (an image pair, an inpainting)."""
+    return encode(
+        vlm,
+        prompt=sample.prompt,
+        image=image,
+        spans=dict(sample.spans),
+        answer_ids=clean.answer_ids,
+        like=clean,
     )
 
 
@@ -195,11 +208,4 @@ class ImagePair(Corruption):
                 "with one concept changed."
             )
         clean = clean_side(vlm, sample, answer_ids)
-        corrupt = encode(
-            vlm,
-            prompt=sample.prompt,
-            image=sample.image_pair,
-            spans=dict(sample.spans),
-            answer_ids=answer_ids,
-        )
-        return Pair(clean=clean, corrupt=corrupt)
+        return Pair(clean=clean, corrupt=other_image_side(vlm, sample, sample.image_pair, clean))

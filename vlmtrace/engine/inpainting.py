@@ -38,8 +38,7 @@ from PIL import Image
 
 from ..data.sample import Sample
 from ..models.load import VLM
-from .corruptions import Corruption, CorruptionError, Pair, clean_side
-from .inputs import encode
+from .corruptions import Corruption, CorruptionError, Pair, clean_side, other_image_side
 
 OPENCV = "opencv"
 Region = None | Sequence[float] | Sequence[Sequence[float]] | np.ndarray | Callable[[Sample], Any]
@@ -157,14 +156,7 @@ class InpaintPair(Corruption):
 
     def pair(self, vlm: VLM, sample: Sample, answer_ids: tuple[int, ...]) -> Pair:
         clean = clean_side(vlm, sample, answer_ids)
-        corrupt = encode(
-            vlm,
-            prompt=sample.prompt,
-            image=self.inpainted(sample),
-            spans=dict(sample.spans),
-            answer_ids=answer_ids,
-        )
-        return Pair(clean=clean, corrupt=corrupt)
+        return Pair(clean=clean, corrupt=other_image_side(vlm, sample, self.inpainted(sample), clean))
 
 
 def as_inpainting(spec: str | InpaintPair, *, seed: int = 0) -> InpaintPair:

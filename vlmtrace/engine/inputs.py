@@ -114,11 +114,15 @@ def encode(
     image: Any,
     spans: dict[str, str],
     answer_ids: tuple[int, ...],
+    like: Encoded | None = None,
 ) -> Encoded:
     """Encode one side (clean or corrupted) of a sample.
 
     Answers of more than one token are teacher-forced: the scored tokens but the last are
-    appended to the prompt (decoder-only) or to the decoder's start token (BLIP).
+    appended to the prompt (decoder-only) or to the decoder's start token (BLIP). `like` is the
+    other side of the same prompt, spans and answer, shown another image: where the processor
+    gave the same ids, its labels are these too (found once; an image of another size that
+    changes the ids is labelled anew).
     """
     adapter = vlm.adapter
     forced = list(answer_ids[:-1])
@@ -126,17 +130,23 @@ def encode(
     row = adapter.encode(vlm.processor, prompt, image, forced if in_decoder else None)
     if forced and not in_decoder:
         row = with_forced_tokens(row, forced, adapter.inputs)
-    prompt_segments = find_segments(
-        vlm.tokenizer,
-        row["input_ids"].tolist(),
-        spans=spans,
-        image_token_id=vlm.shape.image_token_id if adapter.image_in_sequence else None,
-        prompt=prompt,
-        answer_positions=0 if in_decoder else len(forced),
-    )
+    ids = row["input_ids"].tolist()
+    if like is not None and (like.text, like.answer_ids, like.prompt.ids) == (prompt, answer_ids, tuple(ids)):
+        prompt_segments = like.prompt
+    else:
+        prompt_segments = find_segments(
+            vlm.tokenizer,
+            ids,
+            spans=spans,
+            image_token_id=vlm.shape.image_token_id if adapter.image_in_sequence else None,
+            prompt=prompt,
+            answer_positions=0 if in_decoder else len(forced),
+        )
     decoder = None
     if in_decoder:
-        decoder = decoder_segments(vlm.tokenizer, row["decoder_input_ids"].tolist())
+        decoder_ids = row["decoder_input_ids"].tolist()
+        same = like is not None and like.decoder is not None and like.decoder.ids == tuple(decoder_ids)
+        decoder = like.decoder if same else decoder_segments(vlm.tokenizer, decoder_ids)
     return Encoded(
         inputs=row, prompt=prompt_segments, decoder=decoder, answer_ids=answer_ids, text=prompt, image=image
     )
