@@ -11,6 +11,9 @@ module defines:
     NEEDS: Needs                         what a sample must carry (replacement phrases, image pair, foil)
     READS_DATA: bool                     optional, default True: False for a recipe that runs only on
                                          its own scenes (`--data` is refused, naming OWN_DATA_ONLY_BECAUSE)
+    INPAINTS: bool                       optional, default False: True for a recipe that adds an
+                                         inpainted-image corruption given `Options.inpaint` (CLI
+                                         `--inpaint`, refused by the others, which would ignore it)
     load_data(path, n, seed) -> list[Sample]   optional: how `--data` is read, when the recipe builds
                                          its samples from a data set's files itself (concepts: scenes)
     figures(ds, out_dir) -> list[Path]   PNGs (plotting stays out of `run`)

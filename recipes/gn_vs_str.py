@@ -45,6 +45,7 @@ DEFAULT_MODEL = "shapes-llava"
 ORGANISMS = ("shapes-llava", "shapes-blip", "shapes-qwen")
 NEEDS = Needs(replacements=("visual",), foil=True)  # logit_diff: answer vs the corrupted side's
 FAMILY = "fact"
+INPAINTS = True  # Options.inpaint adds the seed's SIP with generative models
 METRICS = {"probability": vt.Probability(), "logit_diff": vt.LogitDiff(), "kl": vt.KL()}
 
 

@@ -54,6 +54,7 @@ FAMILY = "visual"
 ORGANISMS = ("shapes-llava", "shapes-blip", "shapes-qwen")
 NEEDS = Needs(replacements=("visual",), image_pair=True, foil=True)  # STR swaps the phrase; SIP the image
 MODULES = ("mlp", "attn", "cross_attn")
+INPAINTS = True  # Options.inpaint adds the seed's SIP with generative models
 
 
 def default_samples(vlm: vt.VLM, n: int, seed: int) -> list[vt.Sample]:

@@ -155,6 +155,30 @@ def test_an_unreachable_hub_fails_at_once_naming_the_ways_around(tmp_path):
     assert "unreachable" in done.stderr and "--remote" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_an_uncached_inpainting_pipeline_fails_before_any_model_loads(tmp_path):
+    done = _run(
+        "recipe",
+        "notice",
+        "--inpaint",
+        "nobody/no-such-inpainting-pipeline",
+        "--out",
+        str(tmp_path / "x.zarr"),
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "inpainting pipeline 'nobody/no-such-inpainting-pipeline'" in done.stderr
+    assert "--inpaint opencv" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "x.parts").exists()
+
+
+def test_inpaint_is_refused_by_a_recipe_that_would_ignore_it(tmp_path):
+    result = runner.invoke(
+        app, ["recipe", "visual_constraint", "--inpaint", "opencv", "--out", str(tmp_path / "x.zarr")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "would be ignored" in result.output and "gn_vs_str and notice" in result.output
+
+
 def test_a_misspelt_organism_is_answered_with_the_one_it_probably_means(tmp_path):
     result = runner.invoke(
         app, ["recipe", "visual_constraint", "--model", "shapes-lava", "--out", str(tmp_path / "x.zarr")]

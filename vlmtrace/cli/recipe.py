@@ -211,6 +211,13 @@ def recipe(
             f"recipe {name} runs on the organisms' own scenes and reads no --data: {why}. Leave out --data.",
             param_hint="--data",
         )
+    if inpaint is not None and not registry.constant(name, "INPAINTS", False):
+        takers = " and ".join(n for n in registry.names() if registry.constant(n, "INPAINTS", False))
+        raise typer.BadParameter(
+            f"recipe {name} adds no inpainted-image corruption, so --inpaint would be ignored; it applies "
+            f"to {takers}. Leave out --inpaint.",
+            param_hint="--inpaint",
+        )
     if data is None and (span or replace_phrase):  # the recipe's own scenes carry their own spans and phrases
         given = "--span" if span else "--replace"
         raise typer.BadParameter(
@@ -221,7 +228,7 @@ def recipe(
     # Everything below the checks imports torch; the checks above answer at once.
     from ..models.load import load
     from ..results.dataset import assemble
-    from .hub import check_model_source
+    from .hub import check_model_source, check_pipeline_source
 
     module = registry.get(name)
     model_name = model or module.DEFAULT_MODEL
@@ -243,6 +250,8 @@ def recipe(
         else:  # missing images are marked, then left out by prepare and counted
             samples = load_dataset(data, n=n_samples, missing_images="mark")
     check_model_source(model_name)
+    if inpaint is not None:  # the pipeline loads only when the recipe reaches its inpainting sweep
+        check_pipeline_source(inpaint)
     if submitting:  # checked as far as can be without the weights: the jobs do the rest
         from .cluster import submit_recipe_command
 
