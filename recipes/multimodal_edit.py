@@ -53,6 +53,7 @@ from vlmtrace.engine.editing import (
     traced_layers,
 )
 from vlmtrace.options import Options
+from vlmtrace.presentation import plots
 from vlmtrace.presentation.progress import sweeping
 from vlmtrace.recipes import Needs
 from vlmtrace.results.dataset import provenance
@@ -149,6 +150,12 @@ def _assemble(results: dict, before: xr.Dataset, after: xr.Dataset, edits: dict,
             "(insert/memit/last/traced), on the answer the model should give",
             units="probability (0 to 1)",
         )
+        ds[f"{name}_gap"] = (("trace_sample",), (trace["clean"] - trace["corrupt"]).values)
+        ds[f"{name}_gap"].attrs.update(
+            description=f"clean minus corrupted P(answer) of each traced sample, {name.split('_')[1]} the "
+            "edit: the most an MLP restoration can move it (the figure's colour range)",
+            units="probability (0 to 1)",
+        )
     ds = ds.assign_coords(
         trace_sample=before["sample"].values, window=before["window"].values,
         layer=before["layer"].values, segment=np.array(before["segment"].values, dtype=object),
@@ -158,43 +165,41 @@ def _assemble(results: dict, before: xr.Dataset, after: xr.Dataset, edits: dict,
 
 
 def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3), sharey=True)
-    maps = [
-        ds[n].isel(window=0).mean("trace_sample").transpose("segment", "layer")
-        for n in ("trace_before", "trace_after")
+    traces = {  # panel title -> variable
+        "before the edit (true answer)": "trace_before",
+        "after the MEMIT edit (inserted answer)": "trace_after",
+    }
+    maps = xr.concat(
+        [ds[n].isel(window=0).mean("trace_sample") for n in traces.values()],
+        dim=xr.DataArray(list(traces), dims="trace"),
+    )
+    gaps = [ds[f"{n}_gap"].values for n in traces.values() if f"{n}_gap" in ds]  # older stores lack them
+    total = float(np.nanmean(np.abs(np.concatenate(gaps)))) if gaps else None
+    window = int(ds["window"].values[0])
+    paths = [
+        plots.window_panels(
+            maps,
+            by="trace",
+            label="MLP indirect effect on P(answer)",
+            total=total,
+            title=f"MLP restored at the traced segments (window {window}), before and after the edit",
+            path=out_dir / "trace_before_after.png",
+        )
     ]
-    titles = ("MLP effect before (true answer)", "after the MEMIT edit (inserted answer)")
-    for ax, title, data in zip(axes, titles, maps, strict=True):
-        image = ax.imshow(data.values, vmin=-1, vmax=1, cmap="RdBu_r", aspect="auto")
-        ax.set(title=title, xlabel="layer", xticks=range(data.sizes["layer"]))
-        ax.set_yticks(range(data.sizes["segment"]), [str(x) for x in data["segment"].values])
-    fig.colorbar(image, ax=axes, label="indirect effect on P(answer)")
-    paths = [out_dir / "trace_before_after.png"]
-    fig.savefig(paths[0], dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(11, 3.8))
     shown = [m for m in ("efficacy", "generalisation", "specificity") if m in ds["metric"].values]
-    scores = ds["score"].sel(model="edited", metric=shown)
-    width = 0.8 / scores.sizes["condition"]
-    for i, condition in enumerate(scores["condition"].values):
-        mean = scores.sel(condition=condition).values
-        low = ds["score_low"].sel(model="edited", condition=condition, metric=shown).values
-        high = ds["score_high"].sel(model="edited", condition=condition, metric=shown).values
-        x = np.arange(len(mean)) + i * width
-        ax.bar(x, mean, width, yerr=[mean - low, high - mean], label=str(condition))
-    ax.set_xticks(np.arange(len(shown)) + 0.4 - width / 2, shown)
-    ax.set(ylim=(0, 1.05), ylabel="token accuracy (95% CI)", title="edited model, by condition")
-    ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1, 1), loc="upper left")
-    paths.append(out_dir / "scores.png")
-    fig.savefig(paths[1], dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    edited = {"model": "edited", "metric": shown}
+    paths.append(
+        plots.score_bars(
+            ds["score"].sel(edited),
+            ds["score_low"].sel(edited),
+            ds["score_high"].sel(edited),
+            label="token accuracy (95% CI)",
+            title="edited model, by condition",
+            path=out_dir / "scores.png",
+        )
+    )
     return paths
 
 

@@ -225,6 +225,14 @@ def test_colour_bar_labels_stay_beside_their_bars_and_titles_overlap_nothing(tmp
         assert Image.open(path).size[0] <= REPORT_COLUMN, path
 
 
+def test_scores_are_drawn_on_0_to_1_however_small_they_are(tmp_path):
+    dims, coords = ("condition", "metric"), {"condition": ["a", "b"], "metric": ["efficacy", "specificity"]}
+    mean = xr.DataArray([[0.02, 0.01], [0.03, 0.0]], dims=dims, coords=coords)
+    path = plots.score_bars(mean, mean - 0.01, mean + 0.01, title="tiny", path=tmp_path / "s.png")
+    assert plots.scales(path)["panels"][0]["ylim"] == [0.0, 1.05]
+    assert Image.open(path).size[0] <= REPORT_COLUMN
+
+
 def test_counts_run_to_the_largest_count_possible_when_it_is_given(tmp_path):
     counts = effects([[0.0, 3.0]], dims=("layer", "head"))
     drawn = plots.scales(

@@ -11,10 +11,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import xarray as xr
+from PIL import Image
 
 import vlmtrace.recipes as registry
+from vlmtrace.presentation import plots
+from vlmtrace.presentation.report import COLUMN
 
 # Each recipe runs through the command line in one fresh process, with every warning a user
 # would see (Python's default filters hide DeprecationWarnings raised inside libraries) turned
@@ -84,6 +88,24 @@ def test_each_run_writes_one_report_that_embeds_every_figure_and_names_the_comma
         assert figures and page.count("data:image/png;base64,") == len(figures)
         assert f"vlmtrace recipe {name} --n-samples 2 --out" in page
         assert 'src="http' not in page and 'href="http' not in page  # opens offline
+
+
+def test_every_figure_of_every_run_records_what_it_drew_and_fits_the_report_column(runs):
+    pngs = sorted(runs.glob("*/*.png"))
+    assert {png.parent.name for png in pngs} == set(registry.names())
+    for png in pngs:
+        assert plots.scales(png)["panels"], png  # a figure drawn outside `plots` carries no record
+        assert Image.open(png).size[0] <= COLUMN - 18, png  # wider ones are shrunk, text and all
+
+
+def test_the_edit_traces_are_coloured_on_their_own_clean_corrupted_gap(runs):
+    ds = xr.open_zarr(runs / "multimodal_edit.zarr").load()
+    gap = float(np.nanmean(np.abs(np.concatenate([ds["trace_before_gap"], ds["trace_after_gap"]]))))
+    maps = [ds[n].isel(window=0).mean("trace_sample") for n in ("trace_before", "trace_after")]
+    largest = max(float(np.nanmax(np.abs(m.values))) for m in maps)
+    limit = largest if largest > 1.02 * gap else gap  # plots.effect_range
+    drawn = plots.scales(runs / "multimodal_edit" / "trace_before_after.png")
+    assert [panel["clim"] for panel in drawn["panels"]] == [pytest.approx([-limit, limit])] * 2
 
 
 def _browser() -> str | None:

@@ -8,6 +8,7 @@ from a store, and a recipe's `run` stays a pure experiment.
     window_panels(effect_by_segment, total=gap, path="w.png")  # one panel per window size
     head_grid(effect, total=1.0, path="heads.png")             # layer x head
     knockout_curves(relative.sel(window=3), path="flow.png")   # one line per block
+    score_bars(mean, low, high, path="scores.png")            # accuracies per metric and condition
     image_attention(image, weights, grid=(4, 4), path="att.png")  # attention over patches
     scales("w.png")                                            # what each colour meant
 
@@ -506,6 +507,33 @@ def knockout_curves(relative: xr.DataArray, *, path: str | Path, title: str = ""
     )
     ax.set_xlabel("layer (window centre)")
     ax.set_ylabel("relative change in P(answer)\n(-1 = answer lost)")
+    _title(ax, title)
+    return _save(figure, path)
+
+
+def score_bars(
+    mean: xr.DataArray,
+    low: xr.DataArray,
+    high: xr.DataArray,
+    *,
+    path: str | Path,
+    title: str = "",
+    label: str = "score (95% CI)",
+) -> Path:
+    """Scores in 0..1 (accuracies) per `metric` and `condition`: one group of bars per metric, one
+    bar per condition, each with its interval `low`..`high`; the y range is 0..1 whatever the
+    bars reach, so a score of 0.02 looks like one."""
+    conditions, metrics = [str(c) for c in mean["condition"].values], [str(m) for m in mean["metric"].values]
+    figure, ax = _figure(WIDTH, 3.8)
+    width = 0.8 / len(conditions)
+    for i, condition in enumerate(conditions):
+        m = mean.sel(condition=condition).transpose("metric").values
+        lo = low.sel(condition=condition).transpose("metric").values
+        hi = high.sel(condition=condition).transpose("metric").values
+        ax.bar(np.arange(len(metrics)) + i * width, m, width, yerr=[m - lo, hi - m], label=condition)
+    ax.set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, metrics)
+    ax.set(ylim=(0, 1.05), ylabel=label)
+    figure.legend(fontsize=7, ncol=1, loc="outside right upper")
     _title(ax, title)
     return _save(figure, path)
 
