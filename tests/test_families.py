@@ -366,6 +366,37 @@ def test_max_memory_reads_each_familys_config_and_leaves_the_values_alone(name, 
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_no_forward_of_a_sweep_builds_a_kv_cache(name):
+    """A sweep's forward is never continued, so each adapter's forward asks for no cache (see
+    `llava.forward`): one holds every layer's keys and values for every row, twice the rest of a
+    row's memory on 7B shapes. Any module output carrying a cache fails it."""
+    family = FAMILIES[name]
+    vlm = loaded(name)
+    stack = vlm.adapter.stacks[vlm.adapter.default_stack]
+    site = "block" if "block" in stack.sites else sorted(stack.sites)[0]
+    built = []
+
+    def look(module, args, output):
+        if getattr(output, "past_key_values", None) is not None:
+            built.append(type(module).__name__)
+
+    hooks = [module.register_forward_hook(look) for module in vlm.model.modules()]
+    try:  # verify=False: the self-check's own forward is the model's `generate`, which caches
+        vt.patch(
+            vlm,
+            [sample_of(family)],
+            corruption=vt.SymmetricTokenReplacement("visual"),
+            grid=vt.Grid(sites=(site,), segments=family.segments),
+            progress=False,
+            verify=False,
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert built == []
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_the_qk_fix_reads_queries_and_keys_that_reproduce_each_familys_attention(name):
     """AtP*'s QK fix recomputes the softmax from the queries, keys, scale and mask that
     `Stack.scores` declares, and stops (QKFixError) unless they reproduce the model's own
