@@ -24,7 +24,7 @@ from vlmtrace.engine.editing import (  # the same forward the edit uses
     least_squares_update,
 )
 from vlmtrace.engine.editing.contexts import encode_row
-from vlmtrace.engine.editing.parts import forward_rows
+from vlmtrace.engine.editing.parts import forward_rows, output_of
 
 
 def logits_of(vlm: vt.VLM, sample: vt.Sample) -> torch.Tensor:
@@ -93,6 +93,32 @@ def test_edit_does_not_change_the_weights_until_applied(organism, ordinary):
     original = Parts.of(organism).weight(4).detach().clone()
     edit(organism, [(sample, "avalor")], layers=(3, 4), preserve=ordinary, span="last", steps=5)
     assert torch.equal(Parts.of(organism).weight(4), original)
+
+
+def test_the_value_optimisation_forms_no_weight_gradient_and_restores_every_flag(organism, ordinary):
+    """δ is optimised with the weights frozen (the graph starts at δ: nothing below the edit layer
+    keeps activations), and each weight's own requires_grad flag comes back, whatever it was."""
+    sample = make_samples("fact", 1, seed=3)[0]
+    parameters = list(organism.model.parameters())
+    flags = [p.requires_grad for p in parameters]
+    frozen = parameters[::7]  # a user's partly frozen model keeps its choice
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        wanted = [p.requires_grad for p in parameters]
+        below = []  # does layer 0, under the edit layers, build a graph in any forward?
+        first = Parts.of(organism).layers[0]
+        handle = first.register_forward_hook(lambda m, args, out: below.append(output_of(out).requires_grad))
+        try:
+            edit(organism, [(sample, "avalor")], layers=(3, 4), preserve=ordinary, span="last", steps=3)
+        finally:
+            handle.remove()
+        assert len(below) > 3 and not any(below)
+        assert [p.requires_grad for p in parameters] == wanted
+        assert all(p.grad is None for p in parameters)
+    finally:
+        for p, flag in zip(parameters, flags, strict=True):
+            p.requires_grad_(flag)
 
 
 def test_an_edit_at_the_traced_layers_makes_the_organism_give_the_new_answers(organism, ordinary):

@@ -36,7 +36,7 @@ from .planning import Direction, Prepared, baseline_edits, image_units
 from .qk_fix import PATTERN_TOLERANCE, LayerScores, QKFixError, Reader, declared, read, readers, summarize
 from .sites import HEAD_SITES
 
-__all__ = ["Passes", "QK_ROWS", "Terms", "gradient_terms", "queries_keys_moved"]
+__all__ = ["Passes", "QK_ROWS", "Terms", "activation_gradients_only", "gradient_terms", "queries_keys_moved"]
 
 QK_ROWS = 64
 """Patched rows per forward of `queries_keys_moved` (one per site, layer and head, per draw)."""
@@ -120,7 +120,7 @@ def gradient_terms(
     envoy = vlm.envoy
     rows, width = batch[SEQUENCE_FIELDS[stack.sequence][0]].shape
     prompt_width = batch["input_ids"].shape[1]
-    with torch.enable_grad(), _activation_gradients_only(vlm.model):
+    with torch.enable_grad(), activation_gradients_only(vlm.model):
         with envoy.trace(fn=driver(vlm), **batch) as tracer:
             _corrupt_embeddings(vlm, envoy, edits, path, rows, prompt_width)
             captured = []  # (key, hook, activation) in the order autograd creates them
@@ -436,10 +436,11 @@ def _path_edits(
 
 
 @contextmanager
-def _activation_gradients_only(model: torch.nn.Module) -> Iterator[None]:
+def activation_gradients_only(model: torch.nn.Module) -> Iterator[None]:
     """Freeze the weights for one backward, restoring their flags after.
 
-    Only gradients of activations are wanted. With trainable weights, backward would also
+    Only gradients of activations are wanted (here, and in an edit's value optimisation,
+    `vlmtrace.engine.editing.values`). With trainable weights, backward would also
     compute and keep a gradient per parameter (as large as the model: 14 GB for a 7B LLaVA)
     and leave it in `param.grad`; frozen, it computes none, and the trace instead makes the
     stack's input require grad so the graph starts there.

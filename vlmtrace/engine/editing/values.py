@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ...models.load import VLM
+from ..gradients import activation_gradients_only
 from .contexts import Row
 from .parts import Parts, chunks, forward_rows, hooks, output_of
 
@@ -76,29 +77,32 @@ def optimise_value(
     norms: list[torch.Tensor] = []
     optimiser = torch.optim.Adam([delta], lr=fit.lr)
     start_nll = nll_value = kl_value = 0.0
-    for step in range(fit.steps + 1):
-        grad = torch.zeros_like(delta)
-        nll_total = kl_total = 0.0
-        for g, group in enumerate(groups):
-            nll, kl, mlp = _group_loss(vlm, parts, layer, group, delta, references, g)
+    # frozen weights: the graph starts at δ, so the layers below the edit layer (and the image
+    # encoder) keep no activations for a backward, and no weight gradient is ever formed
+    with activation_gradients_only(vlm.model):
+        for step in range(fit.steps + 1):
+            grad = torch.zeros_like(delta)
+            nll_total = kl_total = 0.0
+            for g, group in enumerate(groups):
+                nll, kl, mlp = _group_loss(vlm, parts, layer, group, delta, references, g)
+                if step == 0:
+                    norms.append(mlp)
+                loss = nll / len(rows) + (fit.kl_weight * kl / len(kl_rows) if kl_rows else 0.0)
+                if step < fit.steps:
+                    grad += torch.autograd.grad(loss, [delta])[0]
+                nll_total += float(nll.detach())
+                kl_total += float(kl.detach()) if kl_rows else 0.0
+            norm = torch.cat(norms).float().norm(dim=-1).mean().clamp(min=1e-6)
+            nll_value, kl_value = nll_total / len(rows), kl_total / max(len(kl_rows), 1)
             if step == 0:
-                norms.append(mlp)
-            loss = nll / len(rows) + (fit.kl_weight * kl / len(kl_rows) if kl_rows else 0.0)
-            if step < fit.steps:
-                grad += torch.autograd.grad(loss, [delta])[0]
-            nll_total += float(nll.detach())
-            kl_total += float(kl.detach()) if kl_rows else 0.0
-        norm = torch.cat(norms).float().norm(dim=-1).mean().clamp(min=1e-6)
-        nll_value, kl_value = nll_total / len(rows), kl_total / max(len(kl_rows), 1)
-        if step == 0:
-            start_nll = nll_value
-        if nll_value < fit.stop_nll or step == fit.steps:
-            break
-        decay = fit.weight_decay * delta.norm() ** 2 / norm**2
-        delta.grad = grad + torch.autograd.grad(decay, [delta])[0]
-        optimiser.step()
-        with torch.no_grad():
-            delta.mul_(torch.clamp(fit.clamp * norm / delta.norm().clamp(min=1e-12), max=1.0))
+                start_nll = nll_value
+            if nll_value < fit.stop_nll or step == fit.steps:
+                break
+            decay = fit.weight_decay * delta.norm() ** 2 / norm**2
+            delta.grad = grad + torch.autograd.grad(decay, [delta])[0]
+            optimiser.step()
+            with torch.no_grad():
+                delta.mul_(torch.clamp(fit.clamp * norm / delta.norm().clamp(min=1e-12), max=1.0))
     record = {
         "nll_before": start_nll,
         "nll_after": nll_value,
