@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -31,11 +33,31 @@ def run_job(store: Path, *args: str, timeout: float = 120) -> None:
     subprocess.run([sys.executable, str(JOB), str(store), *args], check=True, timeout=timeout)
 
 
+class WholeRun(NamedTuple):
+    """The job run once, uninterrupted: its store, that store opened, and its file-write count."""
+
+    store: Path
+    ds: xr.Dataset
+    writes: int
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> xr.Dataset:
+def whole(tmp_path_factory) -> WholeRun:
     store = tmp_path_factory.mktemp("whole") / "trace.zarr"
-    run_job(store)
-    return vt.open_result(store)
+    out = subprocess.run(
+        [sys.executable, str(JOB), str(store), "--count-writes"], check=True, timeout=300, capture_output=True
+    )
+    return WholeRun(store, vt.open_result(store), int(out.stdout.split()[-1]))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(whole) -> xr.Dataset:
+    return whole.ds
+
+
+def finished_store(whole: WholeRun, tmp_path: Path) -> Path:
+    """A copy of the uninterrupted run's store, for a test to damage."""
+    return Path(shutil.copytree(whole.store, tmp_path / "t.zarr"))
 
 
 def sweep_kwargs(tmp_path, **extra):
@@ -179,14 +201,6 @@ def test_a_bad_shard_specification_names_the_form(tiny_llava, llava_sample, tmp_
         vt.patch(tiny_llava, [llava_sample], shard=(2, 2), **sweep_kwargs(tmp_path))
 
 
-def writes_of_a_whole_run(tmp_path: Path) -> int:
-    store = tmp_path / "counted.zarr"
-    out = subprocess.run(
-        [sys.executable, str(JOB), str(store), "--count-writes"], check=True, timeout=300, capture_output=True
-    )
-    return int(out.stdout.split()[-1])
-
-
 def killed_at_write_then_rerun(store: Path, write: int) -> xr.Dataset:
     """Run the job until zarr starts file write number `write`, kill it there, rerun it."""
     killed = subprocess.run([sys.executable, str(JOB), str(store), "--die-at-write", str(write)], timeout=300)
@@ -196,9 +210,9 @@ def killed_at_write_then_rerun(store: Path, write: int) -> xr.Dataset:
 
 
 def test_kill_at_seeded_writes_of_layout_and_chunks_then_rerun_equals_the_uninterrupted_store(
-    uninterrupted, tmp_path
+    whole, uninterrupted, tmp_path
 ):
-    total = writes_of_a_whole_run(tmp_path)  # benchmarks/store_soak.py kills at every one
+    total = whole.writes  # benchmarks/store_soak.py kills at every one
     picks = sorted({1, 2, total, *random.Random(13).sample(range(3, total), 3)})
     unequal = [
         w
@@ -239,26 +253,23 @@ def test_kill_9_at_random_instants_then_rerun_equals_the_uninterrupted_store(uni
         assert values_equal(vt.open_result(store), uninterrupted), f"instant {attempt}"
 
 
-def test_a_samples_progress_and_done_are_one_chunk_file(uninterrupted, tmp_path):
-    store = tmp_path / "t.zarr"
-    run_job(store)
+def test_a_samples_progress_and_done_are_one_chunk_file(whole, tmp_path):
+    store = finished_store(whole, tmp_path)
     ledger_chunks = sorted(
         p.relative_to(store / "ledger") for p in (store / "ledger" / "c").rglob("*") if p.is_file()
     )
     assert ledger_chunks == [Path(f"c/{i}/0") for i in range(4)] and not (store / "progress").exists()
 
 
-def test_a_deleted_chunk_file_of_a_finished_sample_is_named(uninterrupted, tmp_path):
-    store = tmp_path / "t.zarr"
-    run_job(store)
+def test_a_deleted_chunk_file_of_a_finished_sample_is_named(whole, tmp_path):
+    store = finished_store(whole, tmp_path)
     (store / "mlp" / "c" / "2" / "0" / "0" / "0").unlink()
     with pytest.raises(StoreError, match=r"mlp/c/2/0/0/0 is missing"):
         vt.open_result(store)
 
 
-def test_a_truncated_chunk_file_is_named(uninterrupted, tmp_path):
-    store = tmp_path / "t.zarr"
-    run_job(store)
+def test_a_truncated_chunk_file_is_named(whole, tmp_path):
+    store = finished_store(whole, tmp_path)
     chunk = store / "mlp" / "c" / "1" / "0" / "0" / "0"
     chunk.write_bytes(chunk.read_bytes()[:5])
     with pytest.raises(StoreError, match=r"mlp/c/1/0/0/0 cannot be read"):
