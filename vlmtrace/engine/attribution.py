@@ -59,7 +59,9 @@ What the first order misses, so read the estimates as a *screen*, not a measurem
   defeat every estimator: there the worst top-5 overlap stays ~0.7. Attention changes carry
   much of those effects, but not only the first softmax a patch meets, which is all the QK fix
   recomputes; and with every attention pattern frozen, first order still misses a quarter of
-  the cells that matter (`benchmarks/screen.py --frozen`): post-LayerNorm and MLP curvature.
+  the cells that matter (`benchmarks/screen_frozen.py`): post-LayerNorm and MLP curvature.
+  Integrating at each layer instead of at the inputs does not rank them either (0.70,
+  `benchmarks/screen_layer_ig.py`), so it is not offered.
 - So screen generously: `patch(..., screen=3 * k)` finds the k cells that matter where
   `screen=k` may miss some. Run end to end on every organism, corruption, metric and site
   (`benchmarks/screened_sweep.py`), the top 5 of `screen=15` held every material top-5 cell of
