@@ -242,9 +242,10 @@ class NoEffectWarning(UserWarning):
 
 def warn_if_corruption_did_nothing(ds: xr.Dataset) -> None:
     """Say which samples have clean == corrupted: their normalised effects are undefined (NaN)."""
-    same = (ds["clean"].values == ds["corrupt"].values) & ds["done"].values
+    variables = ds.variables
+    same = (variables["clean"].values == variables["corrupt"].values) & variables["done"].values
     if same.any():
-        ids = [str(i) for i in ds["sample"].values[same]]
+        ids = [str(i) for i in variables["sample"].values[same]]
         warnings.warn(
             f"{len(ids)} sample(s) score the same clean and corrupted ({', '.join(ids[:5])}"
             f"{', ...' if len(ids) > 5 else ''}): the corruption did not change the output, so "

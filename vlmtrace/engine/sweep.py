@@ -236,15 +236,18 @@ def record(ds: xr.Dataset, layout: Layout, sample: int, plan: Plan, finished: Fi
     still missing, on its own: a sweep killed between the store's `clean` and `corrupt` writes
     resumes with `clean` on disk and `corrupt` not.
     """
-    arrays = {site: ds[site].values for site in layout.grid.sites}  # one lookup per site, not per cell
+    # the variables' own arrays, written in place (`ds[name]` would build a DataArray per lookup)
+    variables = ds.variables
+    names = (*layout.grid.sites, "clean", "corrupt", "progress", "done")
+    arrays = {name: variables[name].values for name in names}
     for c, value in finished.values.items():
         cell = plan.cells[c]
         arrays[cell.site][layout.index(sample, cell)] = value
     for name, value in (("clean", finished.clean), ("corrupt", finished.corrupt)):
-        if np.isnan(ds[name].values[sample]):
-            ds[name].values[sample] = value
-    ds["progress"].values[sample] = finished.progress
-    ds["done"].values[sample] = finished.complete
+        if np.isnan(arrays[name][sample]):
+            arrays[name][sample] = value
+    arrays["progress"][sample] = finished.progress
+    arrays["done"][sample] = finished.complete
 
 
 class OutOfMemoryWarning(UserWarning):

@@ -305,7 +305,8 @@ def describe(ds: xr.Dataset) -> xr.Dataset:
             units,
         )
     missing = []
-    for name, var in ds.data_vars.items():
+    for name in ds.data_vars:  # the Variables themselves (a DataArray per name costs more than this)
+        var = ds.variables[name]
         description, unit = known.get(str(name), (None, None))
         if description is not None:
             var.attrs.setdefault("description", description)
