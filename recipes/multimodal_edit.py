@@ -48,6 +48,7 @@ from vlmtrace.engine.editing import (
     edit,
     effect_at,
     evaluate,
+    measure_key_covariance,
     probes_of,
     trace_for_edit,
     traced_layers,
@@ -102,16 +103,32 @@ def run(vlm: vt.VLM, samples: list[vt.Sample], *, seed: int = 0, options: Option
     preserve = ordinary(seed)
     with sweeping("multimodal_edit: trace the MLP at the constraint and the last token"):
         before = trace_for_edit(vlm, samples, span="visual", windows=WINDOWS, segments=KEYS)
-    results, edits = {}, {}
+    plan = {}  # key -> (its trace evidence, the edits to compute there)
     for key in KEYS:
         traced, evidence = traced_layers(before, samples, span=key, n_layers=n_layers)
         conditions = [(method, traced, "traced") for method in METHODS]
         if key == "last":  # MEMIT on the request alone (the ablation of contexts), and at the layer
             least = min(set(range(n_layers)) - set(traced), key=lambda x: effect_at(evidence, x))
             conditions += [("memit", traced, "single"), ("memit", (least,), "untraced")]
+        plan[key] = (evidence, conditions)
+    # MEMIT's statistics of ordinary keys, measured once on the unedited model for every layer a
+    # MEMIT edit below uses (each edit would otherwise measure its own)
+    memit_layers = sorted(
+        {
+            x
+            for _, conditions in plan.values()
+            for method, layers, _ in conditions
+            if method == "memit"
+            for x in layers
+        }
+    )
+    covariance = measure_key_covariance(vlm, preserve, memit_layers)
+    results, edits = {}, {}
+    for key, (evidence, conditions) in plan.items():
         for method, layers, label in conditions:
-            settings = dict(method=method, layers=layers, span=key, preserve=preserve)
+            settings = dict(method=method, layers=layers, span=key)
             if method == "memit":
+                settings["covariance"] = covariance
                 settings["contexts"] = SINGLE if label == "single" else CONTEXTS
             insert = edit(vlm, [c.request for c in inserts], **settings)
             results[f"insert/{method}/{key}/{label}"] = evaluate(
@@ -122,7 +139,9 @@ def run(vlm: vt.VLM, samples: list[vt.Sample], *, seed: int = 0, options: Option
                 "hyperparameters": insert.attr("hyperparameters"),
             }  # fmt: skip
             if key == "last" and label == "traced" and method == "memit":
-                with insert:  # the deliberately wrong answers, corrected by a second edit
+                with insert:  # the deliberately wrong answers, corrected by a second edit (of the
+                    # edited model: its keys' statistics are measured again, on its weights)
+                    settings = {**settings, "covariance": None, "preserve": preserve}
                     fix = edit(vlm, [c.request for c in corrects], **settings)
                     results[f"correct/{method}/{key}/{label}"] = evaluate(
                         vlm, fix, **probes_of(corrects), **local, seed=seed

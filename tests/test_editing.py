@@ -22,6 +22,7 @@ from vlmtrace.engine.editing import (  # the same forward the edit uses
     evaluate,
     key_covariance,
     least_squares_update,
+    measure_key_covariance,
 )
 from vlmtrace.engine.editing.contexts import encode_row
 from vlmtrace.engine.editing.parts import forward_rows, output_of
@@ -119,6 +120,45 @@ def test_the_value_optimisation_forms_no_weight_gradient_and_restores_every_flag
     finally:
         for p, flag in zip(parameters, flags, strict=True):
             p.requires_grad_(flag)
+
+
+def test_a_key_covariance_measured_once_gives_the_edit_that_preserve_gives(organism, ordinary):
+    sample = make_samples("fact", 1, seed=3)[0]
+    request = [(sample, "avalor")]
+    direct = edit(organism, request, layers=(3, 4), preserve=ordinary, span="last", steps=3)
+    measured = measure_key_covariance(organism, ordinary, (2, 3, 4))  # a superset of the layers serves
+    reused = edit(organism, request, layers=(3, 4), covariance=measured, span="last", steps=3)
+    assert all(torch.equal(direct.deltas[layer], reused.deltas[layer]) for layer in (3, 4))
+    assert reused.attr("hyperparameters")["preserve_samples"] == len(ordinary)
+
+
+def test_a_key_covariance_is_refused_for_other_layers_other_weights_or_another_model(
+    organism, ordinary, tiny_llava, llava_sample
+):
+    sample = make_samples("fact", 1, seed=3)[0]
+    request = [(sample, "avalor")]
+    measured = measure_key_covariance(organism, ordinary, (3,))
+    with pytest.raises(EditError, match=r"holds layers \[3\], not \[4\]"):
+        edit(organism, request, layers=(3, 4), covariance=measured, span="last", steps=1)
+    change = edit(organism, request, layers=(3,), covariance=measured, span="last", steps=1)
+    with change, pytest.raises(EditError, match="weights were written since"):
+        edit(organism, request, layers=(3,), covariance=measured, span="last", steps=1)
+    # restored exactly, the weights are those it was measured on again, also after nested edits
+    with change:
+        inner = edit(organism, request, layers=(4,), preserve=ordinary, span="last", steps=1)
+        with inner:
+            pass
+    edit(organism, request, layers=(3,), covariance=measured, span="last", steps=1)
+    # but not when something else was written while the edit was applied
+    bias = next(p for p in organism.model.parameters() if p.dim() == 1)
+    with change, torch.no_grad():
+        bias.add_(0.0)  # the same values, written: nothing proves them equal
+    with pytest.raises(EditError, match="weights were written since"):
+        edit(organism, request, layers=(3,), covariance=measured, span="last", steps=1)
+    with pytest.raises(EditError, match="measured on 'shapes-llava'"):
+        edit(tiny_llava, [(llava_sample, "rome")], layers=(1,), covariance=measured, steps=1)
+    with pytest.raises(EditError, match="not both"):
+        edit(organism, request, layers=(3,), preserve=ordinary, covariance=measured, steps=1)
 
 
 def test_an_edit_at_the_traced_layers_makes_the_organism_give_the_new_answers(organism, ordinary):

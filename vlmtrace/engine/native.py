@@ -58,6 +58,30 @@ def weights_version(model: torch.nn.Module) -> int:
     return sum(p._version for p in parameters)
 
 
+_restored: WeakKeyDictionary[torch.nn.Module, dict[int, int]] = WeakKeyDictionary()
+
+
+def weights_state(model: torch.nn.Module) -> int:
+    """A number naming the weights the model holds now: `weights_version`, except that weights an
+    `Edit` put back exactly (`restored`) get the number they had before the edit was applied, so
+    what was measured on them (a MEMIT key covariance) stays usable after an edit is undone."""
+    version = weights_version(model)
+    aliases = _restored.get(model, {})
+    while version in aliases:
+        version = aliases[version]
+    return version
+
+
+def restored(model: torch.nn.Module, before: int) -> None:
+    """Record that the model's weights are now exactly those it held at `weights_version` `before`.
+
+    `Edit.restore` calls it when every parameter written between its apply and its restore was put
+    back (nested edits, restored in turn, leave the state it applied on), and MEMIT's layer-by-layer
+    spread when it has put the originals back: the equality holds by construction.
+    """
+    _restored.setdefault(model, {})[weights_version(model)] = before
+
+
 def native_log_probs(vlm: VLM, prompt: str, image: Any, backend: Any = None) -> torch.Tensor:
     """log P(token) of the model's own next-token prediction after `prompt` with `image`.
 

@@ -38,7 +38,7 @@ from .evaluation import POOLED, check_disjoint, evaluate, summary_line
 from .layers import effect_at, trace_for_edit, traced_layers
 from .methods import METHODS, edit
 from .parts import PROJECTIONS, EditError, Parts
-from .updates import key_covariance, least_squares_update, ridge_update
+from .updates import KeyCovariance, key_covariance, least_squares_update, measure_key_covariance, ridge_update
 from .values import ValueFit
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "EditCase",
     "EditError",
     "EditRequest",
+    "KeyCovariance",
     "Parts",
     "ValueFit",
     "check_disjoint",
@@ -59,6 +60,7 @@ __all__ = [
     "evaluate",
     "key_covariance",
     "least_squares_update",
+    "measure_key_covariance",
     "probes_of",
     "ridge_update",
     "summary_line",

@@ -25,7 +25,7 @@ import torch
 import xarray as xr
 
 from ...models.load import VLM
-from ..native import forget
+from ..native import forget, restored, weights_state
 from .parts import EditError, Parts
 
 
@@ -50,6 +50,8 @@ class Edit:
                 raise EditError(f"delta of layer {layer} is {tuple(delta.shape)}; the weight is {shape}.")
         self.attrs = dict(attrs or {})
         self._originals: dict[int, torch.Tensor] = {}
+        self._versions = (0, 0)
+        """`weights_state` of the model before and after `apply` wrote the deltas."""
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -70,11 +72,13 @@ class Edit:
         """Add the deltas to the weights (the originals are kept for `restore`)."""
         if self.applied:
             raise EditError("this edit is already applied; restore() it before applying it again.")
+        before = weights_state(self.vlm.model)
         with torch.no_grad():
             for layer in self.deltas:
                 weight = self.parts.weight(layer)
                 self._originals[layer] = weight.detach().clone()
                 weight.copy_(self._edited(layer))
+        self._versions = (before, weights_state(self.vlm.model))
         forget(self.vlm)  # the model's own answers kept for the self-check are the unedited model's
         return self
 
@@ -88,9 +92,13 @@ class Edit:
                 f"the weights of layers {changed} changed since this edit was applied (another edit "
                 "applied on top?); restore edits in the reverse order of applying them."
             )
+        before, applied = self._versions
+        untouched = weights_state(self.vlm.model) == applied  # nothing else left written meanwhile
         with torch.no_grad():
             for layer, original in self._originals.items():
                 self.parts.weight(layer).copy_(original)
+        if untouched:
+            restored(self.vlm.model, before)
         self._originals = {}
         forget(self.vlm)
         return self

@@ -42,11 +42,12 @@ from ...data.sample import Sample
 from ...models.load import VLM
 from ...results.dataset import provenance
 from ..corruptions import Corruption
+from ..native import restored, weights_state
 from .contexts import SINGLE, Contexts, Row, as_request, request_rows
 from .deltas import Edit
 from .layers import trace_for_edit, traced_layers
 from .parts import EditError, Parts
-from .updates import key_covariance, keys_at, least_squares_update, ridge_update
+from .updates import KeyCovariance, key_covariance, keys_at, least_squares_update, ridge_update
 from .values import ValueFit, optimise_value
 
 Method = Literal["memit", "multedit"]
@@ -59,6 +60,7 @@ def edit(
     *,
     layers: Sequence[int] | Literal["traced"],
     preserve: Sequence[Sample] = (),
+    covariance: KeyCovariance | None = None,
     method: Method = "memit",
     span: str = "last",
     contexts: Contexts | None = None,
@@ -83,8 +85,9 @@ def edit(
     "mlp" on the requests' samples, else computed with `trace_windows` and `trace_corruption`).
     `span`: where the key is read, a span's last token or "last". `contexts`: how many of each
     context source MEMIT uses (default `Contexts()`; MultEdit takes none). `preserve`: ordinary
-    inputs whose keys give MEMIT's covariance (never the edited samples). The rest are the
-    hyperparameters of the module docstring. Returns an unapplied `Edit`.
+    inputs whose keys give MEMIT's covariance (never the edited samples); or `covariance`, the
+    same statistics measured beforehand (`measure_key_covariance`), for many edits of one model.
+    The rest are the hyperparameters of the module docstring. Returns an unapplied `Edit`.
     """
     if method not in METHODS:
         raise EditError(f"method={method!r}: choose 'memit' (ROME/MEMIT over contexts) or 'multedit'.")
@@ -99,11 +102,15 @@ def edit(
             "method='multedit' keys on the request's own input only (Basu et al.); drop contexts= or "
             "use method='memit'."
         )
-    if not multedit and not preserve:
+    if not multedit and not preserve and covariance is None:
         raise EditError(
             "no `preserve` samples: MEMIT's covariance C of ordinary keys keeps the layer's other "
             "input-output pairs; give held-out questions of the kind the model usually sees."
         )
+    if preserve and covariance is not None:
+        raise EditError("give `preserve` or its measured `covariance`, not both.")
+    if multedit and covariance is not None:
+        raise EditError("method='multedit' uses no covariance (a ridge step); drop covariance=.")
     used = SINGLE if multedit else (contexts if contexts is not None else Contexts())
     parts = Parts.of(vlm)
     chosen, evidence = _layers(
@@ -114,6 +121,8 @@ def edit(
             f"method='multedit' edits one layer (Basu et al.); got layers {chosen}. Pass layers=(l,) "
             "or trace with windows=(1,)."
         )
+    # checked before any value is optimised, so statistics that do not apply cost nothing
+    measured = None if covariance is None else covariance.checked(vlm, chosen)
     fit = ValueFit(
         steps=steps,
         lr=lr,
@@ -135,15 +144,17 @@ def edit(
     if multedit:
         deltas = {chosen[0]: _multedit_update(vlm, parts, encoded, targets, chosen[0], ridge, max_batch)}
     else:
-        covariance = key_covariance(vlm, parts, preserve, chosen, max_batch=max_batch)
+        if measured is None:
+            measured = key_covariance(vlm, parts, preserve, chosen, max_batch=max_batch)
         deltas = _memit_updates(
-            vlm, parts, encoded, targets, chosen, covariance, preserve_weight, keys, max_batch
+            vlm, parts, encoded, targets, chosen, measured, preserve_weight, keys, max_batch
         )
     hyper: dict[str, Any] = fit.describe()
     if multedit:
         hyper["ridge"] = ridge
     else:
-        hyper.update(preserve_weight=preserve_weight, preserve_samples=len(preserve), keys=keys)
+        samples = len(preserve) if covariance is None else covariance.samples
+        hyper.update(preserve_weight=preserve_weight, preserve_samples=samples, keys=keys)
     attrs = {
         **provenance(vlm, experiment="edit"),
         "method": method,
@@ -202,6 +213,7 @@ def _memit_updates(
     owner = torch.tensor([i for i, request in enumerate(encoded) for _ in request.edit])
     z = torch.cat(list(targets))
     originals = {layer: parts.weight(layer).detach().clone() for layer in layers}
+    before = weights_state(vlm.model)
     deltas: dict[int, torch.Tensor] = {}
     try:
         for i, layer in enumerate(layers):
@@ -218,6 +230,7 @@ def _memit_updates(
         with torch.no_grad():
             for layer, original in originals.items():
                 parts.weight(layer).copy_(original)
+        restored(vlm.model, before)  # the weights it wrote on the way are the originals again
     return deltas
 
 

@@ -16,12 +16,14 @@ input) and the block output of a later layer at each row's key position.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ...data.sample import Sample
 from ...models.load import VLM
+from ..native import weights_state
 from .contexts import Row
 from .parts import EditError, Parts, chunks, forward_rows, hooks, output_of
 
@@ -66,6 +68,65 @@ def key_covariance(
             sums[layer] = sums[layer] + keys.T @ keys
         count += int(mask.sum())
     return {layer: total / count for layer, total in sums.items()}
+
+
+@dataclass(frozen=True)
+class KeyCovariance:
+    """MEMIT's statistics of ordinary keys, measured once and reused by many `vt.edit` calls.
+
+    Measuring them is a forward over every `preserve` sample, often the most expensive part of a
+    small edit; a study that computes many edits of the same model (methods, layers, batches)
+    measures them once with `measure_key_covariance` and passes them as `edit(covariance=...)`.
+    They belong to one state of one model: `edit` refuses them for another model, for weights
+    written since (an applied edit), or for layers they do not hold.
+    """
+
+    layers: Mapping[int, torch.Tensor]
+    """Layer -> mean k kᵀ over every token of the samples (float64 [in, in])."""
+    samples: int
+    """How many samples they average over (the edit's attrs record it as `preserve_samples`)."""
+    model: str
+    """The name of the model they were measured on (`VLM.name`)."""
+    weights: int
+    """`native.weights_state` of the model when measured: any parameter written since changes it,
+    unless an `Edit` restored exactly the weights these were measured on."""
+
+    def checked(self, vlm: VLM, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """The covariance of each of `layers`, or an error naming why these statistics do not apply."""
+        if self.model != vlm.name:
+            raise EditError(
+                f"the key covariance was measured on {self.model!r}, not {vlm.name!r}; "
+                "measure it on this model."
+            )
+        if self.weights != weights_state(vlm.model):
+            raise EditError(
+                "the model's weights were written since its key covariance was measured (an edit "
+                "applied); measure it again with measure_key_covariance on the model as it is now, or "
+                "restore the edit first."
+            )
+        missing = [layer for layer in layers if layer not in self.layers]
+        if missing:
+            raise EditError(
+                f"the key covariance holds layers {sorted(self.layers)}, not {missing}; measure it for every "
+                "layer the edits will use."
+            )
+        return {layer: self.layers[layer] for layer in layers}
+
+
+def measure_key_covariance(
+    vlm: VLM, preserve: Sequence[Sample], layers: Sequence[int], *, max_batch: int = 64
+) -> KeyCovariance:
+    """MEMIT's key covariance of `layers` over `preserve`, for `edit(covariance=...)`."""
+    if not preserve:
+        raise EditError("no preserve samples: give held-out questions of the kind the model usually sees.")
+    parts = Parts.of(vlm)
+    chosen = parts.check_layers(layers)
+    return KeyCovariance(
+        layers=key_covariance(vlm, parts, preserve, chosen, max_batch=max_batch),
+        samples=len(preserve),
+        model=vlm.name,
+        weights=weights_state(vlm.model),
+    )
 
 
 def _keep_input(seen: dict, name: int):
