@@ -10,7 +10,7 @@ estimator of `attribution.METHODS` ranks shapes-blip's block cells under STR wit
 difference (worst material top-5 overlap 0.68-0.70); this measures whether that variant does,
 before anyone builds it into the engine.
 
-    python -m benchmarks.screen_layer_ig                    # every organism, ~3 min on 2 cores
+    python -m benchmarks.screen_layer_ig                    # every organism, ~2 min on 2 cores
     python -m benchmarks.screen_layer_ig --models shapes-blip --steps 4,16
 
 For each organism, corruption (STR, SIP) and metric (P(answer), logit difference): exact

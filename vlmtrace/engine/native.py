@@ -58,28 +58,27 @@ def weights_version(model: torch.nn.Module) -> int:
     return sum(p._version for p in parameters)
 
 
-_restored: WeakKeyDictionary[torch.nn.Module, dict[int, int]] = WeakKeyDictionary()
+_restored: WeakKeyDictionary[torch.nn.Module, tuple[int, int]] = WeakKeyDictionary()
 
 
 def weights_state(model: torch.nn.Module) -> int:
     """A number naming the weights the model holds now: `weights_version`, except that weights an
-    `Edit` put back exactly (`restored`) get the number they had before the edit was applied, so
+    `Edit` has just put back exactly (`restored`) get the number they had before it was applied, so
     what was measured on them (a MEMIT key covariance) stays usable after an edit is undone."""
     version = weights_version(model)
-    aliases = _restored.get(model, {})
-    while version in aliases:
-        version = aliases[version]
-    return version
+    alias = _restored.get(model)
+    return alias[1] if alias is not None and alias[0] == version else version
 
 
 def restored(model: torch.nn.Module, before: int) -> None:
-    """Record that the model's weights are now exactly those it held at `weights_version` `before`.
+    """Record that the model's weights are now exactly those of `weights_state` `before`.
 
-    `Edit.restore` calls it when every parameter written between its apply and its restore was put
-    back (nested edits, restored in turn, leave the state it applied on), and MEMIT's layer-by-layer
-    spread when it has put the originals back: the equality holds by construction.
+    `Edit.restore` calls it when nothing written between its apply and its restore is left
+    written (nested edits, restored in turn, leave the state it applied on), and MEMIT's
+    layer-by-layer spread when it has put the originals back: the equality holds by construction.
+    Only the latest restore is kept: any later write moves `weights_version` past it for good.
     """
-    _restored.setdefault(model, {})[weights_version(model)] = before
+    _restored[model] = (weights_version(model), before)
 
 
 def native_log_probs(vlm: VLM, prompt: str, image: Any, backend: Any = None) -> torch.Tensor:

@@ -16,8 +16,9 @@ input) and the block output of a later layer at each row's key position.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -70,15 +71,22 @@ def key_covariance(
     return {layer: total / count for layer, total in sums.items()}
 
 
-@dataclass(frozen=True)
+def parameter_layout(model: torch.nn.Module) -> tuple[tuple[int, str, str], ...]:
+    """Where each parameter's data lives, and as what: a cast (`.half()`), a move or a parameter
+    replaced (`load_state_dict(assign=True)`) changes it without counting as an in-place write."""
+    return tuple((p.data_ptr(), str(p.dtype), str(p.device)) for p in model.parameters())
+
+
+@dataclass(frozen=True, eq=False)
 class KeyCovariance:
     """MEMIT's statistics of ordinary keys, measured once and reused by many `vt.edit` calls.
 
     Measuring them is a forward over every `preserve` sample, often the most expensive part of a
     small edit; a study that computes many edits of the same model (methods, layers, batches)
     measures them once with `measure_key_covariance` and passes them as `edit(covariance=...)`.
-    They belong to one state of one model: `edit` refuses them for another model, for weights
-    written since (an applied edit), or for layers they do not hold.
+    They belong to one state of one loaded model: `edit` refuses them for another model object
+    (even one of the same name), for parameters cast, moved or replaced, for weights written in
+    place since (an applied edit), and for layers they do not hold.
     """
 
     layers: Mapping[int, torch.Tensor]
@@ -86,23 +94,27 @@ class KeyCovariance:
     samples: int
     """How many samples they average over (the edit's attrs record it as `preserve_samples`)."""
     model: str
-    """The name of the model they were measured on (`VLM.name`)."""
+    """The name of the model they were measured on (`VLM.name`), for the error message."""
     weights: int
     """`native.weights_state` of the model when measured: any parameter written since changes it,
     unless an `Edit` restored exactly the weights these were measured on."""
+    measured_on: weakref.ref = field(repr=False)
+    """The very model object they were measured on."""
+    layout: tuple[tuple[int, str, str], ...] = field(repr=False)
+    """`parameter_layout` of that model when measured."""
 
     def checked(self, vlm: VLM, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """The covariance of each of `layers`, or an error naming why these statistics do not apply."""
-        if self.model != vlm.name:
+        if self.measured_on() is not vlm.model:
             raise EditError(
-                f"the key covariance was measured on {self.model!r}, not {vlm.name!r}; "
-                "measure it on this model."
+                f"the key covariance was measured on another model object ({self.model!r}), not on "
+                f"this {vlm.name!r}; measure it on the model you edit."
             )
-        if self.weights != weights_state(vlm.model):
+        if self.layout != parameter_layout(vlm.model) or self.weights != weights_state(vlm.model):
             raise EditError(
-                "the model's weights were written since its key covariance was measured (an edit "
-                "applied); measure it again with measure_key_covariance on the model as it is now, or "
-                "restore the edit first."
+                "the model's weights were written, cast, moved or replaced since its key covariance was "
+                "measured (an applied edit, or a write no Edit.restore undid); measure it again with "
+                "measure_key_covariance on the model as it is now."
             )
         missing = [layer for layer in layers if layer not in self.layers]
         if missing:
@@ -126,6 +138,8 @@ def measure_key_covariance(
         samples=len(preserve),
         model=vlm.name,
         weights=weights_state(vlm.model),
+        measured_on=weakref.ref(vlm.model),
+        layout=parameter_layout(vlm.model),
     )
 
 
