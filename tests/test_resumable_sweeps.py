@@ -196,6 +196,26 @@ def test_an_error_that_is_not_out_of_memory_is_not_retried(tiny_llava, llava_sam
         vt.patch(tiny_llava, [llava_sample], **sweep_kwargs(tmp_path))
 
 
+def test_recording_into_a_result_not_held_in_memory_is_refused_not_lost(
+    tiny_llava, llava_sample, tmp_path, monkeypatch
+):
+    """`record` writes each chunk into the variables' own arrays; a lazily read variable would hand
+    it a fresh copy per read, and the chunk would vanish. It must say so instead."""
+    calls = []
+    original = sweep.record
+    monkeypatch.setattr(sweep, "record", lambda *args: calls.append(args) or original(*args))
+    vt.patch(tiny_llava, [llava_sample], **sweep_kwargs(tmp_path))
+    ds, layout, sample, plan, finished = calls[0]
+    ds.drop_attrs().to_zarr(tmp_path / "lazy.zarr", zarr_format=2, consolidated=True)
+    lazy = xr.open_zarr(tmp_path / "lazy.zarr")
+    with pytest.raises(RuntimeError, match="not held in memory"):
+        sweep.record(lazy, layout, sample, plan, finished)
+    loaded = lazy.load()  # held in memory, the same call records
+    loaded["progress"].values[sample] = 0
+    sweep.record(loaded, layout, sample, plan, finished)
+    assert int(loaded["progress"].values[sample]) == finished.progress > 0
+
+
 def test_a_bad_shard_specification_names_the_form(tiny_llava, llava_sample, tmp_path):
     with pytest.raises(ValueError, match="0 <= i < n"):
         vt.patch(tiny_llava, [llava_sample], shard=(2, 2), **sweep_kwargs(tmp_path))

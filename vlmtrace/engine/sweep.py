@@ -240,6 +240,12 @@ def record(ds: xr.Dataset, layout: Layout, sample: int, plan: Plan, finished: Fi
     variables = ds.variables
     names = (*layout.grid.sites, "clean", "corrupt", "progress", "done")
     arrays = {name: variables[name].values for name in names}
+    lazy = [name for name in names if variables[name].values is not arrays[name]]
+    if lazy:  # each read makes a new array: values written into one would be lost without a word
+        raise RuntimeError(
+            f"the result's variables {lazy} are not held in memory (a lazily opened store?), so the "
+            "chunk's values would be lost; load the Dataset (ds.load()) before recording into it."
+        )
     for c, value in finished.values.items():
         cell = plan.cells[c]
         arrays[cell.site][layout.index(sample, cell)] = value
