@@ -29,6 +29,7 @@ from weakref import WeakKeyDictionary
 import torch
 
 from ..models.load import VLM
+from .weights import weights_version
 
 KEPT = 16
 """Native answers kept per model (each is one vocabulary-sized float vector)."""
@@ -41,44 +42,6 @@ def image_digest(image: Any) -> str:
     if image is None:
         return "none"
     return hashlib.sha256(image.tobytes() + repr((image.size, image.mode)).encode()).hexdigest()
-
-
-_parameters: WeakKeyDictionary[torch.nn.Module, list[torch.nn.Parameter]] = WeakKeyDictionary()
-
-
-def weights_version(model: torch.nn.Module) -> int:
-    """A number that changes whenever any parameter is written in place (an edit, a restore).
-
-    The parameter list is gathered once per model (walking the module tree costs more than the
-    sweep's self-check itself on a small model); edits write into these same tensors.
-    """
-    parameters = _parameters.get(model)
-    if parameters is None:
-        parameters = _parameters[model] = list(model.parameters())
-    return sum(p._version for p in parameters)
-
-
-_restored: WeakKeyDictionary[torch.nn.Module, tuple[int, int]] = WeakKeyDictionary()
-
-
-def weights_state(model: torch.nn.Module) -> int:
-    """A number naming the weights the model holds now: `weights_version`, except that weights an
-    `Edit` has just put back exactly (`restored`) get the number they had before it was applied, so
-    what was measured on them (a MEMIT key covariance) stays usable after an edit is undone."""
-    version = weights_version(model)
-    alias = _restored.get(model)
-    return alias[1] if alias is not None and alias[0] == version else version
-
-
-def restored(model: torch.nn.Module, before: int) -> None:
-    """Record that the model's weights are now exactly those of `weights_state` `before`.
-
-    `Edit.restore` calls it when nothing written between its apply and its restore is left
-    written (nested edits, restored in turn, leave the state it applied on), and MEMIT's
-    layer-by-layer spread when it has put the originals back: the equality holds by construction.
-    Only the latest restore is kept: any later write moves `weights_version` past it for good.
-    """
-    _restored[model] = (weights_version(model), before)
 
 
 def native_log_probs(vlm: VLM, prompt: str, image: Any, backend: Any = None) -> torch.Tensor:

@@ -25,7 +25,8 @@ import torch
 import xarray as xr
 
 from ...models.load import VLM
-from ..native import forget, restored, weights_state
+from ..native import forget
+from ..weights import restored, weights_state
 from .parts import EditError, Parts
 
 
@@ -50,7 +51,7 @@ class Edit:
                 raise EditError(f"delta of layer {layer} is {tuple(delta.shape)}; the weight is {shape}.")
         self.attrs = dict(attrs or {})
         self._originals: dict[int, torch.Tensor] = {}
-        self._versions = (0, 0)
+        self._states = (0, 0)
         """`weights_state` of the model before and after `apply` wrote the deltas."""
 
     @property
@@ -78,7 +79,7 @@ class Edit:
                 weight = self.parts.weight(layer)
                 self._originals[layer] = weight.detach().clone()
                 weight.copy_(self._edited(layer))
-        self._versions = (before, weights_state(self.vlm.model))
+        self._states = (before, weights_state(self.vlm.model))
         forget(self.vlm)  # the model's own answers kept for the self-check are the unedited model's
         return self
 
@@ -92,7 +93,7 @@ class Edit:
                 f"the weights of layers {changed} changed since this edit was applied (another edit "
                 "applied on top?); restore edits in the reverse order of applying them."
             )
-        before, applied = self._versions
+        before, applied = self._states
         untouched = weights_state(self.vlm.model) == applied  # nothing else left written meanwhile
         with torch.no_grad():
             for layer, original in self._originals.items():

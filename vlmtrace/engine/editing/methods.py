@@ -42,7 +42,7 @@ from ...data.sample import Sample
 from ...models.load import VLM
 from ...results.dataset import provenance
 from ..corruptions import Corruption
-from ..native import restored, weights_state
+from ..weights import restored, weights_state
 from .contexts import SINGLE, Contexts, Row, as_request, request_rows
 from .deltas import Edit
 from .layers import trace_for_edit, traced_layers

@@ -24,7 +24,7 @@ import torch
 
 from ...data.sample import Sample
 from ...models.load import VLM
-from ..native import weights_state
+from ..weights import weights_state
 from .contexts import Row
 from .parts import EditError, Parts, chunks, forward_rows, hooks, output_of
 
@@ -96,7 +96,7 @@ class KeyCovariance:
     model: str
     """The name of the model they were measured on (`VLM.name`), for the error message."""
     weights: int
-    """`native.weights_state` of the model when measured: any parameter written since changes it,
+    """`weights.weights_state` of the model when measured: any parameter written since changes it,
     unless an `Edit` restored exactly the weights these were measured on."""
     measured_on: weakref.ref = field(repr=False)
     """The very model object they were measured on."""
