@@ -59,6 +59,11 @@ def layer_ig(vlm: vt.VLM, sample: vt.Sample, corruption, metric, steps: int) -> 
             f"{sample.id}: clean and corrupted prompts differ in length; positions would not pair."
         )
     stack = vlm.adapter.stacks[vlm.adapter.default_stack]
+    block = stack.sites["block"]
+    if (block.path, block.side, block.layout) != ("", "output", "row_position"):
+        raise SystemExit(
+            f"{vlm.name}: the block site is {block}, not each layer's [row, position, hidden] output."
+        )
     layers = module_at(vlm.model, stack.layers)
     answer_slice = prepared.answer_slice(vlm)
 
