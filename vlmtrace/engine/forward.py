@@ -135,7 +135,52 @@ class Scoring:
     probe_rows: int = 0
 
 
-def stack_rows(vlm: VLM, rows: list[Mapping[str, torch.Tensor]], widths: Mapping[str, int]) -> dict:
+@dataclass(frozen=True)
+class ImageRows:
+    """Which distinct image each row of a forward shows, where rows repeat images.
+
+    A sweep's rows show two images (clean and corrupted) over and over, and an image encoder
+    that encodes each row's image on its own (`Adapter.image_encoder`, `row_position`) would
+    compute the same encoding once per row: on BLIP the vision transformer is most of a patched
+    row's work. Such a forward passes the encoder one row per distinct image (`first`) and
+    gives every row its image's encoding (`of_row`) before anything downstream reads it.
+    """
+
+    first: tuple[int, ...]
+    """A row showing each distinct image, in first-seen order."""
+    of_row: tuple[int, ...]
+    """Per row, its image's index in `first`."""
+
+
+def shared_images(vlm: VLM, rows: list[Mapping[str, torch.Tensor]]) -> ImageRows | None:
+    """How `rows` share images, or None where every row's image is its own or the adapter's
+    encoder does not encode one row per image.
+
+    Rows show the same image when they hold the same input tensors (the same encoded side of
+    a sample, as `Prepared.rows` gives them), so sharing is found by identity, not by value.
+    """
+    adapter = vlm.adapter
+    encoder = adapter.image_encoder
+    names = [name for name in adapter.image_encoder_inputs if name in rows[0]]
+    if encoder is None or encoder.layout != "row_position" or not names:
+        return None
+    index: dict[tuple[int, ...], int] = {}
+    first, of_row = [], []
+    for r, row in enumerate(rows):
+        key = tuple(id(row[name]) for name in names)
+        if key not in index:
+            index[key] = len(first)
+            first.append(r)
+        of_row.append(index[key])
+    return None if len(first) == len(rows) else ImageRows(tuple(first), tuple(of_row))
+
+
+def stack_rows(
+    vlm: VLM,
+    rows: list[Mapping[str, torch.Tensor]],
+    widths: Mapping[str, int],
+    images: ImageRows | None = None,
+) -> dict:
     """Batch rows of inputs as the adapter declares each input (`Adapter.inputs`).
 
     Per-token inputs are left-padded to `widths[sequence]`: left padding puts every row's last
@@ -143,6 +188,9 @@ def stack_rows(vlm: VLM, rows: list[Mapping[str, torch.Tensor]], widths: Mapping
     inputs are concatenated, per-row inputs stacked. With `positions="engine"`, position ids
     are counted from the attention mask, so a padded row computes exactly what it computes
     alone; with `positions="model"` the model computes its own and none are passed.
+
+    With `images` (`shared_images`), the image encoder's inputs hold one row per distinct
+    image; the forward must then be planned with the same `images` (`forward_plan`).
     """
     adapter = vlm.adapter
     pad_id = vlm.tokenizer.pad_token_id or 0
@@ -157,6 +205,13 @@ def stack_rows(vlm: VLM, rows: list[Mapping[str, torch.Tensor]], widths: Mapping
                 "ROW (stacked). The engine never guesses how an input batches."
             )
         values = [row[name] for row in rows]
+        if images is not None and name in adapter.image_encoder_inputs:
+            if spec.kind != "row":
+                raise AdapterMismatchError(
+                    f"{name!r} is named in the {adapter.family} adapter's image_encoder_inputs but "
+                    f"declared {spec.kind!r}: an input the encoder reads one row per image is ROW."
+                )
+            values = [values[r] for r in images.first]
         if spec.kind == "token":
             batch[name] = _left_pad(
                 name,
@@ -454,6 +509,11 @@ class ForwardPlan:
     first: int
     states: torch.Tensor | None
     image: Any
+    image_rows: torch.Tensor | None = None
+    """Per row, which row of the image encoder's output it reads (`ImageRows.of_row`), where
+    the encoder ran once per distinct image; None where it ran on every row."""
+    images_before_noise: bool = True
+    """The image encoder runs before the hook the noise is added at (the model's order)."""
 
 
 def forward_plan(
@@ -469,6 +529,7 @@ def forward_plan(
     scoring: list[Scoring] | None = None,
     prefix: tuple[int, torch.Tensor] | None = None,
     image: Any = None,
+    images: ImageRows | None = None,
 ) -> ForwardPlan:
     """One forward's trace, planned.
 
@@ -478,9 +539,21 @@ def forward_plan(
     starting from `states`, the [row, position, hidden] output of layer `first - 1` (prefix
     reuse: nothing is edited below `first`, so each row computes there exactly what its
     baseline row computed once already). `image` replaces the image encoder's output
-    (`Prefix.image_rows`): it runs once per distinct image.
+    (`Prefix.image_rows`): it runs once per distinct image. `images` says which rows share the
+    images of a `batch` stacked with the same `images` (`stack_rows`): the encoder runs on one row
+    per image and every row reads its image's encoding.
     """
     rows, width = batch_geometry(batch, stack.sequence)
+    encoder = vlm.adapter.image_encoder
+    if images is not None:
+        if image is not None:
+            raise ValueError("a forward either skips the image encoder or runs it once per image, not both")
+        inside = [p.hook.path for p in edits.noise if p.hook.path.startswith(f"{encoder.path}.")]
+        if inside or stack.layers.startswith(f"{encoder.path}."):
+            raise AdapterMismatchError(
+                f"{(inside or [stack.layers])[0]!r} lies inside the image encoder {encoder.path!r}, "
+                "where rows that share an image differ: the encoder cannot run once per image."
+            )
     if scoring is None:
         scoring = [Scoring(0, rows, answer, foil, answer_slice)]
     if vlm.adapter.keeps_last_logits and vlm.adapter.answer_sequence == "prompt":
@@ -508,10 +581,13 @@ def forward_plan(
         cross_keyword=stack.cross_mask_keyword,
         cross_states_keyword=stack.cross_states_keyword,
         causal=stack.causal,
-        encoder=None if vlm.adapter.image_encoder is None else vlm.adapter.image_encoder.path,
+        encoder=None if encoder is None else encoder.path,
         first=first,
         states=states,
         image=image,
+        image_rows=None if images is None else torch.tensor(images.of_row),
+        images_before_noise=vlm.adapter.image_encoder_runs_first
+        or all(noise.hook != vlm.adapter.embeddings.get("tokens") for noise in edits.noise),
     )
 
 
@@ -521,10 +597,14 @@ def _intervene(envoy, plan: ForwardPlan, tracer) -> tuple[torch.Tensor, torch.Te
     edits, rows, width = plan.edits, plan.rows, plan.width
     if plan.image is not None:
         envoy_at(envoy, plan.encoder).skip(plan.image)
+    if plan.image_rows is not None and plan.images_before_noise:
+        _encode_images_once(envoy, plan)
     if edits.noise:  # also when skipping: BLIP's layers read the image again
         embedded = _activation(envoy, edits.noise[0].hook)
         for noise_plan in edits.noise:
             _noise(noise_plan, embedded, rows, plan.prompt_width)
+    if plan.image_rows is not None and not plan.images_before_noise:  # tokens embedded first
+        _encode_images_once(envoy, plan)
     for skipped in range(plan.first):  # only the last skipped layer's output is ever read
         layers[skipped].skip(plan.states)
     for layer_index in edits.layers():
@@ -603,15 +683,42 @@ class Prefix:
 
     def image_rows(self, rows: list[int]) -> Any:
         """The image encoder's output for rows that see baseline row `rows[r]`'s image."""
+        return rows_of(self.image, rows)
 
-        def take(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):
-                return value[rows]
-            if isinstance(value, tuple):
-                return tuple(take(v) for v in value)
-            return value
 
-        return type(self.image)(**{name: take(value) for name, value in self.image.items()})
+def _encode_images_once(envoy, plan: ForwardPlan) -> None:
+    """Give every row its image's encoding, from an encoder that ran on one row per image."""
+    encoder = envoy_at(envoy, plan.encoder)
+    encoder.output = encodings_of_rows(encoder.output, plan.image_rows, plan.encoder)
+
+
+def rows_of(output: Any, rows: Any) -> Any:
+    """An image encoder's output (a ModelOutput of [row, ...] tensors and tuples of them) with
+    row r taken from its row `rows[r]`: copies, so an edit of one row reaches no other."""
+
+    def take(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value[rows]
+        if isinstance(value, tuple):
+            return tuple(take(v) for v in value)
+        return value
+
+    return type(output)(**{name: take(value) for name, value in output.items()})
+
+
+def encodings_of_rows(output: Any, image_rows: torch.Tensor, encoder: str) -> Any:
+    """Every row's encoding, from an encoder that ran once per distinct image (inside a trace).
+
+    Checked on the live output: one entry per image, or the adapter misdescribes its encoder.
+    """
+    images = int(image_rows.max()) + 1
+    if not _one_row_per_image(output, images):
+        raise AdapterMismatchError(
+            f"the image encoder {encoder!r}, given {images} images, did not return one entry per "
+            "image; it is not row_position: fix Adapter.image_encoder's layout."
+        )
+    device = next(v for v in output.values() if isinstance(v, torch.Tensor)).device
+    return rows_of(output, image_rows.to(device))
 
 
 def _forward_keeping_cache(model: torch.nn.Module, **batch: torch.Tensor) -> Any:
@@ -648,6 +755,8 @@ def baseline_prefix(vlm: VLM, stack: Stack, batch: dict, edits: Edits, *, keys_v
     encoder = vlm.adapter.image_encoder
     if encoder is not None and (encoder.layout != "row_position" or "pixel_values" not in batch):
         encoder = None  # tiles or flat tokens: its output is not one entry per row, not reusable by row
+    if encoder is not None and any(noise.hook.path == encoder.path for noise in edits.noise):
+        encoder = None  # noise is added to its output in place (BLIP): kept, a chunk would add it twice
     rows, prompt_width = batch["input_ids"].shape
     language_model = vlm.adapter.language_model if keys_values else None
     embeddings = None

@@ -49,7 +49,7 @@ from ..presentation.progress import progress_bar
 from ..results.dataset import describe, provenance, sample_ids
 from .admission import check_arguments, check_samples
 from .corruptions import clean_side
-from .forward import SEQUENCE_FIELDS, Edits, forward_plan, run_plans, stack_rows
+from .forward import SEQUENCE_FIELDS, Edits, forward_plan, run_plans, shared_images, stack_rows
 from .grouping import RequestPacer
 from .inputs import scored_answer_ids
 from .metrics import Metric, Probability
@@ -194,7 +194,9 @@ def knockout(
                                 index.row.append(1 + offset)
                                 index.query.append(q)
                                 index.key.append(k)
-                batch = stack_rows(vlm, [encoded.inputs] * (1 + len(chunk)), widths)
+                rows = [encoded.inputs] * (1 + len(chunk))
+                images = shared_images(vlm, rows)
+                batch = stack_rows(vlm, rows, widths, images)
                 plan = forward_plan(
                     vlm,
                     the_stack,
@@ -204,6 +206,7 @@ def knockout(
                     answer=torch.tensor(answer),
                     foil=None,
                     answer_slice=answer_at,
+                    images=images,
                 )
                 yield s, chunk, plan
 

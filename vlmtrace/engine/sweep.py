@@ -48,7 +48,7 @@ from ..results.store import SweepStore
 from . import attribution, screening
 from .admission import check_arguments
 from .corruptions import Corruption
-from .forward import ForwardPlan, Prefix, forward_plan, resume_cache, run_plans, stack_rows
+from .forward import ForwardPlan, Prefix, forward_plan, resume_cache, run_plans, shared_images, stack_rows
 from .grouping import RequestPacer
 from .metrics import Metric, Probability
 from .packing import Share, common_widths, next_forward, offsets, packed_edits, pad, scoring, signature
@@ -493,7 +493,8 @@ def plan_chunk(
             for layer in cell.layers:
                 edits.patch(layer, cell.site).add(row, dst_pos, src_row, src_pos, cell.head)
     rows = [row for p, sides in zip(prepared, inputs, strict=True) for row in p.rows(sides)]
-    batch = stack_rows(vlm, rows, widths)
+    images = shared_images(vlm, rows) if prefix is None else None  # prefix reuse skips the encoder
+    batch = stack_rows(vlm, rows, widths, images)
     skip = image = None
     if prefix is not None and edits.patches:
         if len(prepared) != 1:
@@ -522,6 +523,7 @@ def plan_chunk(
         scoring=scoring(vlm, prepared, counts, probes),
         prefix=skip,
         image=image,
+        images=images,
     )
 
 

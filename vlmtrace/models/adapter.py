@@ -228,7 +228,19 @@ class Adapter:
     """Config path of the image token id, for models that place image tokens in the prompt."""
     image_encoder: Hook | None = None
     """The module that encodes pixels. With a `row_position` layout (one output row per batch
-    row) prefix reuse computes it once per distinct image; other layouts are not reused."""
+    row) it runs once per distinct image of a forward (`image_encoder_inputs`), and prefix reuse
+    keeps its output; other layouts are not reused."""
+    image_encoder_inputs: tuple[str, ...] = ("pixel_values",)
+    """The per-row inputs that only a `row_position` `image_encoder` reads. A forward whose rows
+    repeat images (a sweep's rows show the clean and the corrupted image over and over) passes
+    the encoder these inputs for one row per distinct image and gives every row its image's
+    encoding (`vlmtrace.engine.forward.ImageRows`): the same values, the vision tower's time and
+    memory once per image instead of once per row. Each must be declared `ROW`."""
+    image_encoder_runs_first: bool = False
+    """The forward encodes the image before it embeds the prompt's tokens (BLIP, BLIP-2,
+    Mllama); False where the tokens are embedded first (LLaVA, PaliGemma). A trace touches
+    modules in the order the model runs them, so noise on the token embeddings goes before or
+    after the encoder's output as declared here (a wrong declaration stops the trace)."""
     resumes_from_cache: bool = True
     """The model's forward returns `past_key_values` and runs a suffix on them without its
     image inputs. False for models that keep the cache elsewhere or need pixels on every call

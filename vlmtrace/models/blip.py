@@ -143,6 +143,9 @@ BLIP = Adapter(
     image_in_sequence=False,
     encode=encode,
     forward=forward,
+    # one [row, patch, hidden] encoding per image; most of a patched row's work at BLIP's sizes
+    image_encoder=Hook("vision_model"),
+    image_encoder_runs_first=True,  # the forward above: vision, then the question
     answer_sequence="decoder",
     prompt_template="{question}",
     # the cross-attention keys after the vision encoder's CLS: one per patch of the resized square

@@ -123,6 +123,7 @@ BLIP2 = Adapter(
     forward=forward,
     image_token_config="image_token_index",
     image_encoder=Hook("vision_model"),
+    image_encoder_runs_first=True,
     prompt_template="{image}Question: {question} Answer:",
     requires={"text_config.model_type": ("opt",)},
 )

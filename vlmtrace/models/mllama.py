@@ -100,6 +100,8 @@ MLLAMA = Adapter(
     encode=encode,
     forward=forward,
     image_encoder=Hook("model.vision_model"),
+    image_encoder_inputs=("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"),  # all per image
+    image_encoder_runs_first=True,
     prompt_template="{image}{question}",
     notes="cross-attention layers interleaved with self-attention layers; cross-attention knockout "
     "in those layers only",
