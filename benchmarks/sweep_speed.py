@@ -12,7 +12,11 @@ of doing the same thing by hand in plain torch, and how much it gains over the o
                   cell's patch computed once per sample; also printed as `prefix_vs_ceiling`)
     vlmtrace unchecked  `vt.patch(verify=False)`: the self-check's cost is `check_cost`
     ceiling       plain torch, vlmtrace's rows in the same chunks, one forward per chunk, forward
-                  hooks doing the same indexed edits `h[rows, pos] = h[0, pos]`; no nnsight
+                  hooks doing the same indexed edits `h[rows, pos] = h[0, pos]`; no nnsight. As
+                  vlmtrace does, the vision tower encodes each of the two images once per forward
+                  and every row takes its image's encoding (a forward hook)
+    ceiling, every row  the same with every row encoding its own image, as vlmtrace did before
+                  2026-12-07: what encoding once saves (not a target; also `once_saves`)
 
 All four run on the same tiny random LLaVA (`build_llava`), the same sample (an image and a
 counterpart image: `vt.ImagePair()`) and the same grid: block-output restoration, window 1, at
@@ -57,6 +61,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -223,9 +228,26 @@ def vlmtrace_prefix(setup: Setup) -> np.ndarray:
 
 
 @torch.no_grad()
-def ceiling(setup: Setup) -> np.ndarray:
+def each_row(output, image_of_row: torch.Tensor):
+    """A vision tower's output (a ModelOutput of [image, ...] tensors and tuples of them) with
+    row r taken from image `image_of_row[r]`."""
+
+    def take(value):
+        if isinstance(value, torch.Tensor):
+            return value[image_of_row]
+        return tuple(take(v) for v in value) if isinstance(value, tuple) else value
+
+    return type(output)(**{name: take(value) for name, value in output.items()})
+
+
+@torch.no_grad()
+def ceiling(setup: Setup, encode_once: bool = True) -> np.ndarray:
     """vlmtrace's rows by hand: [clean, corrupt, patched...] per chunk of `max_batch` rows, one
-    forward each, a hook per layer doing `h[rows, pos] = h[0, pos]` for the chunk's cells there."""
+    forward each, a hook per layer doing `h[rows, pos] = h[0, pos]` for the chunk's cells there.
+
+    As vlmtrace runs them, the vision tower encodes the two images once per forward and every
+    row takes its image's encoding (a forward hook); `encode_once=False` encodes every row's
+    image, as vlmtrace did before 2026-12-07 ("ceiling, every row"), for what that costs."""
     model = setup.model
     clean, corrupt = encode(setup, setup.sample.image), encode(setup, setup.sample.image_pair)
     modules = layer_modules(model)
@@ -240,6 +262,14 @@ def ceiling(setup: Setup) -> np.ndarray:
         cell = torch.tensor(chunk)  # [cells, (layer, position)]
         patched_row = torch.arange(2, 2 + len(chunk))
         hooks = []
+        if encode_once:
+            batch["pixel_values"] = torch.cat([clean["pixel_values"], corrupt["pixel_values"]])
+            image_of_row = torch.tensor([0] + [1] * (len(rows) - 1))
+            hooks.append(
+                model.model.vision_tower.register_forward_hook(
+                    lambda module, args, output, index=image_of_row: each_row(output, index)
+                )
+            )
         for layer, module in enumerate(modules):
             here = cell[:, 0] == layer
             if not here.any():
@@ -270,6 +300,7 @@ METHODS: dict[str, Callable[[Setup], np.ndarray]] = {
     "vlmtrace prefix": vlmtrace_prefix,
     "vlmtrace unchecked": vlmtrace_unchecked,
     "ceiling": ceiling,
+    "ceiling, every row": partial(ceiling, encode_once=False),
 }
 
 
@@ -396,6 +427,8 @@ def main() -> None:
         )
     print(f"ceiling_vs_loop={rate['ceiling'] / rate['torch loop']:.2f} (the most vs_loop can be here)")
     print(f"prefix_vs_ceiling={rate['vlmtrace prefix'] / rate['ceiling']:.2f} (vt.patch(reuse_prefix=True))")
+    once_saves = 1 - best["ceiling"] / best["ceiling, every row"]
+    print(f"once_saves={once_saves:.3f} (the share of a forward the images' second and later encodings took)")
     check_cost = best["vlmtrace"] / best["vlmtrace unchecked"] - 1
     print(f"check_cost={check_cost:+.3f} (the self-check's share of a sweep: verify=True vs False)")
     paired = statistics.median(c / v for c, v in zip(seconds["ceiling"], seconds["vlmtrace"], strict=True))
