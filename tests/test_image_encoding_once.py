@@ -121,3 +121,25 @@ def test_an_encoder_that_does_not_return_one_entry_per_image_stops_the_forward(t
             sweep(tiny_llava, llava_sample, "image_pair")
     finally:
         handle.remove()
+
+
+def test_a_forward_that_edits_inside_the_encoder_encodes_every_row(tiny_llava, llava_sample):
+    """A stack (or noise) inside the vision tower differs between rows that show one image:
+    such a forward runs the encoder on every row, as before."""
+    from vlmtrace.engine.forward import Edits, shared_images
+    from vlmtrace.engine.planning import prepare
+
+    prepared = prepare(tiny_llava, llava_sample, vt.ImagePair(), vt.Probability(), False)
+    rows = prepared.rows(["clean", "corrupt", "corrupt", "corrupt"])
+    language = tiny_llava.adapter.stacks["lm"]
+    vision = dataclasses.replace(language, layers="model.vision_tower.encoder.layers")
+    shared = shared_images(tiny_llava, rows, language, Edits())
+    assert shared is not None and shared.first == (0, 1) and shared.of_row == (0, 1, 1, 1)
+    assert shared_images(tiny_llava, rows, vision, Edits()) is None
+
+
+def test_an_encoder_output_that_is_not_a_model_output_is_named_as_misdeclared():
+    from vlmtrace.engine.forward import encodings_of_rows
+
+    with pytest.raises(AdapterMismatchError, match="not row_position"):
+        encodings_of_rows((torch.zeros(2, 3),), torch.tensor([0, 1, 1]), "vision_tower")

@@ -152,9 +152,12 @@ class ImageRows:
     """Per row, its image's index in `first`."""
 
 
-def shared_images(vlm: VLM, rows: list[Mapping[str, torch.Tensor]]) -> ImageRows | None:
-    """How `rows` share images, or None where every row's image is its own or the adapter's
-    encoder does not encode one row per image.
+def shared_images(
+    vlm: VLM, rows: list[Mapping[str, torch.Tensor]], stack: Stack, edits: Edits
+) -> ImageRows | None:
+    """How `rows` share images, or None where every row's image is its own, the adapter's
+    encoder does not encode one row per image, or the forward edits inside the encoder (a
+    stack or noise there: rows that show one image differ inside it).
 
     Rows show the same image when they hold the same input tensors (the same encoded side of
     a sample, as `Prepared.rows` gives them), so sharing is found by identity, not by value.
@@ -163,6 +166,8 @@ def shared_images(vlm: VLM, rows: list[Mapping[str, torch.Tensor]]) -> ImageRows
     encoder = adapter.image_encoder
     names = [name for name in adapter.image_encoder_inputs if name in rows[0]]
     if encoder is None or encoder.layout != "row_position" or not names:
+        return None
+    if _inside_encoder(encoder, stack, edits):
         return None
     index: dict[tuple[int, ...], int] = {}
     first, of_row = [], []
@@ -173,6 +178,12 @@ def shared_images(vlm: VLM, rows: list[Mapping[str, torch.Tensor]]) -> ImageRows
             first.append(r)
         of_row.append(index[key])
     return None if len(first) == len(rows) else ImageRows(tuple(first), tuple(of_row))
+
+
+def _inside_encoder(encoder: Hook, stack: Stack, edits: Edits) -> str | None:
+    """The stack or noise hook of a forward that lies inside the image encoder, if any."""
+    paths = [stack.layers, *(noise.hook.path for noise in edits.noise)]
+    return next((path for path in paths if path.startswith(f"{encoder.path}.")), None)
 
 
 def stack_rows(
@@ -548,11 +559,11 @@ def forward_plan(
     if images is not None:
         if image is not None:
             raise ValueError("a forward either skips the image encoder or runs it once per image, not both")
-        inside = [p.hook.path for p in edits.noise if p.hook.path.startswith(f"{encoder.path}.")]
-        if inside or stack.layers.startswith(f"{encoder.path}."):
-            raise AdapterMismatchError(
-                f"{(inside or [stack.layers])[0]!r} lies inside the image encoder {encoder.path!r}, "
-                "where rows that share an image differ: the encoder cannot run once per image."
+        inside = _inside_encoder(encoder, stack, edits)
+        if inside:
+            raise ValueError(
+                f"{inside!r} lies inside the image encoder {encoder.path!r}, where rows that share an "
+                "image differ: plan this forward without `images` (`shared_images` says so)."
             )
     if scoring is None:
         scoring = [Scoring(0, rows, answer, foil, answer_slice)]
@@ -788,8 +799,10 @@ def baseline_prefix(vlm: VLM, stack: Stack, batch: dict, edits: Edits, *, keys_v
 
 
 def _one_row_per_image(output: Any, rows: int) -> bool:
+    if not hasattr(output, "items"):  # a bare tensor or tuple: not the ModelOutput declared
+        return False
     tensors = [v for v in output.values() if isinstance(v, torch.Tensor)]
-    return hasattr(output, "items") and bool(tensors) and all(len(t) == rows for t in tensors)
+    return bool(tensors) and all(len(t) == rows for t in tensors)
 
 
 def resume_cache(prefix: Prefix, rows: list[int], start: int) -> Any:

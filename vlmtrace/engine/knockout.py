@@ -195,7 +195,7 @@ def knockout(
                                 index.query.append(q)
                                 index.key.append(k)
                 rows = [encoded.inputs] * (1 + len(chunk))
-                images = shared_images(vlm, rows)
+                images = shared_images(vlm, rows, the_stack, edits)
                 batch = stack_rows(vlm, rows, widths, images)
                 plan = forward_plan(
                     vlm,

@@ -493,7 +493,10 @@ def plan_chunk(
             for layer in cell.layers:
                 edits.patch(layer, cell.site).add(row, dst_pos, src_row, src_pos, cell.head)
     rows = [row for p, sides in zip(prepared, inputs, strict=True) for row in p.rows(sides)]
-    images = shared_images(vlm, rows) if prefix is None else None  # prefix reuse skips the encoder
+    # each image encoded once, unless prefix reuse supplies the encoder's output (`image` below)
+    images = (
+        None if prefix is not None and prefix.image is not None else shared_images(vlm, rows, stack, edits)
+    )
     batch = stack_rows(vlm, rows, widths, images)
     skip = image = None
     if prefix is not None and edits.patches:
@@ -509,6 +512,7 @@ def plan_chunk(
             embeddings = None if prefix.embeddings is None else prefix.embeddings[sources]
             batch = suffix_batch(vlm, batch, stack, cache, start, embeddings)
             edits = shifted(edits, start)
+            images = None  # the suffix holds no image: the encoder does not run
         first_layer = min(layer for layer, _ in edits.patches)
         if first_layer > 0:
             skip = (first_layer, prefix.states[first_layer - 1][sources][:, start:])
