@@ -12,14 +12,16 @@ saves depends on how much of a row's work the vision tower is:
            too. The vision tower is a smaller share.
 
 For each, `vt.patch` runs block restoration at every (layer, position) of the default stack,
-image pair, twice in turns: as the engine runs it, and with an adapter that declares no
-encoder inputs (`image_encoder_inputs=()`), which encodes every row's image as before. The two
-grids must agree (max abs difference < 1e-5) before anything is timed. Random weights at a
-reduced width, with the real models' image-token to text-token ratio (224 px, 16 px patches:
-196 patches; the tiny LLaVA's 256 positions leave no room for LLaVA-1.5's 14 px patches).
+image pair (`--corruption str`: the phrase replaced, one image), twice in turns: as the engine
+runs it, and with an adapter that declares no encoder inputs (`image_encoder_inputs=()`), which
+encodes every row's image as before. The two grids must agree (max abs difference < 1e-5) before
+anything is timed. Random weights at a reduced width, with the real models' image-token to
+text-token ratio (224 px, 16 px patches: 196 patches; the tiny LLaVA's 256 positions leave no
+room for LLaVA-1.5's 14 px patches).
 
     python -m benchmarks.image_once                       # from the repository root, ~1 min
     python -m benchmarks.image_once --hidden 256 --repeats 3
+    python -m benchmarks.image_once --corruption str --max-batch 8   # one image a forward, small chunks
 
 The last line is `image_once blip=<speed-up> llava=<speed-up>`, each the ratio of the best
 calls (every row encodes / once per image), CPU time of this process with one torch thread.
@@ -31,6 +33,7 @@ import argparse
 import dataclasses
 import os
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -52,11 +55,16 @@ def models(args: argparse.Namespace) -> dict[str, tuple[vt.VLM, str]]:
     return {"blip": (blip, QUESTION), "llava": (llava, f"<image> {QUESTION}")}
 
 
-def sweep(vlm: vt.VLM, sample: vt.Sample, max_batch: int) -> np.ndarray:
+CORRUPTIONS = {"pair": vt.ImagePair(), "str": vt.SymmetricTokenReplacement("shape")}
+"""`pair`: the corrupted run shows another image (two images a forward). `str`: the phrase
+"the shape" becomes "the circle" (one image a forward: the clean one on both sides)."""
+
+
+def sweep(vlm: vt.VLM, sample: vt.Sample, max_batch: int, corruption: str) -> np.ndarray:
     ds = vt.patch(
         vlm,
         [sample],
-        corruption=vt.ImagePair(),
+        corruption=CORRUPTIONS[corruption],
         grid=vt.Grid(sites=("block",), windows=(1,)),
         max_batch=max_batch,
         progress=False,
@@ -75,20 +83,30 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="layers of each tower")
     parser.add_argument("--max-batch", type=int, default=32, help="rows per forward")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each way, in turns")
+    parser.add_argument("--corruption", choices=sorted(CORRUPTIONS), default="pair")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     clean, other = (Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in "ab")
     print(
         f"shape: {args.layers} layers per tower, d={args.hidden}, 224 px images; block x window 1 at every "
-        f"(layer, position); image pair; max_batch={args.max_batch}; torch threads 1, CPU time; "
-        f"1-min load {os.getloadavg()[0]:.2f}"
+        f"(layer, position); corruption {args.corruption}; max_batch={args.max_batch}; torch threads 1, "
+        f"CPU time; 1-min load {os.getloadavg()[0]:.2f}"
     )
     speedups = {}
     for family, (vlm, prompt) in models(args).items():
-        sample = vt.Sample(prompt=prompt, answer="red", image=clean, image_pair=other, id=family)
+        sample = vt.Sample(
+            prompt=prompt,
+            answer="red",
+            image=clean,
+            image_pair=other,
+            spans={"shape": "the shape"},
+            replacements={"shape": "the circle"},
+            id=family,
+        )
         ways = {"once per image": vlm, "every row": every_row(vlm)}
-        values = {name: sweep(model, sample, args.max_batch) for name, model in ways.items()}  # warm-up
+        run = partial(sweep, sample=sample, max_batch=args.max_batch, corruption=args.corruption)
+        values = {name: run(model) for name, model in ways.items()}  # also the warm-up
         difference = float(np.nanmax(np.abs(values["once per image"] - values["every row"])))
         if not difference < 1e-5:
             raise SystemExit(f"{family}: the two ways disagree by {difference:.2e}; not comparable.")
@@ -96,7 +114,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, model in ways.items():
                 start = time.process_time()
-                sweep(model, sample, args.max_batch)
+                run(model)
                 seconds[name].append(time.process_time() - start)
         cells = int(np.isfinite(values["every row"]).sum())
         best = {name: min(times) for name, times in seconds.items()}

@@ -19,9 +19,11 @@ being noised, measured in the same forward.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Integral
 from typing import Any
+
+import torch
 
 from ..data.sample import Sample
 from ..errors import UserError
@@ -90,6 +92,24 @@ def other_image_side(vlm: VLM, sample: Sample, image: Any, clean: Encoded) -> En
     )
 
 
+def with_clean_image(vlm: VLM, side: Encoded, clean: Encoded) -> Encoded:
+    """`side`, shown the clean side's image, holding the clean side's image-encoder inputs.
+
+    The processor gives the same image equal but separate tensors on each side; a forward
+    finds rows that share an image by identity (`forward.shared_images`), so without this a
+    phrase-replacement sweep encodes its one image twice per forward. Shared only where every
+    encoder input is equal, value for value.
+    """
+    names = vlm.adapter.image_encoder_inputs
+    if not names or any(name not in side.inputs or name not in clean.inputs for name in names):
+        return side
+    for name in names:
+        a, b = side.inputs[name], clean.inputs[name]
+        if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
+            return side
+    return replace(side, inputs={**side.inputs, **{name: clean.inputs[name] for name in names}})
+
+
 @dataclass(frozen=True)
 class ReplaceSpan(Corruption):
     """Replace a named span's tokens with another phrase's (Basu et al.'s corruption).
@@ -124,6 +144,7 @@ class ReplaceSpan(Corruption):
         prompt = replace_first(sample.prompt, original, text)
         spans = {**sample.spans, self.span: text}
         corrupt = encode(vlm, prompt=prompt, image=sample.image, spans=spans, answer_ids=answer_ids)
+        corrupt = with_clean_image(vlm, corrupt, clean)
         self.check(clean, corrupt, original, text)
         return Pair(clean=clean, corrupt=corrupt)
 
