@@ -234,8 +234,9 @@ class Adapter:
     """The per-row inputs that only a `row_position` `image_encoder` reads. A forward whose rows
     repeat images (a sweep's rows show the clean and the corrupted image over and over) passes
     the encoder these inputs for one row per distinct image and gives every row its image's
-    encoding (`vlmtrace.engine.forward.ImageRows`): the same values, the vision tower's time and
-    memory once per image instead of once per row. Each must be declared `ROW`."""
+    encoding (`vlmtrace.engine.forward.ImageRows`): the same values, the vision tower's compute
+    and internal activations once per image instead of once per row (its output is still
+    copied to every row). Each must be declared `ROW`."""
     image_encoder_runs_first: bool = False
     """The forward encodes the image before it embeds the prompt's tokens (BLIP, BLIP-2,
     Mllama); False where the tokens are embedded first (LLaVA, PaliGemma). A trace touches
