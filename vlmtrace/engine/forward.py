@@ -764,8 +764,9 @@ def baseline_prefix(vlm: VLM, stack: Stack, batch: dict, edits: Edits, *, keys_v
     fn = partial(_forward_keeping_cache, vlm.model) if keys_values else driver(vlm)
     cache = image = None  # only values saved in a trace come out of it: defaults outside
     encoder = vlm.adapter.image_encoder
-    if encoder is not None and (encoder.layout != "row_position" or "pixel_values" not in batch):
-        encoder = None  # tiles or flat tokens: its output is not one entry per row, not reusable by row
+    reads = vlm.adapter.image_encoder_inputs
+    if encoder is not None and (encoder.layout != "row_position" or not any(name in batch for name in reads)):
+        encoder = None  # tiles or flat tokens (not one entry per row, not reusable by row), or no image
     if encoder is not None and any(noise.hook.path == encoder.path for noise in edits.noise):
         encoder = None  # noise is added to its output in place (BLIP): kept, a chunk would add it twice
     rows, prompt_width = batch["input_ids"].shape
