@@ -28,7 +28,7 @@ from vlmtrace.data import synthetic_samples
 from vlmtrace.options import Options
 from vlmtrace.presentation import plots
 from vlmtrace.presentation.progress import sweeping
-from vlmtrace.presentation.report import total_effect
+from vlmtrace.presentation.report import below_floor, total_effect
 from vlmtrace.presentation.titles import describe_run
 from vlmtrace.recipes import Needs
 from vlmtrace.results.dataset import joint_attrs
@@ -114,6 +114,7 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
                 + describe_run(ds),
                 label="indirect effect, P(answer) patched - corrupted",
                 total=float(total_effect(ds).mean()),
+                floor=vt.Probability.gap_floor,
             )
         )
     return paths
@@ -121,6 +122,9 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
 
 def summary(ds: xr.Dataset) -> str:
     lines = [f"clean P = {float(ds['clean'].mean()):.3f}, noised P = {float(ds['corrupt'].mean()):.3f}"]
+    floor = below_floor(ds)
+    if floor is not None:  # the noise barely moved P(answer): the largest restoration is noise too
+        return "\n".join([*lines, f"no layer named: {floor}"])
     for stack, position in STACKS.items():
         mean = effect(ds, stack)["mean"]
         by_layer = mean.max(position)

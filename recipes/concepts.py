@@ -101,7 +101,7 @@ def run(
         member=("sample", [str(by_id[i].meta.get("member", "")) for i in ids]),
     )
     ds["normalised"] = vt.normalised(ds, "block")
-    ds["normalised"].attrs = {
+    ds["normalised"].attrs |= {  # beside its gap floor (`vt.normalised`)
         "description": "normalised effect of restoring the clean block output under the B_s / B_d image pair",
         "units": "fraction of the clean-corrupted gap (0 = corrupted, 1 = clean)",
     }

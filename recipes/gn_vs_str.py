@@ -84,7 +84,7 @@ def run(
         by_corruption[name] = combine(by_metric, dim="metric")
     ds = combine(by_corruption, dim="corruption")
     ds["normalised"] = vt.normalised(ds, "block")
-    ds["normalised"].attrs = {
+    ds["normalised"].attrs |= {  # beside its gap floor (`vt.normalised`)
         "description": "normalised effect of restoring the block output: "
         "(patched - corrupt) / (clean - corrupt)",
         "units": "fraction of the clean-corrupted gap (0 = corrupted, 1 = clean)",
@@ -130,8 +130,10 @@ def summary(ds: xr.Dataset) -> str:
         peaks = []
         for corruption, values in (("GN", gn), ("STR", st)):
             cell = mean.sel(corruption="str", metric=metric)
-            if not np.isfinite(values).any():  # clean == corrupted on every sample: nothing to normalise
-                peaks.append(f"{corruption} no finite normalised effect")
+            if not np.isfinite(
+                values
+            ).any():  # every sample's gap below the metric's floor: nothing to normalise
+                peaks.append(f"{corruption} no finite normalised effect (no gap above {metric}'s floor)")
                 continue
             layer, segment = np.unravel_index(int(np.nanargmax(values)), cell.shape)
             peaks.append(f"{corruption} peak L{int(cell['layer'][layer])}/{cell['segment'].values[segment]}")

@@ -203,6 +203,7 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
             by="trace",
             label="MLP indirect effect on P(answer)",
             total=total,
+            floor=vt.Probability.gap_floor,
             title=f"MLP restored at the traced segments (window {window}), before and after the edit",
             path=out_dir / "trace_before_after.png",
         )

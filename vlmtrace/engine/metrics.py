@@ -12,7 +12,8 @@ so only those floats leave the trace (this matters when the trace runs remotely)
     KL()                    # KL(clean || patched) over the vocabulary, at the answer positions
 
 `normalised(ds)` turns stored values into (m_patched - m_corrupt) / (m_clean - m_corrupt):
-1 means the patch fully restores the clean behaviour, 0 means it does nothing.
+1 means the patch fully restores the clean behaviour, 0 means it does nothing; samples whose
+|m_clean - m_corrupt| is below the metric's `gap_floor` have none (their gap is noise).
 `relative_change(ds, "knockout")` gives (m - m_clean) / m_clean, only where the clean probability
 is at least `CLEAN_FLOOR`.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 
@@ -35,6 +37,12 @@ class Metric:
     scores_against_row_0: ClassVar[bool] = False
     """True when a row's value depends on row 0 (the clean run) of the same forward: such a
     metric cannot score a row alone, so the self-check scores baselines with `LogProb`."""
+    gap_floor: ClassVar[float] = 0.0
+    """The smallest |clean - corrupted| this metric localises. Below it the corruption barely
+    moved the output: a ratio to the gap is noise over noise, and a map scaled to the gap draws
+    noise as a finding (README's `--keep-wrong` multi_constraint run: a gap of 5e-05 in P(answer)
+    drawn on a full colour scale, its "last" cell deep red). `normalised` is NaN there, a headline
+    names no cell (`presentation.report`), and effect maps span at least this range."""
 
     def __call__(self, logits: torch.Tensor, answer: torch.Tensor, foil: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -51,6 +59,7 @@ class Probability(Metric):
     """P(answer): the indirect effect of Basu et al. and ROME is a difference of these."""
 
     name: ClassVar[str] = "probability"
+    gap_floor: ClassVar[float] = 0.01  # one point of probability
 
     def __call__(self, logits, answer, foil):
         return _answer_log_probs(logits, answer).exp()
@@ -61,6 +70,7 @@ class LogProb(Metric):
     """log P(answer), summed over the answer's tokens (whole-answer scoring)."""
 
     name: ClassVar[str] = "log_prob"
+    gap_floor: ClassVar[float] = 0.1  # a tenth of a nat: P(answer) changed by ~10 %
 
     def __call__(self, logits, answer, foil):
         return _answer_log_probs(logits, answer)
@@ -71,6 +81,7 @@ class LogitDiff(Metric):
     """logit(answer) - logit(foil) at the first answer token (foil: `Sample.foil`)."""
 
     name: ClassVar[str] = "logit_diff"
+    gap_floor: ClassVar[float] = 0.1  # a tenth of a logit
     needs_foil: ClassVar[bool] = True
     whole_answer_ok: ClassVar[bool] = False
 
@@ -84,6 +95,7 @@ class KL(Metric):
     """KL(P_clean || P_row) at the answer positions, summed over them. 0 for the clean run."""
 
     name: ClassVar[str] = "kl"
+    gap_floor: ClassVar[float] = 0.01  # a hundredth of a nat
     scores_against_row_0: ClassVar[bool] = True
 
     def __call__(self, logits, answer, foil):
@@ -134,11 +146,48 @@ def relative_change(ds, variable: str, *, floor: float = CLEAN_FLOOR):
     return relative
 
 
-def normalised(ds, variable: str):
+def gap_floor(ds):
+    """The `Metric.gap_floor` of a result's metric (its `metric` attr); along `metric` for one that
+    stacks several (`results.dataset.combine(..., dim="metric")`, as gn_vs_str does); 0 for a
+    Dataset that does not say which metric it holds (one built by hand)."""
+    name = ds.attrs.get("metric")
+    if name is not None:
+        return metric_named(name).gap_floor
+    if "metric" in ds.dims:
+        import xarray as xr
+
+        names = [str(m) for m in ds["metric"].values]
+        return xr.DataArray(
+            [metric_named(m).gap_floor for m in names], coords={"metric": names}, dims="metric"
+        )
+    return 0.0
+
+
+def normalised(ds, variable: str, *, floor: float | None = None):
     """(m_patched - m_corrupt) / (m_clean - m_corrupt) for one site variable of a result.
 
-    NaN where clean and corrupted runs score the same: the corruption did nothing there, so
-    no patch can be said to restore anything (pick a stronger corruption or another sample).
+    NaN where |clean - corrupted| is below `floor` (default: the metric's `gap_floor`; with a
+    floor of 0, where they are equal): the corruption barely changed the output there, so no
+    patch can be said to restore a share of it, and a ratio to that gap is noise over noise
+    (pick a stronger corruption, or leave out the samples the model gets wrong). The floor is kept
+    in the result's `gap_floor` attr, and the count of gaps below it in `gaps_below_floor`.
     """
+    floor = gap_floor(ds) if floor is None else floor
+    if (np.asarray(floor) < 0).any():
+        raise ValueError(f"floor must be >= 0, not {floor}.")
     gap = ds["clean"] - ds["corrupt"]
-    return (ds[variable] - ds["corrupt"]) / gap.where(gap != 0)
+    kept = (abs(gap) >= floor) & (gap != 0)
+    result = (ds[variable] - ds["corrupt"]) / gap.where(kept)
+    shown = (
+        {str(m): float(f) for m, f in zip(floor["metric"].values, floor.values, strict=True)}
+        if hasattr(floor, "dims")
+        else float(floor)
+    )
+    result.attrs = {
+        "description": f"({variable} - corrupt) / (clean - corrupt); NaN where |clean - corrupt| is "
+        "below the gap floor, or 0",
+        "units": "fraction of the clean - corrupted gap (1 = fully restored)",
+        "gap_floor": shown,
+        "gaps_below_floor": int((~kept & gap.notnull()).sum()),
+    }
+    return result

@@ -17,7 +17,9 @@ What a colour means is fixed by what the quantity can be, never by the largest v
 - An effect (patched - corrupted) is drawn on a symmetric range of +-|clean - corrupted|,
   `total`: the whole effect the sweep could restore. Noise of +-0.0009 against a gap of 0.5
   stays white, and cells below `SIGNIFICANT` of the gap are hatched. Only an effect beyond the
-  gap widens the range, and the colour bar's label says what the range is and why.
+  gap widens the range, and the colour bar's label says what the range is and why. A gap below
+  the metric's `gap_floor` (the model barely changed its answer) never narrows the range below
+  +-floor, so effects of 5e-05 on a gap of 5e-05 stay white too.
 - A probability or attention weight is drawn on 0..1. Where the data fill less than
   `STRETCHED` of that, the scale is stretched to the data and the title says so and by how
   much ("colour scale stretched: max 3.2e-11 of 1"), so 1e-10 never looks like a strong map.
@@ -71,17 +73,34 @@ class EffectRange:
     note: str  # how the range was chosen, for the colour bar's label
 
 
-def effect_range(values: np.ndarray, total: float | None, *, gap: str = "|clean - corrupted|") -> EffectRange:
+def effect_range(
+    values: np.ndarray, total: float | None, *, gap: str = "|clean - corrupted|", floor: float = 0.0
+) -> EffectRange:
     """The colour range for effects `values` of a sweep whose clean - corrupted gap is `total`.
 
     +-|total|, the whole effect the sweep could restore, unless some effect goes beyond it
-    (then the largest |effect|). Without a gap (None, 0 or NaN) the range is the largest
-    |effect|, and the note says that nothing ties it to the gap. `gap` names the gap in the note
-    ("mean |clean - corrupted|" for a map of means).
+    (then the largest |effect|). A gap below `floor` (the metric's `Metric.gap_floor`) is noise,
+    so the range is at least +-floor: a gap of 5e-05 in P(answer) would otherwise draw effects of
+    5e-05 in full colour. Without a gap (None, 0 or NaN) the range is the largest |effect|, and
+    the note says that nothing ties it to the gap. `gap` names the gap in the note ("mean
+    |clean - corrupted|" for a map of means).
     """
     finite = np.abs(np.asarray(values, dtype=float))
     finite = finite[np.isfinite(finite)]
     largest = float(finite.max()) if finite.size else 0.0
+    if total is not None and np.isfinite(total) and abs(total) < floor:
+        limit = max(floor, largest)
+        chosen = (
+            "the largest |effect|, beyond the metric's gap floor"
+            if largest > floor
+            else "the metric's gap floor"
+        )
+        return EffectRange(
+            limit,
+            SIGNIFICANT * floor,
+            f"range ±{limit:.2g}, {chosen}: {gap} = {abs(total):.2g} is below it, too small to "
+            f"localise; hatched: |effect| < {SIGNIFICANT:.0%} of the floor",
+        )
     if total is None or not np.isfinite(total) or total == 0:
         why = (
             "no clean - corrupted gap given"
@@ -271,11 +290,18 @@ def _mark(ax, row: int, column: int) -> None:
 
 
 def heatmap(
-    da: xr.DataArray, *, path: str | Path, title: str = "", label: str = "", total: float | None = None
+    da: xr.DataArray,
+    *,
+    path: str | Path,
+    title: str = "",
+    label: str = "",
+    total: float | None = None,
+    floor: float = 0.0,
 ) -> Path:
     """Layer x position for one sample, positions labelled with their tokens.
 
-    `total`: the sample's |clean - corrupted|, which fixes the colour range (`effect_range`).
+    `total`: the sample's |clean - corrupted|, which fixes the colour range, at least +-`floor`
+    (`effect_range`).
     `label` names the colour bar's quantity and unit (default: the DataArray's name).
     """
     da = da.transpose("layer", ...)
@@ -283,7 +309,7 @@ def heatmap(
     labels = [str(t) for t in (da["token"].values if "token" in da.coords else da[columns].values)]
     height = max(4.0, 0.3 * da.sizes["layer"] + 2.6)
     figure, ax = _figure(max(4.5, 0.45 * len(labels) + 2.5), height)
-    scale = effect_range(da.values, total)
+    scale = effect_range(da.values, total, floor=floor)
     mesh = _effect_map(ax, da.values, labels, da["layer"].values, scale)
     _colour_bar(figure, mesh, ax, f"{label or str(da.name or 'effect')}; {scale.note}", height=height)
     ax.set_xlabel("token")
@@ -299,12 +325,13 @@ def segment_heatmap(
     title: str = "",
     label: str = "mean effect",
     total: float | None = None,
+    floor: float = 0.0,
     mark: dict | None = None,
 ) -> Path:
     """Layer x segment of a bootstrap summary: the mean, annotated with its interval.
 
-    `total`: the mean |clean - corrupted| (`effect_range`); `mark`: {"layer", "segment"} of a
-    cell to outline, the headline's.
+    `total`: the mean |clean - corrupted| and `floor` the metric's gap floor (`effect_range`);
+    `mark`: {"layer", "segment"} of a cell to outline, the headline's.
     """
     mean = summary["mean"].transpose("layer", "segment")
     low = summary["low"].transpose("layer", "segment").values
@@ -312,7 +339,7 @@ def segment_heatmap(
     notes = np.vectorize(lambda m, lo, hi: f"{m:.2f}\n[{lo:.2f},{hi:.2f}]")(mean.values, low, high)
     height = 0.45 * mean.sizes["layer"] + 2.4
     figure, ax = _figure(1.3 * mean.sizes["segment"] + 3.0, height)
-    scale = effect_range(mean.values, total, gap="mean |clean - corrupted|")
+    scale = effect_range(mean.values, total, gap="mean |clean - corrupted|", floor=floor)
     mesh = _effect_map(ax, mean.values, mean["segment"].values, mean["layer"].values, scale, notes=notes)
     if mark is not None:
         _mark(ax, _index(mean, "layer", mark["layer"]), _index(mean, "segment", mark["segment"]))
@@ -335,13 +362,15 @@ def window_panels(
     by: str = "window",
     label: str = "mean effect",
     total: float | None = None,
+    floor: float = 0.0,
     mark: dict | None = None,
 ) -> Path:
     """One layer x segment heatmap per value of `by` (default: window size), in a grid of at most
     three columns, on one colour range for all panels.
 
-    `total`: the mean |clean - corrupted| (`effect_range`); `mark`: {by, "layer", "segment"}
-    of the cell to outline, the headline's, whose panel's title says so.
+    `total`: the mean |clean - corrupted| and `floor` the metric's gap floor (`effect_range`);
+    `mark`: {by, "layer", "segment"} of the cell to outline, the headline's, whose panel's title
+    says so.
     """
     values = list(da[by].values)
     columns = min(3, len(values))
@@ -349,7 +378,7 @@ def window_panels(
     layers = da.sizes["layer"]
     height = rows * ((0.3 if layers <= 16 else 0.2) * layers + 1.4) + 1.0  # 32 layers: two screens, not three
     figure, axes = _figure(2.6 * columns + 1.4, height, nrows=rows, ncols=columns, squeeze=False)
-    scale = effect_range(da.values, total, gap="mean |clean - corrupted|")
+    scale = effect_range(da.values, total, gap="mean |clean - corrupted|", floor=floor)
     shown = axes.ravel()[: len(values)]
     for ax, value in zip(shown, values, strict=True):
         panel = da.sel({by: value}).transpose("layer", "segment")

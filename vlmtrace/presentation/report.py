@@ -59,21 +59,68 @@ def strongest(summary: xr.Dataset) -> dict:
     }
 
 
+def below_floor(ds: xr.Dataset) -> str | None:
+    """Why no cell of `ds` can be named, where its mean |clean - corrupted| is below the metric's
+    `gap_floor` (the corruption barely changed the output); None where the gap is material."""
+    from ..engine.metrics import gap_floor  # imports torch: only when a trace is read
+
+    floor = gap_floor(ds)
+    gap = float(total_effect(ds).mean())
+    if np.isfinite(gap) and gap >= floor and gap > 0:
+        return None
+    metric = ds.attrs.get("metric", "the metric")
+    if not gap > 0:
+        return f"mean |clean - corrupted| = {gap:.2g}: the corruption changed nothing, so no cell is named"
+    return (
+        f"mean |clean - corrupted| = {gap:.2g}, below {metric}'s gap floor {floor:g}: the corruption "
+        "barely changed the output, so no cell is named (keep the samples the model answers right, "
+        "or use a stronger corruption)"
+    )
+
+
+def unnamed(ds: xr.Dataset, best: dict) -> str | None:
+    """Why the strongest cell of a segment summary (`strongest`) is no finding, or None where it
+    is one: the gap is below the floor (`below_floor`), the effect is under `plots.SIGNIFICANT` of
+    the mean |clean - corrupted| (what the maps hatch), or its 95 % interval holds 0."""
+    floor = below_floor(ds)
+    if floor is not None:
+        return "no gap to restore"
+    if not np.isfinite(best["mean"]):
+        return "not a number: no cell of this site was patched"
+    gap = float(total_effect(ds).mean())
+    if not abs(best["mean"]) >= plots.SIGNIFICANT * gap:
+        return f"under {plots.SIGNIFICANT:.0%} of mean |clean - corrupted| = {gap:.3g}"
+    if best["low"] <= 0 <= best["high"]:
+        return f"its 95% interval holds 0 over {ds.sizes['sample']} samples"
+    return None
+
+
 def headline(ds: xr.Dataset, *, sites: Sequence[str], label: str = "") -> str:
-    """One sentence per site: where the largest average indirect effect sits."""
-    lines = []
+    """One sentence per site: where the largest average indirect effect sits, if it is a finding.
+
+    A cell is named only where it is one (`unnamed`): on samples the model gets wrong, a trace
+    still has a largest cell, of +0.000 [-0.000, +0.000], and naming its layer reads as a result.
+    """
     n = ds.sizes["sample"]
     gap = float((ds["clean"] - ds["corrupt"]).mean())
-    lines.append(
-        f"{label}clean - corrupted = {gap:+.3f} (mean over {n} samples, metric {ds.attrs['metric']})"
-    )
+    first = f"{label}clean - corrupted = {gap:+.3f} (mean over {n} samples, metric {ds.attrs['metric']})"
+    floor = below_floor(ds)
+    lines = [first if floor is None else f"{first}; {floor}"]
     for site in sites:
         best = strongest(segment_summary(ds, site))
-        lines.append(
-            f"{label}{site}: largest mean indirect effect {best['mean']:+.3f} "
-            f"[{best['low']:+.3f}, {best['high']:+.3f}] at layer {best['layer']}, "
-            f"window {best['window']}, segment '{best['segment']}'"
-        )
+        effect = f"{best['mean']:+.3f} [{best['low']:+.3f}, {best['high']:+.3f}]"
+        why = unnamed(ds, best)
+        if why is None:
+            lines.append(
+                f"{label}{site}: largest mean indirect effect {effect} at layer {best['layer']}, "
+                f"window {best['window']}, segment '{best['segment']}'"
+            )
+        elif floor is not None:
+            lines.append(f"{label}{site}: no cell named ({why})")
+        else:
+            lines.append(
+                f"{label}{site}: no cell named: its largest mean indirect effect, {effect}, is {why}"
+            )
     return "\n".join(lines)
 
 
@@ -88,10 +135,12 @@ def patching_figures(
 ) -> list[Path]:
     """Per site: window panels by segment, a CI-annotated heatmap, and sample 0's token map.
 
-    The one-window figures show the headline's window (`strongest`, as `headline` finds it),
-    and the panels outline the headline's cell; every map's colour range is +-|clean - corrupted|
+    The one-window figures show the window of the largest mean effect (`strongest`, as
+    `headline` finds it), and the panels outline its cell where the headline names it (`unnamed`);
+    every map's colour range is +-|clean - corrupted|, and at least the metric's gap floor
     (`plots.effect_range`), and the titles name the corruption (`titles.describe_run`).
     """
+    from ..engine.metrics import gap_floor
     from ..results.dataset import metric_units
 
     out_dir = Path(out_dir)
@@ -101,10 +150,13 @@ def patching_figures(
     n = ds.sizes["sample"]
     gap = total_effect(ds)
     verb = "corrupted" if condition_attrs(ds).get("direction") == "noise" else "restored"
+    floor = gap_floor(ds)
     for site in sites:
         summary = segment_summary(ds, site)
-        best = strongest(summary)  # the headline's cell
+        best = strongest(summary)
+        mark = best if unnamed(ds, best) is None else None  # the headline's cell, if it names one
         window = best["window"]
+        which = "the headline's" if mark is not None else "its largest mean; the headline names no cell"
         name = f"{tag}{site}"
         paths.append(
             plots.window_panels(
@@ -113,18 +165,19 @@ def patching_figures(
                 title=f"{site} {verb}, mean over {n} samples by segment, per window\n{run}",
                 label=label,
                 total=float(gap.mean()),
-                mark=best,
+                floor=floor,
+                mark=mark,
             )
         )
         paths.append(
             plots.segment_heatmap(
                 summary.sel(window=window),
                 path=out_dir / f"{name}_segments_w{window}.png",
-                title=f"{site} {verb}, window {window} (the headline's): mean over {n} samples [95% CI]\n"
-                + run,
+                title=f"{site} {verb}, window {window} ({which}): mean over {n} samples [95% CI]\n" + run,
                 label=label,
                 total=float(gap.mean()),
-                mark=best,
+                floor=floor,
+                mark=mark,
             )
         )
         first = indirect_effect(ds, site).isel(sample=0).sel(window=window)
@@ -136,6 +189,7 @@ def patching_figures(
                 title=f"{site} {verb}, window {window}, one sample: {ds['sample'].values[0]}\n" + run,
                 label=label,
                 total=float(gap.isel(sample=0)),
+                floor=floor,
             )
         )
     return paths

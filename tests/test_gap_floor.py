@@ -1,0 +1,158 @@
+"""A trace of samples whose output the corruption barely moves names no cell and draws no colour.
+
+The README's real-data commands keep the samples the shipped organisms get wrong (`--keep-wrong`):
+there P(answer) is ~1e-4 on both sides, and before `Metric.gap_floor` the multi_constraint run
+printed "largest mean indirect effect +0.000 [-0.000, +0.000] at layer 5, window 2, segment
+'last'" beside maps whose colour range was the 5e-05 gap, its "last" cell deep red. These tests
+run real sweeps on the shipped organism, once on questions it answers (a material gap) and once
+on the same questions scored against an answer it never gives (no gap), and check the headline,
+`normalised` and the figures' colour ranges against the values themselves.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import vlmtrace as vt
+from vlmtrace.data import synthetic_samples
+from vlmtrace.engine.inputs import AnswerTokenWarning
+from vlmtrace.presentation import plots
+from vlmtrace.presentation.report import below_floor, headline, patching_figures, segment_summary, strongest
+from vlmtrace.results.dataset import combine
+
+SITES = ("mlp", "attn")
+GRID = vt.Grid(sites=SITES, windows=(1, 3))
+
+
+@pytest.fixture(scope="module")
+def llava() -> vt.VLM:
+    return vt.load("shapes-llava")
+
+
+@pytest.fixture(scope="module")
+def answered(llava) -> xr.Dataset:
+    """8 questions the organism answers, their colour phrase replaced (STR): a material gap."""
+    samples = synthetic_samples(llava, "visual", 8, seed=3)
+    return vt.patch(llava, samples, corruption=vt.ImagePair(), grid=GRID, progress=False)
+
+
+@pytest.fixture(scope="module")
+def unanswered(llava) -> xr.Dataset:
+    """The same questions scored against "paris", which the organism never says after them."""
+    samples = [s.with_(answer="paris") for s in synthetic_samples(llava, "visual", 8, seed=3)]
+    with pytest.warns(AnswerTokenWarning):  # "paris" is 5 byte tokens: the first is scored
+        return vt.patch(llava, samples, corruption=vt.ImagePair(), grid=GRID, progress=False)
+
+
+def test_the_two_traces_are_what_the_tests_need(answered, unanswered):
+    """Guards the premise: a gap far above probability's floor, and one far below it."""
+    floor = vt.Probability.gap_floor
+    assert float(abs(answered["clean"] - answered["corrupt"]).mean()) > 10 * floor
+    assert float(abs(unanswered["clean"] - unanswered["corrupt"]).mean()) < floor / 10
+    assert float(unanswered["clean"].max()) < floor
+
+
+def test_a_material_gap_names_the_strongest_cell(answered):
+    text = headline(answered, sites=SITES)
+    assert "no cell named" not in text and "gap floor" not in text
+    for site in SITES:
+        best = strongest(segment_summary(answered, site))
+        effect = f"{best['mean']:+.3f} [{best['low']:+.3f}, {best['high']:+.3f}]"
+        where = f"layer {best['layer']}, window {best['window']}, segment '{best['segment']}'"
+        assert f"{site}: largest mean indirect effect {effect} at {where}" in text
+
+
+def test_a_gap_below_the_floor_names_no_cell_and_says_why(unanswered):
+    text = headline(unanswered, sites=SITES)
+    gap = float(abs(unanswered["clean"] - unanswered["corrupt"]).mean())
+    assert f"mean |clean - corrupted| = {gap:.2g}, below probability's gap floor 0.01" in text
+    for site in SITES:
+        assert f"{site}: no cell named (no gap to restore)" in text
+    assert "at layer" not in text
+    assert below_floor(unanswered) is not None
+
+
+def test_a_largest_cell_under_the_hatching_share_of_the_gap_is_not_named(answered):
+    """The same trace with every effect shrunk to 3 % of its gap (under `plots.SIGNIFICANT`): its
+    largest cell is what the maps hatch, so the headline does not name it."""
+    shrunk = answered.copy()
+    for site in SITES:
+        shrunk[site] = answered["corrupt"] + 0.03 * (answered[site] - answered["corrupt"])
+    text = headline(shrunk, sites=SITES)
+    for site in SITES:
+        assert f"{site}: no cell named: its largest mean indirect effect" in text
+        assert f"is under {plots.SIGNIFICANT:.0%} of mean |clean - corrupted|" in text
+
+
+def test_normalised_leaves_out_the_gaps_below_the_floor(answered, unanswered):
+    both = xr.concat([answered, unanswered], dim="sample", coords="minimal", compat="override")
+    effect = vt.normalised(both, "mlp")
+    gap = (both["clean"] - both["corrupt"]).values
+    below = np.abs(gap) < vt.Probability.gap_floor
+    assert below.sum() == 8 and effect.attrs["gaps_below_floor"] == 8
+    assert effect.attrs["gap_floor"] == vt.Probability.gap_floor
+    assert np.isnan(effect.values[below]).all()
+    kept = ~below
+    expected = (both["mlp"].values[kept] - both["corrupt"].values[kept, None, None, None]) / gap[
+        kept, None, None, None
+    ]
+    np.testing.assert_allclose(effect.values[kept], expected, equal_nan=True)
+    # a floor of 0 leaves out only gaps of exactly 0, as before the floor existed
+    assert not np.isnan(vt.normalised(unanswered, "mlp", floor=0).values).all()
+
+
+def drawn(path) -> tuple[list[dict], str]:
+    """A figure's panels (`plots.scales`) and all its text, wrapped lines joined."""
+    record = plots.scales(path)
+    return record["panels"], " ".join(json.dumps(record).replace("\\n", " ").split())
+
+
+def test_the_maps_of_a_gap_below_the_floor_span_the_floor_and_outline_nothing(unanswered, tmp_path):
+    paths = patching_figures(unanswered, tmp_path, sites=("mlp",))
+    floor = vt.Probability.gap_floor
+    texts = []
+    for path in paths:
+        panels, text = drawn(path)
+        texts.append(text)
+        for panel in panels:
+            assert panel["clim"] == pytest.approx([-floor, floor]), path.name
+        assert "the metric's gap floor" in text and "is below it, too small to localise" in text, path.name
+    assert any("the headline names no cell" in text for text in texts)
+    assert not any("outlined" in text or "the headline's" in text for text in texts)
+
+
+def test_the_maps_of_a_material_gap_keep_the_gap_as_their_range(answered, tmp_path):
+    paths = patching_figures(answered, tmp_path, sites=("mlp",))
+    gap = float(abs(answered["clean"] - answered["corrupt"]).mean())
+    panels, text = drawn(paths[0])
+    assert panels[0]["clim"][1] >= gap * 0.999 and "gap floor" not in text
+    assert "(headline, outlined)" in text
+
+
+def test_effect_range_below_the_floor_widens_only_for_a_larger_effect():
+    assert plots.effect_range(np.array([1e-5, -2e-5]), 5e-5, floor=0.01).limit == 0.01
+    wide = plots.effect_range(np.array([0.3, 1e-5]), 5e-5, floor=0.01)
+    assert wide.limit == 0.3 and "the largest |effect|, beyond the metric's gap floor" in wide.note
+    assert plots.effect_range(np.array([0.1]), 0.5, floor=0.01).limit == 0.5
+
+
+def test_a_result_stacking_several_metrics_floors_each_by_its_own(llava, unanswered):
+    """gn_vs_str stacks metrics along `metric` (`combine`): each is floored by its own gap floor,
+    as if normalised alone. On the unanswered questions log P(answer) still moves by more than
+    LogProb's floor on some samples where P(answer) moves by less than Probability's."""
+    samples = [s.with_(answer="paris") for s in synthetic_samples(llava, "visual", 8, seed=3)]
+    with pytest.warns(AnswerTokenWarning):
+        logs = vt.patch(
+            llava, samples, corruption=vt.ImagePair(), grid=GRID, metric=vt.LogProb(), progress=False
+        )
+    both = combine({"probability": unanswered, "log_prob": logs}, dim="metric")
+    assert "metric" not in both.attrs  # dropped as a conflict: the floors come from the coordinate
+    effect = vt.normalised(both, "mlp")
+    assert effect.attrs["gap_floor"] == {"probability": 0.01, "log_prob": 0.1}
+    for name, alone in (("probability", unanswered), ("log_prob", logs)):
+        np.testing.assert_array_equal(effect.sel(metric=name).values, vt.normalised(alone, "mlp").values)
+    assert np.isfinite(vt.normalised(logs, "mlp").values).any()  # log space: some gaps are material
