@@ -19,6 +19,8 @@ import xarray as xr
 
 import vlmtrace as vt
 from vlmtrace.data import synthetic_samples
+from vlmtrace.engine.editing.layers import traced_layers
+from vlmtrace.engine.editing.parts import EditError
 from vlmtrace.engine.inputs import AnswerTokenWarning
 from vlmtrace.presentation import plots
 from vlmtrace.presentation.report import below_floor, headline, patching_figures, segment_summary, strongest
@@ -156,3 +158,14 @@ def test_a_result_stacking_several_metrics_floors_each_by_its_own(llava, unanswe
     for name, alone in (("probability", unanswered), ("log_prob", logs)):
         np.testing.assert_array_equal(effect.sel(metric=name).values, vt.normalised(alone, "mlp").values)
     assert np.isfinite(vt.normalised(logs, "mlp").values).any()  # log space: some gaps are material
+
+
+def test_layers_traced_refuses_a_trace_below_the_floor(llava, answered, unanswered):
+    """`vt.edit(layers="traced")` edits where the trace's largest MLP effect is: on a trace whose
+    gap is noise that would be editing at random, with a trace in the provenance that seems to
+    justify it. The same samples with a material gap give layers and evidence as before."""
+    samples = synthetic_samples(llava, "visual", 8, seed=3)
+    with pytest.raises(EditError, match="below probability's gap floor 0.01, so it locates nothing"):
+        traced_layers(unanswered, samples, span="last", n_layers=6)
+    layers, evidence = traced_layers(answered, samples, span="last", n_layers=6)
+    assert layers and evidence["indirect_effect"] > 0

@@ -108,6 +108,7 @@ def traced_layers(
             f"the trace does not hold the edited samples {missing[:3]}: trace the same samples you edit "
             "(or leave trace=None to compute it)."
         )
+    check_gap(trace.sel(sample=ids))
     effect = indirect_effect(trace).sel(sample=ids)
     if "position" in effect.dims:
         effect = by_segment(effect)
@@ -146,6 +147,22 @@ def traced_layers(
         "table_layers": [int(x) for x in mean["layer"].values],
     }
     return window_layers(centre, window, n_layers), evidence
+
+
+def check_gap(trace: xr.Dataset) -> None:
+    """Refuse a trace whose corruption barely changed the output (mean |clean - corrupted| below
+    the metric's `gap_floor`): its largest MLP effect is noise, and editing the layers it points
+    at would be editing at random, with a trace in the edit's provenance that seems to justify it."""
+    from ..metrics import gap_floor
+
+    gap, floor = float(abs(trace["clean"] - trace["corrupt"]).mean()), gap_floor(trace)
+    if not (gap >= floor and gap > 0):
+        raise EditError(
+            f"layers='traced': the trace's mean |clean - corrupted| is {gap:.2g}, below "
+            f"{trace.attrs.get('metric', 'its metric')}'s gap floor {floor:g}, so it locates nothing (does "
+            "the model give the requests' answers?). Trace with a corruption that changes the answer "
+            "(trace_corruption=), or pass layers=(...)."
+        )
 
 
 def effect_at(evidence: dict[str, Any], layer: int) -> float:
