@@ -124,7 +124,7 @@ def summary(ds: xr.Dataset) -> str:
     lines = [f"clean P = {float(ds['clean'].mean()):.3f}, noised P = {float(ds['corrupt'].mean()):.3f}"]
     floor = below_floor(ds)
     if floor is not None:  # the noise barely moved P(answer): the largest restoration is noise too
-        return "\n".join([*lines, f"no layer named: {floor}"])
+        return "\n".join([*lines, floor])
     for stack, position in STACKS.items():
         mean = effect(ds, stack)["mean"]
         by_layer = mean.max(position)

@@ -104,7 +104,7 @@ def run(
     ds = combine(parts, dim="corruption")
     head_site = head_grid.sites[0]
     ds["head_effect"] = vt.normalised(ds, head_site).sel(window=1)
-    ds["head_effect"].attrs = {
+    ds["head_effect"].attrs |= {  # beside its gap floor (`vt.normalised`)
         "description": f"normalised logit difference of restoring one {head_site} at the answer position: "
         "(patched - corrupt) / (clean - corrupt)",
         "units": "fraction of the clean-corrupted gap (0 = corrupted, 1 = clean)",
@@ -135,11 +135,14 @@ def image_attention(vlm: vt.VLM, samples: list[vt.Sample], backend=None):
 
 
 def top_heads(ds: xr.Dataset, k: int = 3) -> list[tuple[str, int, int, float]]:
-    """(corruption, layer, head, mean normalised effect) of the k strongest heads per corruption."""
+    """(corruption, layer, head, mean normalised effect) of the k strongest heads per corruption,
+    among the heads with an effect: none where every sample's gap is below the metric's floor
+    (`vt.normalised` is NaN there), rather than the first heads of an all-NaN ranking."""
     found = []
     for corruption in ds["corruption"].values:
         mean = ds["head_effect"].sel(corruption=corruption).mean("sample")
-        order = np.argsort(-np.nan_to_num(mean.values.ravel(), nan=-np.inf))[:k]
+        finite = np.flatnonzero(np.isfinite(mean.values.ravel()))
+        order = finite[np.argsort(-mean.values.ravel()[finite], kind="stable")][:k]
         for flat in order:
             layer, head = np.unravel_index(flat, mean.shape)
             found.append(
@@ -171,7 +174,10 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
                 total=1.0,  # normalised: 1 is the whole clean - corrupted gap
             )
         )
-    corruption, layer, head, _ = top_heads(ds, k=1)[0]
+    strongest = top_heads(ds, k=1)
+    if not strongest:  # no head has an effect: no attention map to single out
+        return paths
+    corruption, layer, head, _ = strongest[0]
     side = int(np.sqrt(ds.sizes["patch"]))
     from PIL import Image
 
@@ -214,4 +220,8 @@ def summary(ds: xr.Dataset) -> str:
     heads = ", ".join(
         f"{c}: L{layer}.H{head} ({v:+.2f}; {what(layer, head)})" for c, layer, head, v in top_heads(ds)
     )
+    if not heads:
+        return "\n".join(
+            [*lines, "strongest heads: none named (no sample's gap is above the metric's floor)"]
+        )
     return "\n".join(lines + [f"strongest heads: {heads}"])

@@ -154,10 +154,48 @@ def test_a_result_stacking_several_metrics_floors_each_by_its_own(llava, unanswe
     both = combine({"probability": unanswered, "log_prob": logs}, dim="metric")
     assert "metric" not in both.attrs  # dropped as a conflict: the floors come from the coordinate
     effect = vt.normalised(both, "mlp")
-    assert effect.attrs["gap_floor"] == {"probability": 0.01, "log_prob": 0.1}
+    assert json.loads(effect.attrs["gap_floor"]) == {"probability": 0.01, "log_prob": 0.1}
     for name, alone in (("probability", unanswered), ("log_prob", logs)):
         np.testing.assert_array_equal(effect.sel(metric=name).values, vt.normalised(alone, "mlp").values)
-    assert np.isfinite(vt.normalised(logs, "mlp").values).any()  # log space: some gaps are material
+        # one metric cut from the stack keeps its own floor (a coordinate of one value)
+        np.testing.assert_array_equal(
+            vt.normalised(both.sel(metric=name), "mlp").values, effect.sel(metric=name).values
+        )
+    # the premise that makes swapped floors visible: some log P gap lies between the two floors
+    log_gap = np.abs((logs["clean"] - logs["corrupt"]).values)
+    assert ((log_gap >= 0.01) & (log_gap < 0.1)).any() and (log_gap >= 0.1).any()
+
+
+def test_a_largest_cell_whose_interval_holds_0_is_not_named(answered):
+    """The trace's layout with every cell restoring +50 % of the gap on even samples and -30 % on
+    odd ones: a mean of +10 % (above the 5 % the maps hatch), whose 95 % interval over 8 samples
+    straddles 0."""
+    mixed = answered.copy()
+    share = xr.DataArray(np.where(np.arange(answered.sizes["sample"]) % 2, -0.3, 0.5), dims="sample")
+    gap = answered["clean"] - answered["corrupt"]
+    for site in SITES:
+        mixed[site] = (
+            (answered["corrupt"] + share * gap).broadcast_like(answered[site]).where(answered[site].notnull())
+        )
+    best = strongest(segment_summary(mixed, "mlp"))
+    assert best["mean"] > plots.SIGNIFICANT * float(abs(gap).mean()) and best["low"] <= 0 <= best["high"]
+    text = headline(mixed, sites=("mlp",))
+    assert "mlp: no cell named: its largest mean indirect effect" in text
+    assert "is indistinguishable from 0 (its 95% interval over 8 samples holds 0)" in text
+
+
+def test_a_metric_of_ones_own_has_its_own_floor_and_an_unknown_one_none():
+    class Margin(vt.engine.metrics.Metric):
+        name = "test_margin"
+        gap_floor = 0.5
+
+    data = xr.Dataset(
+        {"clean": ("sample", [1.0, 1.0]), "corrupt": ("sample", [0.0, 0.8]), "x": ("sample", [0.5, 0.9])},
+        attrs={"metric": "test_margin"},
+    )
+    np.testing.assert_allclose(vt.normalised(data, "x").values, [0.5, np.nan])
+    data.attrs["metric"] = "nobody_declared_this"
+    np.testing.assert_allclose(vt.normalised(data, "x").values, [0.5, 0.5])
 
 
 def test_layers_traced_refuses_a_trace_below_the_floor(llava, answered, unanswered):
@@ -169,3 +207,18 @@ def test_layers_traced_refuses_a_trace_below_the_floor(llava, answered, unanswer
         traced_layers(unanswered, samples, span="last", n_layers=6)
     layers, evidence = traced_layers(answered, samples, span="last", n_layers=6)
     assert layers and evidence["indirect_effect"] > 0
+
+
+def test_notice_ranks_only_heads_with_an_effect():
+    """With every sample below the floor, `vt.normalised` is NaN for every head: notice names no
+    strongest head (it named L0.H0, the first of an all-NaN ranking) and draws no attention map."""
+    from recipes import notice
+
+    effect = xr.DataArray(
+        np.full((1, 2, 2, 3), np.nan),
+        dims=("corruption", "sample", "layer", "head"),
+        coords={"corruption": ["str"], "layer": [0, 1], "head": [0, 1, 2]},
+    )
+    assert notice.top_heads(xr.Dataset({"head_effect": effect})) == []
+    effect[0, 0, 1, 2], effect[0, 1, 0, 1] = 0.4, 0.1
+    assert notice.top_heads(xr.Dataset({"head_effect": effect})) == [("str", 1, 2, 0.4), ("str", 0, 1, 0.1)]

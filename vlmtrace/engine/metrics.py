@@ -20,6 +20,7 @@ is at least `CLEAN_FLOOR`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -146,20 +147,31 @@ def relative_change(ds, variable: str, *, floor: float = CLEAN_FLOOR):
     return relative
 
 
+def floor_of(name: str) -> float:
+    """The `gap_floor` of the metric called `name`: one of `METRICS`, or any `Metric` subclass
+    (a user's own declares its floor as a class attribute); 0 for a name no class has."""
+    classes, found = [Metric], {}
+    while classes:
+        cls = classes.pop()
+        found.setdefault(cls.name, cls)
+        classes.extend(cls.__subclasses__())
+    cls = METRICS.get(name) or found.get(name)
+    return cls.gap_floor if cls is not None else 0.0
+
+
 def gap_floor(ds):
-    """The `Metric.gap_floor` of a result's metric (its `metric` attr); along `metric` for one that
-    stacks several (`results.dataset.combine(..., dim="metric")`, as gn_vs_str does); 0 for a
-    Dataset that does not say which metric it holds (one built by hand)."""
+    """The gap floor (`Metric.gap_floor`) of a result's metric: its `metric` attr, or its `metric`
+    coordinate where the result stacks several (`results.dataset.combine(..., dim="metric")`, as
+    gn_vs_str does: then a DataArray along it) or was cut to one of them (`ds.sel(metric=...)`);
+    0 for a Dataset that does not say which metric it holds (one built by hand)."""
     name = ds.attrs.get("metric")
     if name is not None:
-        return metric_named(name).gap_floor
-    if "metric" in ds.dims:
-        import xarray as xr
-
-        names = [str(m) for m in ds["metric"].values]
-        return xr.DataArray(
-            [metric_named(m).gap_floor for m in names], coords={"metric": names}, dims="metric"
-        )
+        return floor_of(str(name))
+    if "metric" in ds.coords:
+        names = ds["metric"]
+        if names.ndim == 0:
+            return floor_of(str(names.values))
+        return names.copy(data=[floor_of(str(m)) for m in names.values]).rename("gap_floor")
     return 0.0
 
 
@@ -178,9 +190,9 @@ def normalised(ds, variable: str, *, floor: float | None = None):
     gap = ds["clean"] - ds["corrupt"]
     kept = (abs(gap) >= floor) & (gap != 0)
     result = (ds[variable] - ds["corrupt"]) / gap.where(kept)
-    shown = (
-        {str(m): float(f) for m, f in zip(floor["metric"].values, floor.values, strict=True)}
-        if hasattr(floor, "dims")
+    shown = (  # zarr attrs are JSON: several floors as a JSON object, as other structured attrs
+        json.dumps({str(m): float(f) for m, f in zip(ds["metric"].values, floor.values, strict=True)})
+        if getattr(floor, "ndim", 0)
         else float(floor)
     )
     result.attrs = {

@@ -2,7 +2,8 @@
 
 Every patching recipe ends the same way: indirect effects (patched - corrupted), averaged
 by segment with bootstrap intervals, drawn per window size, and one sentence naming the
-strongest cell. This module does that once for all recipes, and writes the page a reader
+strongest cell where it is a finding (`unnamed`: not where the corruption barely moved the
+output, `Metric.gap_floor`). This module does that once for all recipes, and writes the page a reader
 opens first: `write_report` puts the headline, every figure (embedded, so the file opens
 offline and travels alone), the configuration and provenance, and the command that
 reproduces the run into one self-contained HTML file next to the store.
@@ -69,8 +70,10 @@ def below_floor(ds: xr.Dataset) -> str | None:
     if np.isfinite(gap) and gap >= floor and gap > 0:
         return None
     metric = ds.attrs.get("metric", "the metric")
+    if not np.isfinite(gap):
+        return "mean |clean - corrupted| is not a number (no sample finished?), so no cell is named"
     if not gap > 0:
-        return f"mean |clean - corrupted| = {gap:.2g}: the corruption changed nothing, so no cell is named"
+        return "clean = corrupted on every sample: the corruption changed nothing, so no cell is named"
     return (
         f"mean |clean - corrupted| = {gap:.2g}, below {metric}'s gap floor {floor:g}: the corruption "
         "barely changed the output, so no cell is named (keep the samples the model answers right, "
@@ -91,7 +94,7 @@ def unnamed(ds: xr.Dataset, best: dict) -> str | None:
     if not abs(best["mean"]) >= plots.SIGNIFICANT * gap:
         return f"under {plots.SIGNIFICANT:.0%} of mean |clean - corrupted| = {gap:.3g}"
     if best["low"] <= 0 <= best["high"]:
-        return f"its 95% interval holds 0 over {ds.sizes['sample']} samples"
+        return f"indistinguishable from 0 (its 95% interval over {ds.sizes['sample']} samples holds 0)"
     return None
 
 
