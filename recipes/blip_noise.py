@@ -125,13 +125,20 @@ def summary(ds: xr.Dataset) -> str:
     floor = below_floor(ds)
     if floor is not None:  # the noise barely moved P(answer): the largest restoration is noise too
         return "\n".join([*lines, floor])
+    # restoring moves P(answer) toward the clean run's: down where the noise raised it (an answer
+    # the model does not give, kept with --keep-wrong), so the strongest restoration is the lowest
+    toward = 1.0 if float((ds["clean"] - ds["corrupt"]).mean()) >= 0 else -1.0
+    if toward < 0:
+        lines.append(
+            "the noise raised P(answer): restoring lowers it, so the strongest restoration is the lowest"
+        )
     for stack, position in STACKS.items():
         mean = effect(ds, stack)["mean"]
-        by_layer = mean.max(position)
-        best = int(np.nanargmax(by_layer.values))
+        by_layer = toward * (toward * mean).max(position)
+        best = int(np.nanargmax(toward * by_layer.values))
         lines.append(
             f"{stack}: strongest restoration at layer {int(mean['layer'][best])} "
-            f"({float(by_layer[best]):+.3f}); per layer max: "
+            f"({float(by_layer[best]):+.3f}); per layer: "
             + ", ".join(
                 f"L{int(layer)} {float(v):+.3f}" for layer, v in zip(mean["layer"], by_layer, strict=True)
             )

@@ -143,6 +143,24 @@ def test_blip_noise_restoring_the_final_encoder_layer_helps(blip):
     assert float(restored.squeeze()) > 0
 
 
+def test_blip_noise_names_the_strongest_restoration_toward_the_clean_run_either_way(blip):
+    """Where the noise raises P(answer) (an answer the model does not give, kept with --keep-wrong),
+    restoring lowers it: the mirror image of a run (P -> 1 - P everywhere) names the same layers,
+    with the sign flipped. It used to name the layer whose restoration moved P furthest *up*."""
+    recipe = registry.get("blip_noise")
+    ds = recipe.run(blip, recipe.default_samples(blip, 4, 0), noise_samples=3, options=QUIET)
+    mirrored = ds.copy()
+    for name in ("clean", "corrupt", *recipe.STACKS):
+        mirrored[name] = 1 - ds[name]
+    lines, flipped = recipe.summary(ds).splitlines(), recipe.summary(mirrored).splitlines()
+    assert "the noise raised P(answer)" in flipped[1] and len(flipped) == len(lines) + 1
+    for line, other in zip(lines[1:], flipped[2:], strict=True):
+        head, tail = line.split("(", 1)
+        assert other.startswith(head)  # the same stack and layer
+        value = float(tail.split(")")[0])
+        assert float(other.split("(", 1)[1].split(")")[0]) == pytest.approx(-value, abs=1e-3)
+
+
 def test_gn_vs_str_scores_both_corruptions_with_three_metrics(llava):
     recipe = registry.get("gn_vs_str")
     ds = recipe.run(llava, recipe.default_samples(llava, 2, 0), options=QUIET)
