@@ -133,12 +133,14 @@ def composition_layers(ds: xr.Dataset) -> dict[str, int | None]:
 def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
     groups = by_member(ds)
     labels = ds["concept"] + ": " + ds["member"]
+    kept = vt.above_floor(ds)  # samples with a gap above the metric's floor: the others have no effect
     return [
         plots.segment_heatmap(
             groups.sel(group=group),
             path=Path(out_dir) / f"group_{i}.png",
             title=f"{group}: block output restored (window 1), B_s / B_d image pairs, mean over "
-            f"{int((labels == group).sum())} samples\n{describe_run(ds)}",
+            f"{int((kept & (labels == group)).sum())} of {int((labels == group).sum())} samples (the others' "
+            f"gap is below the metric's floor)\n{describe_run(ds)}",
             label="normalised logit difference (0 = corrupted, 1 = clean)",
             total=1.0,  # normalised: 1 is the whole clean - corrupted gap
         )

@@ -104,14 +104,18 @@ def maps(ds: xr.Dataset) -> xr.DataArray:
 def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
     summary = maps(ds)
     paths = []
+    n = ds.sizes["sample"]
     for corruption in summary["corruption"].values:
+        part = ds.sel(corruption=corruption)
+        counts = vt.above_floor(part).sum("sample")  # samples with a gap above the metric's floor
+        over = ", ".join(f"{m}: {int(counts.sel(metric=m))} of {n}" for m in counts["metric"].values)
         paths.append(
             plots.window_panels(
                 summary.sel(corruption=corruption),
                 by="metric",
                 path=Path(out_dir) / f"{corruption}.png",
-                title=f"block output restored (window 1), mean over {ds.sizes['sample']} samples, by metric\n"
-                + describe_run(ds.sel(corruption=corruption)),
+                title=f"block output restored (window 1), mean over the samples whose gap is above the "
+                f"metric's floor ({over}), by metric\n" + describe_run(part),
                 label="normalised effect (0 = corrupted, 1 = clean)",
                 total=1.0,  # normalised: 1 is the whole clean - corrupted gap
             )

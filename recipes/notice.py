@@ -168,8 +168,9 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
                 part["head_effect"].mean("sample"),
                 function_shares(ds),
                 path=out_dir / f"{corruption}_heads.png",
-                title=f"single heads restored at the answer position, mean over {ds.sizes['sample']} "
-                f"samples; letters: head functions\n{describe_run(part)}",
+                title=f"single heads restored at the answer position, mean over "
+                f"{int(vt.above_floor(part).sum())} of {ds.sizes['sample']} samples (the others' gap is "
+                f"below the metric's floor); letters: head functions\n{describe_run(part)}",
                 label="normalised logit difference (0 = corrupted, 1 = clean)",
                 total=1.0,  # normalised: 1 is the whole clean - corrupted gap
             )

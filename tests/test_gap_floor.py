@@ -161,6 +161,11 @@ def test_a_result_stacking_several_metrics_floors_each_by_its_own(llava, unanswe
         np.testing.assert_array_equal(
             vt.normalised(both.sel(metric=name), "mlp").values, effect.sel(metric=name).values
         )
+    # the samples figures count as "above the floor" are exactly those with a normalised effect
+    kept = vt.above_floor(both)
+    np.testing.assert_array_equal(
+        kept.values, np.isfinite(effect).any(["window", "layer", "position"]).values
+    )
     # the premise that makes swapped floors visible: some log P gap lies between the two floors
     log_gap = np.abs((logs["clean"] - logs["corrupt"]).values)
     assert ((log_gap >= 0.01) & (log_gap < 0.1)).any() and (log_gap >= 0.1).any()

@@ -35,6 +35,7 @@ _HOMES = {
     "LogProb": ".engine.metrics",
     "Probability": ".engine.metrics",
     "normalised": ".engine.metrics",
+    "above_floor": ".engine.metrics",
     "VLM": ".models.load",
     "load": ".models.load",
     "wrap": ".models.load",
@@ -66,6 +67,7 @@ __all__ = [
     "knockout",
     "load",
     "normalised",
+    "above_floor",
     "open_result",
     "patch",
     "save",
@@ -99,7 +101,7 @@ if TYPE_CHECKING:
     from .engine.inpainting import InpaintPair
     from .engine.invariants import check
     from .engine.knockout import knockout
-    from .engine.metrics import KL, LogitDiff, LogProb, Probability, normalised
+    from .engine.metrics import KL, LogitDiff, LogProb, Probability, above_floor, normalised
     from .engine.sites import Grid
     from .engine.sweep import patch
     from .errors import UserError

@@ -175,6 +175,14 @@ def gap_floor(ds):
     return 0.0
 
 
+def above_floor(ds, *, floor: float | None = None):
+    """Where |clean - corrupted| reaches the gap floor (default: the metric's `gap_floor`) and is not
+    0: the samples (per condition, for a stacked result) that have a normalised effect."""
+    floor = gap_floor(ds) if floor is None else floor
+    gap = ds["clean"] - ds["corrupt"]
+    return (abs(gap) >= floor) & (gap != 0)
+
+
 def normalised(ds, variable: str, *, floor: float | None = None):
     """(m_patched - m_corrupt) / (m_clean - m_corrupt) for one site variable of a result.
 
@@ -188,7 +196,7 @@ def normalised(ds, variable: str, *, floor: float | None = None):
     if (np.asarray(floor) < 0).any():
         raise ValueError(f"floor must be >= 0, not {floor}.")
     gap = ds["clean"] - ds["corrupt"]
-    kept = (abs(gap) >= floor) & (gap != 0)
+    kept = above_floor(ds, floor=floor)
     result = (ds[variable] - ds["corrupt"]) / gap.where(kept)
     shown = (  # zarr attrs are JSON: several floors as a JSON object, as other structured attrs
         json.dumps({str(m): float(f) for m, f in zip(ds["metric"].values, floor.values, strict=True)})
