@@ -18,6 +18,7 @@ import pytest
 import xarray as xr
 
 import vlmtrace as vt
+import vlmtrace.recipes as registry
 from vlmtrace.data import synthetic_samples
 from vlmtrace.engine.editing.layers import traced_layers
 from vlmtrace.engine.editing.parts import EditError
@@ -217,7 +218,7 @@ def test_layers_traced_refuses_a_trace_below_the_floor(llava, answered, unanswer
 def test_notice_ranks_only_heads_with_an_effect():
     """With every sample below the floor, `vt.normalised` is NaN for every head: notice names no
     strongest head (it named L0.H0, the first of an all-NaN ranking) and draws no attention map."""
-    from recipes import notice
+    notice = registry.get("notice")
 
     effect = xr.DataArray(
         np.full((1, 2, 2, 3), np.nan),
