@@ -175,6 +175,14 @@ def gap_floor(ds):
     return 0.0
 
 
+def mean_gap(ds) -> tuple[float, float, bool]:
+    """(mean |clean - corrupted| over a result's samples, its metric's gap floor, whether the gap is
+    material: finite, not 0 and at least the floor). The one test of "did the corruption move the
+    output enough to localise anything", read alike by headlines and `vt.edit(layers="traced")`."""
+    gap, floor = float(abs(ds["clean"] - ds["corrupt"]).mean()), float(gap_floor(ds))
+    return gap, floor, bool(np.isfinite(gap) and gap > 0 and gap >= floor)
+
+
 def above_floor(ds, *, floor: float | None = None):
     """Where |clean - corrupted| reaches the gap floor (default: the metric's `gap_floor`) and is not
     0: the samples (per condition, for a stacked result) that have a normalised effect."""

@@ -63,30 +63,28 @@ def strongest(summary: xr.Dataset) -> dict:
 def below_floor(ds: xr.Dataset) -> str | None:
     """Why no cell of `ds` can be named, where its mean |clean - corrupted| is below the metric's
     `gap_floor` (the corruption barely changed the output); None where the gap is material."""
-    from ..engine.metrics import gap_floor  # imports torch: only when a trace is read
+    from ..engine.metrics import mean_gap  # imports torch: only when a trace is read
 
-    floor = gap_floor(ds)
-    gap = float(total_effect(ds).mean())
-    if np.isfinite(gap) and gap >= floor and gap > 0:
+    gap, floor, material = mean_gap(ds)
+    if material:
         return None
-    metric = ds.attrs.get("metric", "the metric")
     if not np.isfinite(gap):
         return "mean |clean - corrupted| is not a number (no sample finished?), so no cell is named"
     if not gap > 0:
         return "clean = corrupted on every sample: the corruption changed nothing, so no cell is named"
     return (
-        f"mean |clean - corrupted| = {gap:.2g}, below {metric}'s gap floor {floor:g}: the corruption "
-        "barely changed the output, so no cell is named (keep the samples the model answers right, "
-        "or use a stronger corruption)"
+        f"mean |clean - corrupted| = {gap:.2g}, below {ds.attrs.get('metric', 'the metric')}'s gap floor "
+        f"{floor:g}: the corruption barely changed the output, so no cell is named (keep the samples the "
+        "model answers right, or use a stronger corruption)"
     )
 
 
-def unnamed(ds: xr.Dataset, best: dict) -> str | None:
+def unnamed(ds: xr.Dataset, best: dict, *, below: str | None) -> str | None:
     """Why the strongest cell of a segment summary (`strongest`) is no finding, or None where it
-    is one: the gap is below the floor (`below_floor`), the effect is under `plots.SIGNIFICANT` of
-    the mean |clean - corrupted| (what the maps hatch), or its 95 % interval holds 0."""
-    floor = below_floor(ds)
-    if floor is not None:
+    is one: the gap is below the floor (`below`, what `below_floor` said), the effect is under
+    `plots.SIGNIFICANT` of the mean |clean - corrupted| (what the maps hatch), or its 95 %
+    interval holds 0."""
+    if below is not None:
         return "no gap to restore"
     if not np.isfinite(best["mean"]):
         return "not a number: no cell of this site was patched"
@@ -107,18 +105,18 @@ def headline(ds: xr.Dataset, *, sites: Sequence[str], label: str = "") -> str:
     n = ds.sizes["sample"]
     gap = float((ds["clean"] - ds["corrupt"]).mean())
     first = f"{label}clean - corrupted = {gap:+.3f} (mean over {n} samples, metric {ds.attrs['metric']})"
-    floor = below_floor(ds)
-    lines = [first if floor is None else f"{first}; {floor}"]
+    below = below_floor(ds)
+    lines = [first if below is None else f"{first}; {below}"]
     for site in sites:
         best = strongest(segment_summary(ds, site))
         effect = f"{best['mean']:+.3f} [{best['low']:+.3f}, {best['high']:+.3f}]"
-        why = unnamed(ds, best)
+        why = unnamed(ds, best, below=below)
         if why is None:
             lines.append(
                 f"{label}{site}: largest mean indirect effect {effect} at layer {best['layer']}, "
                 f"window {best['window']}, segment '{best['segment']}'"
             )
-        elif floor is not None:
+        elif below is not None:
             lines.append(f"{label}{site}: no cell named ({why})")
         else:
             lines.append(
@@ -153,11 +151,11 @@ def patching_figures(
     n = ds.sizes["sample"]
     gap = total_effect(ds)
     verb = "corrupted" if condition_attrs(ds).get("direction") == "noise" else "restored"
-    floor = gap_floor(ds)
+    floor, below = gap_floor(ds), below_floor(ds)
     for site in sites:
         summary = segment_summary(ds, site)
         best = strongest(summary)
-        mark = best if unnamed(ds, best) is None else None  # the headline's cell, if it names one
+        mark = best if unnamed(ds, best, below=below) is None else None  # the headline's cell, if any
         window = best["window"]
         which = "the headline's" if mark is not None else "its largest mean; the headline names no cell"
         name = f"{tag}{site}"

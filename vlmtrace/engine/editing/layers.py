@@ -153,10 +153,10 @@ def check_gap(trace: xr.Dataset) -> None:
     """Refuse a trace whose corruption barely changed the output (mean |clean - corrupted| below
     the metric's `gap_floor`): its largest MLP effect is noise, and editing the layers it points
     at would be editing at random, with a trace in the edit's provenance that seems to justify it."""
-    from ..metrics import gap_floor
+    from ..metrics import mean_gap
 
-    gap, floor = float(abs(trace["clean"] - trace["corrupt"]).mean()), gap_floor(trace)
-    if not (gap >= floor and gap > 0):
+    gap, floor, material = mean_gap(trace)
+    if not material:
         raise EditError(
             f"layers='traced': the trace's mean |clean - corrupted| is {gap:.2g}, below "
             f"{trace.attrs.get('metric', 'its metric')}'s gap floor {floor:g}, so it locates nothing (does "
