@@ -86,14 +86,25 @@ def run(
                     recipe="universal_heads",
                 )
             effect = vt.normalised(ds, grid.sites[0]).squeeze(["segment", "window"], drop=True)
-            by_corruption[name] = effect.mean("sample").to_dataset(name="head_effect").assign_attrs(ds.attrs)
+            condition = effect.mean("sample").to_dataset(name="head_effect").assign_attrs(ds.attrs)
+            # the mean runs over the samples whose gap reaches the metric's floor (the others' is NaN)
+            condition["samples_above_floor"] = int(vt.above_floor(ds).sum())
+            condition["samples"] = ds.sizes["sample"]
+            by_corruption[name] = condition
         by_task[task] = combine(by_corruption, dim="corruption")
     ds = combine(by_task, dim="task")
     ds["head_effect"].attrs = {
         "description": "normalised logit difference of restoring one head at the answer position, "
-        "mean over the task's samples: (patched - corrupt) / (clean - corrupt)",
+        "mean over the task's samples whose clean - corrupted gap reaches the metric's floor "
+        "(samples_above_floor of samples): (patched - corrupt) / (clean - corrupt)",
         "units": "fraction of the clean-corrupted gap (0 = corrupted, 1 = clean)",
     }
+    ds["samples_above_floor"].attrs = {
+        "description": "samples of the condition whose clean - corrupted gap reaches the logit "
+        "difference's gap floor: the samples head_effect averages",
+        "units": "samples",
+    }
+    ds["samples"].attrs = {"description": "samples of the condition", "units": "samples"}
     ds["top"] = top_mask(ds["head_effect"], TOP_K)
     ds["top"].attrs = {
         "description": f"True where the head is among the {TOP_K} strongest of its (task, corruption)",
@@ -147,22 +158,53 @@ def figures(ds: xr.Dataset, out_dir: Path) -> list[Path]:
             ds["function_fraction"],
             path=Path(out_dir) / "head_functions.png",
             title=f"{ds.attrs.get('model', '')}: head effect, mean over tasks ({', '.join(tasks)}) "
-            f"and corruptions ({', '.join(corruptions)}); letters: head functions",
+            f"and corruptions ({', '.join(corruptions)}) of each condition's mean over its samples above "
+            f"the gap floor ({samples_line(ds)}); letters: head functions",
             label="normalised logit difference (0 = corrupted, 1 = clean)",
             total=1.0,  # normalised: 1 is the whole clean - corrupted gap
         ),
     ]
 
 
+def samples_line(ds: xr.Dataset) -> str:
+    """Over how many samples each condition's mean head effect runs ("visual/str 8 of 8, ...")."""
+    return ", ".join(
+        f"{task}/{corruption} {int(ds['samples_above_floor'].sel(task=task, corruption=corruption))} of "
+        f"{int(ds['samples'].sel(task=task, corruption=corruption))}"
+        for task in ds["task"].values
+        for corruption in ds["corruption"].values
+    )
+
+
 def summary(ds: xr.Dataset) -> str:
+    conditions = ds.sizes["task"] * ds.sizes["corruption"]
+    counts = (
+        f"head effects are means over the samples whose gap reaches the logit difference's floor: "
+        f"{samples_line(ds)}"
+    )
+    empty = [
+        f"{task}/{corruption}"
+        for task in ds["task"].values
+        for corruption in ds["corruption"].values
+        if int(ds["samples_above_floor"].sel(task=task, corruption=corruption)) == 0
+    ]
     universal = [
         (int(layer), int(head)) for layer, head in zip(*np.nonzero(ds["universal"].values), strict=True)
     ]
     overlap = ds["top"].sum(["task", "corruption"])
-    best = np.unravel_index(int(np.argmax(overlap.values)), overlap.shape)
     names = ", ".join(f"L{ds['layer'].values[la]}.H{ds['head'].values[h]}" for la, h in universal) or "none"
-    layer, head = ds["layer"].values[best[0]], ds["head"].values[best[1]]
-    fraction = ds["function_fraction"].sel(layer=layer, head=head)
+    if empty:
+        names += (
+            f" ({', '.join(empty)}: no sample's corruption moved the answer past the floor, so no head "
+            "can be top there)"
+        )
+    top_k = ds.attrs["top_k"]
+    head = f"universal heads (top-{top_k} in all {conditions} task x corruption conditions): {names}"
+    if int(overlap.max()) == 0:
+        return f"{head}; no head is top in any condition ({counts})"
+    best = np.unravel_index(int(np.argmax(overlap.values)), overlap.shape)
+    layer, head_index = ds["layer"].values[best[0]], ds["head"].values[best[1]]
+    fraction = ds["function_fraction"].sel(layer=layer, head=head_index)
     strongest = int(fraction.argmax("function"))
     function = (
         f"{FUNCTIONS[strongest].replace('_', ' ')} on {float(fraction[strongest]):.0%} of samples"
@@ -170,7 +212,6 @@ def summary(ds: xr.Dataset) -> str:
         else "no head function"
     )
     return (
-        f"universal heads (top-{ds.attrs['top_k']} in all {ds.sizes['task'] * ds.sizes['corruption']} "
-        f"task x corruption conditions): {names}; most shared: L{layer}.H{head} in "
-        f"{int(overlap.values[best])} conditions ({function})"
+        f"{head}; most shared: L{layer}.H{head_index} in {int(overlap.values[best])} conditions "
+        f"({function}); {counts}"
     )

@@ -228,3 +228,26 @@ def test_notice_ranks_only_heads_with_an_effect():
     assert notice.top_heads(xr.Dataset({"head_effect": effect})) == []
     effect[0, 0, 1, 2], effect[0, 1, 0, 1] = 0.4, 0.1
     assert notice.top_heads(xr.Dataset({"head_effect": effect})) == [("str", 1, 2, 0.4), ("str", 0, 1, 0.1)]
+
+
+def test_universal_heads_says_over_how_many_samples_each_condition_averages(llava):
+    """A condition whose corruption never moves the answer past the floor has no head effect at
+    all (the logit difference of an answer against itself is 0 on both sides): the summary names
+    that condition and says no head can be top there, and every condition's count is stored and
+    printed, instead of a mean that silently runs over fewer samples than the run holds."""
+    recipe = registry.get("universal_heads")
+    samples = [s for task in recipe.TASKS for s in synthetic_samples(llava, task, 1, seed=0)]
+    moot = [s.with_(foil=s.answer) if s.meta.get("family") == "fact" else s for s in samples]
+    ds = recipe.run(llava, moot, options=vt.Options(progress=False))
+
+    counts = ds["samples_above_floor"]
+    assert counts.sel(task="fact").values.tolist() == [0, 0]
+    assert (counts.sel(task=["visual", "multi"]) == 1).all() and (ds["samples"] == 1).all()
+    assert ds["head_effect"].sel(task="fact").isnull().all()
+    assert not ds["top"].sel(task="fact").any() and not ds["universal"].any()
+    text = recipe.summary(ds)
+    assert "fact/str, fact/sip: no sample's corruption moved the answer past the floor" in text
+    assert "visual/str 1 of 1" in text and "fact/sip 0 of 1" in text
+    none = recipe.run(llava, [s.with_(foil=s.answer) for s in samples], options=vt.Options(progress=False))
+    text = recipe.summary(none)
+    assert "no head is top in any condition" in text and "most shared" not in text  # was "L0.H0 in 0"
