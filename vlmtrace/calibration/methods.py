@@ -24,6 +24,7 @@ import xarray as xr
 from vlmtrace.data.sample import Sample
 from vlmtrace.engine.corruptions import clean_side
 from vlmtrace.engine.inputs import scored_answer_ids
+from vlmtrace.engine.metrics import above_floor
 from vlmtrace.engine.sites import window_layers
 from vlmtrace.models.load import VLM
 from vlmtrace.models.zoo.mechanism import Mechanism
@@ -94,10 +95,14 @@ def where_of(vlm: VLM, sample: Sample) -> Where:
 
 
 def effect(ds: xr.Dataset, variable: str, direction: str) -> tuple[xr.DataArray, xr.DataArray]:
-    """(effect, normalised effect): restoration when denoising, damage when noising."""
+    """(effect, normalised effect): restoration when denoising, damage when noising.
+
+    The normalised effect is NaN where |clean - corrupted| is below the metric's gap floor, as in
+    `vt.normalised`: a share of a gap the corruption barely opened is noise, and a cell "returned"
+    on it (normalised effect >= 0.5) would be a finding made of it."""
     gap = ds["clean"] - ds["corrupt"]
     moved = ds[variable] - ds["corrupt"] if direction == "denoise" else ds["clean"] - ds[variable]
-    return moved, moved / gap
+    return moved, moved / gap.where(above_floor(ds))
 
 
 def from_patch(
