@@ -22,6 +22,11 @@ room for LLaVA-1.5's 14 px patches).
     python -m benchmarks.image_once                       # from the repository root, ~1 min
     python -m benchmarks.image_once --hidden 256 --repeats 3
     python -m benchmarks.image_once --corruption str --max-batch 8   # one image a forward, small chunks
+    python -m benchmarks.image_once --method atp+graddrop   # an attribution pass (vt.attribute) instead
+
+An attribution pass (`--method`) is one forward and backward of the clean and corrupted rows, plus
+a copy of the corrupted row per layer (GradDrop, `atp+graddrop`, `atp*`) or per path point
+(`ig`); it encodes once per image where its rows get their encodings before any embedding edit.
 
 The last line is `image_once blip=<speed-up> llava=<speed-up>`, each the ratio of the best
 calls (every row encodes / once per image), CPU time of this process with one torch thread.
@@ -60,15 +65,19 @@ CORRUPTIONS = {"pair": vt.ImagePair(), "str": vt.SymmetricTokenReplacement("shap
 "the shape" becomes "the circle" (one image a forward: the clean one on both sides)."""
 
 
-def sweep(vlm: vt.VLM, sample: vt.Sample, max_batch: int, corruption: str) -> np.ndarray:
-    ds = vt.patch(
-        vlm,
-        [sample],
-        corruption=CORRUPTIONS[corruption],
-        grid=vt.Grid(sites=("block",), windows=(1,)),
-        max_batch=max_batch,
-        progress=False,
-    )
+def sweep(
+    vlm: vt.VLM, sample: vt.Sample, max_batch: int, corruption: str, method: str = "patch"
+) -> np.ndarray:
+    """The block grid of `vt.patch`, or of `vt.attribute` with estimator `method`."""
+    grid = vt.Grid(sites=("block",), windows=(1,))
+    if method == "patch":
+        ds = vt.patch(
+            vlm, [sample], corruption=CORRUPTIONS[corruption], grid=grid, max_batch=max_batch, progress=False
+        )
+    else:
+        ds = vt.attribute(
+            vlm, [sample], corruption=CORRUPTIONS[corruption], grid=grid, method=method, progress=False
+        )
     return ds.variables["block"].values
 
 
@@ -84,14 +93,20 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="rows per forward")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each way, in turns")
     parser.add_argument("--corruption", choices=sorted(CORRUPTIONS), default="pair")
+    parser.add_argument(
+        "--method",
+        choices=["patch", "atp", "ig", "atp+graddrop", "atp*"],
+        default="patch",
+        help="`vt.patch`, or `vt.attribute` with this estimator (one pass of 2 to 2 + layers rows)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     clean, other = (Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in "ab")
     print(
         f"shape: {args.layers} layers per tower, d={args.hidden}, 224 px images; block x window 1 at every "
-        f"(layer, position); corruption {args.corruption}; max_batch={args.max_batch}; torch threads 1, "
-        f"CPU time; 1-min load {os.getloadavg()[0]:.2f}"
+        f"(layer, position); {args.method}; corruption {args.corruption}; max_batch={args.max_batch}; "
+        f"torch threads 1, CPU time; 1-min load {os.getloadavg()[0]:.2f}"
     )
     speedups = {}
     for family, (vlm, prompt) in models(args).items():
@@ -105,7 +120,9 @@ def main() -> None:
             id=family,
         )
         ways = {"once per image": vlm, "every row": every_row(vlm)}
-        run = partial(sweep, sample=sample, max_batch=args.max_batch, corruption=args.corruption)
+        run = partial(
+            sweep, sample=sample, max_batch=args.max_batch, corruption=args.corruption, method=args.method
+        )
         values = {name: run(model) for name, model in ways.items()}  # also the warm-up
         difference = float(np.nanmax(np.abs(values["once per image"] - values["every row"])))
         if not difference < 1e-5:

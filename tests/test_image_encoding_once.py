@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ import torch
 from test_families import FAMILIES, loaded, sample_of
 
 import vlmtrace as vt
+from vlmtrace.engine.attribution import AttributionWarning
 from vlmtrace.models.adapter import AdapterMismatchError
 from vlmtrace.models.registry import registered
 
@@ -157,3 +159,58 @@ def test_an_encoder_output_that_is_not_a_model_output_is_named_as_misdeclared():
 
     with pytest.raises(AdapterMismatchError, match="not row_position"):
         encodings_of_rows((torch.zeros(2, 3),), torch.tensor([0, 1, 1]), "vision_tower")
+
+
+ESTIMATORS = {
+    "atp": {"method": "atp"},
+    "ig": {"method": "ig", "steps": 3},
+    "graddrop": {"method": "atp+graddrop"},
+}
+
+
+def attribution(vlm: vt.VLM, sample: vt.Sample, corruption: str, estimator: str) -> object:
+    return vt.attribute(
+        vlm,
+        [sample],
+        corruption=CORRUPTIONS[corruption](),
+        grid=vt.Grid(sites=("block", "mlp"), windows=(1,)),
+        progress=False,
+        **ESTIMATORS[estimator],
+    )
+
+
+def shares_images(vlm: vt.VLM, corruption: str, estimator: str) -> bool:
+    """Where the attribution pass encodes once per image: its rows get their encodings before any
+    embedding edit, so not where the model embeds tokens first and the pass edits them (noise on
+    the tokens, or the integrated-gradients path, which moves every embedding)."""
+    return vlm.adapter.image_encoder_runs_first or (estimator != "ig" and corruption != "token_noise")
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+@pytest.mark.parametrize("family", [*ROW_ENCODER_FAMILIES, "blip"])
+def test_attribution_encodes_each_image_once_and_every_estimate_equals_encoding_every_row(
+    family, corruption, estimator, tiny_blip, blip_sample
+):
+    """GradDrop's copies and the path's points repeat the pass's two images in every row: on BLIP
+    the vision transformer, most of a row's work, ran 13 times for the 2 images of a GradDrop pass.
+
+    The path's end is checked inside (`AttributionWarning` when it misses the other run), made an
+    error here except for an image pair of two shapes, whose aspect-ratio inputs no path moves.
+    Before the embeddings were edited in the order the model runs them, Mllama's and BLIP-2's
+    integrated gradients stopped with nnsight's OutOfOrderError."""
+    if family == "blip":
+        vlm, sample = tiny_blip, blip_sample
+    else:
+        vlm, sample = loaded(family), sample_of(importlib.import_module(f"families.{family}").FAMILY)
+    if not (corruption == "image_pair" and sample.image.size != sample.image_pair.size):
+        warnings.simplefilter("error", AttributionWarning)  # pytest restores the filters after the test
+    once, sizes = encoded_batches(vlm, lambda: attribution(vlm, sample, corruption, estimator))
+    every, every_sizes = encoded_batches(
+        vlm, lambda: attribution(every_row(vlm), sample, corruption, estimator)
+    )
+    assert_same_cells(once, every)
+    rows = max(every_sizes)  # what every pass encoded before: one image per row
+    images = 2 if corruption == "image_pair" else 1
+    assert rows >= (2 if estimator == "atp" else 3)  # clean and corrupted, + copies or path points
+    assert max(sizes) == (images if shares_images(vlm, corruption, estimator) else rows), (sizes, every_sizes)

@@ -312,7 +312,9 @@ def _warn_if_path_missed(ds: xr.Dataset, samples: list[int], direction: Directio
     """Say so when a path's end is not the run it should be: its estimates lose completeness.
 
     The path moves embeddings at aligned positions only, so a replacement phrase of another
-    length, or a stack that the embeddings do not feed, leaves its end short of the other run.
+    length, a stack that the embeddings do not feed, or an image pair whose images differ in
+    inputs besides their pixels (Mllama's aspect ratio and cross-attention mask for images of
+    another shape) leaves its end short of the other run.
     """
     if not samples:
         return
@@ -320,8 +322,10 @@ def _warn_if_path_missed(ds: xr.Dataset, samples: list[int], direction: Directio
     warnings.warn(
         f"for {len(samples)} sample(s) (first: {samples[0]}) the integrated-gradients path ends "
         f"more than {PATH_TOLERANCE:.0%} of the clean-corrupted gap away from the {target} run, "
-        "usually because the phrases have different token counts; the estimates of those samples "
-        "are less reliable. Prefer a same-length replacement (SymmetricTokenReplacement).",
+        "usually because the phrases have different token counts, or the two images differ in an "
+        "input the path does not move (an aspect ratio, a tile count); the estimates of those samples "
+        "are less reliable. Prefer a same-length replacement (SymmetricTokenReplacement) and image "
+        "pairs of one size.",
         AttributionWarning,
         stacklevel=3,
     )

@@ -19,7 +19,7 @@ mask, heads, attention, cross-attention, MLP, block), as nnsight requires.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -597,8 +597,7 @@ def forward_plan(
         states=states,
         image=image,
         image_rows=None if images is None else torch.tensor(images.of_row),
-        images_before_noise=vlm.adapter.image_encoder_runs_first
-        or all(noise.hook != vlm.adapter.embeddings.get("tokens") for noise in edits.noise),
+        images_before_noise=encoder_runs_before(vlm, [noise.hook for noise in edits.noise]),
     )
 
 
@@ -697,10 +696,24 @@ class Prefix:
         return rows_of(self.image, rows)
 
 
+def encoder_runs_before(vlm: VLM, hooks: Sequence[Hook]) -> bool:
+    """Whether the image encoder runs before every one of these embedding hooks: the model encodes
+    the image first (`Adapter.image_encoder_runs_first`), or none of them is the token embedding.
+    A trace must touch modules in the order the model runs them, so this says whether rows are
+    given their images' encodings before or after the embedding edits."""
+    tokens = vlm.adapter.embeddings.get("tokens")
+    return vlm.adapter.image_encoder_runs_first or all(hook != tokens for hook in hooks)
+
+
 def _encode_images_once(envoy, plan: ForwardPlan) -> None:
-    """Give every row its image's encoding, from an encoder that ran on one row per image."""
-    encoder = envoy_at(envoy, plan.encoder)
-    encoder.output = encodings_of_rows(encoder.output, plan.image_rows, plan.encoder)
+    encode_images_once(envoy, plan.encoder, plan.image_rows)
+
+
+def encode_images_once(envoy, encoder: str, image_rows: torch.Tensor) -> None:
+    """Give every row its image's encoding, from an encoder that ran on one row per image
+    (`ImageRows.of_row` as `image_rows`; inside a trace)."""
+    module = envoy_at(envoy, encoder)
+    module.output = encodings_of_rows(module.output, image_rows, encoder)
 
 
 def rows_of(output: Any, rows: Any) -> Any:

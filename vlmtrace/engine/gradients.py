@@ -26,10 +26,20 @@ import nnsight
 import numpy as np
 import torch
 
-from ..models.adapter import Stack, module_at
+from ..models.adapter import Hook, Stack, module_at
 from ..models.load import VLM
 from .alignment import align
-from .forward import SEQUENCE_FIELDS, _activation, _noise, driver, envoy_at, stack_rows
+from .forward import (
+    SEQUENCE_FIELDS,
+    _activation,
+    _noise,
+    driver,
+    encode_images_once,
+    encoder_runs_before,
+    envoy_at,
+    shared_images,
+    stack_rows,
+)
 from .layouts import interpolate, patch_through_layout, rows_view, skip_in_backward
 from .metrics import Metric
 from .planning import Direction, Prepared, baseline_edits, image_units
@@ -102,7 +112,8 @@ def gradient_terms(
         copies.append([start + (d if direction == "denoise" else 0) for d in range(k)])
         skipped.setdefault(where, []).extend(range(start, start + gradient_rows))
     edits = baseline_edits(vlm, prepared, inputs, draws)
-    batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
+    path = _path_edits(vlm, prepared, inputs, alphas, direction) if steps else []
+    batch, images = _batch(vlm, stack, prepared, inputs, edits, path)
     pad_clean, pad_corrupt = prepared.pad("clean", stack.sequence), prepared.pad("corrupt", stack.sequence)
     clean_at = torch.tensor([clean + pad_clean for clean, _ in pairs], dtype=torch.long)
     corrupt_at = torch.tensor([corrupt + pad_corrupt for _, corrupt in pairs], dtype=torch.long)
@@ -110,7 +121,6 @@ def gradient_terms(
     patched_at = corrupt_at if direction == "denoise" else clean_at
     midpoints = torch.arange(1 + k, 1 + k + steps * k)  # [step * k + draw]
     grad_rows = torch.tensor(copies)  # [copies, draws]
-    path = _path_edits(vlm, prepared, inputs, alphas, direction) if steps else []
     stack_name = next(name for name, s in vlm.adapter.stacks.items() if s is stack)
     n_heads = vlm.shape.heads[stack_name]
     by_layer = {layer: [site for lay, site in wanted if lay == layer] for layer, _ in wanted}
@@ -122,7 +132,7 @@ def gradient_terms(
     prompt_width = batch["input_ids"].shape[1]
     with torch.enable_grad(), activation_gradients_only(vlm.model):
         with envoy.trace(fn=driver(vlm), **batch) as tracer:
-            _corrupt_embeddings(vlm, envoy, edits, path, rows, prompt_width)
+            _corrupt_embeddings(vlm, envoy, edits, path, rows, prompt_width, images)
             captured = []  # (key, hook, activation) in the order autograd creates them
             read_scores = {}
             for name, each in vlm.adapter.stacks.items():  # in the order the model runs them
@@ -327,7 +337,7 @@ def _moved(vlm, stack, prepared, pairs, groups, direction) -> Moves:
     inputs = ["clean"] + ["corrupt"] * k + [patched_input] * (len(groups) * k)
     draws = [0, *range(k)] + [d for _ in groups for d in range(k)]
     edits = baseline_edits(vlm, prepared, inputs, draws)
-    batch = stack_rows(vlm, prepared.rows(inputs), prepared.widths)
+    batch, images = _batch(vlm, stack, prepared, inputs, edits, [])
     pad_clean, pad_corrupt = prepared.pad("clean", stack.sequence), prepared.pad("corrupt", stack.sequence)
     clean_at = [clean + pad_clean for clean, _ in pairs]
     corrupt_at = [corrupt + pad_corrupt for _, corrupt in pairs]
@@ -354,7 +364,7 @@ def _moved(vlm, stack, prepared, pairs, groups, direction) -> Moves:
     at = torch.tensor(patched_at)
     envoy = vlm.envoy
     with torch.no_grad(), envoy.trace(fn=driver(vlm), **batch):
-        _corrupt_embeddings(vlm, envoy, edits, [], rows, batch["input_ids"].shape[1])
+        _corrupt_embeddings(vlm, envoy, edits, [], rows, batch["input_ids"].shape[1], images)
         moved = nnsight.save({})
         for name, each in vlm.adapter.stacks.items():  # in the order the model runs them
             layers = envoy_at(envoy, each.layers)
@@ -390,9 +400,48 @@ def _at(x, patched_rows, base_rows: list[int], at):
     return (x[patched_rows][:, :, at] - x[base_rows][:, :, at]).transpose(1, 2).float().cpu()
 
 
-def _corrupt_embeddings(vlm: VLM, envoy, edits, path: list[dict], rows: int, width: int) -> None:
-    """Noise the corrupted rows' embeddings and move the path rows', in the order the model runs them."""
-    for name, hook in vlm.adapter.embeddings.items():
+def _batch(
+    vlm: VLM, stack: Stack, prepared: Prepared, inputs: list[str], edits, path: list[dict]
+) -> tuple[dict, torch.Tensor | None]:
+    """The pass's batch, and per row which distinct image's encoding it reads (None: every row
+    encodes its own).
+
+    The pass's rows repeat two images (GradDrop's copies and the path's points all show the clean
+    or the corrupted one), so a `row_position` encoder runs once per distinct image, as in a
+    sweep's forwards (`forward.shared_images`). Rows get their images' encodings before any
+    embedding is noised or moved, so only where the encoder runs before every embedding the pass
+    edits (`encoder_runs_before`), and where no such embedding lies inside the encoder.
+    """
+    rows = prepared.rows(inputs)
+    embeddings = vlm.adapter.embeddings
+    hooks = [noise.hook for noise in edits.noise] + [embeddings[edit["embedding"]] for edit in path]
+    encoder = vlm.adapter.image_encoder
+    images = None
+    inside = encoder is not None and any(hook.path.startswith(f"{encoder.path}.") for hook in hooks)
+    if not inside and encoder_runs_before(vlm, hooks):
+        images = shared_images(vlm, rows, stack, edits)
+    batch = stack_rows(vlm, rows, prepared.widths, images)
+    return batch, None if images is None else torch.tensor(images.of_row)
+
+
+def embeddings_in_run_order(vlm: VLM) -> list[tuple[str, Hook]]:
+    """The adapter's embedding hooks in the order the model runs them: the token embedding first,
+    unless the model encodes the image first (`Adapter.image_encoder_runs_first`: BLIP, BLIP-2,
+    Mllama), whose image embeddings (the encoder's output, a projector) then come before it. A
+    trace must touch them in that order: Mllama's and BLIP-2's integrated-gradients path, declared
+    tokens first, stopped with nnsight's OutOfOrderError."""
+    tokens_last = vlm.adapter.image_encoder_runs_first
+    return sorted(vlm.adapter.embeddings.items(), key=lambda item: (item[0] == "tokens") == tokens_last)
+
+
+def _corrupt_embeddings(
+    vlm: VLM, envoy, edits, path: list[dict], rows: int, width: int, images: torch.Tensor | None = None
+) -> None:
+    """Give every row its image's encoding (`images`, from `_batch`), then noise the corrupted
+    rows' embeddings and move the path rows', in the order the model runs them."""
+    if images is not None:
+        encode_images_once(envoy, vlm.adapter.image_encoder.path, images)
+    for name, hook in embeddings_in_run_order(vlm):
         noised = [plan for plan in edits.noise if plan.hook is hook]
         moves = [edit for edit in path if edit["embedding"] == name]
         if not noised and not moves:
