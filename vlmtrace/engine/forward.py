@@ -608,13 +608,13 @@ def _intervene(envoy, plan: ForwardPlan, tracer) -> tuple[torch.Tensor, torch.Te
     if plan.image is not None:
         envoy_at(envoy, plan.encoder).skip(plan.image)
     if plan.image_rows is not None and plan.images_before_noise:
-        _encode_images_once(envoy, plan)
+        encode_images_once(envoy, plan.encoder, plan.image_rows)
     if edits.noise:  # also when skipping: BLIP's layers read the image again
         embedded = _activation(envoy, edits.noise[0].hook)
         for noise_plan in edits.noise:
             _noise(noise_plan, embedded, rows, plan.prompt_width)
     if plan.image_rows is not None and not plan.images_before_noise:  # tokens embedded first
-        _encode_images_once(envoy, plan)
+        encode_images_once(envoy, plan.encoder, plan.image_rows)
     for skipped in range(plan.first):  # only the last skipped layer's output is ever read
         layers[skipped].skip(plan.states)
     for layer_index in edits.layers():
@@ -703,10 +703,6 @@ def encoder_runs_before(vlm: VLM, hooks: Sequence[Hook]) -> bool:
     given their images' encodings before or after the embedding edits."""
     tokens = vlm.adapter.embeddings.get("tokens")
     return vlm.adapter.image_encoder_runs_first or all(hook != tokens for hook in hooks)
-
-
-def _encode_images_once(envoy, plan: ForwardPlan) -> None:
-    encode_images_once(envoy, plan.encoder, plan.image_rows)
 
 
 def encode_images_once(envoy, encoder: str, image_rows: torch.Tensor) -> None:

@@ -413,12 +413,12 @@ def _batch(
     edits (`encoder_runs_before`), and where no such embedding lies inside the encoder.
     """
     rows = prepared.rows(inputs)
-    embeddings = vlm.adapter.embeddings
-    hooks = [noise.hook for noise in edits.noise] + [embeddings[edit["embedding"]] for edit in path]
+    moved = [vlm.adapter.embeddings[edit["embedding"]] for edit in path]
     encoder = vlm.adapter.image_encoder
     images = None
-    inside = encoder is not None and any(hook.path.startswith(f"{encoder.path}.") for hook in hooks)
-    if not inside and encoder_runs_before(vlm, hooks):
+    # `shared_images` itself refuses a stack or noise inside the encoder; the path's embeddings too
+    inside = encoder is not None and any(hook.path.startswith(f"{encoder.path}.") for hook in moved)
+    if not inside and encoder_runs_before(vlm, [noise.hook for noise in edits.noise] + moved):
         images = shared_images(vlm, rows, stack, edits)
     batch = stack_rows(vlm, rows, prepared.widths, images)
     return batch, None if images is None else torch.tensor(images.of_row)
